@@ -1,0 +1,131 @@
+// Package routing decides which backend IMAP server owns a user.
+//
+// imapgate's proxy asks a Router for the backend of every user that logs
+// in, and dials whatever it is told. Routers never see passwords: they map a
+// user name to a *Backend and nothing else. Two routers exist:
+//
+//   - Static (this package, static.go): per-user and per-domain entries from
+//     the config file plus rendezvous hashing over a default pool. It is the
+//     embedded default and needs no other service.
+//   - Consul (consul.go): backends from the Consul catalog, per-user
+//     placements in Consul KV, so every imapgate instance agrees.
+//
+// Typical use:
+//
+//	r, err := routing.NewStatic(routing.StaticConfig{...})
+//	b, err := r.Route(ctx, "alice@example.org")
+//	conn, err := net.Dial("tcp", b.Addr)
+//
+// A user must never be served by two backends at once, so a router that
+// changes its mind about a user (an operator moved them, their backend
+// died) tells an Evictor, which closes the live sessions that are now in the
+// wrong place.
+package routing
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"strings"
+)
+
+// Security says how imapgate talks to a backend.
+type Security uint8
+
+const (
+	// SecurityNone is cleartext TCP, for backends on a trusted network.
+	SecurityNone Security = iota
+	// SecurityTLS is implicit TLS (the 993 style).
+	SecurityTLS
+	// SecurityStartTLS is cleartext followed by the STARTTLS command.
+	SecurityStartTLS
+)
+
+// String returns the config-file spelling of s.
+func (s Security) String() string {
+	switch s {
+	case SecurityNone:
+		return "none"
+	case SecurityTLS:
+		return "tls"
+	case SecurityStartTLS:
+		return "starttls"
+	}
+	return "unknown"
+}
+
+// ParseSecurity parses the config-file spelling of a Security: "none" (or
+// empty), "tls" or "starttls".
+func ParseSecurity(s string) (Security, error) {
+	switch strings.ToLower(s) {
+	case "", "none", "plain", "cleartext":
+		return SecurityNone, nil
+	case "tls", "implicit", "imaps":
+		return SecurityTLS, nil
+	case "starttls":
+		return SecurityStartTLS, nil
+	}
+	return 0, errors.New("routing: unknown backend security " + `"` + s + `"` + ` (want "none", "tls" or "starttls")`)
+}
+
+// Backend is one IMAP server imapgate may send users to. A *Backend handed
+// out by a Router is shared and must not be modified.
+type Backend struct {
+	// ID identifies the backend in logs, metrics and Consul (a service ID or
+	// a config-file name). Never shown to clients.
+	ID string
+	// Addr is the host:port to dial.
+	Addr string
+	// Security is how to talk to it.
+	Security Security
+	// TLS is the client-side TLS config for SecurityTLS and
+	// SecurityStartTLS (root CAs, ServerName, InsecureSkipVerify). If nil,
+	// the system roots are used and the server name is Addr's host.
+	TLS *tls.Config
+	// Weight is the backend's share in hashing. Zero means 1.
+	Weight int
+}
+
+// Router finds the backend that owns a user. Route must be safe for
+// concurrent use and must not block on the network in the common case:
+// it sits on every login's path.
+type Router interface {
+	// Route returns the backend for user. It returns an error wrapping
+	// ErrNoBackend when no backend can take the user.
+	Route(ctx context.Context, user string) (*Backend, error)
+}
+
+// RouterFunc adapts a function to the Router interface.
+type RouterFunc func(ctx context.Context, user string) (*Backend, error)
+
+// Route calls f.
+func (f RouterFunc) Route(ctx context.Context, user string) (*Backend, error) { return f(ctx, user) }
+
+// ErrNoBackend means no backend is available for a user: none configured,
+// none healthy, or the user's backend is gone and they cannot be placed.
+var ErrNoBackend = errors.New("routing: no backend available")
+
+// Evictor closes live sessions that a router no longer sends to where they
+// are. The proxy's Server implements it.
+type Evictor interface {
+	// EvictUser closes user's sessions on every backend except keepID
+	// (empty keepID: all of them) and returns how many it closed.
+	EvictUser(user, keepID string) int
+	// EvictBackend closes every session on the backend with this ID.
+	EvictBackend(id string) int
+}
+
+// NormalizeUser returns the routing key for a login name: trimmed and
+// lower-cased, so "Alice@Example.org" and "alice@example.org" always land
+// on the same backend.
+func NormalizeUser(user string) string {
+	return strings.ToLower(strings.TrimSpace(user))
+}
+
+// Domain returns the part of user after the last '@', or "".
+func Domain(user string) string {
+	if i := strings.LastIndexByte(user, '@'); i >= 0 {
+		return user[i+1:]
+	}
+	return ""
+}
