@@ -1,0 +1,239 @@
+// Package tls gives imapgate's listeners their TLS configuration.
+//
+// Every listener, implicit TLS (the 993 style) and cleartext with STARTTLS
+// (the 143 style), takes one *crypto/tls.Config from a Manager. The Manager
+// picks a certificate for each handshake by SNI from its sources:
+//
+//   - static certificate/key files (Config.Certificates), re-read on
+//     Manager.Reload (the binary calls it on SIGHUP) and when the files
+//     change on disk;
+//   - a self-signed certificate generated at start-up when nothing else is
+//     configured, so a development setup works with no files at all.
+//
+// The TLS policy lives here too: TLS 1.2 minimum by default, Go's secure
+// cipher suites, and ALPN limited to "imap" or none, so that a browser
+// tricked into speaking HTTP to an IMAP port (the ALPACA attack) fails the
+// handshake instead of talking to us.
+//
+// Typical use:
+//
+//	m, err := igtls.New(ctx, igtls.Config{
+//		Certificates: []igtls.CertFile{{CertFile: "mail.pem", KeyFile: "mail.key"}},
+//	}, log)
+//	if err != nil { ... }
+//	defer m.Close()
+//	if m.SelfSigned() {
+//		log.Warn("no certificate configured, serving a self-signed one")
+//	}
+//	ln := stdtls.NewListener(tcpListener, m.ServerConfig())   // implicit TLS
+//	tc := stdtls.Server(conn, m.ServerConfig())                // after STARTTLS
+//
+// Certificates change under a running Manager without dropping anything:
+// a handshake asks the Manager for its certificate, so only handshakes that
+// start after a reload see the new one; established connections keep theirs.
+package tls
+
+import (
+	"context"
+	stdtls "crypto/tls"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// ALPNIMAP is the ALPN protocol ID of IMAP (RFC 9051 §11.4 references the
+// IANA registry entry "imap"). It is the only application protocol a
+// Manager's ServerConfig negotiates.
+const ALPNIMAP = "imap"
+
+// Config says where a Manager gets certificates and which TLS policy it
+// applies. The zero Config is valid: it serves a self-signed certificate
+// with the default policy.
+type Config struct {
+	// Certificates are static certificate/key pairs in PEM files. SNI
+	// chooses among them by their DNS SANs (a "*.example.org" SAN matches
+	// one label); the first is the default for clients that send no SNI or
+	// a name no source has. If empty, see SelfSigned.
+	Certificates []CertFile
+
+	// SelfSigned configures the certificate generated at start-up when no
+	// other source is configured.
+	SelfSigned SelfSignedConfig
+
+	// MinVersion is the lowest TLS version accepted: "1.2" or "1.3".
+	// If empty, "1.2".
+	MinVersion string
+
+	// CipherSuites are the TLS 1.2 cipher suites accepted, by their Go
+	// (IANA) names such as "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256". Only
+	// suites Go considers secure are allowed. If empty, Go's defaults.
+	// TLS 1.3 suites are not configurable (Go always offers all three).
+	CipherSuites []string
+
+	// ReloadInterval is how often the certificate files are checked for
+	// changes (modification time and size). If zero, 5 s. If negative,
+	// files are only re-read by Reload.
+	ReloadInterval time.Duration
+}
+
+// CertFile is one static certificate: a PEM certificate chain (leaf
+// first) and its PEM private key.
+type CertFile struct {
+	CertFile string
+	KeyFile  string
+}
+
+// SelfSignedConfig configures the self-signed fallback certificate.
+type SelfSignedConfig struct {
+	// Names are the DNS names of the certificate. If empty, the host name
+	// and "localhost".
+	Names []string
+
+	// Disable makes New fail when no certificate source is configured,
+	// instead of generating a self-signed certificate. Production
+	// configurations may set it so a missing certificate is an error.
+	Disable bool
+}
+
+const defaultReloadInterval = 5 * time.Second
+
+// A Manager owns the certificates of imapgate's listeners. Its methods are
+// safe for concurrent use.
+type Manager struct {
+	log    *zap.Logger
+	cfg    Config
+	policy policy
+
+	static     atomic.Pointer[certSet] // from cfg.Certificates; nil if none
+	selfSigned *stdtls.Certificate     // nil unless generated
+
+	reloadMu sync.Mutex // serialises Reload
+
+	stop      chan struct{}
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+
+	base *stdtls.Config // cloned by ServerConfig
+}
+
+// New builds a Manager from cfg: it loads the static certificates (a file
+// that cannot be read or parsed is an error) or generates the self-signed
+// one, and starts watching the files. ctx bounds start-up only. log may be
+// nil. Close stops the Manager's background work.
+func New(ctx context.Context, cfg Config, log *zap.Logger) (*Manager, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	pol, err := parsePolicy(cfg.MinVersion, cfg.CipherSuites)
+	if err != nil {
+		return nil, err
+	}
+	m := &Manager{
+		log:    log,
+		cfg:    cfg,
+		policy: pol,
+		stop:   make(chan struct{}),
+	}
+	if len(cfg.Certificates) > 0 {
+		set, err := loadCertSet(cfg.Certificates)
+		if err != nil {
+			return nil, err
+		}
+		m.static.Store(set)
+	} else {
+		if cfg.SelfSigned.Disable {
+			return nil, errors.New("tls: no certificate configured and the self-signed fallback is disabled")
+		}
+		cert, err := generateSelfSigned(cfg.SelfSigned.Names)
+		if err != nil {
+			return nil, fmt.Errorf("tls: generating the self-signed certificate: %w", err)
+		}
+		m.selfSigned = cert
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	m.base = m.buildServerConfig()
+
+	interval := cfg.ReloadInterval
+	if interval == 0 {
+		interval = defaultReloadInterval
+	}
+	if len(cfg.Certificates) > 0 && interval > 0 {
+		m.wg.Add(1)
+		go m.watchFiles(interval)
+	}
+	return m, nil
+}
+
+// ServerConfig returns the TLS configuration for a listener, implicit TLS
+// or STARTTLS alike. Each call returns a new copy the caller may change;
+// all copies follow the Manager's certificates as they are reloaded.
+func (m *Manager) ServerConfig() *stdtls.Config {
+	return m.base.Clone()
+}
+
+func (m *Manager) buildServerConfig() *stdtls.Config {
+	return &stdtls.Config{
+		MinVersion:     m.policy.minVersion,
+		CipherSuites:   m.policy.cipherSuites,
+		NextProtos:     []string{ALPNIMAP},
+		GetCertificate: m.getCertificate,
+	}
+}
+
+// SelfSigned reports whether the Manager generated a self-signed
+// certificate because no other source was configured.
+func (m *Manager) SelfSigned() bool { return m.selfSigned != nil }
+
+// Reload re-reads the static certificate files. If any of them cannot be
+// loaded, the certificates in use are kept and the error is returned.
+// Established connections are never affected.
+func (m *Manager) Reload() error {
+	if len(m.cfg.Certificates) == 0 {
+		return nil
+	}
+	m.reloadMu.Lock()
+	defer m.reloadMu.Unlock()
+	set, err := loadCertSet(m.cfg.Certificates)
+	if err != nil {
+		return err
+	}
+	m.static.Store(set)
+	m.log.Info("tls: certificates reloaded", zap.Strings("names", set.names()))
+	return nil
+}
+
+// Close stops watching the certificate files. Listeners using a
+// ServerConfig keep working with the certificates last loaded.
+func (m *Manager) Close() error {
+	m.closeOnce.Do(func() { close(m.stop) })
+	m.wg.Wait()
+	return nil
+}
+
+// errNoCertificate is returned to crypto/tls when no source has a
+// certificate at all; clients see a handshake failure.
+var errNoCertificate = errors.New("tls: no certificate available")
+
+// getCertificate is the GetCertificate callback of every ServerConfig.
+func (m *Manager) getCertificate(hello *stdtls.ClientHelloInfo) (*stdtls.Certificate, error) {
+	name := normalizeName(hello.ServerName)
+	set := m.static.Load()
+	if set != nil && name != "" {
+		if c := set.lookup(name, hello); c != nil {
+			return c, nil
+		}
+	}
+	if set != nil {
+		return set.defaultCert, nil
+	}
+	if m.selfSigned != nil {
+		return m.selfSigned, nil
+	}
+	return nil, errNoCertificate
+}
