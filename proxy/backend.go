@@ -1,0 +1,487 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/imapgate/imapgate/routing"
+)
+
+// This file is the backend leg of a login: dial, TLS, greeting, STARTTLS,
+// ID and the login itself, all under one deadline. It speaks just enough
+// IMAP client to get to the Authenticated state.
+
+// backendLogin is a backend connection in the Authenticated state.
+type backendLogin struct {
+	conn    net.Conn
+	caps    string // the backend's capabilities after login
+	pending []byte // bytes the backend sent after its tagged OK
+}
+
+// backendRefusedError is the backend's NO (or BAD) to the credentials: the
+// client is told its code and text and may try again.
+type backendRefusedError struct {
+	code string // response code without brackets, e.g. AUTHENTICATIONFAILED
+	text string
+}
+
+func (e *backendRefusedError) Error() string {
+	if e.code != "" {
+		return "[" + e.code + "] " + e.text
+	}
+	return e.text
+}
+
+// maxBackendLine bounds one response line from a backend before login.
+const maxBackendLine = 16 << 10
+
+// backendConn is the small IMAP client used until the splice starts.
+type backendConn struct {
+	conn net.Conn
+	br   *bufio.Reader
+	n    int // tag counter
+}
+
+// loginBackend connects to b and logs in with cr, forwarding id (pairs)
+// first when the backend supports ID. Any error other than
+// *backendRefusedError means the backend is unavailable.
+func (s *Server) loginBackend(ctx context.Context, b *routing.Backend, cr *credentials, id []string) (*backendLogin, error) {
+	t := s.opts.Timeouts
+	deadline := time.Now().Add(t.BackendLogin)
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+
+	t0 := time.Now()
+	d := net.Dialer{Timeout: t.BackendConnect}
+	conn, err := d.DialContext(ctx, "tcp", b.Addr)
+	dialTook := time.Since(t0)
+	if err != nil {
+		s.opts.Metrics.BackendLogin(b.ID, dialTook, 0, false)
+		return nil, fmt.Errorf("dial: %w", err)
+	}
+	bl, err := s.loginOn(ctx, conn, b, cr, id, deadline)
+	s.opts.Metrics.BackendLogin(b.ID, dialTook, time.Since(t0)-dialTook, err == nil)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return bl, nil
+}
+
+func (s *Server) backendTLS(b *routing.Backend) *tls.Config {
+	cfg := b.TLS
+	if cfg == nil {
+		cfg = s.opts.Backend.TLS
+	}
+	if cfg == nil {
+		cfg = &tls.Config{}
+	}
+	if cfg.ServerName == "" {
+		cfg = cfg.Clone()
+		host, _, err := net.SplitHostPort(b.Addr)
+		if err != nil {
+			host = b.Addr
+		}
+		cfg.ServerName = host
+	}
+	return cfg
+}
+
+func (s *Server) loginOn(ctx context.Context, conn net.Conn, b *routing.Backend, cr *credentials, id []string, deadline time.Time) (*backendLogin, error) {
+	// The context's deadline covers the handshakes; the conn's deadline
+	// covers every read and write. A cancelled context closes the conn.
+	conn.SetDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+
+	if b.Security == routing.SecurityTLS {
+		tc := tls.Client(conn, s.backendTLS(b))
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return nil, fmt.Errorf("TLS handshake: %w", err)
+		}
+		conn = tc
+	}
+	bc := &backendConn{conn: conn, br: bufio.NewReaderSize(conn, 4096)}
+	greet, err := bc.readLine()
+	if err != nil {
+		return nil, fmt.Errorf("reading greeting: %w", err)
+	}
+	caps, err := parseGreeting(greet)
+	if err != nil {
+		return nil, err
+	}
+	if caps == "" {
+		if caps, err = bc.capability(); err != nil {
+			return nil, err
+		}
+	}
+	if b.Security == routing.SecurityStartTLS {
+		if !hasCap(caps, "STARTTLS") {
+			return nil, errors.New("backend does not offer STARTTLS")
+		}
+		if _, _, err := bc.simple("STARTTLS"); err != nil {
+			return nil, fmt.Errorf("STARTTLS: %w", err)
+		}
+		// Bytes after the tagged OK were sent in cleartext and could be
+		// injected by anyone on the path: drop them with the reader.
+		tc := tls.Client(conn, s.backendTLS(b))
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return nil, fmt.Errorf("STARTTLS handshake: %w", err)
+		}
+		conn = tc
+		bc = &backendConn{conn: conn, br: bufio.NewReaderSize(conn, 4096), n: bc.n}
+		if caps, err = bc.capability(); err != nil {
+			return nil, err
+		}
+	}
+	if len(id) > 0 && hasCap(caps, "ID") {
+		// The answer does not matter; a backend that dislikes our ID still
+		// lets the client log in.
+		if _, _, err := bc.simple("ID " + idList(id)); err != nil && !isRefusal(err) {
+			return nil, fmt.Errorf("ID: %w", err)
+		}
+	}
+
+	var code string
+	switch {
+	case hasCap(caps, "AUTH=PLAIN"):
+		code, err = bc.authPlain(cr, hasCap(caps, "SASL-IR"))
+	case hasCap(caps, "LOGINDISABLED"):
+		return nil, errors.New("backend has LOGINDISABLED and no AUTH=PLAIN (configure TLS or STARTTLS to it)")
+	default:
+		code, err = bc.loginCmd(cr, hasCap(caps, "LITERAL+"))
+	}
+	if err != nil {
+		return nil, err
+	}
+	caps = ""
+	if c, ok := strings.CutPrefix(code, "CAPABILITY "); ok {
+		caps = c
+	}
+	if caps == "" {
+		if caps, err = bc.capability(); err != nil {
+			return nil, err
+		}
+	}
+	conn.SetDeadline(time.Time{})
+	bl := &backendLogin{conn: conn, caps: caps}
+	if n := bc.br.Buffered(); n > 0 {
+		bl.pending, _ = bc.br.Peek(n)
+		bl.pending = bytes.Clone(bl.pending)
+	}
+	return bl, nil
+}
+
+// parseGreeting checks the backend's greeting and returns the capability
+// list it carries, if any.
+func parseGreeting(line string) (caps string, err error) {
+	rest, ok := strings.CutPrefix(line, "* ")
+	if !ok {
+		return "", fmt.Errorf("unexpected greeting %q", truncate(line))
+	}
+	status, rest, _ := strings.Cut(rest, " ")
+	switch strings.ToUpper(status) {
+	case "OK":
+	case "PREAUTH":
+		return "", errors.New("backend greeted with PREAUTH: it must ask for credentials")
+	default:
+		return "", fmt.Errorf("backend greeting: %q", truncate(line))
+	}
+	code, _ := respCode(rest)
+	if c, ok := strings.CutPrefix(code, "CAPABILITY "); ok {
+		return c, nil
+	}
+	return "", nil
+}
+
+// respCode splits "[CODE args] text" into the code and the text.
+func respCode(s string) (code, text string) {
+	if !strings.HasPrefix(s, "[") {
+		return "", s
+	}
+	end := strings.IndexByte(s, ']')
+	if end < 0 {
+		return "", s
+	}
+	return s[1:end], strings.TrimPrefix(s[end+1:], " ")
+}
+
+func truncate(s string) string {
+	if len(s) > 200 {
+		return s[:200] + "..."
+	}
+	return s
+}
+
+func hasCap(caps, want string) bool {
+	for c := range strings.FieldsSeq(caps) {
+		if strings.EqualFold(c, want) {
+			return true
+		}
+	}
+	return false
+}
+
+func isRefusal(err error) bool {
+	var r *backendRefusedError
+	return errors.As(err, &r)
+}
+
+// readLine reads one response line without CRLF. Literals in it (a line
+// ending in {N}) are skipped: nothing before login needs their contents.
+func (bc *backendConn) readLine() (string, error) {
+	var sb strings.Builder
+	for {
+		line, err := bc.br.ReadSlice('\n')
+		if errors.Is(err, bufio.ErrBufferFull) || sb.Len()+len(line) > maxBackendLine {
+			return "", errors.New("backend response line too long")
+		}
+		if err != nil {
+			return "", err
+		}
+		line = bytes.TrimRight(line, "\r\n")
+		sb.Write(line)
+		n, ok := literalSuffix(line)
+		if !ok {
+			return sb.String(), nil
+		}
+		if n > maxBackendLine {
+			return "", errors.New("backend literal too long")
+		}
+		if _, err := bc.br.Discard(n); err != nil {
+			return "", err
+		}
+	}
+}
+
+// literalSuffix reports a literal announced at the end of line.
+func literalSuffix(line []byte) (int, bool) {
+	if len(line) < 3 || line[len(line)-1] != '}' {
+		return 0, false
+	}
+	i := bytes.LastIndexByte(line, '{')
+	if i < 0 {
+		return 0, false
+	}
+	n, err := strconv.Atoi(strings.TrimRight(string(line[i+1:len(line)-1]), "+-"))
+	if err != nil || n < 0 {
+		return 0, false
+	}
+	return n, true
+}
+
+func (bc *backendConn) nextTag() string {
+	bc.n++
+	return "ig" + strconv.Itoa(bc.n)
+}
+
+func (bc *backendConn) send(s string) error {
+	_, err := io.WriteString(bc.conn, s)
+	return err
+}
+
+// result reads responses until the tagged one for tag. It returns the
+// response code of a tagged OK and any untagged CAPABILITY seen; a tagged
+// NO or BAD becomes *backendRefusedError.
+func (bc *backendConn) result(tag string) (code, untaggedCaps string, err error) {
+	for {
+		line, err := bc.readLine()
+		if err != nil {
+			return "", "", err
+		}
+		if rest, ok := strings.CutPrefix(line, "* "); ok {
+			if c, ok := cutPrefixFold(rest, "CAPABILITY "); ok {
+				untaggedCaps = c
+			} else if c, ok := cutPrefixFold(rest, "BYE"); ok {
+				return "", "", fmt.Errorf("backend said BYE%s", truncate(c))
+			}
+			continue
+		}
+		rest, ok := strings.CutPrefix(line, tag+" ")
+		if !ok {
+			if strings.HasPrefix(line, "+") {
+				return "", "", errors.New("unexpected continuation request")
+			}
+			continue
+		}
+		status, rest, _ := strings.Cut(rest, " ")
+		code, text := respCode(rest)
+		switch strings.ToUpper(status) {
+		case "OK":
+			return code, untaggedCaps, nil
+		case "NO", "BAD":
+			return "", "", &backendRefusedError{code: sanitize(code), text: sanitize(text)}
+		}
+		return "", "", fmt.Errorf("unexpected response %q", truncate(line))
+	}
+}
+
+func cutPrefixFold(s, prefix string) (string, bool) {
+	if len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix) {
+		return s[len(prefix):], true
+	}
+	return "", false
+}
+
+// sanitize makes backend text safe to repeat to the client.
+func sanitize(s string) string {
+	b := []byte(truncate(s))
+	for i, c := range b {
+		if c < 0x20 || c >= 0x7f || c == '[' || c == ']' {
+			b[i] = ' '
+		}
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// simple sends a command without literals and waits for its result.
+func (bc *backendConn) simple(cmd string) (code, caps string, err error) {
+	tag := bc.nextTag()
+	if err := bc.send(tag + " " + cmd + "\r\n"); err != nil {
+		return "", "", err
+	}
+	return bc.result(tag)
+}
+
+func (bc *backendConn) capability() (string, error) {
+	_, caps, err := bc.simple("CAPABILITY")
+	if err != nil {
+		return "", fmt.Errorf("CAPABILITY: %w", err)
+	}
+	if caps == "" {
+		return "", errors.New("backend sent no capabilities")
+	}
+	return caps, nil
+}
+
+// authPlain runs AUTHENTICATE PLAIN and returns the tagged OK's code.
+func (bc *backendConn) authPlain(cr *credentials, saslIR bool) (string, error) {
+	ir := base64.StdEncoding.EncodeToString([]byte(cr.authzid + "\x00" + cr.user + "\x00" + cr.pass))
+	tag := bc.nextTag()
+	if saslIR {
+		if err := bc.send(tag + " AUTHENTICATE PLAIN " + ir + "\r\n"); err != nil {
+			return "", err
+		}
+	} else {
+		if err := bc.send(tag + " AUTHENTICATE PLAIN\r\n"); err != nil {
+			return "", err
+		}
+		if err := bc.awaitContinuation(tag); err != nil {
+			return "", err
+		}
+		if err := bc.send(ir + "\r\n"); err != nil {
+			return "", err
+		}
+	}
+	code, _, err := bc.result(tag)
+	return code, err
+}
+
+// awaitContinuation reads until a "+" (or the command's failure).
+func (bc *backendConn) awaitContinuation(tag string) error {
+	for {
+		line, err := bc.readLine()
+		if err != nil {
+			return err
+		}
+		if strings.HasPrefix(line, "+") {
+			return nil
+		}
+		if rest, ok := strings.CutPrefix(line, tag+" "); ok {
+			status, rest, _ := strings.Cut(rest, " ")
+			code, text := respCode(rest)
+			if strings.EqualFold(status, "OK") {
+				return errors.New("unexpected OK instead of continuation")
+			}
+			return &backendRefusedError{code: sanitize(code), text: sanitize(text)}
+		}
+	}
+}
+
+// loginCmd runs LOGIN with each argument as a quoted string, or as a
+// literal when it cannot be quoted (8-bit, or quotes and backslashes are
+// fine but CR/LF were refused earlier).
+func (bc *backendConn) loginCmd(cr *credentials, literalPlus bool) (string, error) {
+	tag := bc.nextTag()
+	var cmd strings.Builder
+	cmd.WriteString(tag + " LOGIN")
+	for _, arg := range []string{cr.user, cr.pass} {
+		cmd.WriteByte(' ')
+		if isQuotable(arg) {
+			cmd.WriteString(quote(arg))
+			continue
+		}
+		if literalPlus {
+			fmt.Fprintf(&cmd, "{%d+}\r\n%s", len(arg), arg)
+			continue
+		}
+		fmt.Fprintf(&cmd, "{%d}\r\n", len(arg))
+		if err := bc.send(cmd.String()); err != nil {
+			return "", err
+		}
+		cmd.Reset()
+		if err := bc.awaitContinuation(tag); err != nil {
+			return "", err
+		}
+		cmd.WriteString(arg)
+	}
+	cmd.WriteString("\r\n")
+	if err := bc.send(cmd.String()); err != nil {
+		return "", err
+	}
+	code, _, err := bc.result(tag)
+	return code, err
+}
+
+// isQuotable reports whether s fits into an IMAP4rev1 quoted string.
+func isQuotable(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c == 0 || c == '\r' || c == '\n' || c >= 0x80 {
+			return false
+		}
+	}
+	return true
+}
+
+// quote returns s as an IMAP quoted string; s must be quotable.
+func quote(s string) string {
+	var b strings.Builder
+	b.Grow(len(s) + 2)
+	b.WriteByte('"')
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c == '"' || c == '\\' {
+			b.WriteByte('\\')
+		}
+		b.WriteByte(s[i])
+	}
+	b.WriteByte('"')
+	return b.String()
+}
+
+// idList formats ID pairs as an IMAP list; values that cannot be quoted
+// are dropped rather than sent as literals.
+func idList(pairs []string) string {
+	var b strings.Builder
+	b.WriteByte('(')
+	for i := 0; i+1 < len(pairs); i += 2 {
+		if !isQuotable(pairs[i]) || !isQuotable(pairs[i+1]) {
+			continue
+		}
+		if b.Len() > 1 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(quote(pairs[i]) + " " + quote(pairs[i+1]))
+	}
+	b.WriteByte(')')
+	return b.String()
+}

@@ -1,0 +1,186 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"net/netip"
+	"time"
+
+	"github.com/imapgate/imapgate/routing"
+	"go.uber.org/zap"
+)
+
+// Options configure a Server. Every field's zero value means the default
+// written beside it, so Options{Router: r, TLS: cfg} is a working server.
+type Options struct {
+	// Router finds each user's backend. Required.
+	Router routing.Router
+	// TLS is the server-side configuration for implicit-TLS listeners and
+	// STARTTLS. Required unless every listener is cleartext with
+	// InsecureAuth covering every client.
+	TLS *tls.Config
+	// Logger receives one line per session end and per failure. Nil means
+	// no logging.
+	Logger *zap.Logger
+	// Metrics is told about sessions and logins. Nil means none.
+	Metrics Metrics
+	// Greeting is the text of the "* OK" greeting. Empty means
+	// "imapgate ready.".
+	Greeting string
+	// Capabilities shape the pre-auth CAPABILITY list.
+	Capabilities CapabilityOptions
+	// Backend shapes how imapgate logs in to backends.
+	Backend BackendOptions
+	// Limits bound what a client may cost.
+	Limits Limits
+	// Timeouts bound how long each protocol state may last.
+	Timeouts Timeouts
+}
+
+// CapabilityOptions shape the capability list imapgate advertises before
+// login. After login the client is told the backend's own list.
+type CapabilityOptions struct {
+	// IMAP4rev2 adds IMAP4rev2 to the list; set it only when every backend
+	// supports it.
+	IMAP4rev2 bool
+	// Extra capabilities appended to the list (e.g. "UTF8=ACCEPT" when the
+	// backends have it).
+	Extra []string
+	// Replace, if not empty, is the whole list instead of the built-in
+	// one; STARTTLS, LOGINDISABLED and AUTH=PLAIN are still added or left
+	// out as the connection's state requires.
+	Replace []string
+}
+
+// BackendOptions shape the login imapgate performs on the backend.
+type BackendOptions struct {
+	// NoForwardID turns off the ID command imapgate sends before login
+	// carrying the client's address (x-originating-ip and friends, which
+	// Dovecot honours from its login_trusted_networks) and the client's own
+	// ID fields. Zero means forward.
+	NoForwardID bool
+	// TLS is the default client TLS config for backends whose
+	// routing.Backend has none. Nil means system roots.
+	TLS *tls.Config
+}
+
+// Limits bound what one client may cost. Zero means the default given;
+// where said, a negative value means no limit.
+type Limits struct {
+	// MaxLineLength is the longest pre-auth command line in bytes, CRLF
+	// included. Zero means 8 KiB.
+	MaxLineLength int
+	// MaxLiteralSize is the largest literal accepted before login. Zero
+	// means 16 KiB.
+	MaxLiteralSize int
+	// MaxCommandSize is the largest whole pre-auth command (lines and
+	// literals). Zero means 64 KiB.
+	MaxCommandSize int
+	// MaxBadCommands is how many invalid or unknown commands a client may
+	// send before login until it gets BYE. Zero means 5.
+	MaxBadCommands int
+	// MaxAuthFailures is how many failed logins one connection may make
+	// before it gets BYE. Zero means 3.
+	MaxAuthFailures int
+	// AuthFailureDelay is the delay before answering a failed login; it
+	// grows with each failure on the connection (delay × failures). Zero
+	// means 2 s; negative means none (tests, trusted networks).
+	AuthFailureDelay time.Duration
+	// MaxConnections is the most concurrent client connections. Zero or
+	// negative means no limit here (the binary derives one from the
+	// open-file limit).
+	MaxConnections int
+	// MaxConnectionsPerIP is the most concurrent connections from one
+	// client address. Zero means 100; negative means no limit.
+	MaxConnectionsPerIP int
+}
+
+// Timeouts bound each protocol state. Zero means the default given;
+// negative means no timeout where said.
+type Timeouts struct {
+	// TLSHandshake bounds the client's TLS handshake (implicit or after
+	// STARTTLS). Zero means 20 s.
+	TLSHandshake time.Duration
+	// PreAuthIdle is how long imapgate waits for the next command before
+	// login. Zero means 60 s.
+	PreAuthIdle time.Duration
+	// Login bounds the whole Not Authenticated state, from accept to the
+	// tagged OK of a login. Zero means 3 min.
+	Login time.Duration
+	// BackendConnect bounds the TCP connect to a backend. Zero means 5 s.
+	BackendConnect time.Duration
+	// BackendLogin bounds the whole backend exchange: TLS, greeting,
+	// STARTTLS, ID and login. Zero means 15 s.
+	BackendLogin time.Duration
+	// HalfClose is how long the other direction may go on after one side
+	// closed its half of the connection. Zero means 10 s.
+	HalfClose time.Duration
+	// Idle closes a spliced session after this long without a byte either
+	// way. Zero or negative means never: IMAP servers have their own
+	// autologout and IDLE lasts 29 minutes.
+	Idle time.Duration
+}
+
+// ListenMode is how a listener's clients start.
+type ListenMode uint8
+
+const (
+	// ImplicitTLS listeners handshake TLS first (port 993).
+	ImplicitTLS ListenMode = iota
+	// StartTLS listeners speak cleartext IMAP and offer STARTTLS (port 143).
+	StartTLS
+)
+
+func (m ListenMode) String() string {
+	if m == StartTLS {
+		return "starttls"
+	}
+	return "tls"
+}
+
+// Listener describes what a net.Listener given to Serve is for.
+type Listener struct {
+	// Name identifies the listener in logs and metrics. Empty means its
+	// address.
+	Name string
+	// Mode is implicit TLS (the zero value) or cleartext with STARTTLS.
+	Mode ListenMode
+	// InsecureAuth lists client networks that may log in on a StartTLS
+	// listener without TLS (a trusted network, a local webmail). Empty
+	// means nobody: LOGINDISABLED is advertised until STARTTLS.
+	InsecureAuth []netip.Prefix
+}
+
+func (o *Options) withDefaults() Options {
+	r := *o
+	if r.Logger == nil {
+		r.Logger = zap.NewNop()
+	}
+	if r.Metrics == nil {
+		r.Metrics = nopMetrics{}
+	}
+	if r.Greeting == "" {
+		r.Greeting = "imapgate ready."
+	}
+	l := &r.Limits
+	def(&l.MaxLineLength, 8<<10)
+	def(&l.MaxLiteralSize, 16<<10)
+	def(&l.MaxCommandSize, 64<<10)
+	def(&l.MaxBadCommands, 5)
+	def(&l.MaxAuthFailures, 3)
+	def(&l.AuthFailureDelay, 2*time.Second)
+	def(&l.MaxConnectionsPerIP, 100)
+	t := &r.Timeouts
+	def(&t.TLSHandshake, 20*time.Second)
+	def(&t.PreAuthIdle, 60*time.Second)
+	def(&t.Login, 3*time.Minute)
+	def(&t.BackendConnect, 5*time.Second)
+	def(&t.BackendLogin, 15*time.Second)
+	def(&t.HalfClose, 10*time.Second)
+	return r
+}
+
+func def[T int | time.Duration](v *T, d T) {
+	if *v == 0 {
+		*v = d
+	}
+}

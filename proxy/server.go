@@ -1,0 +1,309 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/imapgate/imapgate/routing"
+	"go.uber.org/zap"
+)
+
+// ErrServerClosed is returned by Serve after Shutdown or Close.
+var ErrServerClosed = errors.New("proxy: server closed")
+
+// Server accepts IMAP clients and proxies them to their backends. Create
+// it with NewServer, give it listeners with Serve, stop it with Shutdown.
+type Server struct {
+	opts Options
+	log  *zap.Logger
+
+	closing atomic.Bool
+	// base is cancelled by Close: it ends every session's blocking work.
+	base       context.Context
+	cancelBase context.CancelFunc
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	sessions  map[*session]struct{}
+	perIP     map[netip.Addr]int
+	active    sync.WaitGroup // sessions
+	idleCh    chan struct{}  // closed when sessions drops to zero during shutdown
+}
+
+var _ routing.Evictor = (*Server)(nil)
+
+// NewServer returns a Server for opts.
+func NewServer(opts Options) (*Server, error) {
+	if opts.Router == nil {
+		return nil, errors.New("proxy: Options.Router is required")
+	}
+	o := opts.withDefaults()
+	s := &Server{
+		opts:      o,
+		log:       o.Logger,
+		listeners: make(map[net.Listener]struct{}),
+		sessions:  make(map[*session]struct{}),
+		perIP:     make(map[netip.Addr]int),
+	}
+	s.base, s.cancelBase = context.WithCancel(context.Background())
+	return s, nil
+}
+
+// Serve accepts clients on ln until it fails or the server shuts down,
+// when it returns ErrServerClosed. It owns ln and closes it.
+func (s *Server) Serve(ln net.Listener, l Listener) error {
+	if l.Name == "" {
+		l.Name = ln.Addr().String()
+	}
+	if l.Mode == ImplicitTLS && s.opts.TLS == nil {
+		ln.Close()
+		return errors.New("proxy: implicit-TLS listener needs Options.TLS")
+	}
+	s.mu.Lock()
+	if s.closing.Load() {
+		s.mu.Unlock()
+		ln.Close()
+		return ErrServerClosed
+	}
+	s.listeners[ln] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, ln)
+		s.mu.Unlock()
+		ln.Close()
+	}()
+
+	var backoff time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if s.closing.Load() {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || isTemporary(err) {
+				// Out of file descriptors and similar: wait and retry, as
+				// net/http does, rather than spin or die.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed, retrying", zap.String("listener", l.Name), zap.Duration("backoff", backoff), zap.Error(err))
+				time.Sleep(backoff)
+				continue
+			}
+			return err
+		}
+		backoff = 0
+		go s.serveConn(c, &l)
+	}
+}
+
+// isTemporary reports accept errors worth retrying (EMFILE, ENFILE,
+// ECONNABORTED...).
+func isTemporary(err error) bool {
+	var t interface{ Temporary() bool }
+	return errors.As(err, &t) && t.Temporary()
+}
+
+// serveConn runs one client connection from accept to close.
+func (s *Server) serveConn(c net.Conn, l *Listener) {
+	remote := addrPort(c.RemoteAddr())
+	if reason := s.admit(remote.Addr()); reason != "" {
+		s.opts.Metrics.LimitHit(reason)
+		s.log.Warn("connection refused", zap.String("client", remote.String()), zap.String("limit", reason))
+		if l.Mode == StartTLS {
+			c.SetWriteDeadline(time.Now().Add(time.Second))
+			c.Write([]byte("* BYE [UNAVAILABLE] Too many connections, try again later\r\n"))
+		}
+		c.Close()
+		return
+	}
+	sess := newSession(s, c, l, remote)
+	s.mu.Lock()
+	s.sessions[sess] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.sessions, sess)
+		if n := s.perIP[remote.Addr()] - 1; n > 0 {
+			s.perIP[remote.Addr()] = n
+		} else {
+			delete(s.perIP, remote.Addr())
+		}
+		if s.idleCh != nil && len(s.sessions) == 0 {
+			close(s.idleCh)
+			s.idleCh = nil
+		}
+		s.mu.Unlock()
+		s.active.Done()
+	}()
+	sess.serve(s.base)
+}
+
+// admit counts a new connection, or says which limit refuses it.
+func (s *Server) admit(ip netip.Addr) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	lim := s.opts.Limits
+	if lim.MaxConnections > 0 && len(s.sessions) >= lim.MaxConnections {
+		return "connections"
+	}
+	if lim.MaxConnectionsPerIP > 0 && s.perIP[ip] >= lim.MaxConnectionsPerIP {
+		return "connections_per_ip"
+	}
+	s.perIP[ip]++
+	s.active.Add(1)
+	return ""
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap
+}
+
+// SessionInfo describes a live session for operators.
+type SessionInfo struct {
+	ID       string        `json:"id"`
+	Client   string        `json:"client"`
+	Listener string        `json:"listener"`
+	State    string        `json:"state"`
+	User     string        `json:"user,omitempty"`
+	Backend  string        `json:"backend,omitempty"`
+	Started  time.Time     `json:"started"`
+	In       int64         `json:"bytes_in"`
+	Out      int64         `json:"bytes_out"`
+	Duration time.Duration `json:"duration_ns"`
+}
+
+// Sessions lists the live sessions that match: an empty user or backend
+// matches all.
+func (s *Server) Sessions(user, backend string) []SessionInfo {
+	user = routing.NormalizeUser(user)
+	var out []SessionInfo
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for sess := range s.sessions {
+		if in := sess.info(); (user == "" || in.User == user) && (backend == "" || in.Backend == backend) {
+			out = append(out, in)
+		}
+	}
+	return out
+}
+
+// EvictUser closes user's sessions on every backend except keepID (empty:
+// all of them). Sessions still logging in are left alone: they route
+// afresh. It implements routing.Evictor.
+func (s *Server) EvictUser(user, keepID string) int {
+	user = routing.NormalizeUser(user)
+	return s.evict("moved", func(sess *session) bool {
+		u, b := sess.routeKey()
+		return b != "" && u == user && b != keepID
+	})
+}
+
+// EvictBackend closes every session spliced to the backend with this ID.
+func (s *Server) EvictBackend(id string) int {
+	return s.evict("backend_gone", func(sess *session) bool {
+		_, b := sess.routeKey()
+		return b == id
+	})
+}
+
+func (s *Server) evict(reason string, match func(*session) bool) int {
+	// Scanning every session is O(sessions) per eviction, a few hundred
+	// microseconds at 100,000 sessions; evictions are rare and an index per
+	// user would cost memory on every session.
+	s.mu.Lock()
+	var victims []*session
+	for sess := range s.sessions {
+		if match(sess) {
+			victims = append(victims, sess)
+		}
+	}
+	s.mu.Unlock()
+	for _, v := range victims {
+		v.kick(reason, "Your mailbox moved, please reconnect")
+	}
+	if len(victims) > 0 {
+		s.log.Info("evicted sessions", zap.String("reason", reason), zap.Int("count", len(victims)))
+	}
+	return len(victims)
+}
+
+// Shutdown stops accepting, says BYE to sessions that have not logged in,
+// and waits for spliced sessions to end until ctx is done; then it closes
+// them (with BYE where the stream is at a line boundary) and returns
+// ctx.Err(). It returns nil when every session ended by itself.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closing.Store(true)
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	var pre []*session
+	for sess := range s.sessions {
+		if !sess.spliced() {
+			pre = append(pre, sess)
+		}
+	}
+	done := make(chan struct{})
+	if len(s.sessions) == 0 {
+		close(done)
+	} else {
+		s.idleCh = done
+	}
+	s.mu.Unlock()
+	for _, sess := range pre {
+		sess.kick("shutdown", "Server shutting down, please reconnect")
+	}
+	select {
+	case <-done:
+		s.active.Wait()
+		return nil
+	case <-ctx.Done():
+	}
+	s.Close()
+	return ctx.Err()
+}
+
+// Close closes every listener and session at once.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closing.Store(true)
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	all := make([]*session, 0, len(s.sessions))
+	for sess := range s.sessions {
+		all = append(all, sess)
+	}
+	s.mu.Unlock()
+	s.cancelBase()
+	for _, sess := range all {
+		sess.kick("shutdown", "Server shutting down, please reconnect")
+	}
+	s.active.Wait()
+	return nil
+}
+
+// CloseIdle kicks spliced sessions one by one, for drains spread over a
+// window: it returns the sessions still open, for the caller to pace.
+func (s *Server) spliceSessions() []*session {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*session, 0, len(s.sessions))
+	for sess := range s.sessions {
+		if sess.spliced() {
+			out = append(out, sess)
+		}
+	}
+	return out
+}
