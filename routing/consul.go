@@ -1,0 +1,557 @@
+package routing
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"golang.org/x/time/rate"
+)
+
+// Service Meta keys read from each backend instance in the Consul catalog.
+const (
+	// MetaWeight is the backend's weight in hashing, a positive integer.
+	// Missing means 1.
+	MetaWeight = "imapgate-weight"
+	// MetaSecurity is how imapgate talks to the backend: "none" (default),
+	// "tls" or "starttls".
+	MetaSecurity = "imapgate-security"
+	// MetaTLSServerName is the name to verify the backend's certificate
+	// against. Missing means the host of the service address.
+	MetaTLSServerName = "imapgate-tls-server-name"
+	// MetaDrain set to "true" puts the backend in drain: no new users are
+	// placed there, its existing users stay.
+	MetaDrain = "imapgate-drain"
+)
+
+// FlagPinned is the Consul KV flag that marks a user's entry as an
+// operator's pin (consul kv put -flags=1). A pinned user is never moved
+// by imapgate, even when their backend is gone; an unpinned entry is a
+// placement that imapgate re-places once its backend has been down for
+// longer than the grace.
+const FlagPinned uint64 = 1
+
+// ConsulConfig configures a Consul router. Only Service is required.
+type ConsulConfig struct {
+	// Client talks to Consul. If nil, one is built from api.DefaultConfig
+	// (which reads CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT,
+	// CONSUL_HTTP_SSL and the rest of the CONSUL_* environment) with
+	// Address, Token and Datacenter below applied over it, and Close
+	// releases its connections.
+	Client *api.Client
+	// Address of the Consul agent, "host:port" or a URL. Empty means the
+	// environment's, else 127.0.0.1:8500. Ignored if Client is set.
+	Address string
+	// Token is the ACL token. Empty means the environment's. Ignored if
+	// Client is set.
+	Token string
+	// Datacenter to query. Empty means the agent's. Ignored if Client is
+	// set.
+	Datacenter string
+
+	// Service is the catalog service name of the IMAP backends ("imap").
+	Service string
+	// Tag, if set, keeps only the instances with this tag.
+	Tag string
+	// Prefix is the KV prefix of imapgate's data (see the README). Empty
+	// means "imapgate". Leading and trailing slashes are ignored.
+	Prefix string
+	// BackendTLS is the template for Backend.TLS of backends whose
+	// MetaSecurity is tls or starttls (root CAs, client certificates). It
+	// is cloned per backend and ServerName set from MetaTLSServerName or
+	// the service address. If nil, the system roots are used.
+	BackendTLS *tls.Config
+
+	// Evictor closes sessions when a user moves or a backend is gone. If
+	// nil, nothing is closed and the moves are only logged.
+	Evictor Evictor
+	// Grace is how long a backend may be critical or missing from the
+	// catalog before its sessions are closed and its users re-placed, so
+	// that a flapping check does not kick thousands of users. Zero means
+	// 30s; negative means no grace at all.
+	Grace time.Duration
+	// WaitTime is the longest a blocking query waits for a change. Zero
+	// means 5 minutes. Every wait that ends without a change still fetches
+	// the whole users list, so keep it long.
+	WaitTime time.Duration
+	// RetryMax caps the back-off between failed Consul queries, which
+	// starts at 250ms and doubles. Zero means 10s.
+	RetryMax time.Duration
+	// PlaceTimeout bounds the Consul writes and reads that place a new
+	// user, on top of Route's context. Zero means 2s.
+	PlaceTimeout time.Duration
+	// PlaceRate limits how many new placements per second one instance
+	// writes to Consul, with a burst of twice as many, because any
+	// unauthenticated client can make imapgate route a made-up user name.
+	// Over the limit, users are still routed by hashing but not recorded.
+	// Zero means 100 per second; negative means no limit.
+	PlaceRate float64
+
+	// Logger receives the router's log. Nil means no logging.
+	Logger *zap.Logger
+	// Registerer receives the router's metrics (imapgate_consul_*). Nil
+	// means they are not registered.
+	Registerer prometheus.Registerer
+}
+
+func (cfg *ConsulConfig) defaults() {
+	if cfg.Grace == 0 {
+		cfg.Grace = 30 * time.Second
+	} else if cfg.Grace < 0 {
+		cfg.Grace = 0
+	}
+	if cfg.WaitTime <= 0 {
+		cfg.WaitTime = 5 * time.Minute
+	}
+	if cfg.RetryMax <= 0 {
+		cfg.RetryMax = 10 * time.Second
+	}
+	if cfg.PlaceTimeout <= 0 {
+		cfg.PlaceTimeout = 2 * time.Second
+	}
+	if cfg.PlaceRate == 0 {
+		cfg.PlaceRate = 100
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	cfg.Prefix = strings.Trim(cfg.Prefix, "/")
+	if cfg.Prefix == "" {
+		cfg.Prefix = "imapgate"
+	}
+}
+
+// Consul routes users with Consul as the shared source of truth, so that
+// every imapgate instance sends a user to the same backend:
+//
+//   - backends are the passing instances of a catalog service, watched
+//     with blocking queries;
+//   - each user's backend is recorded under <prefix>/users/<user>; a new
+//     user is placed by weighted rendezvous hashing over the passing,
+//     non-draining backends (or their domain's pool) and the placement is
+//     written with check-and-set, so racing instances agree;
+//   - the whole prefix is watched, so a changed entry (an operator's move)
+//     closes the user's sessions everywhere through the Evictor.
+//
+// Route answers from memory: a known user costs Consul nothing. If Consul
+// becomes unreachable, Route keeps answering from the last view.
+type Consul struct {
+	cfg     ConsulConfig
+	log     *zap.Logger
+	client  *api.Client
+	ownHTTP *http.Transport // closed by Close if we built the client
+	limit   *rate.Limiter   // nil: unlimited
+	metrics *consulMetrics
+	started time.Time
+
+	view atomic.Pointer[consulView]
+
+	// overlay holds this instance's own placements until the KV watch
+	// brings them back (user → *overlayEntry), so that a user's second
+	// login does not race the watch.
+	overlay  sync.Map
+	overlayN atomic.Int64
+
+	catalogHealth watchHealth
+	kvHealth      watchHealth
+
+	mu       sync.Mutex // guards the fields below, and building views
+	states   map[string]*backendState
+	kvUsers  map[string]assignment
+	kvDomain map[string]string
+	kvDrain  map[string]bool
+
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+}
+
+var _ Router = (*Consul)(nil)
+
+// assignment is one user's entry in KV.
+type assignment struct {
+	backend string
+	flags   uint64
+	index   uint64 // ModifyIndex
+}
+
+func (a assignment) pinned() bool { return a.flags&FlagPinned != 0 }
+
+type overlayEntry struct {
+	backend string
+	minIdx  uint64 // the view wins once its entry's index reaches this
+	at      time.Time
+}
+
+// NewConsul connects to Consul, loads the catalog and the KV prefix, and
+// starts watching both; it returns an error if Consul cannot be reached
+// within ctx, so a misconfigured imapgate fails at start rather than at
+// the first login. Call Close to stop the watches.
+func NewConsul(ctx context.Context, cfg ConsulConfig) (*Consul, error) {
+	if cfg.Service == "" {
+		return nil, errors.New("routing: consul: no service name configured")
+	}
+	cfg.defaults()
+	c := &Consul{
+		cfg:      cfg,
+		log:      cfg.Logger.With(zap.String("router", "consul"), zap.String("service", cfg.Service)),
+		client:   cfg.Client,
+		started:  time.Now(),
+		states:   map[string]*backendState{},
+		kvUsers:  map[string]assignment{},
+		kvDomain: map[string]string{},
+		kvDrain:  map[string]bool{},
+	}
+	if c.client == nil {
+		acfg := api.DefaultConfig()
+		if cfg.Address != "" {
+			acfg.Address = cfg.Address
+		}
+		if cfg.Token != "" {
+			acfg.Token = cfg.Token
+		}
+		if cfg.Datacenter != "" {
+			acfg.Datacenter = cfg.Datacenter
+		}
+		client, err := api.NewClient(acfg)
+		if err != nil {
+			return nil, fmt.Errorf("routing: consul client: %w", err)
+		}
+		c.client = client
+		c.ownHTTP = acfg.Transport
+	}
+	if cfg.PlaceRate > 0 {
+		c.limit = rate.NewLimiter(rate.Limit(cfg.PlaceRate), int(2*cfg.PlaceRate)+1)
+	}
+	c.metrics = newConsulMetrics(c)
+	if cfg.Registerer != nil {
+		if err := c.metrics.register(cfg.Registerer); err != nil {
+			c.closeIdle()
+			return nil, fmt.Errorf("routing: consul metrics: %w", err)
+		}
+	}
+
+	catIdx, err := c.fetchCatalog(ctx, 0)
+	if err == nil {
+		var kvIdx uint64
+		kvIdx, err = c.fetchKV(ctx, 0)
+		if err == nil {
+			wctx, cancel := context.WithCancel(context.Background())
+			c.cancel = cancel
+			c.wg.Add(3)
+			go c.catalogLoop(wctx, catIdx)
+			go c.kvLoop(wctx, kvIdx)
+			go c.graceLoop(wctx)
+			v := c.view.Load()
+			c.log.Info("consul router ready",
+				zap.Int("backends", len(v.routable)), zap.Int("placeable", v.def.len()),
+				zap.Int("users", len(v.users)), zap.String("prefix", cfg.Prefix))
+			return c, nil
+		}
+	}
+	c.metrics.unregister(cfg.Registerer)
+	c.closeIdle()
+	return nil, fmt.Errorf("routing: consul at %s unreachable at start-up: %w", c.addr(), err)
+}
+
+func (c *Consul) addr() string {
+	if c.cfg.Address != "" {
+		return c.cfg.Address
+	}
+	return api.DefaultConfig().Address
+}
+
+func (c *Consul) closeIdle() {
+	if c.ownHTTP != nil {
+		c.ownHTTP.CloseIdleConnections()
+	}
+}
+
+// Close stops the watches and waits for them. Route keeps answering from
+// the last view afterwards, but nothing new is placed in Consul.
+func (c *Consul) Close() error {
+	c.closeOnce.Do(func() {
+		c.cancel()
+		c.wg.Wait()
+		c.metrics.unregister(c.cfg.Registerer)
+		c.closeIdle()
+	})
+	return nil
+}
+
+// String describes c for logs.
+func (c *Consul) String() string {
+	return fmt.Sprintf("consul(service %q, prefix %q)", c.cfg.Service, c.cfg.Prefix)
+}
+
+func (c *Consul) userPath(user string) string { return c.cfg.Prefix + "/users/" + user }
+
+// Route returns user's backend. A user with an entry in KV goes to that
+// backend, from memory, unless it has been gone for longer than the grace
+// (then an unpinned user is re-placed, a pinned one gets ErrNoBackend). A
+// new user is placed and the placement written to Consul, bounded by ctx
+// and PlaceTimeout.
+func (c *Consul) Route(ctx context.Context, user string) (*Backend, error) {
+	key := NormalizeUser(user)
+	if key == "" {
+		return nil, fmt.Errorf("%w: empty user name", ErrNoBackend)
+	}
+	v := c.view.Load()
+	a, ok := c.lookup(v, key)
+	if !ok {
+		return c.place(ctx, key, 0)
+	}
+	if b := v.routable[a.backend]; b != nil {
+		return b, nil
+	}
+	if a.pinned() {
+		return nil, fmt.Errorf("%w: user is pinned to unavailable backend %q", ErrNoBackend, a.backend)
+	}
+	return c.place(ctx, key, a.index)
+}
+
+// lookup finds user's assignment in the view or in this instance's newer
+// placements.
+func (c *Consul) lookup(v *consulView, user string) (assignment, bool) {
+	a, ok := v.users[user]
+	if c.overlayN.Load() > 0 {
+		if o, found := c.overlay.Load(user); found {
+			if e := o.(*overlayEntry); a.index < e.minIdx {
+				return assignment{backend: e.backend, index: e.minIdx - 1}, true
+			}
+		}
+	}
+	return a, ok
+}
+
+// place chooses a backend for a user who has none (over == 0) or whose
+// backend is gone (over is the ModifyIndex of the stale entry) and records
+// it with check-and-set. If another instance wins the race, its choice is
+// read back and used.
+func (c *Consul) place(ctx context.Context, user string, over uint64) (*Backend, error) {
+	for range 3 {
+		v := c.view.Load()
+		b := v.poolFor(user).pick(userKey(user))
+		if b == nil {
+			c.metrics.placements.WithLabelValues("nobackend").Inc()
+			return nil, fmt.Errorf("%w: no passing backend to place the user on", ErrNoBackend)
+		}
+		if c.limit != nil && !c.limit.Allow() {
+			c.metrics.placements.WithLabelValues("ratelimited").Inc()
+			return b, nil
+		}
+		res, winner, err := c.cas(ctx, user, b.ID, over)
+		if err != nil && ctx.Err() != nil {
+			return nil, fmt.Errorf("%w: %w", ErrNoBackend, ctx.Err())
+		}
+		switch res {
+		case casWriteFailed:
+			// Consul unreachable: serve the hashed choice unrecorded; the
+			// next login tries to record it again.
+			c.metrics.placements.WithLabelValues("unrecorded").Inc()
+			c.log.Warn("cannot record placement in consul; routing by hash", zap.String("user", user),
+				zap.String("backend", b.ID), zap.Error(err))
+			return b, nil
+		case casReadFailed:
+			// Lost the race and cannot read the winner: refusing is the
+			// only way not to split the user over two backends.
+			return nil, fmt.Errorf("%w: placement race lost and winner unreadable: %w", ErrNoBackend, err)
+		case casWon:
+			c.remember(user, b.ID, over+1)
+			if over == 0 {
+				c.metrics.placements.WithLabelValues("created").Inc()
+			} else {
+				c.metrics.placements.WithLabelValues("replaced").Inc()
+			}
+			return b, nil
+		}
+		c.metrics.placements.WithLabelValues("raced").Inc()
+		if winner.ModifyIndex == 0 { // deleted in between
+			over = 0
+			continue
+		}
+		id := string(winner.Value)
+		if wb := c.view.Load().routable[id]; wb != nil {
+			c.remember(user, id, winner.ModifyIndex)
+			return wb, nil
+		}
+		if winner.Flags&FlagPinned != 0 {
+			return nil, fmt.Errorf("%w: user is pinned to unavailable backend %q", ErrNoBackend, id)
+		}
+		over = winner.ModifyIndex
+	}
+	return nil, fmt.Errorf("%w: placement did not settle", ErrNoBackend)
+}
+
+type casResult uint8
+
+const (
+	casWon casResult = iota
+	casLost
+	casWriteFailed
+	casReadFailed
+)
+
+// cas writes user → id if the entry's ModifyIndex is still over (0: if it
+// does not exist). On a lost race it returns the current entry (a zero
+// KVPair if it was deleted meanwhile).
+func (c *Consul) cas(ctx context.Context, user, id string, over uint64) (casResult, *api.KVPair, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.PlaceTimeout)
+	defer cancel()
+	path := c.userPath(user)
+	ok, _, err := c.client.KV().CAS(&api.KVPair{Key: path, Value: []byte(id), ModifyIndex: over}, (&api.WriteOptions{}).WithContext(ctx))
+	switch {
+	case err != nil:
+		return casWriteFailed, nil, err
+	case ok:
+		return casWon, nil, nil
+	}
+	// A default (leader) read, not a stale one: it must see the winner.
+	p, _, err := c.client.KV().Get(path, (&api.QueryOptions{}).WithContext(ctx))
+	if err != nil {
+		return casReadFailed, nil, err
+	}
+	if p == nil {
+		p = &api.KVPair{}
+	}
+	return casLost, p, nil
+}
+
+func (c *Consul) remember(user, id string, minIdx uint64) {
+	if _, loaded := c.overlay.Swap(user, &overlayEntry{backend: id, minIdx: minIdx, at: time.Now()}); !loaded {
+		c.overlayN.Add(1)
+	}
+}
+
+// Pin makes backendID the home of user, as an operator's pin: the entry
+// is written unconditionally with FlagPinned, and every imapgate instance
+// closes the user's sessions elsewhere once its watch sees the change
+// (normally within a second). backendID must be a service ID the router
+// knows.
+func (c *Consul) Pin(ctx context.Context, user, backendID string) error {
+	key := NormalizeUser(user)
+	if key == "" {
+		return errors.New("routing: pin: empty user name")
+	}
+	c.mu.Lock()
+	_, known := c.states[backendID]
+	c.mu.Unlock()
+	if !known {
+		return fmt.Errorf("routing: pin %q: unknown backend %q", key, backendID)
+	}
+	_, err := c.client.KV().Put(&api.KVPair{Key: c.userPath(key), Value: []byte(backendID), Flags: FlagPinned},
+		(&api.WriteOptions{}).WithContext(ctx))
+	if err != nil {
+		return fmt.Errorf("routing: pin %q to %q: %w", key, backendID, err)
+	}
+	c.log.Info("user pinned", zap.String("user", key), zap.String("backend", backendID))
+	return nil
+}
+
+// Unpin clears the pin flag of user's entry but leaves the user where
+// they are, so nobody is kicked; from then on imapgate may re-place the
+// user if their backend goes away. Unpinning a user without a pin is not
+// an error.
+func (c *Consul) Unpin(ctx context.Context, user string) error {
+	key := NormalizeUser(user)
+	if key == "" {
+		return errors.New("routing: unpin: empty user name")
+	}
+	kv := c.client.KV()
+	for range 5 {
+		p, _, err := kv.Get(c.userPath(key), (&api.QueryOptions{}).WithContext(ctx))
+		if err != nil {
+			return fmt.Errorf("routing: unpin %q: %w", key, err)
+		}
+		if p == nil || p.Flags&FlagPinned == 0 {
+			return nil
+		}
+		p.Flags &^= FlagPinned
+		ok, _, err := kv.CAS(p, (&api.WriteOptions{}).WithContext(ctx))
+		if err != nil {
+			return fmt.Errorf("routing: unpin %q: %w", key, err)
+		}
+		if ok {
+			c.log.Info("user unpinned", zap.String("user", key), zap.String("backend", string(p.Value)))
+			return nil
+		}
+	}
+	return fmt.Errorf("routing: unpin %q: entry keeps changing", key)
+}
+
+// BackendState is a backend as the Consul router sees it, for the admin
+// API.
+type BackendState struct {
+	*Backend
+	// Health is Consul's aggregated check status: "passing", "warning",
+	// "critical", "maintenance", or "absent" once it left the catalog.
+	Health string
+	// Drain is true if the backend takes no new users (MetaDrain or
+	// <prefix>/drain/<id>).
+	Drain bool
+	// Placeable is true if new users may be placed there: passing, not
+	// draining, not gone.
+	Placeable bool
+	// DownSince is when it stopped passing or warning; zero if up.
+	DownSince time.Time
+	// Gone is true once it has been down for longer than the grace: its
+	// sessions were closed and its unpinned users are being re-placed.
+	Gone bool
+	// Tags are the service instance's tags.
+	Tags []string
+	// Users is how many users the view assigns to it.
+	Users int
+}
+
+// Backends returns a snapshot of every backend the router knows, sorted
+// by ID. It counts users, so it costs a pass over the view: it is meant
+// for the admin API, not for the login path.
+func (c *Consul) Backends() []BackendState {
+	v := c.view.Load()
+	users := map[string]int{}
+	for _, a := range v.users {
+		users[a.backend]++
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]BackendState, 0, len(c.states))
+	for id, s := range c.states {
+		drain := s.metaDrain || c.kvDrain[id]
+		out = append(out, BackendState{
+			Backend:   s.b,
+			Health:    s.health,
+			Drain:     drain,
+			Placeable: s.placeable(drain),
+			DownSince: s.downSince,
+			Gone:      s.gone,
+			Tags:      slices.Clone(s.tags),
+			Users:     users[id],
+		})
+	}
+	slices.SortFunc(out, func(a, b BackendState) int { return strings.Compare(a.ID, b.ID) })
+	return out
+}
+
+// Ready reports whether the router has a view with at least one backend
+// it can route to. It stays true while Consul is unreachable.
+func (c *Consul) Ready() bool {
+	v := c.view.Load()
+	return v != nil && len(v.routable) > 0
+}
+
+// ViewAge is how long the view may have been out of date: zero while both
+// watches are connected to Consul (which pushes every change), else the
+// time since the failing watch last heard from Consul.
+func (c *Consul) ViewAge() time.Duration {
+	return max(c.catalogHealth.age(), c.kvHealth.age())
+}

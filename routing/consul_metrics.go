@@ -1,0 +1,72 @@
+package routing
+
+import (
+	"errors"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// consulMetrics are the Consul router's Prometheus metrics. They exist
+// (and are counted) whether or not a Registerer was given.
+type consulMetrics struct {
+	watchErrors *prometheus.CounterVec
+	stale       *prometheus.CounterVec
+	placements  *prometheus.CounterVec
+	evictions   *prometheus.CounterVec
+	users       prometheus.Gauge
+	viewAge     prometheus.GaugeFunc
+}
+
+func newConsulMetrics(c *Consul) *consulMetrics {
+	return &consulMetrics{
+		watchErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imapgate_consul_watch_errors_total",
+			Help: "Failed Consul queries by watch (catalog, kv); the router keeps serving its last view.",
+		}, []string{"watch"}),
+		stale: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imapgate_consul_stale_answers_total",
+			Help: "Consul answers from a server without a leader or lagging more than 5s, by watch.",
+		}, []string{"watch"}),
+		placements: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imapgate_consul_placements_total",
+			Help: "Placements of users without a usable entry, by result: created, replaced (old backend gone), raced (another instance won), unrecorded (Consul unreachable), ratelimited, nobackend.",
+		}, []string{"result"}),
+		evictions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imapgate_consul_evicted_sessions_total",
+			Help: "Sessions closed because their user moved (user) or their backend was gone past the grace (backend).",
+		}, []string{"kind"}),
+		users: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "imapgate_consul_users",
+			Help: "User entries in the router's view of Consul KV.",
+		}),
+		viewAge: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imapgate_consul_view_age_seconds",
+			Help: "How long the view may have been out of date: 0 while Consul is reachable.",
+		}, func() float64 { return c.ViewAge().Seconds() }),
+	}
+}
+
+func (m *consulMetrics) collectors() []prometheus.Collector {
+	return []prometheus.Collector{m.watchErrors, m.stale, m.placements, m.evictions, m.users, m.viewAge}
+}
+
+func (m *consulMetrics) register(r prometheus.Registerer) error {
+	var errs []error
+	for _, col := range m.collectors() {
+		errs = append(errs, r.Register(col))
+	}
+	if err := errors.Join(errs...); err != nil {
+		m.unregister(r)
+		return err
+	}
+	return nil
+}
+
+func (m *consulMetrics) unregister(r prometheus.Registerer) {
+	if r == nil {
+		return
+	}
+	for _, col := range m.collectors() {
+		r.Unregister(col)
+	}
+}

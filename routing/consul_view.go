@@ -1,0 +1,317 @@
+package routing
+
+import (
+	"crypto/tls"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap"
+)
+
+// consulView is what Route reads: immutable once stored, replaced whole
+// when the catalog, KV or a grace timer changes something. The users map
+// is shared between views until KV changes, so a health change does not
+// copy it.
+type consulView struct {
+	// routable are the backends a known user may be sent to: every
+	// backend in the catalog (or recently in it) that has not been down
+	// for longer than the grace.
+	routable map[string]*Backend
+	// def is the pool new users are placed over: passing, not draining.
+	def *rendezvous
+	// domains are the per-domain pools, already filtered like def.
+	domains map[string]*rendezvous
+	users   map[string]assignment
+}
+
+// poolFor returns the pool to place user over: their domain's if it has
+// one (even if empty: a tenant's users never spill into the default pool),
+// else the default.
+func (v *consulView) poolFor(user string) *rendezvous {
+	if d := Domain(user); d != "" {
+		if p, ok := v.domains[d]; ok {
+			return p
+		}
+	}
+	return v.def
+}
+
+// backendState is what the router tracks about one service instance.
+type backendState struct {
+	b         *Backend
+	tags      []string
+	health    string // api.HealthPassing... or healthAbsent
+	metaDrain bool
+	downSince time.Time // zero while passing or warning
+	gone      bool      // down for longer than the grace
+}
+
+const healthAbsent = "absent"
+
+func (s *backendState) up() bool {
+	return s.health == api.HealthPassing || s.health == api.HealthWarning
+}
+
+func (s *backendState) placeable(drain bool) bool {
+	return s.health == api.HealthPassing && !drain && !s.gone
+}
+
+// buildView makes a new view from c's state and publishes it. c.mu must be
+// held.
+func (c *Consul) buildView() {
+	v := &consulView{
+		routable: make(map[string]*Backend, len(c.states)),
+		domains:  make(map[string]*rendezvous, len(c.kvDomain)),
+		users:    c.kvUsers,
+	}
+	var placeable []*Backend
+	for id, s := range c.states {
+		if s.gone {
+			continue
+		}
+		v.routable[id] = s.b
+		if s.placeable(s.metaDrain || c.kvDrain[id]) {
+			placeable = append(placeable, s.b)
+		}
+	}
+	v.def = newRendezvous(placeable)
+	for domain, spec := range c.kvDomain {
+		v.domains[domain] = newRendezvous(c.resolvePool(spec, placeable))
+	}
+	c.view.Store(v)
+}
+
+// resolvePool turns a domain's pool spec, "tag:<tag>" or a comma list of
+// service IDs, into the placeable backends it names.
+func (c *Consul) resolvePool(spec string, placeable []*Backend) []*Backend {
+	var out []*Backend
+	if tag, ok := strings.CutPrefix(spec, "tag:"); ok {
+		tag = strings.TrimSpace(tag)
+		for _, b := range placeable {
+			for _, t := range c.states[b.ID].tags {
+				if t == tag {
+					out = append(out, b)
+					break
+				}
+			}
+		}
+		return out
+	}
+	for id := range strings.SplitSeq(spec, ",") {
+		id = strings.TrimSpace(id)
+		for _, b := range placeable {
+			if b.ID == id {
+				out = append(out, b)
+			}
+		}
+	}
+	return out
+}
+
+// applyCatalog updates the backend states from a catalog answer and
+// rebuilds the view. c.mu must be held.
+func (c *Consul) applyCatalog(entries []*api.ServiceEntry, now time.Time) {
+	seen := make(map[string]bool, len(entries))
+	for _, e := range entries {
+		if e.Service == nil {
+			continue
+		}
+		id := e.Service.ID
+		if seen[id] {
+			c.log.Warn("service ID registered twice in the catalog; using the first; make IDs unique across nodes",
+				zap.String("backend", id))
+			continue
+		}
+		b, ok := c.backendFromEntry(e)
+		if !ok {
+			continue
+		}
+		seen[id] = true
+		health := e.Checks.AggregatedStatus()
+		if health == "" {
+			health = api.HealthCritical
+		}
+		s := c.states[id]
+		if s == nil {
+			s = &backendState{}
+			c.states[id] = s
+			c.log.Info("backend joined", zap.String("backend", id), zap.String("addr", b.Addr), zap.String("health", health))
+		}
+		if s.b == nil || !sameBackend(s.b, b) {
+			s.b = b // else keep the old pointer: the proxy may compare them
+		}
+		s.tags = e.Service.Tags
+		s.metaDrain = isTrue(e.Service.Meta[MetaDrain])
+		c.setHealth(id, s, health, now)
+	}
+	for id, s := range c.states {
+		if !seen[id] {
+			c.setHealth(id, s, healthAbsent, now)
+		}
+	}
+	c.buildView()
+}
+
+func (c *Consul) setHealth(id string, s *backendState, health string, now time.Time) {
+	if s.health == health {
+		return
+	}
+	was := s.health
+	s.health = health
+	switch {
+	case s.up():
+		if s.gone {
+			c.log.Info("backend is back", zap.String("backend", id), zap.String("health", health))
+		} else if was != "" {
+			c.log.Info("backend health", zap.String("backend", id), zap.String("health", health), zap.String("was", was))
+		}
+		s.downSince, s.gone = time.Time{}, false
+	case s.downSince.IsZero():
+		s.downSince = now
+		c.log.Warn("backend down; waiting for the grace before moving its users", zap.String("backend", id),
+			zap.String("health", health), zap.Duration("grace", c.cfg.Grace))
+	}
+}
+
+// expireGrace declares gone the backends down for longer than the grace,
+// forgets absent ones, and returns the IDs newly gone. c.mu must be held.
+func (c *Consul) expireGrace(now time.Time) []string {
+	var gone []string
+	for id, s := range c.states {
+		if s.up() || s.gone || now.Sub(s.downSince) < c.cfg.Grace {
+			continue
+		}
+		s.gone = true
+		gone = append(gone, id)
+		c.log.Warn("backend gone: closing its sessions, its users will be re-placed",
+			zap.String("backend", id), zap.String("health", s.health), zap.Duration("down", now.Sub(s.downSince)))
+		if s.health == healthAbsent {
+			delete(c.states, id)
+		}
+	}
+	if len(gone) > 0 {
+		c.buildView()
+	}
+	return gone
+}
+
+// backendFromEntry reads a catalog entry's address and Meta. Instances
+// with an unusable Meta are skipped (and logged): guessing a security mode
+// could send passwords in the clear.
+func (c *Consul) backendFromEntry(e *api.ServiceEntry) (*Backend, bool) {
+	svc := e.Service
+	host := svc.Address
+	if host == "" && e.Node != nil {
+		host = e.Node.Address
+	}
+	if host == "" || svc.Port <= 0 {
+		c.log.Warn("backend has no address or port; skipped", zap.String("backend", svc.ID))
+		return nil, false
+	}
+	b := &Backend{ID: svc.ID, Addr: net.JoinHostPort(host, strconv.Itoa(svc.Port)), Weight: 1}
+	if w := svc.Meta[MetaWeight]; w != "" {
+		n, err := strconv.Atoi(w)
+		if err != nil || n < 1 {
+			c.log.Warn("bad "+MetaWeight+" in service meta; using 1", zap.String("backend", svc.ID), zap.String("value", w))
+		} else {
+			b.Weight = n
+		}
+	}
+	sec, err := ParseSecurity(svc.Meta[MetaSecurity])
+	if err != nil {
+		c.log.Error("bad "+MetaSecurity+" in service meta; backend skipped", zap.String("backend", svc.ID), zap.Error(err))
+		return nil, false
+	}
+	b.Security = sec
+	if sec != SecurityNone {
+		name := svc.Meta[MetaTLSServerName]
+		if name == "" {
+			name = host
+		}
+		if c.cfg.BackendTLS != nil {
+			b.TLS = c.cfg.BackendTLS.Clone()
+			b.TLS.ServerName = name
+		} else if name != host {
+			b.TLS = &tls.Config{ServerName: name}
+		}
+	}
+	return b, true
+}
+
+func sameBackend(a, b *Backend) bool {
+	return a.ID == b.ID && a.Addr == b.Addr && a.Security == b.Security && a.Weight == b.Weight &&
+		(a.TLS == nil) == (b.TLS == nil) && (a.TLS == nil || a.TLS.ServerName == b.TLS.ServerName)
+}
+
+func isTrue(s string) bool {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "true", "1", "yes", "on":
+		return true
+	}
+	return false
+}
+
+// kvEviction is a user move found by applyKV, delivered outside c.mu.
+type kvEviction struct{ user, keep string }
+
+// applyKV replaces the KV state with a listing of the prefix, rebuilds
+// the view, and returns the users whose sessions must be closed: those
+// whose entry now names another backend (keep the new one), and those
+// whose entry was deleted, if their next placement would land elsewhere.
+// initial suppresses evictions on the first load. c.mu must be held.
+func (c *Consul) applyKV(pairs api.KVPairs, initial bool) []kvEviction {
+	base := c.cfg.Prefix + "/"
+	users := make(map[string]assignment, max(len(pairs), len(c.kvUsers)))
+	domains := map[string]string{}
+	drain := map[string]bool{}
+	for _, p := range pairs {
+		rest, ok := strings.CutPrefix(p.Key, base)
+		if !ok {
+			continue
+		}
+		kind, name, ok := strings.Cut(rest, "/")
+		if !ok || name == "" {
+			continue
+		}
+		val := strings.TrimSpace(string(p.Value))
+		switch kind {
+		case "users":
+			if val == "" {
+				continue
+			}
+			users[NormalizeUser(name)] = assignment{backend: val, flags: p.Flags, index: p.ModifyIndex}
+		case "domains":
+			domains[NormalizeUser(name)] = val
+		case "drain":
+			drain[name] = val == "" || isTrue(val)
+		}
+	}
+	old := c.kvUsers
+	c.kvUsers, c.kvDomain, c.kvDrain = users, domains, drain
+	c.buildView()
+	c.metrics.users.Set(float64(len(users)))
+	if initial {
+		return nil
+	}
+	var ev []kvEviction
+	for u, a := range users {
+		if o, ok := old[u]; !ok || o.backend != a.backend {
+			ev = append(ev, kvEviction{u, a.backend})
+		}
+	}
+	v := c.view.Load()
+	for u, o := range old {
+		if _, ok := users[u]; ok {
+			continue
+		}
+		if b := v.poolFor(u).pick(userKey(u)); b == nil {
+			ev = append(ev, kvEviction{u, ""})
+		} else if b.ID != o.backend {
+			ev = append(ev, kvEviction{u, b.ID})
+		}
+	}
+	return ev
+}

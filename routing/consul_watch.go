@@ -1,0 +1,259 @@
+package routing
+
+import (
+	"context"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap"
+)
+
+const (
+	// retryMin is the first back-off after a failed Consul query.
+	retryMin = 250 * time.Millisecond
+	// kvMinInterval spaces KV listings so that a burst of placements
+	// (each of which changes the prefix's index) costs one listing of the
+	// users, not one per placement. It adds at most this much to how long
+	// a move takes to reach every instance.
+	kvMinInterval = 250 * time.Millisecond
+	// staleAfter is how old a stale read may be before it is reported.
+	staleAfter = 5 * time.Second
+)
+
+// watchHealth tracks whether one watch currently hears from Consul.
+type watchHealth struct {
+	okAt    atomic.Int64 // unix nanoseconds of the last good answer
+	failing atomic.Bool
+	stale   atomic.Bool
+}
+
+func (h *watchHealth) age() time.Duration {
+	if !h.failing.Load() {
+		return 0
+	}
+	return time.Since(time.Unix(0, h.okAt.Load()))
+}
+
+// blockingTimeout bounds one blocking query: Consul answers within
+// WaitTime plus up to WaitTime/16 of jitter, so a query that takes much
+// longer is talking to a partitioned agent.
+func (c *Consul) blockingTimeout() time.Duration {
+	return c.cfg.WaitTime + c.cfg.WaitTime/16 + 10*time.Second
+}
+
+// nextIndex applies Consul's rules for blocking-query indexes: start over
+// if the index went backwards (a restored or restarted cluster), never
+// block on zero.
+func nextIndex(prev, got uint64) uint64 {
+	switch {
+	case got < prev:
+		return 0
+	case got == 0:
+		return 1
+	}
+	return got
+}
+
+// noteMeta reports stale or leaderless answers.
+func (c *Consul) noteMeta(watch string, h *watchHealth, meta *api.QueryMeta) {
+	stale := !meta.KnownLeader || meta.LastContact > staleAfter
+	if stale {
+		c.metrics.stale.WithLabelValues(watch).Inc()
+	}
+	if h.stale.Swap(stale) != stale {
+		if stale {
+			c.log.Warn("consul answers are stale (no leader or lagging server); serving them",
+				zap.String("watch", watch), zap.Bool("known_leader", meta.KnownLeader), zap.Duration("last_contact", meta.LastContact))
+		} else {
+			c.log.Info("consul answers are fresh again", zap.String("watch", watch))
+		}
+	}
+}
+
+func (c *Consul) noteResult(watch string, h *watchHealth, err error) {
+	now := time.Now()
+	if err == nil {
+		if h.failing.Swap(false) {
+			c.log.Info("consul reachable again", zap.String("watch", watch),
+				zap.Duration("outage", now.Sub(time.Unix(0, h.okAt.Load()))))
+		}
+		h.okAt.Store(now.UnixNano())
+		return
+	}
+	c.metrics.watchErrors.WithLabelValues(watch).Inc()
+	if !h.failing.Swap(true) {
+		c.log.Warn("consul query failed; serving the last view", zap.String("watch", watch), zap.Error(err))
+	} else {
+		c.log.Debug("consul query failed again", zap.String("watch", watch), zap.Error(err))
+	}
+}
+
+// fetchCatalog runs one (blocking, unless index is 0) health query for
+// the service and applies a changed answer. It returns the next index.
+func (c *Consul) fetchCatalog(ctx context.Context, index uint64) (uint64, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.blockingTimeout())
+	defer cancel()
+	q := &api.QueryOptions{AllowStale: true, WaitIndex: index, WaitTime: c.cfg.WaitTime}
+	entries, meta, err := c.client.Health().Service(c.cfg.Service, c.cfg.Tag, false, q.WithContext(ctx))
+	c.noteResult("catalog", &c.catalogHealth, err)
+	if err != nil {
+		return index, err
+	}
+	c.noteMeta("catalog", &c.catalogHealth, meta)
+	if index != 0 && meta.LastIndex == index {
+		return index, nil // the wait ended without a change
+	}
+	c.mu.Lock()
+	c.applyCatalog(entries, time.Now())
+	c.mu.Unlock()
+	return nextIndex(index, meta.LastIndex), nil
+}
+
+// fetchKV runs one (blocking, unless index is 0) listing of the prefix,
+// applies a changed answer and closes the sessions of moved users. It
+// returns the next index.
+func (c *Consul) fetchKV(ctx context.Context, index uint64) (uint64, error) {
+	initial := c.kvHealth.okAt.Load() == 0 // first load: nothing to diff against
+	ctx, cancel := context.WithTimeout(ctx, c.blockingTimeout())
+	defer cancel()
+	start := time.Now()
+	q := &api.QueryOptions{AllowStale: true, WaitIndex: index, WaitTime: c.cfg.WaitTime}
+	pairs, meta, err := c.client.KV().List(c.cfg.Prefix+"/", q.WithContext(ctx))
+	c.noteResult("kv", &c.kvHealth, err)
+	if err != nil {
+		return index, err
+	}
+	c.noteMeta("kv", &c.kvHealth, meta)
+	if index != 0 && meta.LastIndex == index {
+		return index, nil
+	}
+	c.mu.Lock()
+	ev := c.applyKV(pairs, initial)
+	c.mu.Unlock()
+	c.pruneOverlay(start)
+	c.evictUsers(ev)
+	return nextIndex(index, meta.LastIndex), nil
+}
+
+// pruneOverlay drops this instance's placements that the view now holds
+// (or that were deleted since: the listing started after they were made).
+func (c *Consul) pruneOverlay(listStart time.Time) {
+	if c.overlayN.Load() == 0 {
+		return
+	}
+	v := c.view.Load()
+	c.overlay.Range(func(k, o any) bool {
+		e := o.(*overlayEntry)
+		if v.users[k.(string)].index >= e.minIdx || listStart.After(e.at) {
+			if c.overlay.CompareAndDelete(k, o) {
+				c.overlayN.Add(-1)
+			}
+		}
+		return true
+	})
+}
+
+func (c *Consul) evictUsers(ev []kvEviction) {
+	if len(ev) == 0 {
+		return
+	}
+	closed := 0
+	for _, e := range ev {
+		if c.cfg.Evictor == nil {
+			continue
+		}
+		if n := c.cfg.Evictor.EvictUser(e.user, e.keep); n > 0 {
+			closed += n
+			c.log.Info("user moved; sessions closed", zap.String("user", e.user), zap.String("backend", e.keep), zap.Int("sessions", n))
+		}
+	}
+	c.metrics.evictions.WithLabelValues("user").Add(float64(closed))
+	c.log.Debug("user entries changed in consul", zap.Int("users", len(ev)), zap.Int("sessions_closed", closed))
+}
+
+// catalogLoop keeps the backend states current until ctx ends.
+func (c *Consul) catalogLoop(ctx context.Context, index uint64) {
+	defer c.wg.Done()
+	backoff := retryMin
+	for {
+		next, err := c.fetchCatalog(ctx, index)
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			if !sleepCtx(ctx, backoff) {
+				return
+			}
+			backoff = min(2*backoff, c.cfg.RetryMax)
+			continue
+		}
+		backoff, index = retryMin, next
+	}
+}
+
+// kvLoop keeps users, domains and drains current until ctx ends.
+func (c *Consul) kvLoop(ctx context.Context, index uint64) {
+	defer c.wg.Done()
+	backoff := retryMin
+	for {
+		start := time.Now()
+		next, err := c.fetchKV(ctx, index)
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			if !sleepCtx(ctx, backoff) {
+				return
+			}
+			backoff = min(2*backoff, c.cfg.RetryMax)
+			continue
+		}
+		backoff, index = retryMin, next
+		if !sleepCtx(ctx, kvMinInterval-time.Since(start)) {
+			return
+		}
+	}
+}
+
+// graceLoop declares backends gone once they have been down for longer
+// than the grace, and closes their sessions.
+func (c *Consul) graceLoop(ctx context.Context) {
+	defer c.wg.Done()
+	t := time.NewTicker(min(max(c.cfg.Grace/10, 50*time.Millisecond), time.Second))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			c.mu.Lock()
+			gone := c.expireGrace(now)
+			c.mu.Unlock()
+			for _, id := range gone {
+				n := 0
+				if c.cfg.Evictor != nil {
+					n = c.cfg.Evictor.EvictBackend(id)
+				}
+				c.metrics.evictions.WithLabelValues("backend").Add(float64(n))
+				c.log.Info("backend sessions closed", zap.String("backend", id), zap.Int("sessions", n))
+			}
+		}
+	}
+}
+
+// sleepCtx sleeps for d (nothing if d <= 0) and reports whether ctx is
+// still alive.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
