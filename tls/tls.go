@@ -42,6 +42,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 )
 
@@ -74,10 +75,22 @@ type Config struct {
 	// TLS 1.3 suites are not configurable (Go always offers all three).
 	CipherSuites []string
 
+	// ACME configures certificates from an ACME CA (Let's Encrypt or a
+	// private one) through CertMagic. The zero value disables it.
+	ACME ACMEConfig
+
+	// Registerer, if not nil, gets a gauge of every certificate's expiry
+	// (imapgate_tls_certificate_expiry_timestamp_seconds{name,source}).
+	Registerer prometheus.Registerer
+
 	// ReloadInterval is how often the certificate files are checked for
 	// changes (modification time and size). If zero, 5 s. If negative,
 	// files are only re-read by Reload.
 	ReloadInterval time.Duration
+
+	// expiryCheckInterval is how often expiring certificates are logged;
+	// if zero, defaultExpiryCheckInterval. Tests shorten it.
+	expiryCheckInterval time.Duration
 }
 
 // CertFile is one static certificate: a PEM certificate chain (leaf
@@ -87,7 +100,10 @@ type CertFile struct {
 	KeyFile  string
 }
 
-// SelfSignedConfig configures the self-signed fallback certificate.
+// SelfSignedConfig configures the self-signed fallback certificate. It is
+// generated when no static certificate is configured: alone, it is what
+// every client gets; beside ACME, it is what clients get for names no ACME
+// certificate covers (yet).
 type SelfSignedConfig struct {
 	// Names are the DNS names of the certificate. If empty, the host name
 	// and "localhost".
@@ -109,7 +125,9 @@ type Manager struct {
 	policy policy
 
 	static     atomic.Pointer[certSet] // from cfg.Certificates; nil if none
+	acme       *acmeSource             // nil unless ACME is configured
 	selfSigned *stdtls.Certificate     // nil unless generated
+	collector  *expiryCollector        // registered with cfg.Registerer, if any
 
 	reloadMu sync.Mutex // serialises Reload
 
@@ -121,16 +139,23 @@ type Manager struct {
 }
 
 // New builds a Manager from cfg: it loads the static certificates (a file
-// that cannot be read or parsed is an error) or generates the self-signed
-// one, and starts watching the files. ctx bounds start-up only. log may be
+// that cannot be read or parsed is an error), generates the self-signed
+// one if no static certificate is configured, starts the ACME machinery
+// (which obtains certificates in the background: New does not wait for the
+// CA) and starts watching the files. ctx bounds start-up only. log may be
 // nil. Close stops the Manager's background work.
-func New(ctx context.Context, cfg Config, log *zap.Logger) (*Manager, error) {
+func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Manager, err error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
 	pol, err := parsePolicy(cfg.MinVersion, cfg.CipherSuites)
 	if err != nil {
 		return nil, err
+	}
+	if cfg.ACME.enabled() {
+		if err := cfg.ACME.validate(); err != nil {
+			return nil, err
+		}
 	}
 	m := &Manager{
 		log:    log,
@@ -145,17 +170,36 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*Manager, error) {
 		}
 		m.static.Store(set)
 	} else {
-		if cfg.SelfSigned.Disable {
+		if cfg.SelfSigned.Disable && !cfg.ACME.enabled() {
 			return nil, errors.New("tls: no certificate configured and the self-signed fallback is disabled")
 		}
-		cert, err := generateSelfSigned(cfg.SelfSigned.Names)
-		if err != nil {
-			return nil, fmt.Errorf("tls: generating the self-signed certificate: %w", err)
+		if !cfg.SelfSigned.Disable {
+			cert, err := generateSelfSigned(cfg.SelfSigned.Names)
+			if err != nil {
+				return nil, fmt.Errorf("tls: generating the self-signed certificate: %w", err)
+			}
+			m.selfSigned = cert
 		}
-		m.selfSigned = cert
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, err
+	}
+	if cfg.ACME.enabled() {
+		if m.acme, err = newACMESource(cfg.ACME, log, m.onCertMagicEvent); err != nil {
+			return nil, err
+		}
+	}
+	defer func() {
+		if err != nil {
+			m.Close()
+		}
+	}()
+	if cfg.Registerer != nil {
+		c := newExpiryCollector(m)
+		if err := cfg.Registerer.Register(c); err != nil {
+			return nil, fmt.Errorf("tls: registering the expiry metric: %w", err)
+		}
+		m.collector = c
 	}
 	m.base = m.buildServerConfig()
 
@@ -167,6 +211,12 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (*Manager, error) {
 		m.wg.Add(1)
 		go m.watchFiles(interval)
 	}
+	expiryInterval := cfg.expiryCheckInterval
+	if expiryInterval <= 0 {
+		expiryInterval = defaultExpiryCheckInterval
+	}
+	m.wg.Add(1)
+	go m.watchExpiry(expiryInterval)
 	return m, nil
 }
 
@@ -178,12 +228,25 @@ func (m *Manager) ServerConfig() *stdtls.Config {
 }
 
 func (m *Manager) buildServerConfig() *stdtls.Config {
-	return &stdtls.Config{
+	c := &stdtls.Config{
 		MinVersion:     m.policy.minVersion,
 		CipherSuites:   m.policy.cipherSuites,
 		NextProtos:     []string{ALPNIMAP},
 		GetCertificate: m.getCertificate,
 	}
+	if m.acme != nil && m.acme.tlsALPN {
+		// The one exception to "imap or nothing": a TLS-ALPN-01 validator
+		// offers acme-tls/1 alone, and gets a configuration that serves the
+		// challenge certificate if a challenge for its SNI is pending, and
+		// fails the handshake otherwise.
+		c.GetConfigForClient = func(hello *stdtls.ClientHelloInfo) (*stdtls.Config, error) {
+			if isChallengeHello(hello) {
+				return m.acme.challengeConfig, nil
+			}
+			return nil, nil
+		}
+	}
+	return c
 }
 
 // SelfSigned reports whether the Manager generated a self-signed
@@ -208,11 +271,20 @@ func (m *Manager) Reload() error {
 	return nil
 }
 
-// Close stops watching the certificate files. Listeners using a
+// Close stops watching the certificate files, stops ACME renewals and the
+// HTTP-01 server, and unregisters the expiry metric. Listeners using a
 // ServerConfig keep working with the certificates last loaded.
 func (m *Manager) Close() error {
-	m.closeOnce.Do(func() { close(m.stop) })
-	m.wg.Wait()
+	m.closeOnce.Do(func() {
+		close(m.stop)
+		m.wg.Wait()
+		if m.acme != nil {
+			m.acme.close()
+		}
+		if m.collector != nil {
+			m.cfg.Registerer.Unregister(m.collector)
+		}
+	})
 	return nil
 }
 
@@ -224,13 +296,28 @@ var errNoCertificate = errors.New("tls: no certificate available")
 func (m *Manager) getCertificate(hello *stdtls.ClientHelloInfo) (*stdtls.Certificate, error) {
 	name := normalizeName(hello.ServerName)
 	set := m.static.Load()
-	if set != nil && name != "" {
-		if c := set.lookup(name, hello); c != nil {
-			return c, nil
+	if name != "" {
+		// Static files first: an operator who configured a file for a
+		// name means it.
+		if set != nil {
+			if c := set.lookup(name, hello); c != nil {
+				return c, nil
+			}
+		}
+		if m.acme != nil && m.acme.covers(name) {
+			if c := m.acme.certificate(hello); c != nil {
+				return c, nil
+			}
 		}
 	}
+	// No SNI, or a name no source covers: the default.
 	if set != nil {
 		return set.defaultCert, nil
+	}
+	if m.acme != nil {
+		if c := m.acme.defaultCertificate(hello); c != nil {
+			return c, nil
+		}
 	}
 	if m.selfSigned != nil {
 		return m.selfSigned, nil
