@@ -636,7 +636,6 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 		bl.conn.Close()
 		return nil, true
 	}
-	s.log = log.With(zap.String("backend", b.ID))
 	return bl, false
 }
 

@@ -1,0 +1,218 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapserver"
+	"github.com/emersion/go-imap/v2/imapserver/imapmemserver"
+	"github.com/imapgate/imapgate/internal/testenv"
+	"github.com/imapgate/imapgate/routing"
+	"go.uber.org/zap/zaptest"
+)
+
+// memUsers are the users of the in-process backends.
+var memUsers = map[string]string{
+	"alice@example.org": "alicepass",
+	"bob@example.org":   "bob pass",
+	"carol":             "pässwörd",
+}
+
+// startMemBackend runs go-imap's in-memory server on loopback: a real
+// IMAP server in-process, for fast tests that do not need Dovecot.
+func startMemBackend(t testing.TB) string {
+	t.Helper()
+	mem := imapmemserver.New()
+	for u, p := range memUsers {
+		user := imapmemserver.NewUser(u, p)
+		if err := user.Create("INBOX", nil); err != nil {
+			t.Fatal(err)
+		}
+		mem.AddUser(user)
+	}
+	srv := imapserver.New(&imapserver.Options{
+		NewSession: func(*imapserver.Conn) (imapserver.Session, *imapserver.GreetingData, error) {
+			return mem.NewSession(), nil, nil
+		},
+		Caps:         imap.CapSet{imap.CapIMAP4rev1: {}, imap.CapIMAP4rev2: {}},
+		InsecureAuth: true,
+		Logger:       discardLogger{},
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		srv.Serve(ln)
+	}()
+	t.Cleanup(func() {
+		srv.Close()
+		<-done
+	})
+	return ln.Addr().String()
+}
+
+type discardLogger struct{}
+
+func (discardLogger) Printf(string, ...any) {}
+func (discardLogger) Println(...any)        {}
+
+// harness is an imapgate Server on two loopback listeners.
+type harness struct {
+	srv          *Server
+	tlsAddr      string // implicit TLS
+	startTLSAddr string // cleartext + STARTTLS
+	clientTLS    *tls.Config
+	wg           sync.WaitGroup
+}
+
+func fixedRouter(b *routing.Backend) routing.Router {
+	return routing.RouterFunc(func(context.Context, string) (*routing.Backend, error) { return b, nil })
+}
+
+func newHarness(t testing.TB, router routing.Router, mod func(*Options)) *harness {
+	t.Helper()
+	ca := testenv.NewTestCA(t)
+	opts := Options{
+		Router: router,
+		TLS:    &tls.Config{Certificates: []tls.Certificate{ca.ServerCert}},
+		Logger: zaptest.NewLogger(t),
+	}
+	opts.Limits.AuthFailureDelay = -1
+	if mod != nil {
+		mod(&opts)
+	}
+	srv, err := NewServer(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &harness{srv: srv, clientTLS: &tls.Config{RootCAs: ca.Pool, ServerName: "localhost"}}
+	for _, mode := range []ListenMode{ImplicitTLS, StartTLS} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if mode == ImplicitTLS {
+			h.tlsAddr = ln.Addr().String()
+		} else {
+			h.startTLSAddr = ln.Addr().String()
+		}
+		h.wg.Add(1)
+		go func() {
+			defer h.wg.Done()
+			if err := srv.Serve(ln, Listener{Mode: mode}); !errors.Is(err, ErrServerClosed) {
+				t.Errorf("Serve: %v", err)
+			}
+		}()
+	}
+	t.Cleanup(func() {
+		srv.Close()
+		h.wg.Wait()
+	})
+	return h
+}
+
+// conv is a scripted client conversation.
+type conv struct {
+	t  testing.TB
+	c  net.Conn
+	br *bufio.Reader
+}
+
+func dialConv(t testing.TB, addr string, tlsCfg *tls.Config) *conv {
+	t.Helper()
+	var c net.Conn
+	var err error
+	if tlsCfg != nil {
+		c, err = tls.Dial("tcp", addr, tlsCfg)
+	} else {
+		c, err = net.Dial("tcp", addr)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	return &conv{t: t, c: c, br: bufio.NewReader(c)}
+}
+
+func (c *conv) send(s string) {
+	c.t.Helper()
+	if _, err := io.WriteString(c.c, s); err != nil {
+		c.t.Fatalf("send %q: %v", s, err)
+	}
+}
+
+func (c *conv) line() string {
+	c.t.Helper()
+	l, err := c.br.ReadString('\n')
+	if err != nil {
+		c.t.Fatalf("reading a line: %v (got %q)", err, l)
+	}
+	return strings.TrimRight(l, "\r\n")
+}
+
+// expect reads one line and checks its prefix.
+func (c *conv) expect(prefix string) string {
+	c.t.Helper()
+	l := c.line()
+	if !strings.HasPrefix(l, prefix) {
+		c.t.Fatalf("got %q, want a line starting with %q", l, prefix)
+	}
+	return l
+}
+
+// tagged reads lines up to the one tagged tag and returns it.
+func (c *conv) tagged(tag string) (last string, untagged []string) {
+	c.t.Helper()
+	for {
+		l := c.line()
+		if strings.HasPrefix(l, tag+" ") {
+			return l, untagged
+		}
+		untagged = append(untagged, l)
+	}
+}
+
+// expectClosed checks the server hangs up.
+func (c *conv) expectClosed() {
+	c.t.Helper()
+	for {
+		l, err := c.br.ReadString('\n')
+		if err != nil {
+			return
+		}
+		if !strings.HasPrefix(l, "* BYE") {
+			c.t.Fatalf("got %q while waiting for the close", l)
+		}
+	}
+}
+
+func (c *conv) starttls(cfg *tls.Config) {
+	c.t.Helper()
+	c.send("st STARTTLS\r\n")
+	c.expect("st OK")
+	c.starttlsHandshake(cfg)
+}
+
+// starttlsHandshake switches to TLS, dropping anything read ahead.
+func (c *conv) starttlsHandshake(cfg *tls.Config) {
+	c.t.Helper()
+	tc := tls.Client(c.c, cfg)
+	if err := tc.Handshake(); err != nil {
+		c.t.Fatalf("STARTTLS handshake: %v", err)
+	}
+	c.c = tc
+	c.br = bufio.NewReader(tc)
+}

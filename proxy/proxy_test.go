@@ -1,0 +1,449 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"fmt"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+	"github.com/imapgate/imapgate/routing"
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+func memHarness(t *testing.T, mod func(*Options)) *harness {
+	addr := startMemBackend(t)
+	return newHarness(t, fixedRouter(&routing.Backend{ID: "mem1", Addr: addr}), mod)
+}
+
+func TestGreetingAndCapabilities(t *testing.T) {
+	h := memHarness(t, nil)
+
+	c := dialConv(t, h.startTLSAddr, nil)
+	g := c.expect("* OK [CAPABILITY ")
+	for _, want := range []string{"IMAP4rev1", "STARTTLS", "LOGINDISABLED", "SASL-IR", "LITERAL+", "ID"} {
+		if !strings.Contains(g, " "+want) {
+			t.Errorf("cleartext greeting %q lacks %s", g, want)
+		}
+	}
+	if strings.Contains(g, "AUTH=") {
+		t.Errorf("cleartext greeting %q advertises AUTH= before STARTTLS", g)
+	}
+	c.send("a LOGIN alice@example.org alicepass\r\n")
+	c.expect("a NO [PRIVACYREQUIRED]")
+	c.send("b AUTHENTICATE PLAIN\r\n")
+	c.expect("b NO [PRIVACYREQUIRED]")
+	c.starttls(h.clientTLS)
+	c.send("c CAPABILITY\r\n")
+	l, un := c.tagged("c")
+	if !strings.HasPrefix(l, "c OK") || len(un) != 1 {
+		t.Fatalf("CAPABILITY after STARTTLS: %q %q", un, l)
+	}
+	if !strings.Contains(un[0], "AUTH=PLAIN") || strings.Contains(un[0], "STARTTLS") || strings.Contains(un[0], "LOGINDISABLED") {
+		t.Errorf("capabilities after STARTTLS = %q", un[0])
+	}
+
+	tc := dialConv(t, h.tlsAddr, h.clientTLS)
+	g = tc.expect("* OK [CAPABILITY ")
+	if !strings.Contains(g, "AUTH=PLAIN") || strings.Contains(g, "STARTTLS") {
+		t.Errorf("implicit-TLS greeting = %q", g)
+	}
+}
+
+func TestLoginVariants(t *testing.T) {
+	h := memHarness(t, nil)
+	plain := func(authz, user, pass string) string {
+		return base64.StdEncoding.EncodeToString([]byte(authz + "\x00" + user + "\x00" + pass))
+	}
+	tests := []struct {
+		name   string
+		script func(c *conv) string // returns the final tagged line
+	}{
+		{"LOGIN atoms", func(c *conv) string {
+			c.send("a LOGIN alice@example.org alicepass\r\n")
+			l, _ := c.tagged("a")
+			return l
+		}},
+		{"LOGIN quoted with space", func(c *conv) string {
+			c.send(`a LOGIN "bob@example.org" "bob pass"` + "\r\n")
+			l, _ := c.tagged("a")
+			return l
+		}},
+		{"LOGIN sync literals, non-ASCII", func(c *conv) string {
+			c.send("a LOGIN {5}\r\n")
+			c.expect("+ ")
+			c.send(fmt.Sprintf("carol {%d}\r\n", len("pässwörd")))
+			c.expect("+ ")
+			c.send("pässwörd\r\n")
+			l, _ := c.tagged("a")
+			return l
+		}},
+		{"LOGIN literal+", func(c *conv) string {
+			c.send("a LOGIN {17+}\r\nalice@example.org {9+}\r\nalicepass\r\n")
+			l, _ := c.tagged("a")
+			return l
+		}},
+		{"AUTHENTICATE PLAIN SASL-IR", func(c *conv) string {
+			c.send("a AUTHENTICATE PLAIN " + plain("", "alice@example.org", "alicepass") + "\r\n")
+			l, _ := c.tagged("a")
+			return l
+		}},
+		{"AUTHENTICATE PLAIN continuation", func(c *conv) string {
+			c.send("a AUTHENTICATE PLAIN\r\n")
+			c.expect("+")
+			c.send(plain("", "bob@example.org", "bob pass") + "\r\n")
+			l, _ := c.tagged("a")
+			return l
+		}},
+		{"cancel then retry", func(c *conv) string {
+			c.send("a AUTHENTICATE PLAIN\r\n")
+			c.expect("+")
+			c.send("*\r\n")
+			c.expect("a BAD")
+			c.send("b LOGIN alice@example.org alicepass\r\n")
+			l, _ := c.tagged("b")
+			return strings.Replace(l, "b ", "a ", 1)
+		}},
+		{"wrong password then retry", func(c *conv) string {
+			c.send("a LOGIN alice@example.org wrong\r\n")
+			l, _ := c.tagged("a")
+			if !strings.HasPrefix(l, "a NO [AUTHENTICATIONFAILED]") {
+				t.Errorf("wrong password: %q", l)
+			}
+			c.send("b LOGIN alice@example.org alicepass\r\n")
+			l, _ = c.tagged("b")
+			return strings.Replace(l, "b ", "a ", 1)
+		}},
+		{"ID before login", func(c *conv) string {
+			c.send(`i ID ("name" "test client" "version" NIL)` + "\r\n")
+			_, un := c.tagged("i")
+			if len(un) != 1 || !strings.Contains(un[0], `"imapgate"`) {
+				t.Errorf("ID answer: %q", un)
+			}
+			c.send("a LOGIN alice@example.org alicepass\r\n")
+			l, _ := c.tagged("a")
+			return l
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := dialConv(t, h.tlsAddr, h.clientTLS)
+			c.expect("* OK")
+			l := tt.script(c)
+			if !strings.HasPrefix(l, "a OK [CAPABILITY ") || !strings.Contains(l, " UIDPLUS ") {
+				t.Fatalf("login answer %q, want OK with the backend's capabilities", l)
+			}
+			// The session is now the backend's.
+			c.send("n NOOP\r\nl LOGOUT\r\n")
+			c.tagged("n")
+			c.expect("* BYE")
+			c.expect("l OK")
+		})
+	}
+}
+
+func TestBadInput(t *testing.T) {
+	h := memHarness(t, func(o *Options) { o.Limits.MaxBadCommands = 3 })
+	t.Run("unknown commands then BYE", func(t *testing.T) {
+		c := dialConv(t, h.tlsAddr, h.clientTLS)
+		c.expect("* OK")
+		c.send("a SELECT INBOX\r\n")
+		c.expect("a BAD")
+		c.send("b ENABLE UTF8=ACCEPT\r\n")
+		c.expect("b BAD [CLIENTBUG]")
+		c.send("c FOO\r\n")
+		c.expect("c BAD")
+		c.send("d LOGIN onlyuser\r\n")
+		c.expect("d BAD")
+		c.expect("* BYE")
+		c.expectClosed()
+	})
+	t.Run("http request", func(t *testing.T) {
+		c := dialConv(t, h.startTLSAddr, nil)
+		c.expect("* OK")
+		c.send("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+		c.expect("* BYE")
+		c.expectClosed()
+	})
+	t.Run("TLS on cleartext port", func(t *testing.T) {
+		c := dialConv(t, h.startTLSAddr, nil)
+		c.expect("* OK")
+		c.send("\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+		c.expect("* BYE")
+		c.expectClosed()
+	})
+	t.Run("line too long", func(t *testing.T) {
+		c := dialConv(t, h.tlsAddr, h.clientTLS)
+		c.expect("* OK")
+		c.send("a LOGIN " + strings.Repeat("x", 9000) + "\r\n")
+		c.expect("* BYE [TOOBIG]")
+		c.expectClosed()
+	})
+	t.Run("invalid base64", func(t *testing.T) {
+		c := dialConv(t, h.tlsAddr, h.clientTLS)
+		c.expect("* OK")
+		c.send("a AUTHENTICATE PLAIN !!!notbase64\r\n")
+		c.expect("a BAD [CLIENTBUG]")
+		c.send("b NOOP\r\n")
+		c.expect("b OK")
+	})
+	t.Run("unsupported mechanism", func(t *testing.T) {
+		c := dialConv(t, h.tlsAddr, h.clientTLS)
+		c.expect("* OK")
+		c.send("a AUTHENTICATE CRAM-MD5\r\n")
+		c.expect("a NO [CANNOT]")
+	})
+}
+
+func TestStartTLSDiscardsPipelinedCommands(t *testing.T) {
+	h := memHarness(t, nil)
+	c := dialConv(t, h.startTLSAddr, nil)
+	c.expect("* OK")
+	// An attacker on the path appends a command to the cleartext STARTTLS.
+	c.send("st STARTTLS\r\ninj LOGIN alice@example.org alicepass\r\n")
+	c.expect("st OK")
+	tc := tlsClient(t, c, h)
+	tc.send("n NOOP\r\n")
+	// Had the injected LOGIN run, its answer would come first.
+	tc.expect("n OK")
+}
+
+func tlsClient(t *testing.T, c *conv, h *harness) *conv {
+	t.Helper()
+	c.starttlsHandshake(h.clientTLS)
+	return c
+}
+
+func TestPipelinedAfterLoginReachesBackend(t *testing.T) {
+	h := memHarness(t, nil)
+	c := dialConv(t, h.tlsAddr, h.clientTLS)
+	c.expect("* OK")
+	c.send("a LOGIN alice@example.org alicepass\r\nb SELECT INBOX\r\nc LOGOUT\r\n")
+	c.expect("a OK [CAPABILITY")
+	if l, _ := c.tagged("b"); !strings.HasPrefix(l, "b OK") {
+		t.Fatalf("pipelined SELECT: %q", l)
+	}
+	c.expect("* BYE")
+	c.expect("c OK")
+	c.expectClosed()
+}
+
+func TestBackendDown(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens there now
+	core, logs := observer.New(zapcore.InfoLevel)
+	h := newHarness(t, fixedRouter(&routing.Backend{ID: "gone", Addr: addr}), func(o *Options) {
+		o.Logger = zap.New(core)
+	})
+	c := dialConv(t, h.tlsAddr, h.clientTLS)
+	c.expect("* OK")
+	c.send("a LOGIN alice@example.org alicepass\r\n")
+	l := c.expect("a NO [UNAVAILABLE]")
+	if strings.Contains(l, addr) || strings.Contains(l, "127.0.0.1") {
+		t.Errorf("client reply %q reveals the backend address", l)
+	}
+	// The client may try again; then leave.
+	c.send("b LOGOUT\r\n")
+	c.expect("* BYE")
+	c.expect("b OK")
+	c.expectClosed()
+	waitFor(t, func() bool { return logs.FilterMessage("session end").Len() == 1 })
+	found := false
+	for _, e := range logs.All() {
+		if e.Message == "login failed: backend unavailable" && e.ContextMap()["backend_addr"] == addr {
+			found = true
+		}
+		for _, v := range e.ContextMap() {
+			if s, ok := v.(string); ok && strings.Contains(s, "alicepass") {
+				t.Errorf("password in log line %q", e.Message)
+			}
+		}
+	}
+	if !found {
+		t.Errorf("no log line with the backend's address")
+	}
+}
+
+func TestBackendHangsGetsUnavailableWithinTimeout(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c // never greets
+		}
+	}()
+	h := newHarness(t, fixedRouter(&routing.Backend{ID: "mute", Addr: ln.Addr().String()}), func(o *Options) {
+		o.Timeouts.BackendLogin = 300 * time.Millisecond
+	})
+	c := dialConv(t, h.tlsAddr, h.clientTLS)
+	c.expect("* OK")
+	c.send("a LOGIN alice@example.org alicepass\r\n")
+	c.expect("a NO [UNAVAILABLE]")
+	(<-accepted).Close()
+}
+
+func TestSpliceBulkAndChecksum(t *testing.T) {
+	h := memHarness(t, nil)
+	for _, viaTLS := range []bool{true, false} {
+		t.Run(fmt.Sprintf("tls=%v", viaTLS), func(t *testing.T) {
+			var cl *imapclient.Client
+			var err error
+			if viaTLS {
+				cl, err = imapclient.DialTLS(h.tlsAddr, &imapclient.Options{TLSConfig: h.clientTLS})
+			} else {
+				cl, err = imapclient.DialStartTLS(h.startTLSAddr, &imapclient.Options{TLSConfig: h.clientTLS})
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cl.Close()
+			if err := cl.Login("bob@example.org", "bob pass").Wait(); err != nil {
+				t.Fatal(err)
+			}
+			body := bigMessage(3 << 20)
+			app := cl.Append("INBOX", int64(len(body)), nil)
+			if _, err := app.Write(body); err != nil {
+				t.Fatal(err)
+			}
+			if err := app.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := app.Wait(); err != nil {
+				t.Fatal(err)
+			}
+			sel, err := cl.Select("INBOX", nil).Wait()
+			if err != nil {
+				t.Fatal(err)
+			}
+			msgs, err := cl.Fetch(imap.SeqSetNum(sel.NumMessages), &imap.FetchOptions{BodySection: []*imap.FetchItemBodySection{{}}}).Collect()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(msgs) != 1 {
+				t.Fatalf("fetched %d messages", len(msgs))
+			}
+			var got []byte
+			for _, b := range msgs[0].BodySection {
+				got = b.Bytes
+			}
+			if sha256.Sum256(got) != sha256.Sum256(body) {
+				t.Fatalf("fetched %d bytes differ from the %d appended", len(got), len(body))
+			}
+			if err := cl.Logout().Wait(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// bigMessage makes an RFC 5322 message of about n bytes.
+func bigMessage(n int) []byte {
+	var b bytes.Buffer
+	b.WriteString("From: a@example.org\r\nTo: b@example.org\r\nSubject: big\r\n\r\n")
+	for i := 0; b.Len() < n; i++ {
+		fmt.Fprintf(&b, "line %08d the quick brown fox jumps over the lazy dog\r\n", i)
+	}
+	return b.Bytes()
+}
+
+func TestEvictAndShutdown(t *testing.T) {
+	h := memHarness(t, nil)
+	c := dialConv(t, h.tlsAddr, h.clientTLS)
+	c.expect("* OK")
+	c.send("a LOGIN alice@example.org alicepass\r\n")
+	c.expect("a OK")
+	waitFor(t, func() bool { return len(h.srv.Sessions("alice@example.org", "mem1")) == 1 })
+	if n := h.srv.EvictUser("alice@example.org", "mem1"); n != 0 {
+		t.Fatalf("EvictUser keeping mem1 closed %d sessions", n)
+	}
+	if n := h.srv.EvictUser("alice@example.org", "other"); n != 1 {
+		t.Fatalf("EvictUser closed %d sessions, want 1", n)
+	}
+	c.expect("* BYE [UNAVAILABLE]")
+	c.expectClosed()
+
+	// Shutdown: a pre-auth client is told BYE, a spliced one may finish.
+	pre := dialConv(t, h.tlsAddr, h.clientTLS)
+	pre.expect("* OK")
+	sp := dialConv(t, h.tlsAddr, h.clientTLS)
+	sp.expect("* OK")
+	sp.send("a LOGIN bob@example.org \"bob pass\"\r\n")
+	sp.expect("a OK")
+	waitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 2 })
+	done := make(chan error, 1)
+	go func() { done <- h.srv.Shutdown(context.Background()) }()
+	pre.expect("* BYE")
+	pre.expectClosed()
+	sp.send("n NOOP\r\n")
+	sp.expect("n OK")
+	sp.send("z LOGOUT\r\n")
+	sp.expect("* BYE")
+	sp.expect("z OK")
+	if err := <-done; err != nil {
+		t.Fatalf("Shutdown = %v, want nil once the last session logged out", err)
+	}
+	if _, err := net.Dial("tcp", h.tlsAddr); err == nil {
+		t.Error("still accepting after Shutdown")
+	}
+}
+
+func TestConnectionLimits(t *testing.T) {
+	h := memHarness(t, func(o *Options) { o.Limits.MaxConnectionsPerIP = 2 })
+	a := dialConv(t, h.startTLSAddr, nil)
+	a.expect("* OK")
+	b := dialConv(t, h.startTLSAddr, nil)
+	b.expect("* OK")
+	c := dialConv(t, h.startTLSAddr, nil)
+	c.expect("* BYE [UNAVAILABLE]")
+	c.expectClosed()
+	a.send("x LOGOUT\r\n")
+	a.expect("* BYE")
+	a.expect("x OK")
+	a.expectClosed()
+	waitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 1 })
+	d := dialConv(t, h.startTLSAddr, nil)
+	d.expect("* OK")
+}
+
+func TestPreAuthIdleTimeout(t *testing.T) {
+	h := memHarness(t, func(o *Options) { o.Timeouts.PreAuthIdle = 200 * time.Millisecond })
+	c := dialConv(t, h.startTLSAddr, nil)
+	c.expect("* OK")
+	c.expect("* BYE Autologout")
+	c.expectClosed()
+}
+
+// waitFor polls cond: for state that has no signal to wait on (a session
+// registry updated by another goroutine).
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within 10s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
