@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The one test command (make test, and CI through .ci/run): installs the
+# test dependencies, vets, runs every test with the race detector, then
+# fuzzes every fuzz target briefly. Exits non-zero on the first failure.
+#
+# With CI set (as CI does), integration tests whose binaries are missing
+# fail instead of skipping, see internal/testenv.Need.
+#
+# Environment: FUZZTIME (default 20s) per fuzz target; IMAPGATE_CACHE as
+# for scripts/install-test-deps.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FUZZTIME="${FUZZTIME:-20s}"
+start=$(date +%s)
+step() { printf '\n=== %s (%ss in)\n' "$*" "$(($(date +%s) - start))"; }
+
+step "install-test-deps"
+bash scripts/install-test-deps.sh
+export PATH="${IMAPGATE_CACHE:-$HOME/.cache/imapgate}/bin:$PATH"
+
+step "go vet ./..."
+go vet ./...
+
+step "go test -race ./..."
+go test -race -count=1 -timeout 20m ./...
+
+step "fuzz targets, $FUZZTIME each"
+# go test -list prints a package's matching names, then "ok <package>";
+# pair each name with the package that follows it.
+list=$(go test -list '^Fuzz' ./...)
+targets=$(awk '/^Fuzz/ { names[n++] = $1; next }
+	/^ok/ { for (i = 0; i < n; i++) print $2, names[i]; n = 0 }' <<<"$list")
+count=0
+while read -r pkg name; do
+	[ -n "$name" ] || continue
+	echo "--- $name in $pkg"
+	go test -run '^$' -fuzz "^${name}\$" -fuzztime "$FUZZTIME" "$pkg"
+	count=$((count + 1))
+done <<<"$targets"
+echo "fuzzed $count targets for $FUZZTIME each"
+
+step "all passed"
