@@ -185,7 +185,10 @@ func (c *Consul) catalogLoop(ctx context.Context, index uint64) {
 			if !sleepCtx(ctx, backoff) {
 				return
 			}
-			backoff = min(2*backoff, c.cfg.RetryMax)
+			// Re-sync with a plain read: a restarted (or restored) cluster
+			// may be behind our index and would hold a blocking query
+			// until it catches up.
+			backoff, index = min(2*backoff, c.cfg.RetryMax), 0
 			continue
 		}
 		backoff, index = retryMin, next
@@ -206,7 +209,10 @@ func (c *Consul) kvLoop(ctx context.Context, index uint64) {
 			if !sleepCtx(ctx, backoff) {
 				return
 			}
-			backoff = min(2*backoff, c.cfg.RetryMax)
+			// Re-sync with a plain read: a restarted (or restored) cluster
+			// may be behind our index and would hold a blocking query
+			// until it catches up.
+			backoff, index = min(2*backoff, c.cfg.RetryMax), 0
 			continue
 		}
 		backoff, index = retryMin, next
