@@ -1,0 +1,496 @@
+// Package config reads imapgate's configuration file (TOML) and turns it
+// into the option structs of the proxy, routing and tls packages.
+//
+// The file format is documented key by key in the README and in the
+// annotated example deploy/imapgate.toml; this package is the single
+// place that knows it. Unknown keys are errors, so a typo never silently
+// falls back to a default.
+//
+// Typical use:
+//
+//	cfg, err := config.Load("/etc/imapgate/imapgate.toml")
+//	if err != nil { ... }          // names the file, line and key
+//	if err := cfg.Validate(); err != nil { ... }
+package config
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+	"github.com/hashicorp/consul/api"
+	"github.com/imapgate/imapgate/proxy"
+	"github.com/imapgate/imapgate/routing"
+)
+
+// Config is the whole configuration file.
+type Config struct {
+	Log      Log                `toml:"log"`
+	Listen   []Listen           `toml:"listen"`
+	TLS      TLS                `toml:"tls"`
+	PreAuth  PreAuth            `toml:"preauth"`
+	Limits   Limits             `toml:"limits"`
+	Timeouts Timeouts           `toml:"timeouts"`
+	Backend  BackendDefaults    `toml:"backend"`
+	Backends map[string]Backend `toml:"backends"`
+	Routing  Routing            `toml:"routing"`
+	Consul   Consul             `toml:"consul"`
+	HTTP     HTTP               `toml:"http"`
+	Shutdown Shutdown           `toml:"shutdown"`
+}
+
+// Log configures logging.
+type Log struct {
+	Level  string `toml:"level"`  // debug, info (default), warn, error
+	Format string `toml:"format"` // auto (default: console on a terminal, else JSON), json, console
+}
+
+// Listen is one client listener.
+type Listen struct {
+	Addr         string   `toml:"addr"`          // host:port, e.g. "[::]:993"
+	Mode         string   `toml:"mode"`          // "tls" (implicit, default) or "starttls"
+	Name         string   `toml:"name"`          // for logs and metrics; default: addr
+	InsecureAuth []string `toml:"insecure_auth"` // CIDRs allowed to log in without TLS (starttls only)
+}
+
+// TLS configures the listeners' certificates.
+type TLS struct {
+	Certificates []CertFile `toml:"certificates"`
+	SelfSigned   []string   `toml:"self_signed_names"`
+	NoSelfSigned bool       `toml:"no_self_signed"`
+	MinVersion   string     `toml:"min_version"`
+	CipherSuites []string   `toml:"cipher_suites"`
+	ACME         ACME       `toml:"acme"`
+}
+
+// CertFile is a certificate and its key in PEM files.
+type CertFile struct {
+	Cert string `toml:"cert"`
+	Key  string `toml:"key"`
+}
+
+// ACME configures certificates from an ACME CA.
+type ACME struct {
+	Names          []string `toml:"names"`
+	Directory      string   `toml:"directory"`
+	Email          string   `toml:"email"`
+	CARoot         string   `toml:"ca_root"`
+	HTTP01Addr     string   `toml:"http01_addr"`
+	NoHTTP01       bool     `toml:"no_http01"`
+	TLSALPN01Port  int      `toml:"tls_alpn01_port"`
+	NoTLSALPN01    bool     `toml:"no_tls_alpn01"`
+	OnDemandAllow  []string `toml:"on_demand_allow"`
+	Storage        string   `toml:"storage"` // "file" (default) or "consul"
+	StorageDir     string   `toml:"storage_dir"`
+	ConsulPrefix   string   `toml:"consul_prefix"`
+	NoOCSPStapling bool     `toml:"no_ocsp_stapling"`
+}
+
+// PreAuth shapes what clients see before login.
+type PreAuth struct {
+	Greeting          string   `toml:"greeting"`
+	IMAP4rev2         bool     `toml:"imap4rev2"`
+	ExtraCapabilities []string `toml:"extra_capabilities"`
+	Capabilities      []string `toml:"capabilities"`
+}
+
+// Limits bound clients; zero means the proxy's default.
+type Limits struct {
+	MaxLineLength       int      `toml:"max_line_length"`
+	MaxLiteralSize      int      `toml:"max_literal_size"`
+	MaxCommandSize      int      `toml:"max_command_size"`
+	MaxBadCommands      int      `toml:"max_bad_commands"`
+	MaxAuthFailures     int      `toml:"max_auth_failures"`
+	AuthFailureDelay    Duration `toml:"auth_failure_delay"`
+	MaxConnections      int      `toml:"max_connections"`
+	MaxConnectionsPerIP int      `toml:"max_connections_per_ip"`
+}
+
+// Timeouts bound protocol states; zero means the proxy's default.
+type Timeouts struct {
+	TLSHandshake   Duration `toml:"tls_handshake"`
+	PreAuthIdle    Duration `toml:"preauth_idle"`
+	Login          Duration `toml:"login"`
+	BackendConnect Duration `toml:"backend_connect"`
+	BackendLogin   Duration `toml:"backend_login"`
+	HalfClose      Duration `toml:"half_close"`
+	Idle           Duration `toml:"idle"`
+}
+
+// BackendDefaults apply to every backend unless it says otherwise.
+type BackendDefaults struct {
+	NoForwardID        bool   `toml:"no_forward_id"`
+	CAFile             string `toml:"ca_file"`
+	InsecureSkipVerify bool   `toml:"insecure_skip_verify"`
+}
+
+// Backend is one statically configured IMAP server.
+type Backend struct {
+	Addr               string `toml:"addr"`
+	Security           string `toml:"security"` // none (default), tls, starttls
+	Weight             int    `toml:"weight"`
+	ServerName         string `toml:"server_name"`
+	CAFile             string `toml:"ca_file"`
+	InsecureSkipVerify bool   `toml:"insecure_skip_verify"`
+}
+
+// Routing chooses and configures the router.
+type Routing struct {
+	Router  string              `toml:"router"` // "static" (default) or "consul"
+	Users   map[string]string   `toml:"users"`
+	Domains map[string][]string `toml:"domains"`
+	Default []string            `toml:"default"`
+}
+
+// Consul configures the Consul router, registration and ACME storage.
+type Consul struct {
+	Address    string   `toml:"address"`
+	Token      string   `toml:"token"`
+	Datacenter string   `toml:"datacenter"`
+	Service    string   `toml:"service"`
+	Tag        string   `toml:"tag"`
+	Prefix     string   `toml:"prefix"`
+	Grace      Duration `toml:"grace"`
+	PlaceRate  float64  `toml:"place_rate"`
+	Register   Register `toml:"register"`
+}
+
+// Register configures imapgate's own service registration.
+type Register struct {
+	Enable    bool     `toml:"enable"`
+	Name      string   `toml:"name"`
+	ID        string   `toml:"id"`
+	Address   string   `toml:"address"`
+	Tags      []string `toml:"tags"`
+	CheckHTTP string   `toml:"check_http"`
+}
+
+// HTTP configures the metrics, health and admin listener.
+type HTTP struct {
+	Addr       string `toml:"addr"`        // default "127.0.0.1:8080"; "" in the file keeps it, "off" disables
+	AdminToken string `toml:"admin_token"` // required when addr is not loopback
+}
+
+// Shutdown configures draining.
+type Shutdown struct {
+	Grace       Duration `toml:"grace"`        // how long spliced sessions may go on; default 30s
+	DrainWindow Duration `toml:"drain_window"` // spread the closing of idle sessions over this; default 10s
+}
+
+// Duration is a time.Duration written as "30s" or "5m" in the file.
+type Duration time.Duration
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// D returns d as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// Load reads and decodes a file; unknown keys are an error.
+func Load(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	c, err := Parse(string(b))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Parse decodes a configuration from TOML text; unknown keys are an error.
+func Parse(text string) (*Config, error) {
+	var c Config
+	md, err := toml.Decode(text, &c)
+	if err != nil {
+		return nil, err
+	}
+	if und := md.Undecoded(); len(und) > 0 {
+		keys := make([]string, len(und))
+		for i, k := range und {
+			keys[i] = k.String()
+		}
+		return nil, fmt.Errorf("unknown keys: %s", strings.Join(keys, ", "))
+	}
+	return &c, nil
+}
+
+// Validate checks what can be checked without starting anything: it
+// builds every option struct (reading CA files) and reports all problems.
+func (c *Config) Validate() error {
+	var errs []error
+	if len(c.Listen) == 0 {
+		errs = append(errs, errors.New("no [[listen]] entries"))
+	}
+	for i, l := range c.Listen {
+		if _, err := c.listener(l); err != nil {
+			errs = append(errs, fmt.Errorf("listen[%d]: %w", i, err))
+		}
+	}
+	if _, err := c.ProxyOptions(); err != nil {
+		errs = append(errs, err)
+	}
+	switch c.Routing.Router {
+	case "", "static":
+		if _, err := c.StaticRouter(); err != nil {
+			errs = append(errs, err)
+		}
+	case "consul":
+		if c.Consul.Service == "" {
+			errs = append(errs, errors.New("consul.service is required with routing.router = \"consul\""))
+		}
+		if _, err := c.backendTLS(c.Backend.CAFile, "", c.Backend.InsecureSkipVerify); err != nil {
+			errs = append(errs, err)
+		}
+	default:
+		errs = append(errs, fmt.Errorf("routing.router: unknown router %q (want \"static\" or \"consul\")", c.Routing.Router))
+	}
+	if _, err := c.LogLevel(); err != nil {
+		errs = append(errs, err)
+	}
+	switch c.Log.Format {
+	case "", "auto", "json", "console":
+	default:
+		errs = append(errs, fmt.Errorf("log.format: unknown format %q", c.Log.Format))
+	}
+	switch c.TLS.ACME.Storage {
+	case "", "file", "consul":
+	default:
+		errs = append(errs, fmt.Errorf("tls.acme.storage: unknown storage %q (want \"file\" or \"consul\")", c.TLS.ACME.Storage))
+	}
+	for i, cf := range c.TLS.Certificates {
+		if cf.Cert == "" || cf.Key == "" {
+			errs = append(errs, fmt.Errorf("tls.certificates[%d]: cert and key are both required", i))
+		}
+	}
+	if a := c.HTTP.Addr; a != "" && a != "off" {
+		host, _, err := net.SplitHostPort(a)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("http.addr: %w", err))
+		} else if ip, err := netip.ParseAddr(host); (err != nil || !ip.IsLoopback()) && c.HTTP.AdminToken == "" {
+			errs = append(errs, errors.New("http.admin_token is required when http.addr is not a loopback address"))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// LogLevel parses log.level.
+func (c *Config) LogLevel() (string, error) {
+	switch l := strings.ToLower(c.Log.Level); l {
+	case "":
+		return "info", nil
+	case "debug", "info", "warn", "error":
+		return l, nil
+	}
+	return "", fmt.Errorf("log.level: unknown level %q", c.Log.Level)
+}
+
+// Listeners returns the listeners with their addresses.
+func (c *Config) Listeners() ([]ListenerSpec, error) {
+	out := make([]ListenerSpec, 0, len(c.Listen))
+	for i, l := range c.Listen {
+		pl, err := c.listener(l)
+		if err != nil {
+			return nil, fmt.Errorf("listen[%d]: %w", i, err)
+		}
+		out = append(out, ListenerSpec{Addr: l.Addr, Listener: pl})
+	}
+	return out, nil
+}
+
+// ListenerSpec is a listener's address and what it serves.
+type ListenerSpec struct {
+	Addr     string
+	Listener proxy.Listener
+}
+
+func (c *Config) listener(l Listen) (proxy.Listener, error) {
+	var pl proxy.Listener
+	if _, _, err := net.SplitHostPort(l.Addr); err != nil {
+		return pl, fmt.Errorf("addr %q: %w", l.Addr, err)
+	}
+	switch strings.ToLower(l.Mode) {
+	case "", "tls", "implicit", "imaps":
+		pl.Mode = proxy.ImplicitTLS
+	case "starttls":
+		pl.Mode = proxy.StartTLS
+	default:
+		return pl, fmt.Errorf("mode %q: want \"tls\" or \"starttls\"", l.Mode)
+	}
+	pl.Name = l.Name
+	if pl.Name == "" {
+		pl.Name = l.Addr
+	}
+	if len(l.InsecureAuth) > 0 && pl.Mode != proxy.StartTLS {
+		return pl, errors.New("insecure_auth only makes sense on a starttls listener")
+	}
+	for _, s := range l.InsecureAuth {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return pl, fmt.Errorf("insecure_auth: %w", err)
+		}
+		pl.InsecureAuth = append(pl.InsecureAuth, p.Masked())
+	}
+	return pl, nil
+}
+
+// ProxyOptions returns the proxy options this file sets. Router, TLS,
+// Logger and Metrics are left for the caller.
+func (c *Config) ProxyOptions() (proxy.Options, error) {
+	o := proxy.Options{
+		Greeting: c.PreAuth.Greeting,
+		Capabilities: proxy.CapabilityOptions{
+			IMAP4rev2: c.PreAuth.IMAP4rev2,
+			Extra:     c.PreAuth.ExtraCapabilities,
+			Replace:   c.PreAuth.Capabilities,
+		},
+		Limits: proxy.Limits{
+			MaxLineLength:       c.Limits.MaxLineLength,
+			MaxLiteralSize:      c.Limits.MaxLiteralSize,
+			MaxCommandSize:      c.Limits.MaxCommandSize,
+			MaxBadCommands:      c.Limits.MaxBadCommands,
+			MaxAuthFailures:     c.Limits.MaxAuthFailures,
+			AuthFailureDelay:    c.Limits.AuthFailureDelay.D(),
+			MaxConnections:      c.Limits.MaxConnections,
+			MaxConnectionsPerIP: c.Limits.MaxConnectionsPerIP,
+		},
+		Timeouts: proxy.Timeouts{
+			TLSHandshake:   c.Timeouts.TLSHandshake.D(),
+			PreAuthIdle:    c.Timeouts.PreAuthIdle.D(),
+			Login:          c.Timeouts.Login.D(),
+			BackendConnect: c.Timeouts.BackendConnect.D(),
+			BackendLogin:   c.Timeouts.BackendLogin.D(),
+			HalfClose:      c.Timeouts.HalfClose.D(),
+			Idle:           c.Timeouts.Idle.D(),
+		},
+	}
+	o.Backend.NoForwardID = c.Backend.NoForwardID
+	if c.Limits.MaxLineLength != 0 && c.Limits.MaxLineLength < 1024 {
+		return o, errors.New("limits.max_line_length must be at least 1024")
+	}
+	bt, err := c.backendTLS(c.Backend.CAFile, "", c.Backend.InsecureSkipVerify)
+	if err != nil {
+		return o, err
+	}
+	o.Backend.TLS = bt
+	return o, nil
+}
+
+// backendTLS builds a client TLS config, or nil when nothing is set.
+func (c *Config) backendTLS(caFile, serverName string, insecure bool) (*tls.Config, error) {
+	if caFile == "" && serverName == "" && !insecure {
+		return nil, nil
+	}
+	cfg := &tls.Config{ServerName: serverName, InsecureSkipVerify: insecure, MinVersion: tls.VersionTLS12}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("backend CA file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("backend CA file %s: no PEM certificates", caFile)
+		}
+		cfg.RootCAs = pool
+	}
+	return cfg, nil
+}
+
+// StaticConfig builds the static router's configuration.
+func (c *Config) StaticConfig() (routing.StaticConfig, error) {
+	sc := routing.StaticConfig{
+		Backends: make(map[string]*routing.Backend, len(c.Backends)),
+		Users:    make(map[string]string, len(c.Routing.Users)),
+		Domains:  make(map[string][]string, len(c.Routing.Domains)),
+		Default:  c.Routing.Default,
+	}
+	if len(c.Backends) == 0 {
+		return sc, errors.New("no [backends.NAME] entries for the static router")
+	}
+	names := make([]string, 0, len(c.Backends))
+	for n := range c.Backends {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	var errs []error
+	for _, name := range names {
+		b := c.Backends[name]
+		sec, err := routing.ParseSecurity(b.Security)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("backends.%s: %w", name, err))
+			continue
+		}
+		if _, _, err := net.SplitHostPort(b.Addr); err != nil {
+			errs = append(errs, fmt.Errorf("backends.%s.addr %q: %w", name, b.Addr, err))
+			continue
+		}
+		rb := &routing.Backend{ID: name, Addr: b.Addr, Security: sec, Weight: b.Weight}
+		if sec != routing.SecurityNone {
+			ca := b.CAFile
+			if ca == "" {
+				ca = c.Backend.CAFile
+			}
+			if rb.TLS, err = c.backendTLS(ca, b.ServerName, b.InsecureSkipVerify || c.Backend.InsecureSkipVerify); err != nil {
+				errs = append(errs, fmt.Errorf("backends.%s: %w", name, err))
+			}
+		}
+		sc.Backends[name] = rb
+	}
+	for u, b := range c.Routing.Users {
+		sc.Users[routing.NormalizeUser(u)] = b
+	}
+	for d, p := range c.Routing.Domains {
+		sc.Domains[strings.ToLower(d)] = p
+	}
+	return sc, errors.Join(errs...)
+}
+
+// StaticRouter builds the static router.
+func (c *Config) StaticRouter() (*routing.Static, error) {
+	sc, err := c.StaticConfig()
+	if err != nil {
+		return nil, err
+	}
+	r, err := routing.NewStatic(sc)
+	if err != nil {
+		return nil, fmt.Errorf("routing: %w", err)
+	}
+	return r, nil
+}
+
+// BackendTLS is the [backend] section's client TLS template, or nil.
+func (c *Config) BackendTLS() (*tls.Config, error) {
+	return c.backendTLS(c.Backend.CAFile, "", c.Backend.InsecureSkipVerify)
+}
+
+// ConsulClient builds a Consul API client from [consul] over the
+// CONSUL_HTTP_* environment.
+func (c *Config) ConsulClient() (*api.Client, error) {
+	ac := api.DefaultConfig()
+	if c.Consul.Address != "" {
+		ac.Address = c.Consul.Address
+	}
+	if c.Consul.Token != "" {
+		ac.Token = c.Consul.Token
+	}
+	if c.Consul.Datacenter != "" {
+		ac.Datacenter = c.Consul.Datacenter
+	}
+	return api.NewClient(ac)
+}
