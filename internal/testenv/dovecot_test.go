@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -246,16 +247,25 @@ func TestDovecotHibernate(t *testing.T) {
 	if l := c.readLine(); !strings.HasPrefix(l, "+") {
 		t.Fatalf("IDLE: %q", l)
 	}
+	// The process titles carry the instance name (the directory's base
+	// name), which tells this Dovecot's processes from other tests'.
+	want := filepath.Base(d.Dir) + "/imap-hibernate [1 connections]"
 	deadline := time.Now().Add(15 * time.Second)
-	for !strings.Contains(psDovecot(t), "imap-hibernate [1 connections]") {
+	for !strings.Contains(psDovecot(t), want) {
 		if time.Now().After(deadline) {
-			t.Fatalf("session did not hibernate\nprocesses:\n%s\nlog:\n%s", psDovecot(t), d.Log())
+			t.Fatalf("session did not hibernate: no %q\nprocesses:\n%s\nlog:\n%s", want, psDovecot(t), d.Log())
 		}
 		time.Sleep(200 * time.Millisecond)
+	}
+	// And the imap process it came from is gone.
+	if ps := psDovecot(t); strings.Contains(ps, filepath.Base(d.Dir)+"/imap [alice@example.org") {
+		t.Errorf("imap process still there after hibernation:\n%s", ps)
 	}
 	// New mail must wake the session (the inotify handover works), and so
 	// must the client ending IDLE.
 	d.Doveadm(t, "save", "-u", "alice@example.org", "-m", "INBOX")
+	for !strings.HasSuffix(c.readLine(), " EXISTS") {
+	}
 	c.write("DONE\r\n")
 	for {
 		l := c.readLine()
