@@ -18,7 +18,14 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	goleak.VerifyTestMain(m,
+		// CertMagic keeps one rate limiter per CA and account for the life
+		// of the process (a package-level map), by design.
+		goleak.IgnoreAnyFunction("github.com/caddyserver/certmagic.(*RingBufferRateLimiter).loop"),
+		// Its file locks are refreshed by a goroutine that notices the
+		// lock is gone only when it next wakes (every 5 s).
+		goleak.IgnoreAnyFunction("github.com/caddyserver/certmagic.keepLockfileFresh"),
+	)
 }
 
 func newManager(t *testing.T, cfg Config) *Manager {
@@ -205,7 +212,13 @@ func TestPolicyErrors(t *testing.T) {
 // echoes lines back until the connection closes.
 func echoServer(t *testing.T, cfg *stdtls.Config) string {
 	t.Helper()
-	ln, err := stdtls.Listen("tcp", "127.0.0.1:0", cfg)
+	return echoServerAt(t, "127.0.0.1:0", cfg)
+}
+
+// echoServerAt is echoServer on a given address.
+func echoServerAt(t *testing.T, addr string, cfg *stdtls.Config) string {
+	t.Helper()
+	ln, err := stdtls.Listen("tcp", addr, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
