@@ -15,9 +15,11 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap/zaptest"
+
+	"github.com/imapgate/imapgate/internal/testenv"
 )
 
-// These tests run a real Consul agent (see startConsul) and register
+// These tests run a real Consul server (testenv.StartConsul) and register
 // backends with real TCP health checks pointed at listeners the test
 // opens: closing a listener makes its check critical.
 
@@ -25,13 +27,13 @@ const testService = "imap"
 
 type fixture struct {
 	t      *testing.T
-	consul *testConsul
+	consul *testenv.Consul
 	api    *api.Client
 }
 
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
-	c := startConsul(t)
+	c := testenv.StartConsul(t)
 	f := &fixture{t: t, consul: c, api: newAPIClient(t, c.HTTPAddr)}
 	return f
 }
@@ -564,6 +566,16 @@ func TestConsulRestart(t *testing.T) {
 
 	f.consul.Start(t)
 	waitFor(t, 15*time.Second, "the router to reconnect", func() bool { return r.ViewAge() == 0 })
+	for u, id := range known {
+		if got := route(t, r, u); got != id {
+			t.Errorf("after the restart %s routed to %s, want %s", u, got, id)
+		}
+	}
+	// The newcomer is recorded at its next login.
+	id := route(t, r, "newcomer@example.org")
+	if got := f.kvGet("imapgate/users/newcomer@example.org"); got != id {
+		t.Errorf("newcomer recorded as %q after the restart, routed to %s", got, id)
+	}
 }
 
 func TestConsulUnreachableAtStart(t *testing.T) {

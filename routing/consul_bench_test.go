@@ -1,0 +1,108 @@
+package routing
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/imapgate/imapgate/internal/testenv"
+)
+
+// BenchmarkConsulRoute measures Route for known users with 100,000 users
+// in the view, loaded from a real Consul, and reports the p50/p99 of
+// single lookups (latency) as well as ns/op (throughput). The parent
+// The throughput run also reports how long NewConsul took to load the view.
+func BenchmarkConsulRoute(b *testing.B) {
+	const users = 100000
+	c := testenv.StartConsul(b)
+	client := newAPIClient(b, c.HTTPAddr)
+	for i := range 4 {
+		err := client.Agent().ServiceRegister(&api.AgentServiceRegistration{
+			ID: fmt.Sprintf("imap%d", i), Name: testService, Address: "127.0.0.1", Port: 1143 + i,
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+	names := make([]string, users)
+	var ops api.TxnOps
+	flush := func() {
+		ok, resp, _, err := client.Txn().Txn(ops, nil)
+		if err != nil || !ok {
+			b.Fatalf("txn: %v %v", err, resp)
+		}
+		ops = ops[:0]
+	}
+	for i := range users {
+		names[i] = fmt.Sprintf("user%06d@example.org", i)
+		ops = append(ops, &api.TxnOp{KV: &api.KVTxnOp{
+			Verb: api.KVSet, Key: "imapgate/users/" + names[i], Value: []byte(fmt.Sprintf("imap%d", i%4)),
+		}})
+		if len(ops) == 64 { // Consul's limit per transaction
+			flush()
+		}
+	}
+	if len(ops) > 0 {
+		flush()
+	}
+
+	start := time.Now()
+	r, err := NewConsul(context.Background(), ConsulConfig{Address: c.HTTPAddr, Service: testService})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer r.Close()
+	load := time.Since(start)
+	if n := len(r.view.Load().users); n != users {
+		b.Fatalf("view has %d users, want %d", n, users)
+	}
+
+	ctx := context.Background()
+	b.Logf("NewConsul loaded %d users in %v", users, load)
+	b.Run("throughput", func(b *testing.B) {
+		b.ReportAllocs()
+		i := 0
+		for b.Loop() {
+			if _, err := r.Route(ctx, names[i%users]); err != nil {
+				b.Fatal(err)
+			}
+			i += 7919 // a prime stride: scattered over the map like real logins
+		}
+		b.ReportMetric(load.Seconds()*1000, "view-load-ms")
+	})
+	b.Run("parallel", func(b *testing.B) {
+		b.RunParallel(func(pb *testing.PB) {
+			i := 0
+			for pb.Next() {
+				if _, err := r.Route(ctx, names[i%users]); err != nil {
+					b.Error(err)
+					return
+				}
+				i += 7919
+			}
+		})
+	})
+	b.Run("latency", func(b *testing.B) {
+		// Each lookup timed alone; time.Now costs ~100ns on a VM, included.
+		lat := make([]time.Duration, 0, 1<<20)
+		i := 0
+		for b.Loop() {
+			t0 := time.Now()
+			if _, err := r.Route(ctx, names[i%users]); err != nil {
+				b.Fatal(err)
+			}
+			if len(lat) < cap(lat) {
+				lat = append(lat, time.Since(t0))
+			}
+			i += 7919
+		}
+		slices.Sort(lat)
+		b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "p50-ns")
+		b.ReportMetric(float64(lat[len(lat)*99/100].Nanoseconds()), "p99-ns")
+		b.ReportMetric(float64(lat[len(lat)-1].Nanoseconds()), "max-ns")
+	})
+}
