@@ -55,6 +55,12 @@ var serialCounter int64 = 100
 // PEM into dir/base.pem and dir/base.key (by rename, as certbot does).
 func (ca *testCA) writeLeaf(t testing.TB, dir, base string, names ...string) CertFile {
 	t.Helper()
+	return ca.writeLeafValid(t, dir, base, time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour), names...)
+}
+
+// writeLeafValid is writeLeaf with a given validity.
+func (ca *testCA) writeLeafValid(t testing.TB, dir, base string, notBefore, notAfter time.Time, names ...string) CertFile {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -64,8 +70,8 @@ func (ca *testCA) writeLeaf(t testing.TB, dir, base string, names ...string) Cer
 		SerialNumber: big.NewInt(serialCounter),
 		Subject:      pkix.Name{CommonName: names[0]},
 		DNSNames:     names,
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
+		NotBefore:    notBefore,
+		NotAfter:     notAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
