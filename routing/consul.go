@@ -163,7 +163,7 @@ type Consul struct {
 	overlayN atomic.Int64
 
 	catalogHealth watchHealth
-	kvHealth      watchHealth
+	kvHealth      [kvKinds]watchHealth
 
 	mu       sync.Mutex // guards the fields below, and building views
 	states   map[string]*backendState
@@ -241,27 +241,40 @@ func NewConsul(ctx context.Context, cfg ConsulConfig) (*Consul, error) {
 		}
 	}
 
+	if err := c.load(ctx); err != nil {
+		c.metrics.unregister(cfg.Registerer)
+		c.closeIdle()
+		return nil, fmt.Errorf("routing: consul at %s unreachable at start-up: %w", c.addr(), err)
+	}
+	v := c.view.Load()
+	c.log.Info("consul router ready",
+		zap.Int("backends", len(v.routable)), zap.Int("placeable", v.def.len()),
+		zap.Int("users", len(v.users)), zap.String("prefix", cfg.Prefix))
+	return c, nil
+}
+
+// load reads the catalog and every KV sub-prefix once, then starts a
+// watch on each from where the read left off.
+func (c *Consul) load(ctx context.Context) error {
 	catIdx, err := c.fetchCatalog(ctx, 0)
-	if err == nil {
-		var kvIdx uint64
-		kvIdx, err = c.fetchKV(ctx, 0)
-		if err == nil {
-			wctx, cancel := context.WithCancel(context.Background())
-			c.cancel = cancel
-			c.wg.Add(3)
-			go c.catalogLoop(wctx, catIdx)
-			go c.kvLoop(wctx, kvIdx)
-			go c.graceLoop(wctx)
-			v := c.view.Load()
-			c.log.Info("consul router ready",
-				zap.Int("backends", len(v.routable)), zap.Int("placeable", v.def.len()),
-				zap.Int("users", len(v.users)), zap.String("prefix", cfg.Prefix))
-			return c, nil
+	if err != nil {
+		return err
+	}
+	var kvIdx [kvKinds]uint64
+	for kind := range kvKinds {
+		if kvIdx[kind], err = c.fetchKV(ctx, kind, 0); err != nil {
+			return err
 		}
 	}
-	c.metrics.unregister(cfg.Registerer)
-	c.closeIdle()
-	return nil, fmt.Errorf("routing: consul at %s unreachable at start-up: %w", c.addr(), err)
+	wctx, cancel := context.WithCancel(context.Background())
+	c.cancel = cancel
+	c.wg.Add(2 + int(kvKinds))
+	go c.catalogLoop(wctx, catIdx)
+	for kind := range kvKinds {
+		go c.kvLoop(wctx, kind, kvIdx[kind])
+	}
+	go c.graceLoop(wctx)
+	return nil
 }
 
 func (c *Consul) addr() string {
@@ -553,5 +566,9 @@ func (c *Consul) Ready() bool {
 // watches are connected to Consul (which pushes every change), else the
 // time since the failing watch last heard from Consul.
 func (c *Consul) ViewAge() time.Duration {
-	return max(c.catalogHealth.age(), c.kvHealth.age())
+	age := c.catalogHealth.age()
+	for i := range c.kvHealth {
+		age = max(age, c.kvHealth[i].age())
+	}
+	return age
 }

@@ -12,12 +12,9 @@ import (
 	"github.com/imapgate/imapgate/internal/testenv"
 )
 
-// BenchmarkConsulRoute measures Route for known users with 100,000 users
-// in the view, loaded from a real Consul, and reports the p50/p99 of
-// single lookups (latency) as well as ns/op (throughput). The parent
-// The throughput run also reports how long NewConsul took to load the view.
-func BenchmarkConsulRoute(b *testing.B) {
-	const users = 100000
+// benchConsul starts Consul with four backends and n users placed
+// round-robin, written 64 to a transaction (Consul's limit).
+func benchConsul(b *testing.B, n int) (*testenv.Consul, []string) {
 	c := testenv.StartConsul(b)
 	client := newAPIClient(b, c.HTTPAddr)
 	for i := range 4 {
@@ -28,7 +25,7 @@ func BenchmarkConsulRoute(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	names := make([]string, users)
+	names := make([]string, n)
 	var ops api.TxnOps
 	flush := func() {
 		ok, resp, _, err := client.Txn().Txn(ops, nil)
@@ -37,18 +34,28 @@ func BenchmarkConsulRoute(b *testing.B) {
 		}
 		ops = ops[:0]
 	}
-	for i := range users {
+	for i := range n {
 		names[i] = fmt.Sprintf("user%06d@example.org", i)
 		ops = append(ops, &api.TxnOp{KV: &api.KVTxnOp{
 			Verb: api.KVSet, Key: "imapgate/users/" + names[i], Value: []byte(fmt.Sprintf("imap%d", i%4)),
 		}})
-		if len(ops) == 64 { // Consul's limit per transaction
+		if len(ops) == 64 {
 			flush()
 		}
 	}
 	if len(ops) > 0 {
 		flush()
 	}
+	return c, names
+}
+
+// BenchmarkConsulRoute measures Route for known users with 100,000 users
+// in the view, loaded from a real Consul, and reports the p50/p99 of
+// single lookups (latency) as well as ns/op (throughput). The parent
+// The throughput run also reports how long NewConsul took to load the view.
+func BenchmarkConsulRoute(b *testing.B) {
+	const users = 100000
+	c, names := benchConsul(b, users)
 
 	start := time.Now()
 	r, err := NewConsul(context.Background(), ConsulConfig{Address: c.HTTPAddr, Service: testService})
@@ -105,4 +112,24 @@ func BenchmarkConsulRoute(b *testing.B) {
 		b.ReportMetric(float64(lat[len(lat)*99/100].Nanoseconds()), "p99-ns")
 		b.ReportMetric(float64(lat[len(lat)-1].Nanoseconds()), "max-ns")
 	})
+}
+
+// BenchmarkConsulKVRefresh measures what every change under the prefix
+// (a new user's placement, a move) costs each imapgate instance with
+// 100,000 users: one listing of the whole prefix, decoded and diffed.
+func BenchmarkConsulKVRefresh(b *testing.B) {
+	const users = 100000
+	c, _ := benchConsul(b, users)
+	r, err := NewConsul(context.Background(), ConsulConfig{Address: c.HTTPAddr, Service: testService})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer r.Close()
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := r.fetchKV(ctx, kvUsers, 0); err != nil {
+			b.Fatal(err)
+		}
+	}
 }

@@ -254,43 +254,74 @@ func isTrue(s string) bool {
 	return false
 }
 
-// kvEviction is a user move found by applyKV, delivered outside c.mu.
+// kvEviction is a user move found by applyUsers, delivered outside c.mu.
 type kvEviction struct{ user, keep string }
 
-// applyKV replaces the KV state with a listing of the prefix, rebuilds
-// the view, and returns the users whose sessions must be closed: those
-// whose entry now names another backend (keep the new one), and those
-// whose entry was deleted, if their next placement would land elsewhere.
-// initial suppresses evictions on the first load. c.mu must be held.
-func (c *Consul) applyKV(pairs api.KVPairs, initial bool) []kvEviction {
-	base := c.cfg.Prefix + "/"
-	users := make(map[string]assignment, max(len(pairs), len(c.kvUsers)))
-	domains := map[string]string{}
-	drain := map[string]bool{}
+// kvKind is one of the KV sub-prefixes, each watched on its own so that a
+// drain or a domain change never waits for (or causes) a listing of every
+// user.
+type kvKind uint8
+
+const (
+	kvUsers kvKind = iota
+	kvDomains
+	kvDrain
+	kvKinds // how many
+)
+
+func (k kvKind) String() string {
+	switch k {
+	case kvUsers:
+		return "users"
+	case kvDomains:
+		return "domains"
+	case kvDrain:
+		return "drain"
+	}
+	return "unknown"
+}
+
+// entries yields (name, value, pair) for the keys of a listing directly
+// named <prefix>/<kind>/<name>.
+func (c *Consul) entries(kind kvKind, pairs api.KVPairs, fn func(name, value string, p *api.KVPair)) {
+	base := c.cfg.Prefix + "/" + kind.String() + "/"
 	for _, p := range pairs {
-		rest, ok := strings.CutPrefix(p.Key, base)
-		if !ok {
-			continue
-		}
-		kind, name, ok := strings.Cut(rest, "/")
+		name, ok := strings.CutPrefix(p.Key, base)
 		if !ok || name == "" {
 			continue
 		}
-		val := strings.TrimSpace(string(p.Value))
-		switch kind {
-		case "users":
-			if val == "" {
-				continue
-			}
-			users[NormalizeUser(name)] = assignment{backend: val, flags: p.Flags, index: p.ModifyIndex}
-		case "domains":
-			domains[NormalizeUser(name)] = val
-		case "drain":
-			drain[name] = val == "" || isTrue(val)
-		}
+		fn(name, strings.TrimSpace(string(p.Value)), p)
 	}
+}
+
+// applyKV replaces one kind of KV state with a listing and rebuilds the
+// view. For users it returns whose sessions must be closed: those whose
+// entry now names another backend (keep the new one), and those whose
+// entry was deleted, if their next placement would land elsewhere; initial
+// suppresses that on the first load. c.mu must be held.
+func (c *Consul) applyKV(kind kvKind, pairs api.KVPairs, initial bool) []kvEviction {
+	switch kind {
+	case kvDomains:
+		domains := map[string]string{}
+		c.entries(kind, pairs, func(name, val string, _ *api.KVPair) { domains[NormalizeUser(name)] = val })
+		c.kvDomain = domains
+		c.buildView()
+		return nil
+	case kvDrain:
+		drain := map[string]bool{}
+		c.entries(kind, pairs, func(name, val string, _ *api.KVPair) { drain[name] = val == "" || isTrue(val) })
+		c.kvDrain = drain
+		c.buildView()
+		return nil
+	}
+	users := make(map[string]assignment, max(len(pairs), len(c.kvUsers)))
+	c.entries(kind, pairs, func(name, val string, p *api.KVPair) {
+		if val != "" {
+			users[NormalizeUser(name)] = assignment{backend: val, flags: p.Flags, index: p.ModifyIndex}
+		}
+	})
 	old := c.kvUsers
-	c.kvUsers, c.kvDomain, c.kvDrain = users, domains, drain
+	c.kvUsers = users
 	c.buildView()
 	c.metrics.users.Set(float64(len(users)))
 	if initial {

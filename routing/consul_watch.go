@@ -17,6 +17,12 @@ const (
 	// users, not one per placement. It adds at most this much to how long
 	// a move takes to reach every instance.
 	kvMinInterval = 250 * time.Millisecond
+	// kvPerUser stretches the interval between listings of the users with
+	// their number: a listing costs each instance (and the Consul server)
+	// several microseconds per user, so this keeps a storm of new users
+	// from spending more than about a third of a core on listings. 100,000
+	// users: one listing per 2s at most.
+	kvPerUser = 20 * time.Microsecond
 	// staleAfter is how old a stale read may be before it is reported.
 	staleAfter = 5 * time.Second
 )
@@ -110,29 +116,32 @@ func (c *Consul) fetchCatalog(ctx context.Context, index uint64) (uint64, error)
 	return nextIndex(index, meta.LastIndex), nil
 }
 
-// fetchKV runs one (blocking, unless index is 0) listing of the prefix,
-// applies a changed answer and closes the sessions of moved users. It
-// returns the next index.
-func (c *Consul) fetchKV(ctx context.Context, index uint64) (uint64, error) {
-	initial := c.kvHealth.okAt.Load() == 0 // first load: nothing to diff against
+// fetchKV runs one (blocking, unless index is 0) listing of a KV
+// sub-prefix, applies a changed answer and closes the sessions of moved
+// users. It returns the next index.
+func (c *Consul) fetchKV(ctx context.Context, kind kvKind, index uint64) (uint64, error) {
+	h := &c.kvHealth[kind]
+	initial := h.okAt.Load() == 0 // first load: nothing to diff against
 	ctx, cancel := context.WithTimeout(ctx, c.blockingTimeout())
 	defer cancel()
 	start := time.Now()
 	q := &api.QueryOptions{AllowStale: true, WaitIndex: index, WaitTime: c.cfg.WaitTime}
-	pairs, meta, err := c.client.KV().List(c.cfg.Prefix+"/", q.WithContext(ctx))
-	c.noteResult("kv", &c.kvHealth, err)
+	pairs, meta, err := c.client.KV().List(c.cfg.Prefix+"/"+kind.String()+"/", q.WithContext(ctx))
+	c.noteResult(kind.String(), h, err)
 	if err != nil {
 		return index, err
 	}
-	c.noteMeta("kv", &c.kvHealth, meta)
+	c.noteMeta(kind.String(), h, meta)
 	if index != 0 && meta.LastIndex == index {
 		return index, nil
 	}
 	c.mu.Lock()
-	ev := c.applyKV(pairs, initial)
+	ev := c.applyKV(kind, pairs, initial)
 	c.mu.Unlock()
-	c.pruneOverlay(start)
-	c.evictUsers(ev)
+	if kind == kvUsers {
+		c.pruneOverlay(start)
+		c.evictUsers(ev)
+	}
 	return nextIndex(index, meta.LastIndex), nil
 }
 
@@ -195,13 +204,13 @@ func (c *Consul) catalogLoop(ctx context.Context, index uint64) {
 	}
 }
 
-// kvLoop keeps users, domains and drains current until ctx ends.
-func (c *Consul) kvLoop(ctx context.Context, index uint64) {
+// kvLoop keeps one kind of KV state current until ctx ends.
+func (c *Consul) kvLoop(ctx context.Context, kind kvKind, index uint64) {
 	defer c.wg.Done()
 	backoff := retryMin
 	for {
 		start := time.Now()
-		next, err := c.fetchKV(ctx, index)
+		next, err := c.fetchKV(ctx, kind, index)
 		if ctx.Err() != nil {
 			return
 		}
@@ -216,10 +225,18 @@ func (c *Consul) kvLoop(ctx context.Context, index uint64) {
 			continue
 		}
 		backoff, index = retryMin, next
-		if !sleepCtx(ctx, kvMinInterval-time.Since(start)) {
+		if !sleepCtx(ctx, c.kvInterval(kind)-time.Since(start)) {
 			return
 		}
 	}
+}
+
+// kvInterval is the least time between two listings of kind.
+func (c *Consul) kvInterval(kind kvKind) time.Duration {
+	if kind != kvUsers {
+		return kvMinInterval
+	}
+	return max(kvMinInterval, time.Duration(len(c.view.Load().users))*kvPerUser)
 }
 
 // graceLoop declares backends gone once they have been down for longer
