@@ -1,36 +1,59 @@
 // Package tls gives imapgate's listeners their TLS configuration.
 //
 // Every listener, implicit TLS (the 993 style) and cleartext with STARTTLS
-// (the 143 style), takes one *crypto/tls.Config from a Manager. The Manager
-// picks a certificate for each handshake by SNI from its sources:
+// (the 143 style), takes its *crypto/tls.Config from one Manager. The
+// Manager picks a certificate for each handshake by SNI from any mix of
+// sources, in this order:
 //
-//   - static certificate/key files (Config.Certificates), re-read on
+//  1. static certificate/key files (Config.Certificates), re-read on
 //     Manager.Reload (the binary calls it on SIGHUP) and when the files
-//     change on disk;
-//   - a self-signed certificate generated at start-up when nothing else is
-//     configured, so a development setup works with no files at all.
+//     change on disk (static.go);
+//  2. certificates obtained and renewed from an ACME CA such as Let's
+//     Encrypt through CertMagic (Config.ACME, acme.go), with HTTP-01,
+//     TLS-ALPN-01 (answered by the implicit-TLS listeners themselves) or
+//     DNS-01, optionally on demand for allowed names, kept on disk or in
+//     Consul KV so that a fleet shares them (consul.go);
+//  3. a self-signed certificate generated at start-up when no static file
+//     is configured (selfsigned.go), so a development setup works with no
+//     files at all.
 //
-// The TLS policy lives here too: TLS 1.2 minimum by default, Go's secure
-// cipher suites, and ALPN limited to "imap" or none, so that a browser
-// tricked into speaking HTTP to an IMAP port (the ALPACA attack) fails the
-// handshake instead of talking to us.
+// A client without SNI, or with a name no source covers, gets the default:
+// the first static file, else the first ACME name's certificate, else the
+// self-signed one.
+//
+// The TLS policy lives here too (policy.go): TLS 1.2 minimum by default,
+// Go's secure cipher suites, and ALPN limited to "imap" or none, so that a
+// browser tricked into speaking HTTP to an IMAP port (the ALPACA attack)
+// fails the handshake. The one exception is "acme-tls/1", accepted only
+// from a CA validating a TLS-ALPN-01 challenge that is pending right now.
+//
+// Expiry is reported for monitoring (Manager.Expiry, a Prometheus gauge)
+// and logged as a warning when a certificate nears its end without having
+// been renewed (expiry.go).
 //
 // Typical use:
 //
 //	m, err := igtls.New(ctx, igtls.Config{
 //		Certificates: []igtls.CertFile{{CertFile: "mail.pem", KeyFile: "mail.key"}},
+//		ACME: igtls.ACMEConfig{
+//			Names: []string{"imap.example.org"},
+//			Email: "postmaster@example.org",
+//		},
 //	}, log)
 //	if err != nil { ... }
 //	defer m.Close()
 //	if m.SelfSigned() {
 //		log.Warn("no certificate configured, serving a self-signed one")
 //	}
-//	ln := stdtls.NewListener(tcpListener, m.ServerConfig())   // implicit TLS
-//	tc := stdtls.Server(conn, m.ServerConfig())                // after STARTTLS
+//	ln := stdtls.NewListener(tcpListener, m.ServerConfig()) // implicit TLS
+//	tc := stdtls.Server(conn, m.ServerConfig())             // after STARTTLS
+//	// after tc.Handshake():
+//	if igtls.IsACMEChallenge(tc.ConnectionState()) { tc.Close() }
 //
-// Certificates change under a running Manager without dropping anything:
-// a handshake asks the Manager for its certificate, so only handshakes that
-// start after a reload see the new one; established connections keep theirs.
+// Certificates change under a running Manager without dropping anything: a
+// handshake asks the Manager for its certificate, so only handshakes that
+// start after a reload or renewal see the new one; established connections
+// keep theirs.
 package tls
 
 import (
@@ -222,7 +245,9 @@ func New(ctx context.Context, cfg Config, log *zap.Logger) (_ *Manager, err erro
 
 // ServerConfig returns the TLS configuration for a listener, implicit TLS
 // or STARTTLS alike. Each call returns a new copy the caller may change;
-// all copies follow the Manager's certificates as they are reloaded.
+// all copies follow the Manager's certificates as they are reloaded and
+// renewed. With TLS-ALPN-01 on, it also answers the CA's validation
+// handshakes; IsACMEChallenge tells the listener to close those.
 func (m *Manager) ServerConfig() *stdtls.Config {
 	return m.base.Clone()
 }
