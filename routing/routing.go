@@ -84,6 +84,10 @@ type Backend struct {
 	TLS *tls.Config
 	// Weight is the backend's share in hashing. Zero means 1.
 	Weight int
+	// ProxyProtocol, if 1 or 2, makes imapgate send a PROXY protocol
+	// header of that version first on every connection to this backend,
+	// so it sees the client's address. Zero means none.
+	ProxyProtocol int
 }
 
 // Router finds the backend that owns a user. Route must be safe for
