@@ -32,6 +32,10 @@ const (
 	// MetaDrain set to "true" puts the backend in drain: no new users are
 	// placed there, its existing users stay.
 	MetaDrain = "imapgate-drain"
+	// MetaProxyProtocol, "1" or "2", makes imapgate send a PROXY protocol
+	// header of that version to the backend (Backend.ProxyProtocol).
+	// Missing means none.
+	MetaProxyProtocol = "imapgate-proxy-protocol"
 )
 
 // FlagPinned is the Consul KV flag that marks a user's entry as an

@@ -243,7 +243,7 @@ func route(t testing.TB, r Router, user string) string {
 func TestConsulPinnedUser(t *testing.T) {
 	f := newFixture(t)
 	f.backend("imap1", nil)
-	f.backend("imap2", map[string]string{MetaSecurity: "starttls", MetaWeight: "5"})
+	f.backend("imap2", map[string]string{MetaSecurity: "starttls", MetaWeight: "5", MetaProxyProtocol: "2"})
 	f.kvPut("imapgate/users/alice@example.org", "imap2", FlagPinned)
 	f.kvPut("imapgate/users/bob@example.org", "imap1", 0) // an operator's plain put: a placement
 	r, _ := f.router()
@@ -255,7 +255,7 @@ func TestConsulPinnedUser(t *testing.T) {
 		t.Errorf("placed bob routed to %s", got)
 	}
 	b, _ := r.Route(context.Background(), "alice@example.org")
-	if b.Security != SecurityStartTLS || b.Weight != 5 || b.Addr == "" {
+	if b.Security != SecurityStartTLS || b.Weight != 5 || b.ProxyProtocol != 2 || b.Addr == "" {
 		t.Errorf("meta not applied: %+v", b)
 	}
 	if !r.Ready() || r.ViewAge() != 0 {

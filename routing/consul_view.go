@@ -226,6 +226,15 @@ func (c *Consul) backendFromEntry(e *api.ServiceEntry) (*Backend, bool) {
 		return nil, false
 	}
 	b.Security = sec
+	switch pp := svc.Meta[MetaProxyProtocol]; pp {
+	case "", "0", "none":
+	case "1", "2":
+		b.ProxyProtocol = int(pp[0] - '0')
+	default:
+		c.log.Error("bad "+MetaProxyProtocol+" in service meta (want 1 or 2); backend skipped",
+			zap.String("backend", svc.ID), zap.String("value", pp))
+		return nil, false
+	}
 	if sec != SecurityNone {
 		name := svc.Meta[MetaTLSServerName]
 		if name == "" {
@@ -243,6 +252,7 @@ func (c *Consul) backendFromEntry(e *api.ServiceEntry) (*Backend, bool) {
 
 func sameBackend(a, b *Backend) bool {
 	return a.ID == b.ID && a.Addr == b.Addr && a.Security == b.Security && a.Weight == b.Weight &&
+		a.ProxyProtocol == b.ProxyProtocol &&
 		(a.TLS == nil) == (b.TLS == nil) && (a.TLS == nil || a.TLS.ServerName == b.TLS.ServerName)
 }
 
