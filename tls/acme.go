@@ -288,7 +288,7 @@ func newACMESource(cfg ACMEConfig, log *zap.Logger, onEvent func(context.Context
 	})
 	defer func() {
 		if err != nil {
-			a.cache.Stop()
+			a.close()
 		}
 	}()
 	mc := certmagic.Config{
@@ -388,7 +388,6 @@ func newACMESource(cfg ACMEConfig, log *zap.Logger, onEvent func(context.Context
 	bg, a.cancel = context.WithCancel(context.Background())
 	if len(cfg.Names) > 0 {
 		if err := a.magic.ManageAsync(bg, cfg.Names); err != nil {
-			a.close()
 			return nil, fmt.Errorf("tls: acme: %w", err)
 		}
 	}
@@ -412,8 +411,12 @@ func (m *Manager) HTTP01Addr() string {
 	return m.acme.httpAddr
 }
 
+// close stops everything newACMESource started; it is safe on a
+// partially built source.
 func (a *acmeSource) close() {
-	a.cancel()
+	if a.cancel != nil {
+		a.cancel()
+	}
 	if a.httpServer != nil {
 		a.httpServer.Close()
 		<-a.httpDone

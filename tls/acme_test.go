@@ -215,8 +215,10 @@ func TestACMERenewal(t *testing.T) {
 		t.Errorf("renewed certificate expires %v, not after the first's %v", second.NotAfter, first.NotAfter)
 	}
 	c := dialVerified(t, addr, "renew.test.example", roots)
-	if !leafOf(c).NotAfter.Equal(second.NotAfter) {
-		t.Errorf("a new handshake got the certificate expiring %v, want the renewed one %v", leafOf(c).NotAfter, second.NotAfter)
+	// Not necessarily second: with ARI windows this short, CertMagic may
+	// already have renewed again.
+	if got := leafOf(c).NotAfter; got.Before(second.NotAfter) {
+		t.Errorf("a new handshake got the certificate expiring %v, want the renewed one (%v or later)", got, second.NotAfter)
 	}
 	roundTrip("a2 NOOP")
 	if got := p.Issued(); got < 2 {
@@ -397,6 +399,12 @@ func TestACMEConfigErrors(t *testing.T) {
 		"bad name":                {Names: []string{"a example.org"}},
 		"missing CA root file":    {Names: []string{"a.example.org"}, CARootFile: "/nonexistent.pem", HTTP01: HTTP01Config{Addr: "127.0.0.1:0"}},
 	}
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	bad["http-01 port taken"] = ACMEConfig{Names: []string{"a.example.org"}, HTTP01: HTTP01Config{Addr: busy.Addr().String()}}
 	for name, cfg := range bad {
 		t.Run(name, func(t *testing.T) {
 			cfg.Storage.Dir = t.TempDir()
