@@ -2,15 +2,18 @@ package main
 
 import (
 	"context"
+	stdtls "crypto/tls"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
-	"strconv"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/hashicorp/consul/api"
 	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/proxy"
 	"github.com/imapgate/imapgate/routing"
@@ -19,47 +22,83 @@ import (
 	"go.uber.org/zap"
 )
 
-// app holds the running pieces of one imapgate process.
+// app holds the running pieces of one imapgate process. What SIGHUP may
+// replace sits behind an atomic pointer (the config in force, the TLS
+// manager) or a swappable wrapper (the router); the rest is fixed at
+// start-up.
 type app struct {
-	log     *zap.Logger
-	cfg     *config.Config
+	log   *zap.Logger
+	level *zap.AtomicLevel // nil if the logger was not built by newLogger
+	flags *flags           // nil in tests; reload needs flags.config
+	// boot is the configuration the process started with: keys that only
+	// a restart applies are compared against it, so a reload keeps
+	// reporting them until the restart.
+	boot *config.Config
+	cfg  atomic.Pointer[config.Config] // in force
+
 	reg     *prometheus.Registry
-	tls     *igtls.Manager
-	router  routing.Router
-	consul  *routing.Consul // nil with the static router
+	metrics *promMetrics
+
+	tlsMgr    atomic.Pointer[igtls.Manager]
+	tlsServer atomic.Pointer[stdtls.Config] // tlsMgr's ServerConfig
+	tlsProxy  *stdtls.Config                // what the proxy holds: forwards to tlsServer
+
+	router  *swapRouter
+	static  *staticRouter   // with the static router, else nil
+	consul  *routing.Consul // with the Consul router, else nil
+	kv      *api.Client     // Consul client for drain flags, with the Consul router
 	evictor *lateEvictor
 	srv     *proxy.Server
-	metrics proxy.Metrics
-	ready   atomic.Bool
-	http    *http.Server
-	deregFn func(context.Context) error
-	closers []func()
+
+	ready    atomic.Bool
+	draining atomic.Bool
+	notify   *notifier
+
+	http     *http.Server
+	httpAddr net.Addr   // nil if off
+	lnAddrs  []net.Addr // the IMAP listeners, in config order
+	serveWG  sync.WaitGroup
+	serveErr chan error
+
+	regMu     sync.Mutex
+	regCfg    *routing.RegisterConfig // nil when not registered
+	regClient *api.Client
+	deregFn   func(context.Context) error
+
+	reloadMu sync.Mutex // one reload at a time
+	bg       sync.WaitGroup
+	stopBG   context.CancelFunc
+	closers  []func()
 }
 
 func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger) (*app, error) {
-	a := &app{log: log, cfg: cfg, reg: prometheus.NewRegistry(), evictor: &lateEvictor{}}
-	a.metrics = newMetrics(a.reg)
-	tc := tlsConfig(cfg, cfg.Consul.Address)
-	tc.Registerer = a.reg
-	mgr, err := igtls.New(ctx, tc, log.Named("tls"))
+	a := &app{log: log, boot: cfg, reg: prometheus.NewRegistry(), evictor: &lateEvictor{}, notify: &notifier{}}
+	a.level = levelOf(log)
+	a.cfg.Store(cfg)
+	a.metrics = newMetrics(a.reg, a)
+
+	mgr, err := a.newTLSManager(ctx, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("tls: %w", err)
+		return nil, err
 	}
-	a.tls = mgr
-	a.closers = append(a.closers, func() { mgr.Close() })
-	if mgr.SelfSigned() {
-		log.Warn("no certificate configured: serving a self-signed certificate (clients will warn); configure [tls] for production")
-	}
+	a.setTLS(mgr)
+	a.closers = append(a.closers, func() { a.tlsMgr.Load().Close() })
+	a.tlsProxy = &stdtls.Config{GetConfigForClient: a.tlsForClient}
 
 	switch cfg.Routing.Router {
 	case "", "static":
-		r, err := cfg.StaticRouter()
+		sc, err := cfg.StaticConfig()
 		if err != nil {
 			a.close()
 			return nil, err
 		}
-		a.router = r
-		log.Info("routing", zap.Stringer("router", r))
+		r, err := newStaticRouter(sc, a.hasLiveSession)
+		if err != nil {
+			a.close()
+			return nil, fmt.Errorf("routing: %w", err)
+		}
+		a.static = r
+		a.router = newSwapRouter(r)
 	case "consul":
 		bt, err := cfg.BackendTLS()
 		if err != nil {
@@ -85,11 +124,57 @@ func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger) (*app, err
 			return nil, fmt.Errorf("consul router: %w", err)
 		}
 		a.consul = c
-		a.router = c
+		a.router = newSwapRouter(c)
 		a.closers = append(a.closers, func() { c.Close() })
-		log.Info("routing", zap.Stringer("router", c))
+		if a.kv, err = cfg.ConsulClient(); err != nil {
+			a.close()
+			return nil, err
+		}
+	default:
+		a.close()
+		return nil, fmt.Errorf("routing.router: unknown router %q", cfg.Routing.Router)
 	}
+	log.Info("routing", zap.Stringer("router", a.router))
 	return a, nil
+}
+
+// newTLSManager builds a certificate manager for cfg's [tls]. Its expiry
+// gauge is not registered by the manager itself: the app exports the
+// expiry of whichever manager is in force (see tlsExpiryCollector), since
+// a reload may replace the manager.
+func (a *app) newTLSManager(ctx context.Context, cfg *config.Config) (*igtls.Manager, error) {
+	mgr, err := igtls.New(ctx, tlsConfig(cfg, cfg.Consul.Address), a.log.Named("tls"))
+	if err != nil {
+		return nil, fmt.Errorf("tls: %w", err)
+	}
+	if mgr.SelfSigned() {
+		a.log.Warn("no certificate configured: serving a self-signed certificate (clients will warn); configure [tls] for production")
+	}
+	return mgr, nil
+}
+
+func (a *app) setTLS(mgr *igtls.Manager) {
+	a.tlsServer.Store(mgr.ServerConfig())
+	a.tlsMgr.Store(mgr)
+}
+
+// tlsForClient hands every handshake the configuration of the manager in
+// force. crypto/tls only consults the outer config's GetConfigForClient,
+// so the manager's own hook (TLS-ALPN-01 challenges) is called from here.
+func (a *app) tlsForClient(hello *stdtls.ClientHelloInfo) (*stdtls.Config, error) {
+	c := a.tlsServer.Load()
+	if c.GetConfigForClient != nil {
+		if cc, err := c.GetConfigForClient(hello); cc != nil || err != nil {
+			return cc, err
+		}
+	}
+	return c, nil
+}
+
+// hasLiveSession reports whether user has a spliced session on backend
+// through this instance.
+func (a *app) hasLiveSession(user, backend string) bool {
+	return a.srv != nil && len(a.srv.Sessions(user, backend)) > 0
 }
 
 func consulStorage(cfg *config.Config, addr string) igtls.ConsulStorageConfig {
@@ -101,8 +186,12 @@ func consulStorage(cfg *config.Config, addr string) igtls.ConsulStorageConfig {
 	}
 }
 
-// close releases everything newApp opened, last first.
+// close releases everything newApp and start opened, last first.
 func (a *app) close() {
+	if a.stopBG != nil {
+		a.stopBG()
+		a.bg.Wait()
+	}
 	for i := len(a.closers) - 1; i >= 0; i-- {
 		a.closers[i]()
 	}
@@ -110,9 +199,9 @@ func (a *app) close() {
 }
 
 // isReady reports whether this instance should get traffic: listeners
-// up and a router with a usable view.
+// up, not draining, and a router with a usable view.
 func (a *app) isReady() bool {
-	if !a.ready.Load() {
+	if !a.ready.Load() || a.draining.Load() {
 		return false
 	}
 	if a.consul != nil {
@@ -121,50 +210,126 @@ func (a *app) isReady() bool {
 	return true
 }
 
+// start builds the proxy, opens the listeners, the HTTP server and the
+// Consul registration. Errors leave nothing running but what close
+// releases.
+func (a *app) start(ctx context.Context, nofile uint64) error {
+	cfg := a.cfg.Load()
+	popts, err := cfg.ProxyOptions()
+	if err != nil {
+		return err
+	}
+	popts.Router = a.router
+	popts.TLS = a.tlsProxy
+	popts.Logger = a.log.Named("proxy")
+	popts.Metrics = a.metrics
+	if popts.Limits.MaxConnections == 0 && nofile > 200 {
+		// Two descriptors a session, and room for the rest of the process.
+		popts.Limits.MaxConnections = int(nofile-100) / 2
+		a.log.Info("connection limit from the open-file limit", zap.Int("max_connections", popts.Limits.MaxConnections))
+	}
+	srv, err := proxy.NewServer(popts)
+	if err != nil {
+		return err
+	}
+	a.evictor.srv.Store(srv)
+	a.srv = srv
+	a.closers = append(a.closers, func() { srv.Close(); a.serveWG.Wait() })
+
+	specs, err := cfg.Listeners()
+	if err != nil {
+		return err
+	}
+	a.serveErr = make(chan error, len(specs))
+	for _, sp := range specs {
+		ln, err := listen(ctx, sp.Addr)
+		if err != nil {
+			return fmt.Errorf("listen %s: %w", sp.Addr, err)
+		}
+		a.lnAddrs = append(a.lnAddrs, ln.Addr())
+		a.log.Info("listening", zap.String("addr", ln.Addr().String()), zap.String("mode", sp.Listener.Mode.String()), zap.String("name", sp.Listener.Name))
+		a.serveWG.Add(1)
+		go a.serve(ln, sp)
+	}
+	if err := a.startHTTP(ctx); err != nil {
+		return err
+	}
+	bgctx, cancel := context.WithCancel(context.Background())
+	a.stopBG = cancel
+	if err := a.register(ctx, specs); err != nil {
+		return err
+	}
+	if a.regCfg != nil {
+		a.bg.Add(1)
+		go a.keepRegistered(bgctx, 5*time.Second)
+	}
+	a.bg.Add(1)
+	go func() { defer a.bg.Done(); a.notify.runWatchdog(bgctx) }()
+	a.ready.Store(true)
+	return nil
+}
+
+func (a *app) serve(ln net.Listener, sp config.ListenerSpec) {
+	defer a.serveWG.Done()
+	if err := a.srv.Serve(ln, sp.Listener); !errors.Is(err, proxy.ErrServerClosed) {
+		a.serveErr <- fmt.Errorf("listener %s: %w", sp.Addr, err)
+	}
+}
+
+// httpListenAddr is the address of the HTTP listener, "" if off.
+func httpListenAddr(cfg *config.Config) string {
+	switch addr := cfg.HTTP.Addr; addr {
+	case "off":
+		return ""
+	case "":
+		return "127.0.0.1:8080"
+	default:
+		return addr
+	}
+}
+
 // startHTTP serves health, metrics and the admin API.
 func (a *app) startHTTP(ctx context.Context) error {
-	addr := a.cfg.HTTP.Addr
-	if addr == "off" {
-		return nil
-	}
+	addr := httpListenAddr(a.cfg.Load())
 	if addr == "" {
-		addr = "127.0.0.1:8080"
+		return nil
 	}
 	ln, err := listen(ctx, addr)
 	if err != nil {
 		return fmt.Errorf("http listener %s: %w", addr, err)
 	}
+	a.httpAddr = ln.Addr()
 	a.http = &http.Server{Handler: a.handler(), ReadHeaderTimeout: 10 * time.Second}
 	a.log.Info("http listening", zap.String("addr", ln.Addr().String()))
-	go a.serveHTTP(ln)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := a.http.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			a.log.Error("http server failed", zap.Error(err))
+		}
+	}()
+	a.closers = append(a.closers, func() { a.http.Close(); <-done })
 	return nil
-}
-
-func (a *app) serveHTTP(ln net.Listener) {
-	if err := a.http.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-		a.log.Error("http server failed", zap.Error(err))
-	}
 }
 
 // register announces this instance in Consul when configured.
 func (a *app) register(ctx context.Context, specs []config.ListenerSpec) error {
-	rc := a.cfg.Consul.Register
+	cfg := a.cfg.Load()
+	rc := cfg.Consul.Register
 	if !rc.Enable {
 		return nil
 	}
-	client, err := a.cfg.ConsulClient()
+	client, err := cfg.ConsulClient()
 	if err != nil {
 		return err
 	}
 	ports := map[string]int{}
-	for _, sp := range specs {
-		_, p, _ := net.SplitHostPort(sp.Addr)
-		n, _ := strconv.Atoi(p)
-		name := sp.Listener.Mode.String()
-		if name == "tls" {
+	for i, sp := range specs {
+		// The port actually bound: ":0" in tests.
+		n := a.lnAddrs[i].(*net.TCPAddr).Port
+		name := "imap"
+		if sp.Listener.Mode == proxy.ImplicitTLS {
 			name = "imaps"
-		} else {
-			name = "imap"
 		}
 		if _, dup := ports[name]; dup {
 			name = sp.Listener.Name
@@ -181,53 +346,112 @@ func (a *app) register(ctx context.Context, specs []config.ListenerSpec) error {
 		name = "imapgate"
 	}
 	check := rc.CheckHTTP
-	if check == "" {
-		haddr := a.cfg.HTTP.Addr
-		if haddr == "" || haddr == "off" {
-			haddr = "127.0.0.1:8080"
-		}
-		check = "http://" + haddr + "/readyz"
+	if check == "" && a.httpAddr != nil {
+		check = "http://" + a.httpAddr.String() + "/readyz"
 	}
-	dereg, err := routing.Register(ctx, client, routing.RegisterConfig{
-		Name: name, ID: id, Address: rc.Address, Ports: ports, Tags: rc.Tags, CheckHTTP: check,
-	})
+	reg := routing.RegisterConfig{Name: name, ID: id, Address: rc.Address, Ports: ports, Tags: rc.Tags, CheckHTTP: check}
+	dereg, err := routing.Register(ctx, client, reg)
 	if err != nil {
 		return fmt.Errorf("consul registration: %w", err)
 	}
-	a.deregFn = dereg
+	a.regMu.Lock()
+	a.regCfg, a.deregFn = &reg, dereg
+	a.regMu.Unlock()
+	a.regClient = client
 	a.log.Info("registered in consul", zap.String("service", name), zap.String("id", id))
 	return nil
 }
 
-// reload re-reads certificates on SIGHUP.
-func (a *app) reload(f *flags) {
-	if err := a.tls.Reload(); err != nil {
-		a.log.Error("reload: certificates not reloaded, keeping the old ones", zap.Error(err))
-		return
+// keepRegistered puts this instance's registration back when it went
+// missing: after a zero-downtime upgrade the old process deregisters the
+// service ID that the new one shares, and an agent that lost its state
+// forgets it too.
+func (a *app) keepRegistered(ctx context.Context, every time.Duration) {
+	defer a.bg.Done()
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if a.draining.Load() {
+			return
+		}
+		a.regMu.Lock()
+		reg := a.regCfg
+		a.regMu.Unlock()
+		if reg == nil {
+			return
+		}
+		if a.registrationMissing(ctx, reg) {
+			a.log.Info("consul registration missing, registering again", zap.String("id", reg.ID))
+			if _, err := routing.Register(ctx, a.regClient, *reg); err != nil {
+				a.log.Warn("consul re-registration failed", zap.Error(err))
+			}
+		}
 	}
-	a.log.Info("reload: certificates reloaded")
 }
 
-// shutdown drains: deregister, stop accepting, let spliced sessions
-// finish within the grace, then close what is left.
-func (a *app) shutdown(cfg *config.Config) {
-	a.ready.Store(false)
-	if a.deregFn != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		if err := a.deregFn(ctx); err != nil {
-			a.log.Warn("consul deregistration failed", zap.Error(err))
+func (a *app) registrationMissing(ctx context.Context, reg *routing.RegisterConfig) bool {
+	for name := range reg.Ports {
+		s, _, err := a.regClient.Agent().Service(reg.ID+"-"+name, (&api.QueryOptions{}).WithContext(ctx))
+		if err != nil {
+			// 404 is "missing"; anything else (agent down) is not ours to fix.
+			var se api.StatusError
+			return errors.As(err, &se) && se.Code == http.StatusNotFound
 		}
-		cancel()
+		if s == nil {
+			return true
+		}
 	}
-	grace := shutdownGrace(cfg)
-	ctx, cancel := context.WithTimeout(context.Background(), grace)
+	return false
+}
+
+// deregister removes the Consul registration, once.
+func (a *app) deregister() {
+	a.regMu.Lock()
+	dereg := a.deregFn
+	a.regCfg, a.deregFn = nil, nil
+	a.regMu.Unlock()
+	if dereg == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := a.srv.Shutdown(ctx); err != nil {
-		a.log.Info("grace period over, closed the remaining sessions", zap.Duration("grace", grace))
+	if err := dereg(ctx); err != nil {
+		a.log.Warn("consul deregistration failed", zap.Error(err))
+		return
 	}
-	if a.http != nil {
-		hctx, hcancel := context.WithTimeout(context.Background(), 2*time.Second)
-		a.http.Shutdown(hctx)
-		hcancel()
+	a.log.Info("deregistered from consul")
+}
+
+// lateEvictor lets the Consul router, built before the proxy, evict
+// sessions of the proxy built after it.
+type lateEvictor struct{ srv atomic.Pointer[proxy.Server] }
+
+var _ routing.Evictor = (*lateEvictor)(nil)
+
+func (l *lateEvictor) EvictUser(user, keep string) int {
+	if s := l.srv.Load(); s != nil {
+		return s.EvictUser(user, keep)
 	}
+	return 0
+}
+
+func (l *lateEvictor) EvictBackend(id string) int {
+	if s := l.srv.Load(); s != nil {
+		return s.EvictBackend(id)
+	}
+	return 0
+}
+
+// consulPrefix is the KV prefix of the Consul router, as it trims it.
+func consulPrefix(cfg *config.Config) string {
+	p := strings.Trim(cfg.Consul.Prefix, "/")
+	if p == "" {
+		return "imapgate"
+	}
+	return p
 }

@@ -6,13 +6,19 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// handler serves /healthz, /readyz and /metrics.
+// handler serves /healthz (the process is alive), /readyz (it wants
+// traffic: listeners up, router usable, not draining), /metrics and the
+// admin API under /admin/ (admin.go).
 func (a *app) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Write([]byte("ok\n"))
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if a.draining.Load() {
+			http.Error(w, "draining", http.StatusServiceUnavailable)
+			return
+		}
 		if !a.isReady() {
 			http.Error(w, "not ready", http.StatusServiceUnavailable)
 			return
@@ -20,5 +26,6 @@ func (a *app) handler() http.Handler {
 		w.Write([]byte("ready\n"))
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))
+	a.adminRoutes(mux)
 	return mux
 }

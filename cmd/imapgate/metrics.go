@@ -1,10 +1,13 @@
 package main
 
 import (
+	"runtime"
+	"runtime/debug"
 	"time"
 
 	"github.com/imapgate/imapgate/proxy"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 )
 
 // promMetrics implements proxy.Metrics with Prometheus collectors.
@@ -18,9 +21,17 @@ type promMetrics struct {
 	login    *prometheus.HistogramVec
 	route    *prometheus.HistogramVec
 	limits   *prometheus.CounterVec
+
+	// Operations, counted by the app rather than the proxy.
+	reloads    *prometheus.CounterVec
+	lastReload prometheus.Gauge
+	admin      *prometheus.CounterVec
 }
 
-func newMetrics(reg prometheus.Registerer) *promMetrics {
+// newMetrics registers the proxy's metrics and the process's own on reg.
+// The Consul router registers imapgate_consul_* itself (view age, watch
+// errors, placements, evictions).
+func newMetrics(reg prometheus.Registerer, a *app) *promMetrics {
 	m := &promMetrics{
 		sessions: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "imapgate_sessions", Help: "Live client sessions by listener, state and backend."}, []string{"listener", "state", "backend"}),
 		ended:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "imapgate_sessions_ended_total", Help: "Sessions ended, by listener and how they ended."}, []string{"listener", "reason"}),
@@ -32,8 +43,102 @@ func newMetrics(reg prometheus.Registerer) *promMetrics {
 		route:    prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "imapgate_route_lookup_seconds", Help: "Time to find a user's backend.", Buckets: prometheus.ExponentialBuckets(0.000001, 4, 12)}, []string{"result"}),
 		limits:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "imapgate_limit_hits_total", Help: "Times a limit refused or ended a client, by limit."}, []string{"limit"}),
 	}
-	reg.MustRegister(m.sessions, m.ended, m.bytes, m.preauth, m.logins, m.dial, m.login, m.route, m.limits)
+	m.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "imapgate_config_reloads_total", Help: "Configuration reloads (SIGHUP or the admin API) by result: applied or refused."}, []string{"result"})
+	m.lastReload = prometheus.NewGauge(prometheus.GaugeOpts{Name: "imapgate_config_last_reload_success_timestamp_seconds", Help: "When the configuration was last loaded successfully (start-up or reload), as a Unix time."})
+	m.admin = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "imapgate_admin_actions_total", Help: "Admin API actions by action (kick, drain, undrain, move, reload) and result (ok, error)."}, []string{"action", "result"})
+	m.lastReload.SetToCurrentTime()
+	reg.MustRegister(m.sessions, m.ended, m.bytes, m.preauth, m.logins, m.dial, m.login, m.route, m.limits,
+		m.reloads, m.lastReload, m.admin,
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		buildInfo(),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "imapgate_ready", Help: "1 while this instance wants traffic (/readyz answers 200), 0 while starting or draining."},
+			func() float64 { return b2f(a.isReady()) }),
+		&tlsExpiryCollector{a: a, desc: prometheus.NewDesc(
+			"imapgate_tls_certificate_expiry_timestamp_seconds",
+			"NotAfter of the certificate served for a name, as a Unix time.",
+			[]string{"name", "source"}, nil)},
+		&backendCollector{a: a,
+			up:    prometheus.NewDesc("imapgate_backend_up", "1 if the router may send users to the backend (Consul: passing or warning and not gone; static: always).", []string{"backend"}, nil),
+			drain: prometheus.NewDesc("imapgate_backend_draining", "1 if the backend takes no new users.", []string{"backend"}, nil),
+		},
+	)
 	return m
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func (m *promMetrics) reload(result string) {
+	m.reloads.WithLabelValues(result).Inc()
+	if result == "applied" {
+		m.lastReload.SetToCurrentTime()
+	}
+}
+
+func (m *promMetrics) adminAction(action string, err error) {
+	r := "ok"
+	if err != nil {
+		r = "error"
+	}
+	m.admin.WithLabelValues(action, r).Inc()
+}
+
+// buildInfo is the conventional constant 1 labelled with the version.
+func buildInfo() prometheus.Collector {
+	version, goVersion := "(devel)", runtime.Version()
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+		version = bi.Main.Version
+	}
+	g := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name:        "imapgate_build_info",
+		Help:        "Always 1; the labels say which imapgate is running.",
+		ConstLabels: prometheus.Labels{"version": version, "goversion": goVersion},
+	})
+	g.Set(1)
+	return g
+}
+
+// tlsExpiryCollector exports the expiry of the certificates of whichever
+// tls.Manager is in force: a reload may replace the manager, and two
+// managers cannot register the same metric.
+type tlsExpiryCollector struct {
+	a    *app
+	desc *prometheus.Desc
+}
+
+func (c *tlsExpiryCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c *tlsExpiryCollector) Collect(ch chan<- prometheus.Metric) {
+	mgr := c.a.tlsMgr.Load()
+	if mgr == nil {
+		return
+	}
+	for _, e := range mgr.Expiry() {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(e.NotAfter.Unix()), e.Name, e.Source.String())
+	}
+}
+
+// backendCollector exports each backend's state as the admin API sees it.
+type backendCollector struct {
+	a         *app
+	up, drain *prometheus.Desc
+}
+
+func (c *backendCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.up; ch <- c.drain }
+
+func (c *backendCollector) Collect(ch chan<- prometheus.Metric) {
+	if c.a.router == nil {
+		return
+	}
+	for _, b := range c.a.backends(false) {
+		ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, b2f(b.Up), b.ID)
+		ch <- prometheus.MustNewConstMetric(c.drain, prometheus.GaugeValue, b2f(b.Drain), b.ID)
+	}
 }
 
 var _ proxy.Metrics = (*promMetrics)(nil)

@@ -7,14 +7,9 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"sync"
-	"sync/atomic"
 	"syscall"
-	"time"
 
 	"github.com/imapgate/imapgate/internal/config"
-	"github.com/imapgate/imapgate/proxy"
-	"github.com/imapgate/imapgate/routing"
 	igtls "github.com/imapgate/imapgate/tls"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -53,7 +48,36 @@ func newLogger(cfg *config.Config) (*zap.Logger, error) {
 	}
 	zc.Level = zap.NewAtomicLevelAt(lvl)
 	zc.DisableStacktrace = true
-	return zc.Build()
+	return zc.Build(zap.WrapCore(func(c zapcore.Core) zapcore.Core {
+		return &levelCore{Core: c, level: zc.Level}
+	}))
+}
+
+// levelCore carries the logger's AtomicLevel so that a reload can change
+// the level of the logger it was handed (there is no global logger to
+// reach for). It filters nothing itself: the wrapped core already uses
+// the same AtomicLevel.
+type levelCore struct {
+	zapcore.Core
+	level zap.AtomicLevel
+}
+
+func (c *levelCore) With(f []zapcore.Field) zapcore.Core {
+	return &levelCore{Core: c.Core.With(f), level: c.level}
+}
+
+// Check must be forwarded explicitly: the embedded core's Check would add
+// itself, not the wrapper, to the entry.
+func (c *levelCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
+	return c.Core.Check(e, ce)
+}
+
+// levelOf returns the level of a logger built by newLogger, else nil.
+func levelOf(log *zap.Logger) *zap.AtomicLevel {
+	if c, ok := log.Core().(*levelCore); ok {
+		return &c.level
+	}
+	return nil
 }
 
 // raiseOpenFileLimit raises the soft RLIMIT_NOFILE to the hard one: every
@@ -125,25 +149,8 @@ func tlsConfig(cfg *config.Config, consulAddr string) igtls.Config {
 	return c
 }
 
-// lateEvictor lets the Consul router, built before the proxy, evict
-// sessions of the proxy built after it.
-type lateEvictor struct{ srv atomic.Pointer[proxy.Server] }
-
-func (l *lateEvictor) EvictUser(user, keep string) int {
-	if s := l.srv.Load(); s != nil {
-		return s.EvictUser(user, keep)
-	}
-	return 0
-}
-
-func (l *lateEvictor) EvictBackend(id string) int {
-	if s := l.srv.Load(); s != nil {
-		return s.EvictBackend(id)
-	}
-	return 0
-}
-
-// run starts imapgate and blocks until a signal stops it.
+// run starts imapgate and blocks until a signal stops it. SIGHUP reloads
+// the configuration file and the certificates; SIGTERM and SIGINT drain.
 func run(ctx context.Context, cfg *config.Config, f *flags, demo bool, log *zap.Logger) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -159,95 +166,43 @@ func run(ctx context.Context, cfg *config.Config, f *flags, demo bool, log *zap.
 			return fmt.Errorf("demo configuration: %w", err)
 		}
 	}
-	app, err := newApp(ctx, cfg, log)
-	if err != nil {
-		return err
-	}
-	defer app.close()
-
-	popts, err := cfg.ProxyOptions()
-	if err != nil {
-		return err
-	}
-	popts.Router = app.router
-	popts.TLS = app.tls.ServerConfig()
-	popts.Logger = log.Named("proxy")
-	popts.Metrics = app.metrics
-	if popts.Limits.MaxConnections == 0 && nofile > 200 {
-		// Two descriptors a session, and room for the rest of the process.
-		popts.Limits.MaxConnections = int(nofile-100) / 2
-		log.Info("connection limit from the open-file limit", zap.Int("max_connections", popts.Limits.MaxConnections))
-	}
-	srv, err := proxy.NewServer(popts)
-	if err != nil {
-		return err
-	}
-	app.evictor.srv.Store(srv)
-	app.srv = srv
-
-	specs, err := cfg.Listeners()
-	if err != nil {
-		return err
-	}
-	var wg sync.WaitGroup
-	serveErr := make(chan error, len(specs))
-	for _, sp := range specs {
-		ln, err := listen(ctx, sp.Addr)
-		if err != nil {
-			srv.Close()
-			wg.Wait()
-			return fmt.Errorf("listen %s: %w", sp.Addr, err)
-		}
-		log.Info("listening", zap.String("addr", ln.Addr().String()), zap.String("mode", sp.Listener.Mode.String()), zap.String("name", sp.Listener.Name))
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := srv.Serve(ln, sp.Listener); !errors.Is(err, proxy.ErrServerClosed) {
-				serveErr <- fmt.Errorf("listener %s: %w", sp.Addr, err)
-			}
-		}()
-	}
-	if err := app.startHTTP(ctx); err != nil {
-		srv.Close()
-		wg.Wait()
-		return err
-	}
-	if err := app.register(ctx, specs); err != nil {
-		srv.Close()
-		wg.Wait()
-		return err
-	}
-	app.ready.Store(true)
-
+	// Signals are caught before anything listens, so that a SIGTERM during
+	// start-up is a clean stop, not the default death.
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)
+
+	a, err := newApp(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer a.close()
+	a.flags = f
+	a.notify = newNotifier(os.Getenv)
+	if err := a.start(ctx, nofile); err != nil {
+		return err
+	}
+	if err := a.notify.ready("serving"); err != nil {
+		log.Warn("cannot tell systemd we are ready", zap.Error(err))
+	}
+
 	for {
 		select {
-		case err := <-serveErr:
+		case err := <-a.serveErr:
 			log.Error("listener failed, shutting down", zap.Error(err))
-			app.shutdown(cfg)
-			wg.Wait()
+			a.shutdown()
 			return err
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
-				app.reload(f)
+				a.notify.reloading()
+				a.reload(context.Background())
+				a.notify.ready("serving")
 				continue
 			}
 			log.Info("shutting down", zap.String("signal", sig.String()))
-			app.shutdown(cfg)
-			wg.Wait()
+			a.notify.stopping("draining")
+			a.shutdown()
 			return nil
 		}
 	}
 }
-
-// shutdownGrace is how long spliced sessions may go on after SIGTERM.
-func shutdownGrace(cfg *config.Config) time.Duration {
-	if g := cfg.Shutdown.Grace.D(); g > 0 {
-		return g
-	}
-	return 30 * time.Second
-}
-
-var _ routing.Evictor = (*lateEvictor)(nil)
