@@ -2,12 +2,15 @@ package proxy
 
 import (
 	"bufio"
+	"net/netip"
+
 	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"github.com/emersion/go-sasl"
 	"io"
 	"net"
 	"strconv"
@@ -52,10 +55,65 @@ type backendConn struct {
 	n    int // tag counter
 }
 
-// loginBackend connects to b and logs in with cr, forwarding id (pairs)
-// first when the backend supports ID. Any error other than
-// *backendRefusedError means the backend is unavailable.
-func (s *Server) loginBackend(ctx context.Context, b *routing.Backend, cr *credentials, id []string) (*backendLogin, error) {
+// clientInfo is what a backend may learn about the client.
+type clientInfo struct {
+	remote, local netip.AddrPort
+	id            []string // ID pairs to forward; nil means none
+}
+
+// relayFunc shows the client a SASL challenge from the backend and
+// returns the client's answer line.
+type relayFunc func(challenge string) (string, error)
+
+// loginBackend logs in to b on behalf of the client: with its own
+// credentials, or as the master user once they are verified. Any error
+// other than *backendRefusedError (and the client going away) means the
+// backend is unavailable.
+func (s *Server) loginBackend(ctx context.Context, b *routing.Backend, cr *credentials, ci *clientInfo, relay relayFunc) (*backendLogin, error) {
+	mst := s.opts.Backend.Master
+	if mst == nil || cr.oauth != nil {
+		return s.dialLogin(ctx, b, cr, ci, relay)
+	}
+	if cr.authzid != "" && !strings.EqualFold(cr.authzid, cr.user) {
+		return nil, &backendRefusedError{code: "AUTHORIZATIONFAILED", text: "Logging in as another user is not allowed here"}
+	}
+	var err error
+	if _, ok := mst.Verifier.(backendVerifier); ok {
+		var bl *backendLogin
+		if bl, err = s.dialLogin(ctx, b, cr, ci, nil); err == nil {
+			io.WriteString(bl.conn, "ig0 LOGOUT\r\n")
+			bl.conn.Close()
+		}
+	} else if err = mst.Verifier.VerifyPassword(ctx, cr.user, cr.pass); errors.Is(err, ErrBadPassword) {
+		err = &backendRefusedError{code: "AUTHENTICATIONFAILED", text: "Authentication failed."}
+	}
+	if err != nil {
+		return nil, err
+	}
+	mc := &credentials{mech: sasl.Plain, authzid: cr.user, user: mst.User, pass: mst.Password}
+	if mst.Form == MasterSeparator {
+		sep := mst.Separator
+		if sep == "" {
+			sep = "*"
+		}
+		mc = &credentials{mech: "LOGIN", user: cr.user + sep + mst.User, pass: mst.Password}
+	}
+	return s.dialLogin(ctx, b, mc, ci, nil)
+}
+
+// VerifyOnBackend is a PasswordVerifier for master logins that checks the
+// client's password by logging in to its backend with it (and out again)
+// on a separate connection: every login then costs the backend two.
+var VerifyOnBackend PasswordVerifier = backendVerifier{}
+
+type backendVerifier struct{}
+
+func (backendVerifier) VerifyPassword(context.Context, string, string) error {
+	return errors.New("proxy: VerifyOnBackend only works inside a Server")
+}
+
+// dialLogin connects to b and logs in with cr.
+func (s *Server) dialLogin(ctx context.Context, b *routing.Backend, cr *credentials, ci *clientInfo, relay relayFunc) (*backendLogin, error) {
 	t := s.opts.Timeouts
 	deadline := time.Now().Add(t.BackendLogin)
 	ctx, cancel := context.WithDeadline(ctx, deadline)
@@ -69,7 +127,7 @@ func (s *Server) loginBackend(ctx context.Context, b *routing.Backend, cr *crede
 		s.opts.Metrics.BackendLogin(b.ID, dialTook, 0, false)
 		return nil, fmt.Errorf("dial: %w", err)
 	}
-	bl, err := s.loginOn(ctx, conn, b, cr, id, deadline)
+	bl, err := s.loginOn(ctx, conn, b, cr, ci, relay, deadline)
 	s.opts.Metrics.BackendLogin(b.ID, dialTook, time.Since(t0)-dialTook, err == nil)
 	if err != nil {
 		conn.Close()
@@ -97,12 +155,18 @@ func (s *Server) backendTLS(b *routing.Backend) *tls.Config {
 	return cfg
 }
 
-func (s *Server) loginOn(ctx context.Context, conn net.Conn, b *routing.Backend, cr *credentials, id []string, deadline time.Time) (*backendLogin, error) {
+func (s *Server) loginOn(ctx context.Context, conn net.Conn, b *routing.Backend, cr *credentials, ci *clientInfo, relay relayFunc, deadline time.Time) (*backendLogin, error) {
 	// The context's deadline covers the handshakes; the conn's deadline
 	// covers every read and write. A cancelled context closes the conn.
 	conn.SetDeadline(deadline)
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
+
+	if v := b.ProxyProtocol; v == 1 || v == 2 {
+		if err := writeProxyHeader(conn, v, ci.remote, ci.local); err != nil {
+			return nil, fmt.Errorf("PROXY header: %w", err)
+		}
+	}
 
 	if b.Security == routing.SecurityTLS {
 		tc := tls.Client(conn, s.backendTLS(b))
@@ -144,18 +208,26 @@ func (s *Server) loginOn(ctx context.Context, conn net.Conn, b *routing.Backend,
 			return nil, err
 		}
 	}
-	if len(id) > 0 && hasCap(caps, "ID") {
+	if len(ci.id) > 0 && hasCap(caps, "ID") {
 		// The answer does not matter; a backend that dislikes our ID still
 		// lets the client log in.
-		if _, _, err := bc.simple("ID " + idList(id)); err != nil && !isRefusal(err) {
+		if _, _, err := bc.simple("ID " + idList(ci.id)); err != nil && !isRefusal(err) {
 			return nil, fmt.Errorf("ID: %w", err)
 		}
 	}
 
 	var code string
+	saslIR := hasCap(caps, "SASL-IR")
 	switch {
+	case cr.oauth != nil:
+		if !hasCap(caps, "AUTH="+cr.mech) {
+			return nil, fmt.Errorf("backend does not offer AUTH=%s", cr.mech)
+		}
+		code, err = bc.authenticate(cr.mech, cr.oauth, saslIR, relay)
 	case hasCap(caps, "AUTH=PLAIN"):
-		code, err = bc.authPlain(cr, hasCap(caps, "SASL-IR"))
+		code, err = bc.authenticate(sasl.Plain, []byte(cr.authzid+"\x00"+cr.user+"\x00"+cr.pass), saslIR, nil)
+	case cr.authzid != "":
+		return nil, errors.New("backend lacks AUTH=PLAIN, needed for a login with an authorization identity")
 	case hasCap(caps, "LOGINDISABLED"):
 		return nil, errors.New("backend has LOGINDISABLED and no AUTH=PLAIN (configure TLS or STARTTLS to it)")
 	default:
@@ -364,27 +436,63 @@ func (bc *backendConn) capability() (string, error) {
 	return caps, nil
 }
 
-// authPlain runs AUTHENTICATE PLAIN and returns the tagged OK's code.
-func (bc *backendConn) authPlain(cr *credentials, saslIR bool) (string, error) {
-	ir := base64.StdEncoding.EncodeToString([]byte(cr.authzid + "\x00" + cr.user + "\x00" + cr.pass))
+// authenticate runs AUTHENTICATE mech with payload as the first response
+// and returns the tagged OK's code. Later challenges (the OAuth error
+// challenge) go to relay and its answers back to the backend; without a
+// relay they are cancelled.
+func (bc *backendConn) authenticate(mech string, payload []byte, saslIR bool, relay relayFunc) (string, error) {
+	first := base64.StdEncoding.EncodeToString(payload)
+	if first == "" {
+		first = "="
+	}
 	tag := bc.nextTag()
+	cmd := tag + " AUTHENTICATE " + mech
+	sent := saslIR
 	if saslIR {
-		if err := bc.send(tag + " AUTHENTICATE PLAIN " + ir + "\r\n"); err != nil {
+		cmd += " " + first
+	}
+	if err := bc.send(cmd + "\r\n"); err != nil {
+		return "", err
+	}
+	for {
+		line, err := bc.readLine()
+		if err != nil {
 			return "", err
 		}
-	} else {
-		if err := bc.send(tag + " AUTHENTICATE PLAIN\r\n"); err != nil {
-			return "", err
+		if chal, ok := strings.CutPrefix(line, "+"); ok {
+			resp := first
+			switch {
+			case !sent:
+				sent = true
+			case relay == nil:
+				resp = "*"
+			default:
+				if resp, err = relay(strings.TrimPrefix(chal, " ")); err != nil {
+					return "", errClientGone
+				}
+			}
+			if err := bc.send(resp + "\r\n"); err != nil {
+				return "", err
+			}
+			continue
 		}
-		if err := bc.awaitContinuation(tag); err != nil {
-			return "", err
+		if rest, ok := strings.CutPrefix(line, tag+" "); ok {
+			status, rest, _ := strings.Cut(rest, " ")
+			code, text := respCode(rest)
+			switch strings.ToUpper(status) {
+			case "OK":
+				return code, nil
+			case "NO", "BAD":
+				return "", &backendRefusedError{code: sanitize(code), text: sanitize(text)}
+			}
+			return "", fmt.Errorf("unexpected response %q", truncate(line))
 		}
-		if err := bc.send(ir + "\r\n"); err != nil {
-			return "", err
+		if c, ok := strings.CutPrefix(line, "* "); ok {
+			if _, bye := cutPrefixFold(c, "BYE"); bye {
+				return "", fmt.Errorf("backend said %q", truncate(line))
+			}
 		}
 	}
-	code, _, err := bc.result(tag)
-	return code, err
 }
 
 // awaitContinuation reads until a "+" (or the command's failure).

@@ -206,7 +206,11 @@ func FuzzDecodePlain(f *testing.F) {
 	f.Add("*")
 	f.Add("YQBiAGM=")
 	f.Fuzz(func(t *testing.T, in string) {
-		cr, err := decodePlain(in)
+		raw, err := decodeSASL(in)
+		if err != nil {
+			return
+		}
+		cr, err := decodePlain(raw)
 		if err != nil {
 			return
 		}
@@ -215,6 +219,27 @@ func FuzzDecodePlain(f *testing.F) {
 		}
 		if strings.Contains(cr.user, "\x00") || strings.Contains(cr.pass, "\x00") || strings.Contains(cr.authzid, "\x00") {
 			t.Fatalf("NUL leaked into a credential: %q", in)
+		}
+	})
+}
+
+func FuzzDecodeOAuth(f *testing.F) {
+	f.Add("XOAUTH2", []byte("user=alice@example.org\x01auth=Bearer tok\x01\x01"))
+	f.Add("OAUTHBEARER", []byte("n,a=alice@example.org,\x01host=x\x01port=993\x01auth=Bearer tok\x01\x01"))
+	f.Add("OAUTHBEARER", []byte("n,,\x01auth=Bearer tok\x01\x01"))
+	f.Fuzz(func(t *testing.T, mech string, raw []byte) {
+		if mech != mechXOAuth2 && mech != mechOAuthBearer {
+			return
+		}
+		cr, err := decodeOAuth(mech, raw)
+		if err != nil {
+			return
+		}
+		if cr.user == "" || strings.ContainsAny(cr.user, "\x00\r\n") {
+			t.Fatalf("accepted an OAuth response with user %q", cr.user)
+		}
+		if string(cr.oauth) != string(raw) {
+			t.Fatal("the relayed response differs from the client's")
 		}
 	})
 }

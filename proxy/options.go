@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"crypto/tls"
 	"net/netip"
 	"time"
@@ -46,9 +47,14 @@ type CapabilityOptions struct {
 	// backends have it).
 	Extra []string
 	// Replace, if not empty, is the whole list instead of the built-in
-	// one; STARTTLS, LOGINDISABLED and AUTH=PLAIN are still added or left
-	// out as the connection's state requires.
+	// one; STARTTLS, LOGINDISABLED and AUTH= are still added or left out
+	// as the connection's state requires.
 	Replace []string
+	// AuthMechanisms are the SASL mechanisms offered (AUTH=...) once
+	// credentials may be sent: any of PLAIN, LOGIN, XOAUTH2 and
+	// OAUTHBEARER. The OAuth ones are relayed to the backend, which must
+	// offer them too. Empty means PLAIN and LOGIN.
+	AuthMechanisms []string
 }
 
 // BackendOptions shape the login imapgate performs on the backend.
@@ -61,6 +67,43 @@ type BackendOptions struct {
 	// TLS is the default client TLS config for backends whose
 	// routing.Backend has none. Nil means system roots.
 	TLS *tls.Config
+	// Master, if not nil, makes imapgate log in to backends as a master
+	// user on behalf of the client, after Master.Verifier accepted the
+	// client's password. OAuth logins are still relayed as they are.
+	Master *MasterLogin
+}
+
+// MasterForm is how a master login names the user it acts for.
+type MasterForm uint8
+
+const (
+	// MasterAuthzid uses AUTHENTICATE PLAIN with the user as the
+	// authorization identity and the master as the authentication identity
+	// (RFC 4616); Dovecot and Cyrus accept it.
+	MasterAuthzid MasterForm = iota
+	// MasterSeparator logs in as "user" + Separator + "master" (Dovecot's
+	// auth_master_user_separator), for backends without AUTH=PLAIN.
+	MasterSeparator
+)
+
+// MasterLogin configures master-user logins.
+type MasterLogin struct {
+	User     string
+	Password string
+	Form     MasterForm
+	// Separator for MasterSeparator. Empty means "*".
+	Separator string
+	// Verifier checks the client's own password first. Required: without
+	// it anyone could log in as anyone.
+	Verifier PasswordVerifier
+}
+
+// PasswordVerifier checks a user's password, for master-user logins.
+type PasswordVerifier interface {
+	// VerifyPassword returns nil if pass is user's password, an error
+	// wrapping ErrBadPassword if it is not, or another error if it cannot
+	// tell (the client then gets NO [UNAVAILABLE]).
+	VerifyPassword(ctx context.Context, user, pass string) error
 }
 
 // Limits bound what one client may cost. Zero means the default given;
@@ -92,6 +135,25 @@ type Limits struct {
 	// MaxConnectionsPerIP is the most concurrent connections from one
 	// client address. Zero means 100; negative means no limit.
 	MaxConnectionsPerIP int
+	// IPFailures limits failed logins per client network (an IPv4
+	// address, an IPv6 /64). Zero values mean a burst of 20 refilled one
+	// every 6 s.
+	IPFailures RateLimit
+	// UserFailures limits failed logins per user name, from anywhere. Zero
+	// values mean a burst of 30 refilled one every 20 s. A user over the
+	// limit is refused even with the right password until it refills:
+	// that is the price of stopping a distributed guess at one account.
+	UserFailures RateLimit
+	// FailureKeys bounds how many networks and users the failure limits
+	// remember (each limit separately). Zero means 100,000.
+	FailureKeys int
+}
+
+// RateLimit is a token bucket: Burst failures at once, then one more each
+// Refill. A negative Burst turns the limit off.
+type RateLimit struct {
+	Burst  int
+	Refill time.Duration
 }
 
 // Timeouts bound each protocol state. Zero means the default given;
@@ -148,6 +210,12 @@ type Listener struct {
 	// listener without TLS (a trusted network, a local webmail). Empty
 	// means nobody: LOGINDISABLED is advertised until STARTTLS.
 	InsecureAuth []netip.Prefix
+	// ProxyProtocolFrom lists the load balancers' networks: a connection
+	// from them must start with a PROXY protocol (v1 or v2) header, whose
+	// client address then counts for limits, logs and the backend. Other
+	// peers are never believed: a PROXY line from them is a bad command.
+	// Empty means none.
+	ProxyProtocolFrom []netip.Prefix
 }
 
 func (o *Options) withDefaults() Options {
@@ -169,6 +237,14 @@ func (o *Options) withDefaults() Options {
 	def(&l.MaxAuthFailures, 3)
 	def(&l.AuthFailureDelay, 2*time.Second)
 	def(&l.MaxConnectionsPerIP, 100)
+	def(&l.IPFailures.Burst, 20)
+	def(&l.IPFailures.Refill, 6*time.Second)
+	def(&l.UserFailures.Burst, 30)
+	def(&l.UserFailures.Refill, 20*time.Second)
+	def(&l.FailureKeys, 100_000)
+	if len(r.Capabilities.AuthMechanisms) == 0 {
+		r.Capabilities.AuthMechanisms = []string{"PLAIN", "LOGIN"}
+	}
 	t := &r.Timeouts
 	def(&t.TLSHandshake, 20*time.Second)
 	def(&t.PreAuthIdle, 60*time.Second)

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"sync"
@@ -16,11 +17,17 @@ import (
 // ErrServerClosed is returned by Serve after Shutdown or Close.
 var ErrServerClosed = errors.New("proxy: server closed")
 
+// ErrBadPassword is what a PasswordVerifier wraps for a wrong password.
+var ErrBadPassword = errors.New("proxy: wrong password")
+
 // Server accepts IMAP clients and proxies them to their backends. Create
 // it with NewServer, give it listeners with Serve, stop it with Shutdown.
 type Server struct {
 	opts Options
 	log  *zap.Logger
+
+	ipFails   *failureLimiter // nil when off
+	userFails *failureLimiter
 
 	closing atomic.Bool
 	// base is cancelled by Close: it ends every session's blocking work.
@@ -42,6 +49,14 @@ func NewServer(opts Options) (*Server, error) {
 	if opts.Router == nil {
 		return nil, errors.New("proxy: Options.Router is required")
 	}
+	if m := opts.Backend.Master; m != nil && (m.Verifier == nil || m.User == "") {
+		return nil, errors.New("proxy: a master login needs a user and a Verifier for the clients' passwords")
+	}
+	for _, mech := range opts.Capabilities.AuthMechanisms {
+		if !knownMechanism(mech) {
+			return nil, fmt.Errorf("proxy: unsupported SASL mechanism %q", mech)
+		}
+	}
 	o := opts.withDefaults()
 	s := &Server{
 		opts:      o,
@@ -49,6 +64,8 @@ func NewServer(opts Options) (*Server, error) {
 		listeners: make(map[net.Listener]struct{}),
 		sessions:  make(map[*session]struct{}),
 		perIP:     make(map[netip.Addr]int),
+		ipFails:   newFailureLimiter(o.Limits.IPFailures.Burst, o.Limits.IPFailures.Refill, o.Limits.FailureKeys),
+		userFails: newFailureLimiter(o.Limits.UserFailures.Burst, o.Limits.UserFailures.Refill, o.Limits.FailureKeys),
 	}
 	s.base, s.cancelBase = context.WithCancel(context.Background())
 	return s, nil
@@ -111,7 +128,21 @@ func isTemporary(err error) bool {
 
 // serveConn runs one client connection from accept to close.
 func (s *Server) serveConn(c net.Conn, l *Listener) {
-	remote := addrPort(c.RemoteAddr())
+	remote, local := addrPort(c.RemoteAddr()), addrPort(c.LocalAddr())
+	if trusted(l.ProxyProtocolFrom, remote.Addr()) {
+		c.SetReadDeadline(time.Now().Add(s.opts.Timeouts.TLSHandshake))
+		src, dst, ok, err := readProxyHeader(c)
+		c.SetReadDeadline(time.Time{})
+		if err != nil {
+			s.opts.Metrics.LimitHit("proxy_protocol")
+			s.log.Warn("bad PROXY protocol header from a load balancer", zap.String("peer", remote.String()), zap.Error(err))
+			c.Close()
+			return
+		}
+		if ok {
+			remote, local = src, dst
+		}
+	}
 	if reason := s.admit(remote.Addr()); reason != "" {
 		s.opts.Metrics.LimitHit(reason)
 		s.log.Warn("connection refused", zap.String("client", remote.String()), zap.String("limit", reason))
@@ -122,7 +153,7 @@ func (s *Server) serveConn(c net.Conn, l *Listener) {
 		c.Close()
 		return
 	}
-	sess := newSession(s, c, l, remote)
+	sess := newSession(s, c, l, remote, local)
 	s.mu.Lock()
 	s.sessions[sess] = struct{}{}
 	s.mu.Unlock()
@@ -158,6 +189,15 @@ func (s *Server) admit(ip netip.Addr) string {
 	s.perIP[ip]++
 	s.active.Add(1)
 	return ""
+}
+
+func trusted(nets []netip.Prefix, a netip.Addr) bool {
+	for _, p := range nets {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
 }
 
 func addrPort(a net.Addr) netip.AddrPort {

@@ -69,7 +69,7 @@ type session struct {
 	in, out atomic.Int64 // bytes client→backend and backend→client
 }
 
-func newSession(s *Server, c net.Conn, l *Listener, remote netip.AddrPort) *session {
+func newSession(s *Server, c net.Conn, l *Listener, remote, local netip.AddrPort) *session {
 	var idb [10]byte
 	rand.Read(idb[:])
 	sess := &session{
@@ -77,7 +77,7 @@ func newSession(s *Server, c net.Conn, l *Listener, remote netip.AddrPort) *sess
 		lst:        l,
 		id:         strings.ToLower(base32.StdEncoding.EncodeToString(idb[:])),
 		remote:     remote,
-		local:      addrPort(c.LocalAddr()),
+		local:      local,
 		start:      time.Now(),
 		raw:        c,
 		client:     c,
@@ -298,12 +298,7 @@ func (s *session) authAllowed() bool {
 	if s.tls {
 		return true
 	}
-	for _, p := range s.lst.InsecureAuth {
-		if p.Contains(s.remote.Addr()) {
-			return true
-		}
-	}
-	return false
+	return trusted(s.lst.InsecureAuth, s.remote.Addr())
 }
 
 // capabilities is the pre-auth capability list for the session's state.
@@ -324,7 +319,9 @@ func (s *session) capabilities() string {
 		caps = append(caps, "STARTTLS")
 	}
 	if s.authAllowed() {
-		caps = append(caps, "AUTH=PLAIN")
+		for _, m := range s.srv.opts.Capabilities.AuthMechanisms {
+			caps = append(caps, "AUTH="+strings.ToUpper(m))
+		}
 	} else {
 		caps = append(caps, "LOGINDISABLED")
 	}
@@ -418,7 +415,7 @@ func isOtherProtocol(cmd *command) bool {
 				return true
 			}
 		}
-	case "EHLO", "HELO", "USER", "CAPA", "STLS", "QUIT":
+	case "EHLO", "HELO", "USER", "CAPA", "STLS", "QUIT", "PROXY":
 		return true
 	}
 	return false
@@ -542,10 +539,11 @@ func (s *session) cmdID(cmd *command) bool {
 
 // credentials are what the client logged in with. They never reach a log.
 type credentials struct {
-	authzid string // AUTHENTICATE PLAIN's authorization identity, or ""
+	mech    string // "LOGIN" (the command) or the SASL mechanism
+	authzid string // PLAIN's authorization identity, or ""
 	user    string
 	pass    string
-	mech    string // "LOGIN" (the command) or the SASL mechanism
+	oauth   []byte // XOAUTH2/OAUTHBEARER: the client's response, relayed as is
 }
 
 // routingUser is the name a login is routed by: the authorization identity
@@ -567,12 +565,22 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 		m.Login("refused", "privacy_required")
 		return nil, !s.writeString(tag + " NO [PRIVACYREQUIRED] Use STARTTLS before logging in\r\n")
 	}
-	if strings.ContainsAny(cr.user, "\x00\r\n") || strings.ContainsAny(cr.pass, "\x00\r\n") || strings.ContainsAny(cr.authzid, "\x00\r\n") || cr.user == "" {
+	if strings.ContainsAny(cr.user+cr.pass+cr.authzid, "\x00\r\n") || cr.user == "" {
 		m.Login("refused", "invalid_credentials")
-		return nil, !s.bad(tag, "Invalid characters in credentials")
+		return nil, !s.bad(tag, "[CLIENTBUG] Invalid characters in credentials")
 	}
 	user := routing.NormalizeUser(cr.routingUser())
-	log := s.log.With(zap.String("user", user))
+	log := s.log.With(zap.String("user", user), zap.String("mech", cr.mech))
+	now := time.Now()
+	netKey := clientNetwork(s.remote.Addr())
+	if !s.srv.ipFails.allowed(netKey, now) || !s.srv.userFails.allowed(user, now) {
+		// Refused before the backend is asked: guessing costs the
+		// backend nothing once a network or an account is over its limit.
+		m.LimitHit("auth_failure_rate")
+		m.Login("refused", "rate_limited")
+		log.Warn("login refused: too many recent failures", zap.String("network", netKey))
+		return s.loginRefused(ctx, tag, "LIMIT", "Too many failed logins, try again later")
+	}
 	s.setState(stateLogin)
 
 	// The login's context ends with the Not Authenticated state.
@@ -591,30 +599,26 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 	s.backend = b
 	s.mu.Unlock()
 
-	bl, err := s.srv.loginBackend(lctx, b, &cr, s.forwardedID())
+	bl, err := s.srv.loginBackend(lctx, b, &cr, s.clientInfo(), s.readContinuation)
 	if err != nil {
 		s.mu.Lock()
 		s.backend = nil
 		s.mu.Unlock()
 		s.setState(statePreAuth)
 		var refused *backendRefusedError
-		if errors.As(err, &refused) {
-			s.authFails++
+		switch {
+		case errors.As(err, &refused):
+			s.srv.ipFails.fail(netKey, time.Now())
+			s.srv.userFails.fail(user, time.Now())
 			m.Login("refused", "backend_no")
-			log.Info("login failed", zap.String("backend", b.ID), zap.String("mech", cr.mech), zap.String("reason", refused.Error()), zap.Int("failures", s.authFails))
-			s.failureDelay(ctx)
+			log.Info("login failed", zap.String("backend", b.ID), zap.String("reason", refused.Error()), zap.Int("failures", s.authFails+1))
 			code := refused.code
 			if code == "" {
 				code = "AUTHENTICATIONFAILED"
 			}
-			reply := tag + " NO [" + code + "] " + refused.text + "\r\n"
-			if s.authFails >= s.srv.opts.Limits.MaxAuthFailures {
-				m.LimitHit("auth_failures")
-				s.setReason("auth_failures")
-				s.writeString(reply + "* BYE Too many login failures\r\n")
-				return nil, true
-			}
-			return nil, !s.writeString(reply)
+			return s.loginRefused(ctx, tag, code, refused.text)
+		case errors.Is(err, errClientGone):
+			return nil, true
 		}
 		m.Login("unavailable", "backend_error")
 		log.Warn("login failed: backend unavailable", zap.String("backend", b.ID), zap.String("backend_addr", b.Addr), zap.Error(err))
@@ -630,13 +634,36 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 	s.user = user
 	s.bconn = bl.conn
 	s.mu.Unlock()
-	m.Login("ok", cr.mech)
-	log.Info("login", zap.String("backend", b.ID), zap.String("mech", cr.mech), zap.Duration("took", time.Since(t0)))
+	m.Login("ok", strings.ToLower(cr.mech))
+	log.Info("login", zap.String("backend", b.ID), zap.Duration("took", time.Since(t0)))
 	if !s.writeString(tag + " OK [CAPABILITY " + bl.caps + "] Logged in\r\n") {
 		bl.conn.Close()
 		return nil, true
 	}
 	return bl, false
+}
+
+// loginRefused answers a failed login after the failure delay, and hangs
+// up after too many on this connection.
+func (s *session) loginRefused(ctx context.Context, tag, code, text string) (*backendLogin, bool) {
+	s.authFails++
+	s.failureDelay(ctx)
+	if text == "" {
+		text = "Authentication failed."
+	}
+	reply := tag + " NO [" + code + "] " + text + "\r\n"
+	if s.authFails >= s.srv.opts.Limits.MaxAuthFailures {
+		s.srv.opts.Metrics.LimitHit("auth_failures")
+		s.setReason("auth_failures")
+		s.writeString(reply + "* BYE Too many login failures\r\n")
+		return nil, true
+	}
+	return nil, !s.writeString(reply)
+}
+
+// clientInfo is what the backend may learn about the client.
+func (s *session) clientInfo() *clientInfo {
+	return &clientInfo{remote: s.remote, local: s.local, id: s.forwardedID()}
 }
 
 // failureDelay slows down password guessing on this connection.
