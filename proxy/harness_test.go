@@ -83,6 +83,15 @@ func fixedRouter(b *routing.Backend) routing.Router {
 
 func newHarness(t testing.TB, router routing.Router, mod func(*Options)) *harness {
 	t.Helper()
+	return newHarnessListeners(t, router, mod, Listener{Mode: StartTLS})
+}
+
+func bufioReader(c net.Conn) *bufio.Reader { return bufio.NewReader(c) }
+
+// newHarnessListeners is newHarness with the StartTLS listener's options
+// given (the implicit-TLS one keeps the defaults).
+func newHarnessListeners(t testing.TB, router routing.Router, mod func(*Options), st Listener) *harness {
+	t.Helper()
 	ca := testenv.NewTestCA(t)
 	opts := Options{
 		Router: router,
@@ -98,7 +107,8 @@ func newHarness(t testing.TB, router routing.Router, mod func(*Options)) *harnes
 		t.Fatal(err)
 	}
 	h := &harness{srv: srv, clientTLS: &tls.Config{RootCAs: ca.Pool, ServerName: "localhost"}}
-	for _, mode := range []ListenMode{ImplicitTLS, StartTLS} {
+	for _, l := range []Listener{{Mode: ImplicitTLS}, st} {
+		mode := l.Mode
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
@@ -111,7 +121,7 @@ func newHarness(t testing.TB, router routing.Router, mod func(*Options)) *harnes
 		h.wg.Add(1)
 		go func() {
 			defer h.wg.Done()
-			if err := srv.Serve(ln, Listener{Mode: mode}); !errors.Is(err, ErrServerClosed) {
+			if err := srv.Serve(ln, l); !errors.Is(err, ErrServerClosed) {
 				t.Errorf("Serve: %v", err)
 			}
 		}()

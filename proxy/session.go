@@ -285,6 +285,12 @@ func (s *session) startTLS(ctx context.Context) error {
 	if err := tc.HandshakeContext(hctx); err != nil {
 		return err
 	}
+	if tc.ConnectionState().NegotiatedProtocol == "acme-tls/1" {
+		// A CA validating a TLS-ALPN-01 challenge: the handshake was all
+		// it wanted (the tls package allows this ALPN only then).
+		s.setReason("acme_challenge")
+		return errors.New("ACME TLS-ALPN-01 validation")
+	}
 	s.wmu.Lock()
 	s.client = tc
 	s.wmu.Unlock()
