@@ -79,6 +79,12 @@ type ConsulConfig struct {
 	// Evictor closes sessions when a user moves or a backend is gone. If
 	// nil, nothing is closed and the moves are only logged.
 	Evictor Evictor
+	// MoveHold holds a moved user's new logins for this long after the
+	// move reaches this instance (their old sessions are closed at that
+	// moment), so that the old backend has finished writing before the new
+	// one opens the mailbox, like Director's move delay. Logins wait
+	// within their context. Zero means no hold.
+	MoveHold time.Duration
 	// Grace is how long a backend may be critical or missing from the
 	// catalog before its sessions are closed and its users re-placed, so
 	// that a flapping check does not kick thousands of users. Zero means
@@ -165,6 +171,11 @@ type Consul struct {
 	// login does not race the watch.
 	overlay  sync.Map
 	overlayN atomic.Int64
+
+	// holds are the users whose logins wait after a move: user →
+	// time.Time when the hold ends.
+	holds sync.Map
+	holdN atomic.Int64
 
 	catalogHealth watchHealth
 	kvHealth      [kvKinds]watchHealth
@@ -323,6 +334,11 @@ func (c *Consul) Route(ctx context.Context, user string) (*Backend, error) {
 	if key == "" {
 		return nil, fmt.Errorf("%w: empty user name", ErrNoBackend)
 	}
+	if c.holdN.Load() > 0 {
+		if err := c.waitHold(ctx, key); err != nil {
+			return nil, err
+		}
+	}
 	v := c.view.Load()
 	a, ok := c.lookup(v, key)
 	if !ok {
@@ -335,6 +351,22 @@ func (c *Consul) Route(ctx context.Context, user string) (*Backend, error) {
 		return nil, fmt.Errorf("%w: user is pinned to unavailable backend %q", ErrNoBackend, a.backend)
 	}
 	return c.place(ctx, key, a.index)
+}
+
+// waitHold waits until a move hold on user ends, or ctx does.
+func (c *Consul) waitHold(ctx context.Context, user string) error {
+	h, ok := c.holds.Load(user)
+	if !ok {
+		return nil
+	}
+	d := time.Until(h.(time.Time))
+	if d <= 0 {
+		return nil
+	}
+	if !sleepCtx(ctx, d) {
+		return fmt.Errorf("%w: user is moving: %w", ErrNoBackend, context.Cause(ctx))
+	}
+	return nil
 }
 
 // lookup finds user's assignment in the view or in this instance's newer
@@ -367,6 +399,12 @@ func (c *Consul) place(ctx context.Context, user string, over uint64) (*Backend,
 			c.metrics.placements.WithLabelValues("ratelimited").Inc()
 			return b, nil
 		}
+		if c.kvHealth[kvUsers].failing.Load() {
+			// The watch cannot reach Consul: do not make every new
+			// user's login wait PlaceTimeout for a write that would fail.
+			c.metrics.placements.WithLabelValues("unrecorded").Inc()
+			return b, nil
+		}
 		res, winner, err := c.cas(ctx, user, b.ID, over)
 		if err != nil && ctx.Err() != nil {
 			return nil, fmt.Errorf("%w: %w", ErrNoBackend, ctx.Err())
@@ -397,7 +435,7 @@ func (c *Consul) place(ctx context.Context, user string, over uint64) (*Backend,
 			over = 0
 			continue
 		}
-		id := string(winner.Value)
+		id := strings.TrimSpace(string(winner.Value))
 		if wb := c.view.Load().routable[id]; wb != nil {
 			c.remember(user, id, winner.ModifyIndex)
 			return wb, nil

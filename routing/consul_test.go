@@ -641,3 +641,37 @@ func TestRegister(t *testing.T) {
 		t.Error("Register without a check URL succeeded")
 	}
 }
+
+func TestConsulMoveHold(t *testing.T) {
+	f := newFixture(t)
+	f.backend("imap1", nil)
+	f.backend("imap2", nil)
+	const hold = 800 * time.Millisecond
+	r, ev := f.router(func(c *ConsulConfig) { c.MoveHold = hold })
+	const user = "held@example.org"
+	home := route(t, r, user)
+	dest := map[string]string{"imap1": "imap2", "imap2": "imap1"}[home]
+	if err := r.Pin(context.Background(), user, dest); err != nil {
+		t.Fatal(err)
+	}
+	ev.waitUser(t, user, dest, 2*time.Second)
+	evicted := time.Now()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := r.Route(ctx, user); !errors.Is(err, ErrNoBackend) {
+		t.Errorf("Route during the hold with a short context: %v, want ErrNoBackend", err)
+	}
+	if got := route(t, r, user); got != dest {
+		t.Errorf("after the hold Route = %s, want %s", got, dest)
+	}
+	if d := time.Since(evicted); d < hold-100*time.Millisecond {
+		t.Errorf("login answered %v after the move, before the %v hold", d, hold)
+	}
+	// Others are not held.
+	start := time.Now()
+	route(t, r, "bystander@example.org")
+	if d := time.Since(start); d > hold/2 {
+		t.Errorf("an unrelated user waited %v", d)
+	}
+}

@@ -265,7 +265,10 @@ func isTrue(s string) bool {
 }
 
 // kvEviction is a user move found by applyUsers, delivered outside c.mu.
-type kvEviction struct{ user, keep string }
+type kvEviction struct {
+	user, keep string
+	moved      bool // the user had another backend (not a first placement)
+}
 
 // kvKind is one of the KV sub-prefixes, each watched on its own so that a
 // drain or a domain change never waits for (or causes) a listing of every
@@ -340,7 +343,7 @@ func (c *Consul) applyKV(kind kvKind, pairs api.KVPairs, initial bool) []kvEvict
 	var ev []kvEviction
 	for u, a := range users {
 		if o, ok := old[u]; !ok || o.backend != a.backend {
-			ev = append(ev, kvEviction{u, a.backend})
+			ev = append(ev, kvEviction{u, a.backend, ok})
 		}
 	}
 	v := c.view.Load()
@@ -349,9 +352,9 @@ func (c *Consul) applyKV(kind kvKind, pairs api.KVPairs, initial bool) []kvEvict
 			continue
 		}
 		if b := v.poolFor(u).pick(userKey(u)); b == nil {
-			ev = append(ev, kvEviction{u, ""})
+			ev = append(ev, kvEviction{u, "", true})
 		} else if b.ID != o.backend {
-			ev = append(ev, kvEviction{u, b.ID})
+			ev = append(ev, kvEviction{u, b.ID, true})
 		}
 	}
 	return ev

@@ -168,7 +168,13 @@ func (c *Consul) evictUsers(ev []kvEviction) {
 		return
 	}
 	closed := 0
+	hold := time.Now().Add(c.cfg.MoveHold)
 	for _, e := range ev {
+		if e.moved && c.cfg.MoveHold > 0 {
+			if _, loaded := c.holds.Swap(e.user, hold); !loaded {
+				c.holdN.Add(1)
+			}
+		}
 		if c.cfg.Evictor == nil {
 			continue
 		}
@@ -253,6 +259,7 @@ func (c *Consul) graceLoop(ctx context.Context) {
 			c.mu.Lock()
 			gone := c.expireGrace(now)
 			c.mu.Unlock()
+			c.pruneHolds(now)
 			for _, id := range gone {
 				n := 0
 				if c.cfg.Evictor != nil {
@@ -263,6 +270,19 @@ func (c *Consul) graceLoop(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// pruneHolds forgets move holds that have ended.
+func (c *Consul) pruneHolds(now time.Time) {
+	if c.holdN.Load() == 0 {
+		return
+	}
+	c.holds.Range(func(k, v any) bool {
+		if now.After(v.(time.Time)) && c.holds.CompareAndDelete(k, v) {
+			c.holdN.Add(-1)
+		}
+		return true
+	})
 }
 
 // sleepCtx sleeps for d (nothing if d <= 0) and reports whether ctx is
