@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/imapgate/imapgate/internal/testenv"
@@ -353,6 +355,9 @@ func TestConsulRacingInstances(t *testing.T) {
 		}
 	}
 	wg.Wait()
+	raced := counterValue(t, r1.metrics.placements.WithLabelValues("raced")) +
+		counterValue(t, r2.metrics.placements.WithLabelValues("raced"))
+	t.Logf("%v of %d placements lost a CAS race and used the winner's entry", raced, n)
 	for u := range n {
 		user := fmt.Sprintf("race%d@example.org", u)
 		kv := f.kvGet("imapgate/users/" + user)
@@ -674,4 +679,12 @@ func TestConsulMoveHold(t *testing.T) {
 	if d := time.Since(start); d > hold/2 {
 		t.Errorf("an unrelated user waited %v", d)
 	}
+}
+
+func counterValue(t testing.TB, c prometheus.Counter) float64 {
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
 }
