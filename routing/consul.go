@@ -305,8 +305,8 @@ func (c *Consul) closeIdle() {
 	}
 }
 
-// Close stops the watches and waits for them. Route keeps answering from
-// the last view afterwards, but nothing new is placed in Consul.
+// Close stops the watches and waits for them. Route still answers
+// afterwards, from a view that no longer changes.
 func (c *Consul) Close() error {
 	c.closeOnce.Do(func() {
 		c.cancel()
