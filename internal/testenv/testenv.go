@@ -328,8 +328,14 @@ type process struct {
 
 // startProcess starts cmd in its own process group, so that stop can reach
 // the children a service forks (Dovecot's login and imap processes).
+//
+// The service is also killed if the test binary dies without running its
+// cleanups (a -timeout panic, a SIGKILL), so it does not keep its ports
+// and CPU for the rest of the run. Pdeathsig fires when the forking thread
+// exits, which in Go happens only if a goroutine locked to its thread
+// ends: tests must not start services from such a goroutine.
 func startProcess(cmd *exec.Cmd) (*process, error) {
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
