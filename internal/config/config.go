@@ -59,6 +59,8 @@ type Listen struct {
 	Mode         string   `toml:"mode"`          // "tls" (implicit, default) or "starttls"
 	Name         string   `toml:"name"`          // for logs and metrics; default: addr
 	InsecureAuth []string `toml:"insecure_auth"` // CIDRs allowed to log in without TLS (starttls only)
+	// CIDRs of load balancers that must send a PROXY protocol header.
+	ProxyProtocolFrom []string `toml:"proxy_protocol_from"`
 }
 
 // TLS configures the listeners' certificates.
@@ -92,6 +94,10 @@ type ACME struct {
 	StorageDir     string   `toml:"storage_dir"`
 	ConsulPrefix   string   `toml:"consul_prefix"`
 	NoOCSPStapling bool     `toml:"no_ocsp_stapling"`
+
+	// Renewal timing; zero means the tls package's default.
+	RenewalWindowRatio float64  `toml:"renewal_window_ratio"` // lifetime fraction left when renewal starts, 0 < r < 1; default 1/3
+	RenewCheckInterval Duration `toml:"renew_check_interval"` // how often certificates are checked; default 10m
 }
 
 // PreAuth shapes what clients see before login.
@@ -100,6 +106,7 @@ type PreAuth struct {
 	IMAP4rev2         bool     `toml:"imap4rev2"`
 	ExtraCapabilities []string `toml:"extra_capabilities"`
 	Capabilities      []string `toml:"capabilities"`
+	AuthMechanisms    []string `toml:"auth_mechanisms"` // PLAIN, LOGIN, XOAUTH2, OAUTHBEARER
 }
 
 // Limits bound clients; zero means the proxy's default.
@@ -112,6 +119,11 @@ type Limits struct {
 	AuthFailureDelay    Duration `toml:"auth_failure_delay"`
 	MaxConnections      int      `toml:"max_connections"`
 	MaxConnectionsPerIP int      `toml:"max_connections_per_ip"`
+	IPFailureBurst      int      `toml:"ip_failure_burst"`
+	IPFailureRefill     Duration `toml:"ip_failure_refill"`
+	UserFailureBurst    int      `toml:"user_failure_burst"`
+	UserFailureRefill   Duration `toml:"user_failure_refill"`
+	FailureKeys         int      `toml:"failure_keys"`
 }
 
 // Timeouts bound protocol states; zero means the proxy's default.
@@ -127,9 +139,21 @@ type Timeouts struct {
 
 // BackendDefaults apply to every backend unless it says otherwise.
 type BackendDefaults struct {
-	NoForwardID        bool   `toml:"no_forward_id"`
-	CAFile             string `toml:"ca_file"`
-	InsecureSkipVerify bool   `toml:"insecure_skip_verify"`
+	NoForwardID        bool    `toml:"no_forward_id"`
+	CAFile             string  `toml:"ca_file"`
+	InsecureSkipVerify bool    `toml:"insecure_skip_verify"`
+	Master             *Master `toml:"master"`
+}
+
+// Master configures master-user logins to the backends.
+type Master struct {
+	User         string `toml:"user"`
+	Password     string `toml:"password"`
+	PasswordFile string `toml:"password_file"` // the master password in a file, instead of password
+	Form         string `toml:"form"`          // "authzid" (default) or "separator"
+	Separator    string `toml:"separator"`     // default "*"
+	Verify       string `toml:"verify"`        // "backend", or "file" with verify_file
+	VerifyFile   string `toml:"verify_file"`   // user:{BLF-CRYPT}$2y$... lines
 }
 
 // Backend is one statically configured IMAP server.
@@ -140,6 +164,7 @@ type Backend struct {
 	ServerName         string `toml:"server_name"`
 	CAFile             string `toml:"ca_file"`
 	InsecureSkipVerify bool   `toml:"insecure_skip_verify"`
+	ProxyProtocol      int    `toml:"proxy_protocol"` // 0 (none), 1 or 2
 }
 
 // Routing chooses and configures the router.
@@ -243,8 +268,14 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("listen[%d]: %w", i, err))
 		}
 	}
-	if _, err := c.ProxyOptions(); err != nil {
+	if o, err := c.ProxyOptions(); err != nil {
 		errs = append(errs, err)
+	} else {
+		// The proxy checks the rest of its options (mechanisms, master).
+		o.Router = routing.RouterFunc(nil)
+		if _, err := proxy.NewServer(o); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	switch c.Routing.Router {
 	case "", "static":
@@ -340,14 +371,26 @@ func (c *Config) listener(l Listen) (proxy.Listener, error) {
 	if len(l.InsecureAuth) > 0 && pl.Mode != proxy.StartTLS {
 		return pl, errors.New("insecure_auth only makes sense on a starttls listener")
 	}
-	for _, s := range l.InsecureAuth {
-		p, err := netip.ParsePrefix(s)
-		if err != nil {
-			return pl, fmt.Errorf("insecure_auth: %w", err)
-		}
-		pl.InsecureAuth = append(pl.InsecureAuth, p.Masked())
+	var err error
+	if pl.InsecureAuth, err = prefixes(l.InsecureAuth); err != nil {
+		return pl, fmt.Errorf("insecure_auth: %w", err)
+	}
+	if pl.ProxyProtocolFrom, err = prefixes(l.ProxyProtocolFrom); err != nil {
+		return pl, fmt.Errorf("proxy_protocol_from: %w", err)
 	}
 	return pl, nil
+}
+
+func prefixes(ss []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range ss {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, p.Masked())
+	}
+	return out, nil
 }
 
 // ProxyOptions returns the proxy options this file sets. Router, TLS,
@@ -356,9 +399,10 @@ func (c *Config) ProxyOptions() (proxy.Options, error) {
 	o := proxy.Options{
 		Greeting: c.PreAuth.Greeting,
 		Capabilities: proxy.CapabilityOptions{
-			IMAP4rev2: c.PreAuth.IMAP4rev2,
-			Extra:     c.PreAuth.ExtraCapabilities,
-			Replace:   c.PreAuth.Capabilities,
+			IMAP4rev2:      c.PreAuth.IMAP4rev2,
+			Extra:          c.PreAuth.ExtraCapabilities,
+			Replace:        c.PreAuth.Capabilities,
+			AuthMechanisms: c.PreAuth.AuthMechanisms,
 		},
 		Limits: proxy.Limits{
 			MaxLineLength:       c.Limits.MaxLineLength,
@@ -369,6 +413,9 @@ func (c *Config) ProxyOptions() (proxy.Options, error) {
 			AuthFailureDelay:    c.Limits.AuthFailureDelay.D(),
 			MaxConnections:      c.Limits.MaxConnections,
 			MaxConnectionsPerIP: c.Limits.MaxConnectionsPerIP,
+			IPFailures:          proxy.RateLimit{Burst: c.Limits.IPFailureBurst, Refill: c.Limits.IPFailureRefill.D()},
+			UserFailures:        proxy.RateLimit{Burst: c.Limits.UserFailureBurst, Refill: c.Limits.UserFailureRefill.D()},
+			FailureKeys:         c.Limits.FailureKeys,
 		},
 		Timeouts: proxy.Timeouts{
 			TLSHandshake:   c.Timeouts.TLSHandshake.D(),
@@ -389,7 +436,53 @@ func (c *Config) ProxyOptions() (proxy.Options, error) {
 		return o, err
 	}
 	o.Backend.TLS = bt
+	if o.Backend.Master, err = c.master(); err != nil {
+		return o, err
+	}
 	return o, nil
+}
+
+// master builds the master-login options, reading its files.
+func (c *Config) master() (*proxy.MasterLogin, error) {
+	m := c.Backend.Master
+	if m == nil {
+		return nil, nil
+	}
+	ml := &proxy.MasterLogin{User: m.User, Password: m.Password, Separator: m.Separator}
+	if m.User == "" {
+		return nil, errors.New("backend.master.user is required")
+	}
+	if m.PasswordFile != "" {
+		b, err := os.ReadFile(m.PasswordFile)
+		if err != nil {
+			return nil, fmt.Errorf("backend.master.password_file: %w", err)
+		}
+		ml.Password = strings.TrimRight(string(b), "\r\n")
+	}
+	if ml.Password == "" {
+		return nil, errors.New("backend.master: password or password_file is required")
+	}
+	switch m.Form {
+	case "", "authzid":
+		ml.Form = proxy.MasterAuthzid
+	case "separator":
+		ml.Form = proxy.MasterSeparator
+	default:
+		return nil, fmt.Errorf("backend.master.form %q: want \"authzid\" or \"separator\"", m.Form)
+	}
+	switch m.Verify {
+	case "backend":
+		ml.Verifier = proxy.VerifyOnBackend
+	case "file":
+		pf, err := proxy.LoadPasswdFile(m.VerifyFile)
+		if err != nil {
+			return nil, fmt.Errorf("backend.master.verify_file: %w", err)
+		}
+		ml.Verifier = pf
+	default:
+		return nil, errors.New(`backend.master.verify must be "backend" or "file" (a master login must check the client's password somewhere)`)
+	}
+	return ml, nil
 }
 
 // backendTLS builds a client TLS config, or nil when nothing is set.
@@ -440,7 +533,10 @@ func (c *Config) StaticConfig() (routing.StaticConfig, error) {
 			errs = append(errs, fmt.Errorf("backends.%s.addr %q: %w", name, b.Addr, err))
 			continue
 		}
-		rb := &routing.Backend{ID: name, Addr: b.Addr, Security: sec, Weight: b.Weight}
+		if b.ProxyProtocol < 0 || b.ProxyProtocol > 2 {
+			errs = append(errs, fmt.Errorf("backends.%s.proxy_protocol: want 0, 1 or 2", name))
+		}
+		rb := &routing.Backend{ID: name, Addr: b.Addr, Security: sec, Weight: b.Weight, ProxyProtocol: b.ProxyProtocol}
 		if sec != routing.SecurityNone {
 			ca := b.CAFile
 			if ca == "" {
