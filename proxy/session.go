@@ -50,7 +50,6 @@ type session struct {
 	badCmds   int
 	authFails int
 	clientID  []string // the client's ID fields, name/value pairs
-	log       *zap.Logger
 
 	// wmu serialises writes to the client: the session's own replies, the
 	// backend-to-client pump and a BYE from kick.
@@ -85,8 +84,14 @@ func newSession(s *Server, c net.Conn, l *Listener, remote, local netip.AddrPort
 		atBoundary: true,
 	}
 	sess.deadline = sess.start.Add(s.opts.Timeouts.Login)
-	sess.log = s.log.With(zap.String("session", sess.id), zap.String("client", remote.String()), zap.String("listener", l.Name))
 	return sess
+}
+
+// logger returns the session's logger. It is built per use rather than
+// kept: a zap logger with fields holds an encoder buffer of about 1 KiB,
+// and an idle session should cost as little as possible.
+func (s *session) logger() *zap.Logger {
+	return s.srv.log.With(zap.String("session", s.id), zap.String("client", s.remote.String()), zap.String("listener", s.lst.Name))
 }
 
 // serve runs the session to its end.
@@ -95,7 +100,7 @@ func (s *session) serve(ctx context.Context) {
 	m.SessionState(s.lst.Name, "", "", statePreAuth)
 	defer func() {
 		if p := recover(); p != nil {
-			s.log.Error("session panic", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
+			s.logger().Error("session panic", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
 			s.setReason("panic")
 			s.writeString("* BYE [SERVERBUG] Internal error\r\n")
 		}
@@ -105,7 +110,7 @@ func (s *session) serve(ctx context.Context) {
 	if s.lst.Mode == ImplicitTLS {
 		if err := s.startTLS(ctx); err != nil {
 			s.setReason("tls_handshake")
-			s.log.Debug("TLS handshake failed", zap.Error(err))
+			s.logger().Debug("TLS handshake failed", zap.Error(err))
 			return
 		}
 	}
@@ -145,7 +150,7 @@ func (s *session) finish() {
 	m := s.srv.opts.Metrics
 	m.SessionState(s.lst.Name, bid, from, stateClosed)
 	m.SessionEnded(s.lst.Name, bid, reason, in, out, d)
-	s.log.Info("session end",
+	s.logger().Info("session end",
 		zap.String("user", user), zap.String("backend", bid),
 		zap.Int64("bytes_in", in), zap.Int64("bytes_out", out),
 		zap.Duration("duration", d), zap.String("end", reason))
@@ -498,12 +503,12 @@ func (s *session) cmdStartTLS(ctx context.Context, cmd *command) bool {
 	// could have been injected by anyone on the path (CVE-2011-0411): it
 	// is thrown away with the old reader, never read as commands.
 	if n := s.r.br.Buffered(); n > 0 {
-		s.log.Warn("discarding bytes pipelined after STARTTLS", zap.Int("bytes", n))
+		s.logger().Warn("discarding bytes pipelined after STARTTLS", zap.Int("bytes", n))
 	}
 	s.r = nil
 	if err := s.startTLS(ctx); err != nil {
 		s.setReason("tls_handshake")
-		s.log.Debug("STARTTLS handshake failed", zap.Error(err))
+		s.logger().Debug("STARTTLS handshake failed", zap.Error(err))
 		return false
 	}
 	s.newReader()
@@ -576,7 +581,7 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 		return nil, !s.bad(tag, "[CLIENTBUG] Invalid characters in credentials")
 	}
 	user := routing.NormalizeUser(cr.routingUser())
-	log := s.log.With(zap.String("user", user), zap.String("mech", cr.mech))
+	log := s.logger().With(zap.String("user", user), zap.String("mech", cr.mech))
 	now := time.Now()
 	netKey := clientNetwork(s.remote.Addr())
 	if !s.srv.ipFails.allowed(netKey, now) || !s.srv.userFails.allowed(user, now) {
