@@ -58,12 +58,20 @@ func (a *app) shutdown() {
 	done := make(chan error, 1)
 	go func() { done <- a.srv.Shutdown(ctx) }()
 
-	closed := paceClose(ctx, a.srv.Spliced(), start, window, nil)
-	// Sessions that finished logging in after the first look.
+	first := a.srv.Spliced()
+	seen := make(map[string]bool, len(first))
+	for _, s := range first {
+		seen[s.Info().ID] = true
+	}
+	closed := paceClose(ctx, first, start, window, nil)
+	// Sessions that finished logging in after the first look. (A closed
+	// session is still listed until its goroutine has finished with it.)
 	if ctx.Err() == nil {
 		for _, s := range a.srv.Spliced() {
-			s.Close(drainText)
-			closed++
+			if !seen[s.Info().ID] {
+				s.Close(drainText)
+				closed++
+			}
 		}
 	}
 	err := <-done
