@@ -1,0 +1,332 @@
+package bench
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"time"
+)
+
+// Describe is one human-readable line for a result.
+func Describe(r Result) string {
+	var b strings.Builder
+	label := r.Scenario
+	if r.Target != "" {
+		label = r.Target + " " + label
+	}
+	fmt.Fprintf(&b, "%-24s", label)
+	switch r.Unit {
+	case "MiB":
+		fmt.Fprintf(&b, " %8.1f MiB/s  %.0f MiB in %v", r.Rate, r.Amount, r.Elapsed.Round(time.Millisecond))
+	case "session":
+		fmt.Fprintf(&b, " %d sessions open (%d alive after the hold) in %v", r.Open, r.Alive, r.Elapsed.Round(time.Millisecond))
+	default:
+		fmt.Fprintf(&b, " %8.1f %ss/s  %.0f in %v", r.Rate, r.Unit, r.Amount, r.Elapsed.Round(time.Millisecond))
+	}
+	if r.Latency != nil {
+		fmt.Fprintf(&b, "  p50 %v p99 %v", us(r.Latency.P50), us(r.Latency.P99))
+	}
+	if r.CPU > 0 {
+		fmt.Fprintf(&b, "  proxy CPU %v = %v/%s", r.CPU.Round(time.Millisecond), us(r.CPUPerOp), r.Unit)
+	}
+	if r.RSSDuring > 0 {
+		fmt.Fprintf(&b, "  RSS %.1f → %.1f MiB = %.1f KiB/session", mib(r.RSSBefore), mib(r.RSSDuring), kib(r.RSSPerSession))
+	}
+	if r.Errors > 0 {
+		fmt.Fprintf(&b, "  ERRORS %d (first: %s)", r.Errors, r.FirstError)
+	}
+	if r.TLS != "" {
+		fmt.Fprintf(&b, "  [%s]", r.TLS)
+	}
+	return b.String()
+}
+
+func us(d time.Duration) string {
+	switch {
+	case d == 0:
+		return "0"
+	case d < 10*time.Microsecond:
+		return fmt.Sprintf("%.1f µs", float64(d)/1e3)
+	case d < 10*time.Millisecond:
+		return fmt.Sprintf("%.0f µs", float64(d)/1e3)
+	}
+	return fmt.Sprintf("%.1f ms", float64(d)/1e6)
+}
+
+func mib(b int64) float64 { return float64(b) / (1 << 20) }
+func kib(b int64) float64 { return float64(b) / (1 << 10) }
+
+// Machine describes where a report was measured.
+type Machine struct {
+	CPUs     int
+	CPUModel string
+	Kernel   string
+	Go       string
+	HAProxy  string
+	OpenSSL  string
+	Dovecot  string
+	Commit   string
+	Date     time.Time
+}
+
+// ThisMachine gathers Machine from this host; haproxy and dovecot are the
+// binaries' paths.
+func ThisMachine(haproxy, dovecot string) Machine {
+	m := Machine{CPUs: runtime.NumCPU(), Go: runtime.Version(), Date: time.Now().UTC()}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for line := range strings.SplitSeq(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPUModel = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	m.Kernel = firstLine(exec.Command("uname", "-sr"))
+	m.HAProxy = firstLine(exec.Command(haproxy, "-v"))
+	for line := range strings.SplitSeq(output(exec.Command(haproxy, "-vv")), "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "Running on OpenSSL version :"); ok {
+			m.OpenSSL = strings.TrimSpace(v)
+		}
+	}
+	m.Dovecot = firstLine(exec.Command(dovecot, "--version"))
+	m.Commit = firstLine(exec.Command("git", "describe", "--always", "--dirty", "--abbrev=12"))
+	return m
+}
+
+func output(c *exec.Cmd) string {
+	b, _ := c.CombinedOutput()
+	return string(b)
+}
+
+func firstLine(c *exec.Cmd) string {
+	s, _, _ := strings.Cut(output(c), "\n")
+	return strings.TrimSpace(s)
+}
+
+// Report is a full side-by-side run.
+type Report struct {
+	Machine  Machine
+	Commands []string // how to rerun it
+	Setup    []string // what each target was, one line each
+	Targets  []string // column order
+	Results  []Result
+	Notes    []string
+}
+
+func (rep *Report) get(scenario, target string) (Result, bool) {
+	for _, r := range rep.Results {
+		if r.Scenario == scenario && r.Target == target {
+			return r, true
+		}
+	}
+	return Result{}, false
+}
+
+// Markdown renders the report: machine, commands, one table with a column
+// per target, and the targets of issue 2 with whether imapgate met them.
+func (rep *Report) Markdown() string {
+	var b strings.Builder
+	w := func(format string, a ...any) { fmt.Fprintf(&b, format+"\n", a...) }
+	m := rep.Machine
+	w("Measured %s at commit `%s`.", m.Date.Format("2006-01-02 15:04 MST"), m.Commit)
+	w("")
+	w("| machine | |")
+	w("| --- | --- |")
+	w("| CPUs (nproc) | %d × %s |", m.CPUs, m.CPUModel)
+	w("| kernel | %s |", m.Kernel)
+	w("| Go | %s |", m.Go)
+	w("| HAProxy | %s (OpenSSL %s) |", m.HAProxy, m.OpenSSL)
+	w("| Dovecot | %s |", m.Dovecot)
+	w("")
+	if len(rep.Setup) > 0 {
+		for _, s := range rep.Setup {
+			w("- %s", s)
+		}
+		w("")
+	}
+	w("Commands:")
+	w("")
+	w("```sh")
+	for _, c := range rep.Commands {
+		w("%s", c)
+	}
+	w("```")
+	w("")
+
+	hdr := "| | " + strings.Join(rep.Targets, " | ") + " |"
+	w("%s", hdr)
+	w("|%s", strings.Repeat(" --- |", len(rep.Targets)+1))
+	row := func(name string, scenario string, cell func(Result) string) {
+		var cells []string
+		seen := false
+		for _, t := range rep.Targets {
+			r, ok := rep.get(scenario, t)
+			c := "–"
+			if ok {
+				if s := cell(r); s != "" {
+					c, seen = s, true
+				}
+			}
+			cells = append(cells, c)
+		}
+		if seen {
+			w("| %s | %s |", name, strings.Join(cells, " | "))
+		}
+	}
+	cpu := func(r Result) string {
+		if r.CPU == 0 && r.CPUPerOp == 0 {
+			return ""
+		}
+		return us(r.CPUPerOp)
+	}
+	for _, sc := range rep.scenarios("login") {
+		row(sc+": logins/s", sc, func(r Result) string { return fmt.Sprintf("%.0f", r.Rate) })
+		row(sc+": **proxy CPU per login**", sc, cpu)
+		row(sc+": login cycle p50 / p99", sc, latency)
+		row(sc+": TLS", sc, func(r Result) string { return r.TLS })
+		row(sc+": errors", sc, errCell)
+	}
+	for _, sc := range []string{"fetch-big", "fetch-small"} {
+		row(sc+": MiB/s", sc, func(r Result) string { return fmt.Sprintf("%.0f", r.Rate) })
+		row(sc+": **proxy CPU per MiB**", sc, cpu)
+		row(sc+": errors", sc, errCell)
+	}
+	row("noop: **p50** / p99 round trip", "noop", latency)
+	row("noop: round trips/s", "noop", func(r Result) string { return fmt.Sprintf("%.0f", r.Rate) })
+	row("noop: proxy CPU per round trip", "noop", cpu)
+	row("idle: sessions open / alive after hold", "idle", func(r Result) string {
+		return fmt.Sprintf("%d / %d", r.Open, r.Alive)
+	})
+	row("idle: proxy RSS before → during", "idle", func(r Result) string {
+		if r.RSSDuring == 0 {
+			return ""
+		}
+		return fmt.Sprintf("%.1f → %.1f MiB", mib(r.RSSBefore), mib(r.RSSDuring))
+	})
+	row("idle: **proxy RSS per idle session**", "idle", func(r Result) string {
+		if r.RSSDuring == 0 {
+			return ""
+		}
+		return fmt.Sprintf("%.1f KiB", kib(r.RSSPerSession))
+	})
+	row("idle: proxy CPU per session opened", "idle", cpu)
+	row("idle: errors", "idle", errCell)
+	w("")
+	if v := rep.verdicts(); len(v) > 0 {
+		w("Targets of issue 2 (imapgate against HAProxy in the same run):")
+		w("")
+		w("| target | measured | met |")
+		w("| --- | --- | --- |")
+		for _, l := range v {
+			w("%s", l)
+		}
+		w("")
+	}
+	for _, n := range rep.Notes {
+		w("%s", n)
+		w("")
+	}
+	return b.String()
+}
+
+// scenarios lists the result scenarios that start with prefix, in order.
+func (rep *Report) scenarios(prefix string) []string {
+	var out []string
+	for _, r := range rep.Results {
+		if strings.HasPrefix(r.Scenario, prefix) && !contains(out, r.Scenario) {
+			out = append(out, r.Scenario)
+		}
+	}
+	return out
+}
+
+func contains(s []string, v string) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
+
+func latency(r Result) string {
+	if r.Latency == nil {
+		return ""
+	}
+	return us(r.Latency.P50) + " / " + us(r.Latency.P99)
+}
+
+func errCell(r Result) string {
+	if r.Errors == 0 {
+		return "0"
+	}
+	return fmt.Sprintf("%d (%s)", r.Errors, r.FirstError)
+}
+
+// verdicts compares imapgate with haproxy against issue 2's targets.
+func (rep *Report) verdicts() []string {
+	const ig, hp = "imapgate", "haproxy"
+	var out []string
+	yes := func(ok bool) string {
+		if ok {
+			return "yes"
+		}
+		return "**no**"
+	}
+	ratio := func(name, scenario, unit string) {
+		a, ok1 := rep.get(scenario, ig)
+		h, ok2 := rep.get(scenario, hp)
+		if !ok1 || !ok2 || h.CPUPerOp == 0 {
+			return
+		}
+		x := float64(a.CPUPerOp) / float64(h.CPUPerOp)
+		out = append(out, fmt.Sprintf("| %s ≤ 1.2× HAProxy's | %v vs %v per %s = %.2f× | %s |", name, us(a.CPUPerOp), us(h.CPUPerOp), unit, x, yes(x <= 1.2)))
+	}
+	for _, sc := range rep.scenarios("login") {
+		ratio("CPU per login ("+sc+")", sc, "login")
+	}
+	ratio("CPU per MiB (10 MiB message)", "fetch-big", "MiB")
+	ratio("CPU per MiB (small messages)", "fetch-small", "MiB")
+	if a, ok := rep.get("noop", ig); ok && a.Latency != nil {
+		if h, ok := rep.get("noop", hp); ok && h.Latency != nil {
+			d := a.Latency.P50 - h.Latency.P50
+			out = append(out, fmt.Sprintf("| NOOP p50 ≤ HAProxy's + 20 µs | %v vs %v (%+.1f µs) | %s |", us(a.Latency.P50), us(h.Latency.P50), float64(d)/1e3, yes(d <= 20*time.Microsecond)))
+		}
+	}
+	if a, ok := rep.get("idle", ig); ok && a.RSSDuring > 0 {
+		h, _ := rep.get("idle", hp)
+		out = append(out, fmt.Sprintf("| RSS per idle TLS session ≤ 20 KiB at %d sessions | %.1f KiB (HAProxy %.1f KiB) | %s |", a.Open, kib(a.RSSPerSession), kib(h.RSSPerSession), yes(a.RSSPerSession <= 20<<10 && a.Open >= 9000)))
+	}
+	return out
+}
+
+// Markers delimit the generated part of BENCHMARKS.md; the rest of the
+// file is prose kept by hand.
+const (
+	BeginMarker = "<!-- BEGIN GENERATED by make bench: do not edit by hand -->"
+	EndMarker   = "<!-- END GENERATED -->"
+)
+
+// UpdateFile replaces the generated part of path with body, or appends it
+// when the file has no markers (or does not exist).
+func UpdateFile(path, body string) error {
+	old, err := os.ReadFile(path)
+	if err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	gen := BeginMarker + "\n\n" + strings.TrimSpace(body) + "\n\n" + EndMarker
+	s := string(old)
+	i := strings.Index(s, BeginMarker)
+	j := strings.Index(s, EndMarker)
+	switch {
+	case i >= 0 && j > i:
+		s = s[:i] + gen + s[j+len(EndMarker):]
+	case s == "":
+		s = "# Benchmarks\n\n" + gen + "\n"
+	default:
+		s = strings.TrimRight(s, "\n") + "\n\n" + gen + "\n"
+	}
+	return os.WriteFile(path, []byte(s), 0o644)
+}

@@ -1,0 +1,161 @@
+package bench
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/imapgate/imapgate/internal/testenv"
+)
+
+// TestBenchmarkReport runs every scenario side by side against imapgate,
+// HAProxy (L4, terminating TLS) and Dovecot's own TLS port, all in front
+// of one Dovecot, and writes the table into BENCHMARKS.md. It takes about
+// ten minutes and skips unless IMAPGATE_BENCH=1 (make bench sets it).
+//
+// Environment (defaults are make bench's):
+//
+//	IMAPGATE_BENCH_SESSIONS  idle sessions per proxy (9000)
+//	IMAPGATE_BENCH_RATE      idle sessions opened per second (250)
+//	IMAPGATE_BENCH_DURATION  length of login and of each fetch half (20s)
+//	IMAPGATE_BENCH_WORKERS   concurrent login clients (8)
+//	IMAPGATE_BENCH_NOOPS     NOOP round trips (20000)
+//	IMAPGATE_BENCH_OUT       file to write ("../BENCHMARKS.md"; "-" for none)
+//	IMAPGATE_BENCH_REV       build imapgate from this git revision instead of the working tree
+func TestBenchmarkReport(t *testing.T) {
+	if os.Getenv("IMAPGATE_BENCH") != "1" {
+		t.Skip("benchmark report: set IMAPGATE_BENCH=1 (make bench)")
+	}
+	testenv.Need(t, "dovecot", "haproxy")
+	sessions := envInt(t, "IMAPGATE_BENCH_SESSIONS", 9000)
+	rate := envInt(t, "IMAPGATE_BENCH_RATE", 250)
+	duration := envDuration(t, "IMAPGATE_BENCH_DURATION", 20*time.Second)
+	workers := envInt(t, "IMAPGATE_BENCH_WORKERS", 8)
+	noops := envInt(t, "IMAPGATE_BENCH_NOOPS", 20000)
+	out := os.Getenv("IMAPGATE_BENCH_OUT")
+	if out == "" {
+		out = "../BENCHMARKS.md"
+	}
+	ctx := context.Background()
+	logf := func(format string, a ...any) { t.Logf(format, a...) }
+
+	raiseInotify(t, 65536)
+	d, creds := startBenchDovecot(t)
+	fetch := FetchOptions{}
+	if err := Prepare(ctx, Dialer{Addr: d.Addr, Security: Cleartext}, creds[0], fetch); err != nil {
+		t.Fatalf("prepare mailboxes: %v\n%s", err, d.Log())
+	}
+	dir := t.TempDir()
+	bin, commit := buildImapgate(t, dir, os.Getenv("IMAPGATE_BENCH_REV"))
+	ig := startImapgate(t, dir, bin, d)
+	hp := startHAProxy(t, dir, d)
+
+	type target struct {
+		name string
+		addr string
+		srv  *server // nil for direct
+	}
+	targets := []target{{"imapgate", ig.addr, ig}, {"haproxy", hp.addr, hp}, {"direct", d.TLSAddr, nil}}
+	rep := &Report{
+		Machine: ThisMachine(testenv.Bin("haproxy"), testenv.Bin("dovecot")),
+		Targets: []string{"imapgate", "haproxy", "direct"},
+		Commands: []string{
+			"make bench   # = IMAPGATE_BENCH=1 go test -run '^TestBenchmarkReport$' -count=1 -timeout 60m -v ./bench",
+			fmt.Sprintf("# this run: IMAPGATE_BENCH_SESSIONS=%d IMAPGATE_BENCH_RATE=%d IMAPGATE_BENCH_DURATION=%v IMAPGATE_BENCH_WORKERS=%d IMAPGATE_BENCH_NOOPS=%d",
+				sessions, rate, duration, workers, noops),
+			"# one scenario by hand against a running proxy, e.g.:",
+			"go run ./cmd/imapgate-bench -addr 127.0.0.1:PORT -ca ca.pem -user 'bench%d' -users 200 -pass benchpass -scenario login -workers 8 -duration 20s -pid PID",
+		},
+		Setup: []string{
+			"One Dovecot (internal/testenv, plus `imap_hibernate_timeout = 2s` and limits for 10,000 sessions), ECDSA P-256 certificate; users bench0…bench199.",
+			"**imapgate**: `bin/imapgate -config imapgate.toml` built from this commit; implicit TLS listener, Dovecot's cleartext port as backend (`security = \"none\"`), `max_connections_per_ip = -1`, logging at the default level (info, JSON) to a file; GOMAXPROCS default (2).",
+			"**haproxy**: `haproxy -db -f haproxy.cfg`, `mode tcp`, `bind … ssl crt combined.pem`, `server s1` = Dovecot's cleartext port, `maxconn 9950`, no logging, threads default (2).",
+			"**direct**: the load generator talks TLS to Dovecot's own imaps port (no proxy, so no proxy CPU or RSS).",
+			"Load generator in the test process (raw IMAP over crypto/tls, no session resumption: every login is a full handshake). Proxy CPU = utime+stime from /proc/PID/stat across the scenario, divided by logins, MiB (bytes read by the client after TLS, 2^20) or round trips. The machine is shared: rates move between runs, CPU per operation much less.",
+		},
+	}
+	run := func(scenario string, tg target, mod func(*Options)) []Result {
+		o := Options{
+			Target: tg.name, Users: creds, Workers: workers, Duration: duration, Logf: logf,
+			Dialer: Dialer{Addr: tg.addr, TLS: &tls.Config{RootCAs: d.CA.Pool, ServerName: "localhost"}},
+			Fetch:  fetch,
+		}
+		if tg.srv != nil {
+			o.Proc = tg.srv.proc()
+		}
+		if mod != nil {
+			mod(&o)
+		}
+		rs, err := Run(ctx, scenario, o)
+		for _, r := range rs {
+			t.Log(Describe(r))
+		}
+		if err != nil {
+			t.Errorf("%s %s: %v", tg.name, scenario, err)
+		}
+		return rs
+	}
+	add := func(rs []Result, rename string) {
+		for _, r := range rs {
+			if rename != "" {
+				r.Scenario = rename
+			}
+			rep.Results = append(rep.Results, r)
+		}
+	}
+
+	// Logins with Go's default key exchange (X25519MLKEM768 where the
+	// server has it: imapgate does, HAProxy's OpenSSL 3.0 and Dovecot
+	// fall back to X25519), then with X25519 alone, like for like.
+	for _, tg := range targets {
+		add(run("login", tg, nil), "login")
+	}
+	for _, tg := range targets {
+		add(run("login", tg, func(o *Options) { o.Dialer.TLS.CurvePreferences = []tls.CurveID{tls.X25519} }), "login (X25519 only)")
+	}
+	for _, tg := range targets {
+		add(run("fetch", tg, func(o *Options) { o.Workers = 1 }), "")
+	}
+	for _, tg := range targets {
+		add(run("noop", tg, func(o *Options) { o.Count = noops }), "")
+	}
+
+	// Idle sessions on fresh proxy processes, so "before" is a proxy that
+	// has served nothing but a few warm-up logins.
+	for _, old := range []*server{ig, hp} {
+		old.stop(t)
+	}
+	waitHibernated(d, 30*time.Second)
+	ig = startImapgate(t, filepath.Join(dir), bin, d)
+	hp = startHAProxy(t, dir, d)
+	for _, tg := range []target{{"imapgate", ig.addr, ig}, {"haproxy", hp.addr, hp}} {
+		t.Logf("%s (pid %d): warm-up logins, then %d idle sessions", tg.name, tg.srv.cmd.Process.Pid, sessions)
+		run("login", tg, func(o *Options) { o.Count, o.Workers, o.Proc = 20, 2, nil })
+		base, _ := tg.srv.proc().FDs()
+		add(run("idle", tg, func(o *Options) {
+			o.Workers = 32
+			o.Idle = IdleOptions{Sessions: sessions, Rate: float64(rate), Settle: 10 * time.Second, Hold: 10 * time.Second}
+		}), "")
+		// The sessions are closed; let the proxy and Dovecot let go of
+		// them before the next target opens its own.
+		if n := waitFDs(tg.srv.proc(), base+10, 60*time.Second); n > base+10 {
+			t.Logf("%s still holds %d descriptors (%d before)", tg.name, n, base)
+		}
+		waitHibernated(d, 60*time.Second)
+	}
+	rep.Notes = append(rep.Notes, fmt.Sprintf("Idle: %d sessions per proxy, opened at most %d/s by 32 openers, each TLS + LOGIN + SELECT INBOX + IDLE; RSS read 20 s after the last one opened (10 s settle + 10 s hold). Not run direct: there is no proxy process to measure.", sessions, rate))
+
+	rep.Machine.Commit = commit
+	md := rep.Markdown()
+	t.Logf("\n%s", md)
+	if out != "-" {
+		if err := UpdateFile(out, md); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("wrote %s", out)
+	}
+}
