@@ -26,6 +26,9 @@ type promMetrics struct {
 	reloads    *prometheus.CounterVec
 	lastReload prometheus.Gauge
 	admin      *prometheus.CounterVec
+
+	// all is everything registered, for tests that check names.
+	all []prometheus.Collector
 }
 
 // newMetrics registers the proxy's metrics and the process's own on reg.
@@ -47,7 +50,7 @@ func newMetrics(reg prometheus.Registerer, a *app) *promMetrics {
 	m.lastReload = prometheus.NewGauge(prometheus.GaugeOpts{Name: "imapgate_config_last_reload_success_timestamp_seconds", Help: "When the configuration was last loaded successfully (start-up or reload), as a Unix time."})
 	m.admin = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "imapgate_admin_actions_total", Help: "Admin API actions by action (kick, drain, undrain, move, reload) and result (ok, error)."}, []string{"action", "result"})
 	m.lastReload.SetToCurrentTime()
-	reg.MustRegister(m.sessions, m.ended, m.bytes, m.preauth, m.logins, m.dial, m.login, m.route, m.limits,
+	m.all = []prometheus.Collector{m.sessions, m.ended, m.bytes, m.preauth, m.logins, m.dial, m.login, m.route, m.limits,
 		m.reloads, m.lastReload, m.admin,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
@@ -62,7 +65,8 @@ func newMetrics(reg prometheus.Registerer, a *app) *promMetrics {
 			up:    prometheus.NewDesc("imapgate_backend_up", "1 if the router may send users to the backend (Consul: passing or warning and not gone; static: always).", []string{"backend"}, nil),
 			drain: prometheus.NewDesc("imapgate_backend_draining", "1 if the backend takes no new users.", []string{"backend"}, nil),
 		},
-	)
+	}
+	reg.MustRegister(m.all...)
 	return m
 }
 

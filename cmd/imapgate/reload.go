@@ -201,7 +201,7 @@ func reloadClass(key string, consul, acme bool) keyClass {
 		return false
 	}
 	switch {
-	case under("log.format", "listen", "preauth", "limits", "timeouts", "backend.no_forward_id",
+	case under("log.format", "listen", "preauth", "limits", "timeouts", "backend.no_forward_id", "backend.master",
 		"consul", "http.addr", "tls.acme", "routing.router"):
 		return classRestart
 	case acme && under("tls"):
@@ -225,6 +225,7 @@ func effective(boot, next *config.Config, consul, acme bool) *config.Config {
 	e.Limits = boot.Limits
 	e.Timeouts = boot.Timeouts
 	e.Backend.NoForwardID = boot.Backend.NoForwardID
+	e.Backend.Master = boot.Backend.Master
 	e.Consul = boot.Consul
 	e.HTTP.Addr = boot.HTTP.Addr
 	e.TLS.ACME = boot.TLS.ACME
@@ -270,6 +271,10 @@ func flatten(out map[string]string, path string, v reflect.Value) {
 		return path + "." + k
 	}
 	switch {
+	case v.Kind() == reflect.Pointer:
+		if !v.IsNil() {
+			flatten(out, path, v.Elem())
+		}
 	case v.Type() == durationType:
 		out[path] = time.Duration(v.Int()).String()
 	case v.Kind() == reflect.Struct:
