@@ -21,6 +21,14 @@ if alive "$DIR/consul.pid" || alive "$DIR/imapgate1.pid"; then
 fi
 mkdir -p "$DIR"
 chmod 755 "$DIR" # Dovecot's unprivileged processes must traverse it
+p="$DIR"
+while [ "$p" != / ]; do
+	p=$(dirname "$p")
+	case "$(stat -c %A "$p")" in
+	*x | *t) ;;
+	*) die "$p is not traversable by others (mode $(stat -c %a "$p")): Dovecot's auth process cannot reach its files under $DIR; choose another IMAPGATE_LOCAL_DIR" ;;
+	esac
+done
 
 IG="${IMAPGATE_BIN:-}"
 if [ -z "$IG" ]; then
