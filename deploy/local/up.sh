@@ -22,7 +22,7 @@ fi
 mkdir -p "$DIR"
 chmod 755 "$DIR" # Dovecot's unprivileged processes must traverse it
 p="$DIR"
-while [ "$p" != / ]; do
+while [ "$(id -u)" -eq 0 ] && [ "$p" != / ]; do
 	p=$(dirname "$p")
 	case "$(stat -c %A "$p")" in
 	*x | *t) ;;
