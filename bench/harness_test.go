@@ -49,26 +49,6 @@ func envDuration(t testing.TB, name string, def time.Duration) time.Duration {
 	return d
 }
 
-// dovecotExtra sizes the test Dovecot for thousands of IDLE sessions:
-// idle sessions move into imap-hibernate after 2 s, so only the sessions
-// opened in the last few seconds hold an imap process each; hibernate
-// processes hold up to 5,000 sessions each (the descriptor limit is
-// 20,000 per process).
-const dovecotExtra = `imap_hibernate_timeout = 2s
-mail_max_userip_connections = 20000
-default_client_limit = 20000
-service imap {
-  process_limit = 10000
-}
-service imap-hibernate {
-  client_limit = 5000
-  process_limit = 8
-}
-service anvil {
-  client_limit = 20000
-}
-`
-
 // startBenchDovecot starts Dovecot with the benchmark users.
 func startBenchDovecot(t *testing.T) (*testenv.Dovecot, []Credential) {
 	creds := UsersPattern("bench%d", benchUsers, benchPass)
@@ -76,7 +56,7 @@ func startBenchDovecot(t *testing.T) (*testenv.Dovecot, []Credential) {
 	for _, c := range creds {
 		users[c.User] = c.Pass
 	}
-	d := testenv.StartDovecot(t, testenv.DovecotOptions{Users: users, TrustedNetworks: "127.0.0.0/8", Extra: dovecotExtra})
+	d := testenv.StartDovecot(t, testenv.DovecotOptions{Users: users, TrustedNetworks: "127.0.0.0/8", Extra: DovecotExtra})
 	return d, creds
 }
 

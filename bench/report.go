@@ -49,7 +49,8 @@ func us(d time.Duration) string {
 		return "0"
 	case d < 10*time.Microsecond:
 		return fmt.Sprintf("%.1f µs", float64(d)/1e3)
-	case d < 10*time.Millisecond:
+	case d < 100*time.Millisecond:
+		// CPU per operation stays in one unit across the table.
 		return fmt.Sprintf("%.0f µs", float64(d)/1e3)
 	}
 	return fmt.Sprintf("%.1f ms", float64(d)/1e6)
