@@ -200,6 +200,10 @@ func (c *conv) expectClosed() {
 	c.t.Helper()
 	for {
 		l, err := c.br.ReadString('\n')
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			c.t.Fatalf("the connection is still open (%v)", err)
+		}
 		if err != nil {
 			return
 		}

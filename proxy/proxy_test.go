@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"os"
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
@@ -445,5 +446,109 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatal("condition not met within 10s")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestHalfClose: a client that sends LOGOUT and shuts its writing side
+// still gets the backend's answer, then the close.
+func TestHalfClose(t *testing.T) {
+	h := memHarness(t, nil)
+	for _, viaTLS := range []bool{false, true} {
+		t.Run(fmt.Sprintf("tls=%v", viaTLS), func(t *testing.T) {
+			var c *conv
+			if viaTLS {
+				c = dialConv(t, h.tlsAddr, h.clientTLS)
+			} else {
+				c = dialConv(t, h.startTLSAddr, nil)
+			}
+			c.expect("* OK")
+			if !viaTLS {
+				c.starttls(h.clientTLS)
+			}
+			c.send("a LOGIN alice@example.org alicepass\r\n")
+			c.expect("a OK")
+			c.send("b LOGOUT\r\n")
+			if err := c.c.(closeWriter).CloseWrite(); err != nil {
+				t.Fatal(err)
+			}
+			c.expect("* BYE")
+			c.expect("b OK")
+			c.expectClosed()
+		})
+	}
+}
+
+// TestNoDescriptorLeak runs sessions that end every way and checks the
+// process holds no more file descriptors afterwards.
+func TestNoDescriptorLeak(t *testing.T) {
+	fds := func() map[string]string {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Skip("no /proc/self/fd here")
+		}
+		m := map[string]string{}
+		for _, e := range ents {
+			m[e.Name()], _ = os.Readlink("/proc/self/fd/" + e.Name())
+		}
+		return m
+	}
+	countFDs := func() int { return len(fds()) }
+	// Warm up what the process opens once (the TLS stack, the poller).
+	func() {
+		h := newHarness(t, fixedRouter(&routing.Backend{ID: "mem0", Addr: "127.0.0.1:1"}), nil)
+		c := dialConv(t, h.tlsAddr, h.clientTLS)
+		c.expect("* OK")
+		c.c.Close()
+		h.srv.Close()
+		h.wg.Wait()
+	}()
+	beforeSet := fds()
+	addr := startMemBackend(t)
+	before := countFDs()
+	func() {
+		h := newHarness(t, fixedRouter(&routing.Backend{ID: "mem1", Addr: addr}), nil)
+		for i := 0; i < 20; i++ {
+			c := dialConv(t, h.tlsAddr, h.clientTLS)
+			c.expect("* OK")
+			c.send("a LOGIN alice@example.org alicepass\r\n")
+			c.expect("a OK")
+			switch i % 4 {
+			case 0: // logout
+				c.send("b LOGOUT\r\n")
+				c.expect("* BYE")
+				c.expect("b OK")
+				c.expectClosed()
+			case 1: // client vanishes
+				c.c.Close()
+			case 2: // kicked
+				waitFor(t, func() bool { return len(h.srv.Sessions("alice@example.org", "mem1")) > 0 })
+				h.srv.EvictBackend("mem1")
+				c.expectClosed()
+			case 3: // pre-auth only
+				c2 := dialConv(t, h.startTLSAddr, nil)
+				c2.expect("* OK")
+				c2.send("x LOGOUT\r\n")
+				c2.expect("* BYE")
+				c2.c.Close()
+			}
+			c.c.Close()
+		}
+		h.srv.Close()
+		h.wg.Wait()
+	}()
+	// Close waited for every session: nothing of theirs may be open. The
+	// in-process backend closes its ends on its own goroutines: give it
+	// a moment (it has no signal to wait for).
+	deadline := time.Now().Add(5 * time.Second)
+	for countFDs() > before && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if after := countFDs(); after > before {
+		for fd, what := range fds() {
+			if _, ok := beforeSet[fd]; !ok {
+				t.Logf("new descriptor %s -> %s", fd, what)
+			}
+		}
+		t.Fatalf("%d descriptors before, %d after", before, after)
 	}
 }

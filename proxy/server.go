@@ -334,8 +334,7 @@ func (s *Server) Close() error {
 	return nil
 }
 
-// CloseIdle kicks spliced sessions one by one, for drains spread over a
-// window: it returns the sessions still open, for the caller to pace.
+// spliceSessions returns the logged-in sessions.
 func (s *Server) spliceSessions() []*session {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -176,17 +176,21 @@ func (s *session) setState(to string) {
 	s.srv.opts.Metrics.SessionState(s.lst.Name, bid, from, to)
 }
 
+// spliced reports whether the session is logged in to its backend: from
+// the backend's OK on, a moment before the splice itself starts.
 func (s *session) spliced() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.state == stateSpliced
+	return s.bconn != nil
 }
 
-// routeKey returns the user and backend ID of a spliced session.
+// routeKey returns the user and backend ID of a logged-in session (from
+// the backend's OK on, so one evicted between the OK and the splice is
+// not missed).
 func (s *session) routeKey() (user, backend string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.state != stateSpliced || s.backend == nil {
+	if s.bconn == nil || s.backend == nil {
 		return "", ""
 	}
 	return s.user, s.backend.ID
@@ -220,23 +224,19 @@ func (s *session) kick(reason, text string) {
 	}
 	bc := s.bconn
 	s.mu.Unlock()
-	// A pump may hold wmu while blocked on a slow client: don't wait for it.
-	if s.wmu.TryLock() {
-		if s.atBoundary {
-			s.raw.SetWriteDeadline(time.Now().Add(time.Second))
-			io.WriteString(s.clientConn(), "* BYE [UNAVAILABLE] "+text+"\r\n")
-		}
-		s.wmu.Unlock()
+	// A pump blocked on a slow client holds wmu: the deadline frees it
+	// within a second (its write fails and the session ends anyway).
+	s.raw.SetWriteDeadline(time.Now().Add(time.Second))
+	s.wmu.Lock()
+	if s.atBoundary {
+		s.raw.SetWriteDeadline(time.Now().Add(time.Second))
+		io.WriteString(s.client, "* BYE [UNAVAILABLE] "+text+"\r\n")
 	}
+	s.wmu.Unlock()
 	s.raw.Close()
 	if bc != nil {
 		bc.Close()
 	}
-}
-
-// clientConn returns the connection to write to the client on.
-func (s *session) clientConn() net.Conn {
-	return s.client
 }
 
 // write sends b to the client; it reports false (and ends the session's
