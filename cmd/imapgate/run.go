@@ -137,6 +137,8 @@ func tlsConfig(cfg *config.Config, consulAddr string) igtls.Config {
 			TLSALPN01:           igtls.TLSALPN01Config{Disable: a.NoTLSALPN01, Port: a.TLSALPN01Port},
 			DisableOCSPStapling: a.NoOCSPStapling,
 			Storage:             igtls.StorageConfig{Dir: a.StorageDir},
+			RenewalWindowRatio:  a.RenewalWindowRatio,
+			RenewCheckInterval:  a.RenewCheckInterval.D(),
 		}
 		if len(a.OnDemandAllow) > 0 {
 			c.ACME.OnDemand = &igtls.OnDemandConfig{Allow: a.OnDemandAllow}
