@@ -2,13 +2,16 @@ package proxy
 
 import (
 	"bytes"
-	"os"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/base64"
 	"fmt"
 	"net"
+	"net/netip"
+	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -550,5 +553,81 @@ func TestNoDescriptorLeak(t *testing.T) {
 			}
 		}
 		t.Fatalf("%d descriptors before, %d after", before, after)
+	}
+}
+
+// TestSpliceCleartextBothLegs moves megabytes where both legs are plain
+// TCP, so the kernel splice(2) path carries them.
+func TestSpliceCleartextBothLegs(t *testing.T) {
+	addr := startMemBackend(t)
+	loop := netip.MustParsePrefix("127.0.0.0/8")
+	h := newHarnessListeners(t, fixedRouter(&routing.Backend{ID: "mem1", Addr: addr}), nil, Listener{Mode: StartTLS, InsecureAuth: []netip.Prefix{loop}})
+	cl, err := imapclient.DialInsecure(h.startTLSAddr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if err := cl.Login("carol", "pässwörd").Wait(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return len(h.srv.Sessions("carol", "")) == 1 })
+	body := bigMessage(5 << 20)
+	app := cl.Append("INBOX", int64(len(body)), nil)
+	if _, err := app.Write(body); err != nil {
+		t.Fatal(err)
+	}
+	if err := app.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := app.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	sel, err := cl.Select("INBOX", nil).Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := cl.Fetch(imap.SeqSetNum(sel.NumMessages), &imap.FetchOptions{BodySection: []*imap.FetchItemBodySection{{}}}).Collect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []byte
+	for _, b := range msgs[0].BodySection {
+		got = b.Bytes
+	}
+	if sha256.Sum256(got) != sha256.Sum256(body) {
+		t.Fatalf("fetched %d bytes differ from the %d appended", len(got), len(body))
+	}
+	in := h.srv.Sessions("carol", "")[0]
+	if in.In < int64(len(body)) || in.Out < int64(len(body)) {
+		t.Errorf("byte counters in=%d out=%d, want both over %d", in.In, in.Out, len(body))
+	}
+	if err := cl.Logout().Wait(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestDirectionPicksSplice(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	a, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	var n atomic.Int64
+	if d := newDirection("up", a, b, &n, 0); d.tcpSplice != canSplice || d.srcRaw == nil {
+		t.Errorf("TCP to TCP: tcpSplice=%v srcRaw=%v", d.tcpSplice, d.srcRaw != nil)
+	}
+	tc := tls.Client(a, &tls.Config{})
+	if d := newDirection("up", tc, b, &n, 0); d.tcpSplice || d.srcTLS == nil || d.srcRaw == nil {
+		t.Errorf("TLS to TCP: tcpSplice=%v srcTLS=%v srcRaw=%v", d.tcpSplice, d.srcTLS != nil, d.srcRaw != nil)
 	}
 }
