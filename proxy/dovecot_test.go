@@ -3,7 +3,6 @@ package proxy
 import (
 	"bufio"
 	"compress/flate"
-	"crypto/sha256"
 	"crypto/tls"
 	"fmt"
 	"io"
@@ -143,16 +142,7 @@ func TestDovecotMailFlow(t *testing.T) {
 		t.Fatal(err)
 	}
 	body := bigMessage(4 << 20)
-	app := c.Append("INBOX", int64(len(body)), nil)
-	if _, err := app.Write(body); err != nil {
-		t.Fatal(err)
-	}
-	if err := app.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := app.Wait(); err != nil {
-		t.Fatalf("APPEND: %v", err)
-	}
+	appendMessage(t, c, body)
 
 	select {
 	case n := <-exists:
@@ -169,21 +159,7 @@ func TestDovecotMailFlow(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	sel2, err := c.Select("INBOX", nil).Wait()
-	if err != nil {
-		t.Fatal(err)
-	}
-	msgs, err := c.Fetch(imap.SeqSetNum(sel2.NumMessages), &imap.FetchOptions{BodySection: []*imap.FetchItemBodySection{{}}}).Collect()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var got []byte
-	for _, b := range msgs[0].BodySection {
-		got = b.Bytes
-	}
-	if sha256.Sum256(got) != sha256.Sum256(body) {
-		t.Fatalf("fetched %d bytes differ from the %d appended", len(got), len(body))
-	}
+	checkNewest(t, c, body)
 	for _, cl := range []*imapclient.Client{c, idler} {
 		if err := cl.Logout().Wait(); err != nil {
 			t.Fatal(err)

@@ -2,9 +2,12 @@ package proxy
 
 import (
 	"bufio"
+	"crypto/sha256"
+
 	"context"
 	"crypto/tls"
 	"errors"
+	"github.com/emersion/go-imap/v2/imapclient"
 	"io"
 	"net"
 	"strings"
@@ -229,4 +232,43 @@ func (c *conv) starttlsHandshake(cfg *tls.Config) {
 	}
 	c.c = tc
 	c.br = bufio.NewReader(tc)
+}
+
+// appendMessage APPENDs body to INBOX (a literal of len(body) bytes).
+func appendMessage(t testing.TB, cl *imapclient.Client, body []byte) {
+	t.Helper()
+	app := cl.Append("INBOX", int64(len(body)), nil)
+	if _, err := app.Write(body); err != nil {
+		t.Fatal(err)
+	}
+	if err := app.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := app.Wait(); err != nil {
+		t.Fatalf("APPEND: %v", err)
+	}
+}
+
+// checkNewest selects INBOX, fetches its newest message and checks it is
+// body, byte for byte (by checksum).
+func checkNewest(t testing.TB, cl *imapclient.Client, body []byte) {
+	t.Helper()
+	sel, err := cl.Select("INBOX", nil).Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := cl.Fetch(imap.SeqSetNum(sel.NumMessages), &imap.FetchOptions{BodySection: []*imap.FetchItemBodySection{{}}}).Collect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(msgs) != 1 {
+		t.Fatalf("fetched %d messages", len(msgs))
+	}
+	var got []byte
+	for _, b := range msgs[0].BodySection {
+		got = b.Bytes
+	}
+	if sha256.Sum256(got) != sha256.Sum256(body) {
+		t.Fatalf("fetched %d bytes differ from the %d appended", len(got), len(body))
+	}
 }

@@ -3,7 +3,6 @@ package proxy
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"crypto/tls"
 	"encoding/base64"
 	"fmt"
@@ -327,34 +326,8 @@ func TestSpliceBulkAndChecksum(t *testing.T) {
 				t.Fatal(err)
 			}
 			body := bigMessage(3 << 20)
-			app := cl.Append("INBOX", int64(len(body)), nil)
-			if _, err := app.Write(body); err != nil {
-				t.Fatal(err)
-			}
-			if err := app.Close(); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := app.Wait(); err != nil {
-				t.Fatal(err)
-			}
-			sel, err := cl.Select("INBOX", nil).Wait()
-			if err != nil {
-				t.Fatal(err)
-			}
-			msgs, err := cl.Fetch(imap.SeqSetNum(sel.NumMessages), &imap.FetchOptions{BodySection: []*imap.FetchItemBodySection{{}}}).Collect()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if len(msgs) != 1 {
-				t.Fatalf("fetched %d messages", len(msgs))
-			}
-			var got []byte
-			for _, b := range msgs[0].BodySection {
-				got = b.Bytes
-			}
-			if sha256.Sum256(got) != sha256.Sum256(body) {
-				t.Fatalf("fetched %d bytes differ from the %d appended", len(got), len(body))
-			}
+			appendMessage(t, cl, body)
+			checkNewest(t, cl, body)
 			if err := cl.Logout().Wait(); err != nil {
 				t.Fatal(err)
 			}
@@ -572,31 +545,8 @@ func TestSpliceCleartextBothLegs(t *testing.T) {
 	}
 	waitFor(t, func() bool { return len(h.srv.Sessions("carol", "")) == 1 })
 	body := bigMessage(5 << 20)
-	app := cl.Append("INBOX", int64(len(body)), nil)
-	if _, err := app.Write(body); err != nil {
-		t.Fatal(err)
-	}
-	if err := app.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := app.Wait(); err != nil {
-		t.Fatal(err)
-	}
-	sel, err := cl.Select("INBOX", nil).Wait()
-	if err != nil {
-		t.Fatal(err)
-	}
-	msgs, err := cl.Fetch(imap.SeqSetNum(sel.NumMessages), &imap.FetchOptions{BodySection: []*imap.FetchItemBodySection{{}}}).Collect()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var got []byte
-	for _, b := range msgs[0].BodySection {
-		got = b.Bytes
-	}
-	if sha256.Sum256(got) != sha256.Sum256(body) {
-		t.Fatalf("fetched %d bytes differ from the %d appended", len(got), len(body))
-	}
+	appendMessage(t, cl, body)
+	checkNewest(t, cl, body)
 	in := h.srv.Sessions("carol", "")[0]
 	if in.In < int64(len(body)) || in.Out < int64(len(body)) {
 		t.Errorf("byte counters in=%d out=%d, want both over %d", in.In, in.Out, len(body))
