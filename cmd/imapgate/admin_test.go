@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"crypto/tls"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -432,5 +433,38 @@ func TestDrainSpreadsClosesOverWindow(t *testing.T) {
 	}
 	if ta.isReady() {
 		t.Error("ready after shutdown")
+	}
+}
+
+// TestReloadReplacesTLS: a changed [tls] section takes effect for the next
+// handshake, without touching the sessions already running.
+func TestReloadReplacesTLS(t *testing.T) {
+	ta := startTestApp(t)
+	live, _ := ta.home(t, "alice@example.org")
+	handshake := func() error {
+		c, err := opsDial(ta.imap, false)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		if _, err := c.cmd("STARTTLS"); err != nil {
+			return err
+		}
+		tc := tls.Client(c.c, &tls.Config{InsecureSkipVerify: true, MaxVersion: tls.VersionTLS12})
+		return tc.Handshake()
+	}
+	if err := handshake(); err != nil {
+		t.Fatalf("TLS 1.2 before the reload: %v", err)
+	}
+	b1, b2 := ta.cfg.Load().Backends["b1"].Addr, ta.cfg.Load().Backends["b2"].Addr
+	write(t, ta.path, testConfig(b1, b2, "[tls]\nmin_version = \"1.3\"\n"))
+	if rep := ta.reload(t.Context()); rep.Result != "applied" || rep.Certificates != "replaced" || !slices.Equal(rep.Applied, []string{"tls.min_version"}) {
+		t.Fatalf("reload: %+v", rep)
+	}
+	if err := handshake(); err == nil {
+		t.Fatal("TLS 1.2 handshake succeeded after min_version = 1.3")
+	}
+	if _, err := live.cmd("NOOP"); err != nil {
+		t.Fatalf("live session after the TLS change: %v", err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -208,6 +209,31 @@ func TestLocalCluster(t *testing.T) {
 	if v, ok := metricValue(m1, "imapgate_consul_view_age_seconds"); !ok || v != 0 {
 		t.Errorf("imapgate_consul_view_age_seconds = %v (present %v), want 0", v, ok)
 	}
+
+	// A lost registration comes back (as after a zero-downtime upgrade,
+	// when the old process deregisters the ID the new one shares).
+	consul := "http://" + c.port(500)
+	req, _ := http.NewRequest("PUT", consul+"/v1/agent/service/deregister/imapgate1-imaps", nil)
+	resp, err := opsHTTP.Do(req)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("deregistering imapgate1-imaps: %v %v", err, resp)
+	}
+	resp.Body.Close()
+	start := time.Now()
+	for {
+		resp, err := opsHTTP.Get(consul + "/v1/agent/service/imapgate1-imaps")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				break
+			}
+		}
+		if time.Since(start) > 15*time.Second {
+			t.Fatalf("imapgate1 did not register again within 15s")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("imapgate1 registered again %v after losing its registration", time.Since(start).Round(100*time.Millisecond))
 
 	c.script(t, "status.sh")
 	down := c.script(t, "down.sh")
