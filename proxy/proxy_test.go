@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/emersion/go-imap/v2"
 	"github.com/emersion/go-imap/v2/imapclient"
 	"github.com/imapgate/imapgate/routing"
 	"go.uber.org/goleak"
