@@ -124,6 +124,11 @@ type IdleOptions struct {
 	// Ready, if set, is called once every session is open and settled,
 	// before the hold: the profile harness takes its snapshots here.
 	Ready func(open int)
+	// Append, if positive, makes each session APPEND a message of this
+	// many bytes to its INBOX before IDLE, as a client that just saved a
+	// sent message does: a proxy that keeps the buffers a big upload grew
+	// shows it here.
+	Append int
 }
 
 // Latency summarises a set of timings.
@@ -626,6 +631,10 @@ func runIdle(ctx context.Context, o Options) (Result, error) {
 		workers = 32
 	}
 	r := Result{Scenario: "idle", Unit: "session"}
+	var appendMsg []byte
+	if idl.Append > 0 {
+		appendMsg = message(rand.New(rand.NewPCG(1, 2)), 0, idl.Append)
+	}
 	if o.Proc != nil {
 		rss, err := o.Proc.RSS()
 		if err != nil {
@@ -684,6 +693,11 @@ func runIdle(ctx context.Context, o Options) (Result, error) {
 			defer wg.Done()
 			for i := range jobs {
 				c, _, err := loggedIn(ctx, o.Dialer, o.Users[i%len(o.Users)], "INBOX")
+				if err == nil && appendMsg != nil {
+					if err = c.Append("INBOX", appendMsg); err != nil {
+						c.Close()
+					}
+				}
 				if err == nil {
 					if err = c.Idle(); err != nil {
 						c.Close()

@@ -148,7 +148,9 @@ func TestProfile(t *testing.T) {
 
 	// Then an idle session's memory, every allocation sampled.
 	runtime.MemProfileRate = 1
-	idle(t, dir, gen, args, sessions, self)
+	idle(t, dir, "idle", gen, args, sessions, self)
+	// The same after each session uploaded 64 KiB (APPEND) before IDLE.
+	idle(t, dir, "idle-append", gen, append(append([]string{}, args...), "-append", "65536"), sessions, self)
 }
 
 // snapshot is the process's memory at one moment, after a GC.
@@ -176,8 +178,8 @@ func take(t *testing.T, self bench.Proc, heapFile string) snapshot {
 	return s
 }
 
-func idle(t *testing.T, dir, gen string, args []string, n int, self bench.Proc) {
-	base := take(t, self, filepath.Join(dir, "idle-base.heap.pprof"))
+func idle(t *testing.T, dir, name, gen string, args []string, n int, self bench.Proc) {
+	base := take(t, self, filepath.Join(dir, name+"-base.heap.pprof"))
 	cmd := exec.Command(gen, append(append([]string{}, args...),
 		"-scenario", "idle", "-sessions", strconv.Itoa(n), "-rate", "400", "-workers", "32", "-settle", "3s", "-hold", "10m")...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
@@ -207,8 +209,8 @@ func idle(t *testing.T, dir, gen string, args []string, n int, self bench.Proc) 
 	if f := strings.Fields(sc.Text()); len(f) >= 3 {
 		open, _ = strconv.Atoi(f[2])
 	}
-	during := take(t, self, filepath.Join(dir, "idle.heap.pprof"))
-	if f, err := os.Create(filepath.Join(dir, "idle.goroutines.txt")); err == nil {
+	during := take(t, self, filepath.Join(dir, name+".heap.pprof"))
+	if f, err := os.Create(filepath.Join(dir, name+".goroutines.txt")); err == nil {
 		pprof.Lookup("goroutine").WriteTo(f, 1)
 		f.Close()
 	}
@@ -221,18 +223,18 @@ func idle(t *testing.T, dir, gen string, args []string, n int, self bench.Proc) 
 	cmd.Wait()
 
 	per := func(a, b uint64) string { return fmt.Sprintf("%.2f KiB", (float64(b)-float64(a))/float64(open)/1024) }
-	t.Logf("idle: %d sessions open; per session after GC:", open)
+	t.Logf("%s: %d sessions open; per session after GC:", name, open)
 	t.Logf("  goroutines       %d → %d (%.2f per session)", base.goroutines, during.goroutines, float64(during.goroutines-base.goroutines)/float64(open))
 	t.Logf("  HeapInuse        %s  (HeapAlloc %s, %.1f objects)", per(base.ms.HeapInuse, during.ms.HeapInuse), per(base.ms.HeapAlloc, during.ms.HeapAlloc), (float64(during.ms.HeapObjects)-float64(base.ms.HeapObjects))/float64(open))
 	t.Logf("  StackInuse       %s", per(base.ms.StackInuse, during.ms.StackInuse))
 	t.Logf("  Sys (from OS)    %s", per(base.ms.Sys, during.ms.Sys))
 	t.Logf("  RSS              %s  (%.1f → %.1f MiB; includes the test's Dovecot client code, not the generator)", per(uint64(base.rss), uint64(during.rss)), float64(base.rss)/(1<<20), float64(during.rss)/(1<<20))
-	heap := filepath.Join(dir, "idle.heap.pprof")
-	baseHeap := filepath.Join(dir, "idle-base.heap.pprof")
+	heap := filepath.Join(dir, name+".heap.pprof")
+	baseHeap := filepath.Join(dir, name+"-base.heap.pprof")
 	t.Logf("heap in use by the open sessions (diff against before):\n%s",
-		pprofTop(t, dir, "idle.heap.top", "-top", "-sample_index=inuse_space", "-nodecount=40", "-diff_base", baseHeap, heap))
-	pprofTop(t, dir, "idle.heap.lines", "-top", "-lines", "-sample_index=inuse_space", "-nodecount=60", "-diff_base", baseHeap, heap)
-	pprofTop(t, dir, "idle.heap.traces", "-traces", "-sample_index=inuse_space", "-diff_base", baseHeap, heap)
+		pprofTop(t, dir, name+".heap.top", "-top", "-sample_index=inuse_space", "-nodecount=40", "-diff_base", baseHeap, heap))
+	pprofTop(t, dir, name+".heap.lines", "-top", "-lines", "-sample_index=inuse_space", "-nodecount=60", "-diff_base", baseHeap, heap)
+	pprofTop(t, dir, name+".heap.traces", "-traces", "-sample_index=inuse_space", "-diff_base", baseHeap, heap)
 }
 
 // pprofTop runs go tool pprof with args, saves the output as dir/name and

@@ -75,6 +75,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		rate      = fs.Float64("rate", 0, "idle: at most this many new sessions per second (0: no cap)")
 		settle    = fs.Duration("settle", 5*time.Second, "idle: wait after the last session opened before reading memory")
 		hold      = fs.Duration("hold", 5*time.Second, "idle: how long to keep the sessions open after settling")
+		appendN   = fs.Int("append", 0, "idle: APPEND a message of this many `bytes` before IDLE (0: none)")
 		pid       = fs.Int("pid", 0, "`pid` of the proxy process to measure (CPU time, RSS); 0: none")
 		prepare   = fs.String("prepare", "", "fill the fetch mailboxes first through this cleartext `host:port` (the backend)")
 		target    = fs.String("label", "", "label for the results (e.g. imapgate)")
@@ -142,7 +143,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		Target: *target, Dialer: d, Users: creds, Workers: *workers,
 		Duration: *duration, Count: *count,
 		Idle: bench.IdleOptions{
-			Sessions: *sessions, Rate: *rate, Settle: *settle, Hold: *hold,
+			Sessions: *sessions, Rate: *rate, Settle: *settle, Hold: *hold, Append: *appendN,
 			// The profile harness waits for this line before it takes its
 			// snapshots.
 			Ready: func(n int) { fmt.Fprintf(stderr, "imapgate-bench: ready: %d sessions open\n", n) },
