@@ -80,9 +80,8 @@ grace = "2s"
 func startTestApp(t *testing.T) *testApp {
 	t.Helper()
 	// Registered first, so it runs after every other cleanup.
-	t.Cleanup(func() {
-		goleak.VerifyNone(t, goleak.IgnoreCurrent())
-	})
+	before := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, before) })
 	b1 := opsBackend(t, "b1", testUsers)
 	b2 := opsBackend(t, "b2", testUsers)
 	path := filepath.Join(t.TempDir(), "imapgate.toml")

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/imapgate/imapgate/internal/testenv"
+	"go.uber.org/goleak"
 )
 
 // localCluster is a cluster started by deploy/local/up.sh.
@@ -107,6 +108,8 @@ func (c *localCluster) ctl(t *testing.T, httpOff int, args ...string) string {
 // `imapgate ctl move`, sees both live sessions kicked and the next logins
 // land on the new backend, checks the counters, and stops it all.
 func TestLocalCluster(t *testing.T) {
+	before := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, before) })
 	testenv.Need(t, "dovecot", "consul")
 	// /tmp, not t.TempDir: Dovecot's unprivileged processes must traverse
 	// the path and its socket paths must stay short.

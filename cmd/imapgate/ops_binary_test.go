@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/imapgate/imapgate/internal/testenv"
+	"go.uber.org/goleak"
 )
 
 // binaryConfig is a config for the built binary: one cleartext listener
@@ -54,6 +55,8 @@ addr = %q
 // sessions spread over the drain window, while B takes every new login;
 // A exits 0 within the window plus a margin.
 func TestSIGTERMDrainsWithReuseportHandoff(t *testing.T) {
+	before := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, before) })
 	const (
 		sessions = 500
 		window   = 3 * time.Second
@@ -209,6 +212,8 @@ func TestSIGTERMDrainsWithReuseportHandoff(t *testing.T) {
 // and the old configuration serves on, live sessions untouched; a good
 // file is applied and the log says what changed.
 func TestSIGHUPKeepsServing(t *testing.T) {
+	before := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, before) })
 	bin := opsBinary(t)
 	m1 := opsBackend(t, "m1", testUsers)
 	m2 := opsBackend(t, "m2", testUsers)
