@@ -6,7 +6,6 @@ package proxy
 // spliced session, and the TLS policy as a client meets it.
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -15,15 +14,11 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
-	_ "unsafe" // go:linkname, see stopCertMagicLimiters
 
-	"github.com/caddyserver/certmagic"
 	"github.com/imapgate/imapgate/internal/testenv"
 	"github.com/imapgate/imapgate/routing"
 	igtls "github.com/imapgate/imapgate/tls"
@@ -103,54 +98,12 @@ func (p *certProxy) sessionEnds(end string) int {
 	return n
 }
 
-// startPebble starts Pebble and arranges for CertMagic's process-wide
-// leftovers to be gone before the package's goleak check.
+// startPebble starts Pebble. CertMagic's process-wide goroutines (a
+// rate limiter per CA account, a lock refresher) outlive the Managers by
+// design; TestMain tells goleak about them.
 func startPebble(t *testing.T, opts testenv.PebbleOptions) *testenv.Pebble {
 	t.Helper()
-	p := testenv.StartPebble(t, opts)
-	// Registered before any Manager exists, so it runs after they closed.
-	t.Cleanup(func() { stopCertMagicLimiters(t, p.DirectoryURL) })
-	return p
-}
-
-// CertMagic keeps one rate limiter goroutine per CA and account for the
-// life of the process, in a package-level map with no way to stop it, by
-// design; and its file-storage locks are refreshed by a goroutine that
-// notices the lock is gone only when it next wakes (every 5 s). The tls
-// package's TestMain tells goleak to ignore both; this package's TestMain
-// knows nothing of CertMagic, so the ACME tests clean up after it instead.
-//
-//go:linkname certmagicRateLimiters github.com/caddyserver/certmagic.rateLimiters
-var certmagicRateLimiters map[string]*certmagic.RingBufferRateLimiter
-
-//go:linkname certmagicRateLimitersMu github.com/caddyserver/certmagic.rateLimitersMu
-var certmagicRateLimitersMu sync.RWMutex
-
-// stopCertMagicLimiters stops the rate limiters CertMagic made for the CA
-// at directory (each test's Pebble has its own, so nothing else uses them)
-// and waits for its lock-refreshing goroutines to end.
-func stopCertMagicLimiters(t *testing.T, directory string) {
-	certmagicRateLimitersMu.Lock()
-	for k, rl := range certmagicRateLimiters {
-		if strings.HasPrefix(k, directory+",") {
-			rl.Stop()
-			delete(certmagicRateLimiters, k)
-		}
-	}
-	certmagicRateLimitersMu.Unlock()
-	deadline := time.Now().Add(10 * time.Second)
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if !bytes.Contains(buf[:n], []byte("certmagic.keepLockfileFresh")) {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Errorf("CertMagic's lock refresher still running 10 s after the test")
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	return testenv.StartPebble(t, opts)
 }
 
 // newACMEManager builds a Manager that obtains acmeName from p, with file

@@ -23,7 +23,13 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	goleak.VerifyTestMain(m,
+		// CertMagic (the ACME tests) keeps a rate limiter per CA account
+		// for the life of the process, and refreshes file locks on a
+		// goroutine that notices their release only when it next wakes.
+		goleak.IgnoreAnyFunction("github.com/caddyserver/certmagic.(*RingBufferRateLimiter).loop"),
+		goleak.IgnoreAnyFunction("github.com/caddyserver/certmagic.keepLockfileFresh"),
+	)
 }
 
 func memHarness(t *testing.T, mod func(*Options)) *harness {

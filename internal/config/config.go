@@ -305,6 +305,9 @@ func (c *Config) Validate() error {
 	default:
 		errs = append(errs, fmt.Errorf("tls.acme.storage: unknown storage %q (want \"file\" or \"consul\")", c.TLS.ACME.Storage))
 	}
+	if r := c.TLS.ACME.RenewalWindowRatio; r < 0 || r >= 1 {
+		errs = append(errs, fmt.Errorf("tls.acme.renewal_window_ratio %v: want a fraction between 0 and 1", r))
+	}
 	for i, cf := range c.TLS.Certificates {
 		if cf.Cert == "" || cf.Key == "" {
 			errs = append(errs, fmt.Errorf("tls.certificates[%d]: cert and key are both required", i))

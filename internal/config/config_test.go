@@ -135,6 +135,7 @@ func TestValidateErrors(t *testing.T) {
 		{"short lines", base + "[limits]\nmax_line_length = 100\n", "max_line_length"},
 		{"bad duration", base + "[timeouts]\nlogin = \"soon\"\n", "soon"},
 		{"exposed admin", base + "[http]\naddr = \"0.0.0.0:8080\"\n", "admin_token"},
+		{"renewal ratio", base + "[tls.acme]\nnames = [\"a.example\"]\nrenewal_window_ratio = 1.5\n", "renewal_window_ratio"},
 		{"bad log level", base + "[log]\nlevel = \"loud\"\n", "log.level"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
