@@ -52,6 +52,7 @@ type app struct {
 
 	ready    atomic.Bool
 	draining atomic.Bool
+	force    chan struct{} // closed to cut a drain short
 	notify   *notifier
 
 	http     *http.Server
@@ -72,7 +73,8 @@ type app struct {
 }
 
 func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger) (*app, error) {
-	a := &app{log: log, boot: cfg, reg: prometheus.NewRegistry(), evictor: &lateEvictor{}, notify: &notifier{}}
+	a := &app{log: log, boot: cfg, reg: prometheus.NewRegistry(), evictor: &lateEvictor{}, notify: &notifier{},
+		force: make(chan struct{})}
 	a.level = levelOf(log)
 	a.cfg.Store(cfg)
 	a.metrics = newMetrics(a.reg, a)

@@ -55,6 +55,13 @@ func (a *app) shutdown() {
 
 	ctx, cancel := context.WithDeadline(context.Background(), start.Add(window+grace))
 	defer cancel()
+	go func() {
+		select {
+		case <-a.force:
+			cancel() // Shutdown then closes whatever is left
+		case <-ctx.Done():
+		}
+	}()
 	done := make(chan error, 1)
 	go func() { done <- a.srv.Shutdown(ctx) }()
 
@@ -77,9 +84,18 @@ func (a *app) shutdown() {
 	err := <-done
 	a.serveWG.Wait()
 	fields := []zap.Field{zap.Int("closed", closed), zap.Duration("took", time.Since(start).Round(time.Millisecond))}
-	if err != nil {
+	forced := false
+	select {
+	case <-a.force:
+		forced = true
+	default:
+	}
+	switch {
+	case forced:
+		a.log.Warn("drain cut short, closed the remaining sessions", fields...)
+	case err != nil:
 		a.log.Warn("grace period over, closed the remaining sessions", fields...)
-	} else {
+	default:
 		a.log.Info("drained", fields...)
 	}
 	if a.http != nil {

@@ -291,3 +291,46 @@ func TestSIGHUPKeepsServing(t *testing.T) {
 	}
 	_ = os.Remove(conf)
 }
+
+// TestSecondSignalCutsDrainShort: an operator's second SIGTERM closes
+// every session at once instead of waiting out a long drain window.
+func TestSecondSignalCutsDrainShort(t *testing.T) {
+	before := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, before) })
+	bin := opsBinary(t)
+	m1 := opsBackend(t, "m1", testUsers)
+	imapAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	httpAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	conf := filepath.Join(t.TempDir(), "imapgate.toml")
+	write(t, conf, binaryConfig(imapAddr, httpAddr, map[string]string{"m1": m1}, "drain_window = \"60s\"\ngrace = \"60s\""))
+	p := startOps(t, bin, "-config", conf)
+	waitHTTP(t, "http://"+httpAddr+"/readyz", 10*time.Second)
+	var clients []*opsClient
+	for range 3 {
+		c, err := opsDial(imapAddr, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := c.login("alice@example.org", "alicepass"); err != nil {
+			t.Fatal(err)
+		}
+		clients = append(clients, c)
+	}
+	start := time.Now()
+	p.signal(syscall.SIGTERM)
+	p.waitLog(t, 5*time.Second, `"draining"`)
+	p.signal(syscall.SIGTERM)
+	if code := p.wait(t, 10*time.Second); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("exited %v after the second signal, drain window 60s", d)
+	}
+	p.waitLog(t, time.Second, "drain cut short")
+	for _, c := range clients {
+		if err := c.waitClosed(time.Second); err != nil {
+			t.Error(err)
+		}
+	}
+}

@@ -203,8 +203,30 @@ func run(ctx context.Context, cfg *config.Config, f *flags, demo bool, log *zap.
 			}
 			log.Info("shutting down", zap.String("signal", sig.String()))
 			a.notify.stopping("draining")
+			done := make(chan struct{})
+			go a.forceOnSecondSignal(sigs, done)
 			a.shutdown()
+			close(done)
 			return nil
+		}
+	}
+}
+
+// forceOnSecondSignal cuts a drain short: a second SIGTERM or SIGINT (an
+// impatient operator's second Ctrl-C) closes every session at once.
+func (a *app) forceOnSecondSignal(sigs <-chan os.Signal, done <-chan struct{}) {
+	for {
+		select {
+		case <-done:
+			return
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP {
+				a.log.Info("reload ignored while draining")
+				continue
+			}
+			a.log.Warn("second signal: closing every session now", zap.String("signal", sig.String()))
+			close(a.force)
+			return
 		}
 	}
 }
