@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"io"
 	"context"
 	"crypto/tls"
 	"encoding/base64"
@@ -585,4 +586,89 @@ func TestDirectionPicksSplice(t *testing.T) {
 	if d := newDirection("up", tc, b, &n, 0); d.tcpSplice || d.srcTLS == nil || d.srcRaw == nil {
 		t.Errorf("TLS to TCP: tcpSplice=%v srcTLS=%v srcRaw=%v", d.tcpSplice, d.srcTLS != nil, d.srcRaw != nil)
 	}
+}
+
+// gatedForwarder forwards connections to addr once release is closed:
+// a backend whose login takes as long as the test wants.
+func gatedForwarder(t *testing.T, addr string, release <-chan struct{}) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			<-release
+			b, err := net.Dial("tcp", addr)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			go func() { io.Copy(b, c); b.Close() }()
+			go func() { io.Copy(c, b); c.Close() }()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+	})
+	return ln.Addr().String()
+}
+
+// TestEvictDuringLogin: a user moved while their login to the old backend
+// is under way must not end up logged in there.
+func TestEvictDuringLogin(t *testing.T) {
+	release := make(chan struct{})
+	slow := gatedForwarder(t, startMemBackend(t), release)
+	h := memHarness(t, func(o *Options) {
+		o.Router = fixedRouter(&routing.Backend{ID: "old", Addr: slow})
+	})
+	c := dialConv(t, h.tlsAddr, h.clientTLS)
+	c.expect("* OK")
+	c.send("a LOGIN alice@example.org alicepass\r\n")
+	waitFor(t, func() bool {
+		s := h.srv.Sessions("alice@example.org", "old")
+		return len(s) == 1 && s[0].State == stateLogin
+	})
+	if n := h.srv.EvictUser("alice@example.org", "new"); n != 1 {
+		t.Fatalf("EvictUser during login closed %d sessions, want 1", n)
+	}
+	close(release)
+	for {
+		l, err := c.br.ReadString('\n')
+		if err != nil {
+			break
+		}
+		if strings.HasPrefix(l, "a OK") {
+			t.Fatalf("the evicted login succeeded: %q", l)
+		}
+	}
+	waitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 0 })
+}
+
+// TestLoginRechecksRoute: when the router's answer changes while a login
+// is under way, the login is refused (the client retries and lands on the
+// new home) rather than completed on the old backend.
+func TestLoginRechecksRoute(t *testing.T) {
+	addr := startMemBackend(t)
+	var calls atomic.Int64
+	r := routing.RouterFunc(func(context.Context, string) (*routing.Backend, error) {
+		if calls.Add(1) == 1 {
+			return &routing.Backend{ID: "old", Addr: addr}, nil
+		}
+		return &routing.Backend{ID: "new", Addr: addr}, nil
+	})
+	h := newHarness(t, r, nil)
+	c := dialConv(t, h.tlsAddr, h.clientTLS)
+	c.expect("* OK")
+	c.send("a LOGIN alice@example.org alicepass\r\n")
+	c.expect("a NO [UNAVAILABLE]")
+	c.send("b LOGIN alice@example.org alicepass\r\n")
+	c.expect("b OK")
+	waitFor(t, func() bool { return len(h.srv.Sessions("alice@example.org", "new")) == 1 })
 }

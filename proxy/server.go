@@ -37,6 +37,7 @@ type Server struct {
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
 	sessions  map[*session]struct{}
+	byUser    map[string][]*session // routed sessions, for EvictUser
 	perIP     map[netip.Addr]int
 	active    sync.WaitGroup // sessions
 	idleCh    chan struct{}  // closed when sessions drops to zero during shutdown
@@ -63,6 +64,7 @@ func NewServer(opts Options) (*Server, error) {
 		log:       o.Logger,
 		listeners: make(map[net.Listener]struct{}),
 		sessions:  make(map[*session]struct{}),
+		byUser:    make(map[string][]*session),
 		perIP:     make(map[netip.Addr]int),
 		ipFails:   newFailureLimiter(o.Limits.IPFailures.Burst, o.Limits.IPFailures.Refill, o.Limits.FailureKeys),
 		userFails: newFailureLimiter(o.Limits.UserFailures.Burst, o.Limits.UserFailures.Refill, o.Limits.FailureKeys),
@@ -158,6 +160,9 @@ func (s *Server) serveConn(c net.Conn, l *Listener) {
 	s.sessions[sess] = struct{}{}
 	s.mu.Unlock()
 	defer func() {
+		if u, _ := sess.routeKey(); u != "" {
+			s.unindex(sess, u)
+		}
 		s.mu.Lock()
 		delete(s.sessions, sess)
 		if n := s.perIP[remote.Addr()] - 1; n > 0 {
@@ -238,15 +243,47 @@ func (s *Server) Sessions(user, backend string) []SessionInfo {
 	return out
 }
 
+// index records a routed session under its user, for EvictUser: the
+// router may call it for every user it sees placed, so it must not scan
+// every session.
+func (s *Server) index(sess *session, user string) {
+	s.mu.Lock()
+	s.byUser[user] = append(s.byUser[user], sess)
+	s.mu.Unlock()
+}
+
+func (s *Server) unindex(sess *session, user string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	list := s.byUser[user]
+	for i, x := range list {
+		if x == sess {
+			list[i] = list[len(list)-1]
+			list = list[:len(list)-1]
+			break
+		}
+	}
+	if len(list) == 0 {
+		delete(s.byUser, user)
+	} else {
+		s.byUser[user] = list
+	}
+}
+
 // EvictUser closes user's sessions on every backend except keepID (empty:
-// all of them). Sessions still logging in are left alone: they route
-// afresh. It implements routing.Evictor.
+// all of them), including sessions still logging in to another backend.
+// It implements routing.Evictor.
 func (s *Server) EvictUser(user, keepID string) int {
 	user = routing.NormalizeUser(user)
-	return s.evict("moved", func(sess *session) bool {
-		u, b := sess.routeKey()
-		return b != "" && u == user && b != keepID
-	})
+	s.mu.Lock()
+	var victims []*session
+	for _, sess := range s.byUser[user] {
+		if _, b := sess.routeKey(); b != "" && b != keepID {
+			victims = append(victims, sess)
+		}
+	}
+	s.mu.Unlock()
+	return s.kickAll("moved", victims)
 }
 
 // EvictBackend closes every session spliced to the backend with this ID.
@@ -258,9 +295,8 @@ func (s *Server) EvictBackend(id string) int {
 }
 
 func (s *Server) evict(reason string, match func(*session) bool) int {
-	// Scanning every session is O(sessions) per eviction, a few hundred
-	// microseconds at 100,000 sessions; evictions are rare and an index per
-	// user would cost memory on every session.
+	// Scanning every session is O(sessions), a few hundred microseconds at
+	// 100,000 sessions: fine for a backend going away, which is rare.
 	s.mu.Lock()
 	var victims []*session
 	for sess := range s.sessions {
@@ -269,6 +305,10 @@ func (s *Server) evict(reason string, match func(*session) bool) int {
 		}
 	}
 	s.mu.Unlock()
+	return s.kickAll(reason, victims)
+}
+
+func (s *Server) kickAll(reason string, victims []*session) int {
 	for _, v := range victims {
 		v.kick(reason, "Your mailbox moved, please reconnect")
 	}

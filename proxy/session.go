@@ -184,13 +184,14 @@ func (s *session) spliced() bool {
 	return s.bconn != nil
 }
 
-// routeKey returns the user and backend ID of a logged-in session (from
-// the backend's OK on, so one evicted between the OK and the splice is
-// not missed).
+// routeKey returns the user and backend ID of a session that has been
+// routed: logging in to its backend or logged in. A session still logging
+// in must be evictable too, or a move during its login would leave the
+// user on two backends.
 func (s *session) routeKey() (user, backend string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.bconn == nil || s.backend == nil {
+	if s.backend == nil {
 		return "", ""
 	}
 	return s.user, s.backend.ID
@@ -607,13 +608,23 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 		return nil, !s.writeString(tag + " NO [UNAVAILABLE] No server is available for this account right now, try again later\r\n")
 	}
 	s.mu.Lock()
-	s.backend = b
+	s.backend, s.user = b, user
 	s.mu.Unlock()
+	s.srv.index(s, user)
 
 	bl, err := s.srv.loginBackend(lctx, b, &cr, s.clientInfo(), s.readContinuation)
+	if err == nil {
+		// The user may have moved between the lookup and the moment this
+		// session became evictable: look again (the view is in memory).
+		if b2, rerr := s.srv.opts.Router.Route(lctx, user); rerr == nil && b2.ID != b.ID {
+			bl.conn.Close()
+			err = fmt.Errorf("user moved to %s while logging in to %s", b2.ID, b.ID)
+		}
+	}
 	if err != nil {
+		s.srv.unindex(s, user)
 		s.mu.Lock()
-		s.backend = nil
+		s.backend, s.user = nil, ""
 		s.mu.Unlock()
 		s.setState(statePreAuth)
 		var refused *backendRefusedError
@@ -642,7 +653,6 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 		bl.conn.Close()
 		return nil, true
 	}
-	s.user = user
 	s.bconn = bl.conn
 	s.mu.Unlock()
 	m.Login("ok", strings.ToLower(cr.mech))
