@@ -2,6 +2,7 @@ package routing
 
 import (
 	"context"
+	"errors"
 	"sync/atomic"
 	"time"
 
@@ -85,6 +86,10 @@ func (c *Consul) noteResult(watch string, h *watchHealth, err error) {
 				zap.Duration("outage", now.Sub(time.Unix(0, h.okAt.Load()))))
 		}
 		h.okAt.Store(now.UnixNano())
+		return
+	}
+	if errors.Is(err, context.Canceled) {
+		// Close stopped the watch: not a Consul failure.
 		return
 	}
 	c.metrics.watchErrors.WithLabelValues(watch).Inc()
