@@ -167,3 +167,12 @@ func TestReportFile(t *testing.T) {
 		t.Errorf("UpdateFile:\n%s", s)
 	}
 }
+
+func TestMerge(t *testing.T) {
+	a := Result{Scenario: "noop", Amount: 2, Elapsed: time.Second, CPU: 20 * time.Millisecond, samples: []time.Duration{1, 2}}
+	b := Result{Scenario: "noop", Amount: 2, Elapsed: time.Second, CPU: 20 * time.Millisecond, samples: []time.Duration{3, 4}}
+	m := Merge([]Result{a, b})
+	if m.Amount != 4 || m.Rate != 2 || m.CPUPerOp != 10*time.Millisecond || m.Latency == nil || m.Latency.Max != 4 || m.Latency.P50 != 3 {
+		t.Errorf("Merge: %+v %+v", m, m.Latency)
+	}
+}

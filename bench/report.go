@@ -26,7 +26,7 @@ func Describe(r Result) string {
 		fmt.Fprintf(&b, " %8.1f %ss/s  %.0f in %v", r.Rate, r.Unit, r.Amount, r.Elapsed.Round(time.Millisecond))
 	}
 	if r.Latency != nil {
-		fmt.Fprintf(&b, "  p50 %v p99 %v", us(r.Latency.P50), us(r.Latency.P99))
+		fmt.Fprintf(&b, "  p50 %v p99 %v", lat(r.Latency.P50), lat(r.Latency.P99))
 	}
 	if r.CPU > 0 {
 		fmt.Fprintf(&b, "  proxy CPU %v = %v/%s", r.CPU.Round(time.Millisecond), us(r.CPUPerOp), r.Unit)
@@ -52,6 +52,14 @@ func us(d time.Duration) string {
 	case d < 100*time.Millisecond:
 		// CPU per operation stays in one unit across the table.
 		return fmt.Sprintf("%.0f µs", float64(d)/1e3)
+	}
+	return fmt.Sprintf("%.1f ms", float64(d)/1e6)
+}
+
+// lat formats a latency: µs below 10 ms, ms above.
+func lat(d time.Duration) string {
+	if d < 10*time.Millisecond {
+		return us(d)
 	}
 	return fmt.Sprintf("%.1f ms", float64(d)/1e6)
 }
@@ -256,7 +264,7 @@ func latency(r Result) string {
 	if r.Latency == nil {
 		return ""
 	}
-	return us(r.Latency.P50) + " / " + us(r.Latency.P99)
+	return lat(r.Latency.P50) + " / " + lat(r.Latency.P99)
 }
 
 func errCell(r Result) string {

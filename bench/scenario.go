@@ -182,6 +182,8 @@ type Result struct {
 	RSSDuring     int64 `json:"rss_during,omitempty"`
 	RSSPerSession int64 `json:"rss_per_session,omitempty"`
 	FDsDuring     int   `json:"fds_during,omitempty"`
+	// samples are the raw latencies where a scenario keeps them, for Merge.
+	samples []time.Duration
 }
 
 // errs collects a count and the first error of concurrent work.
@@ -609,8 +611,46 @@ func runNoop(ctx context.Context, o Options) (Result, error) {
 		return r, err
 	}
 	r.Errors, r.FirstError = e.n.Load(), e.first
-	r.Latency = summarise(lat)
+	r.samples = lat
+	r.Latency = summarise(slices.Clone(lat))
 	return r, nil
+}
+
+// Merge adds up results of the same scenario and target measured in
+// several rounds (interleaved with other targets, so that a noisy minute
+// does not land on one target only): amounts, times and CPU add up, and
+// latencies are summarised over every sample when the rounds kept them
+// (noop does), else the last round's summary stands.
+func Merge(rs []Result) Result {
+	if len(rs) == 0 {
+		return Result{}
+	}
+	m := rs[0]
+	m.samples = slices.Clone(m.samples)
+	for _, r := range rs[1:] {
+		m.Amount += r.Amount
+		m.Elapsed += r.Elapsed
+		m.Errors += r.Errors
+		if m.FirstError == "" {
+			m.FirstError = r.FirstError
+		}
+		m.CPU += r.CPU
+		m.ClientCPU += r.ClientCPU
+		m.samples = append(m.samples, r.samples...)
+		if r.Latency != nil {
+			m.Latency = r.Latency
+		}
+	}
+	if m.Elapsed > 0 {
+		m.Rate = m.Amount / m.Elapsed.Seconds()
+	}
+	if m.Amount > 0 {
+		m.CPUPerOp = time.Duration(float64(m.CPU) / m.Amount)
+	}
+	if len(m.samples) > 0 {
+		m.Latency = summarise(slices.Clone(m.samples))
+	}
+	return m
 }
 
 // runIdle opens Idle.Sessions logged-in sessions in IDLE, holds them, and
