@@ -313,7 +313,7 @@ func TestSecondSignalCutsDrainShort(t *testing.T) {
 		}
 		defer c.Close()
 		if err := c.login("alice@example.org", "alicepass"); err != nil {
-			t.Fatal(err)
+			t.Fatalf("login: %v; log:\n%s", err, p.dump())
 		}
 		clients = append(clients, c)
 	}
@@ -322,7 +322,7 @@ func TestSecondSignalCutsDrainShort(t *testing.T) {
 	p.waitLog(t, 5*time.Second, `"draining"`)
 	p.signal(syscall.SIGTERM)
 	if code := p.wait(t, 10*time.Second); code != 0 {
-		t.Fatalf("exit %d", code)
+		t.Fatalf("exit %d; log:\n%s", code, p.dump())
 	}
 	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("exited %v after the second signal, drain window 60s", d)
@@ -330,7 +330,7 @@ func TestSecondSignalCutsDrainShort(t *testing.T) {
 	p.waitLog(t, time.Second, "drain cut short")
 	for _, c := range clients {
 		if err := c.waitClosed(time.Second); err != nil {
-			t.Error(err)
+			t.Errorf("%v; log:\n%s", err, p.dump())
 		}
 	}
 }
