@@ -221,6 +221,7 @@ func TestAdminSessionsAndKick(t *testing.T) {
 	if err := alice.waitClosed(2 * time.Second); err != nil {
 		t.Fatalf("kicked session: %v", err)
 	}
+	waitNoSessions(t, ta, "alice@example.org") // the session may be listed until its goroutine ends
 	code, out, _ = ta.ctl("kick", "alice@example.org")
 	if code != 0 || out != "kicked alice@example.org: 0 sessions closed\n" {
 		t.Fatalf("second kick: exit %d %q", code, out)
