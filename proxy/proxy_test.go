@@ -2,11 +2,11 @@ package proxy
 
 import (
 	"bytes"
-	"io"
 	"context"
 	"crypto/tls"
 	"encoding/base64"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"

@@ -26,6 +26,8 @@ type Server struct {
 	opts Options
 	log  *zap.Logger
 
+	parker    *parker         // nil: spliced directions wait in goroutines
+	stopOnce  sync.Once
 	ipFails   *failureLimiter // nil when off
 	userFails *failureLimiter
 
@@ -68,6 +70,15 @@ func NewServer(opts Options) (*Server, error) {
 		perIP:     make(map[netip.Addr]int),
 		ipFails:   newFailureLimiter(o.Limits.IPFailures.Burst, o.Limits.IPFailures.Refill, o.Limits.FailureKeys),
 		userFails: newFailureLimiter(o.Limits.UserFailures.Burst, o.Limits.UserFailures.Refill, o.Limits.FailureKeys),
+	}
+	if o.Timeouts.Idle <= 0 {
+		// With an idle timeout each direction keeps a read deadline, so
+		// it waits in a goroutine instead of parking.
+		p, err := newParker()
+		if err != nil {
+			return nil, fmt.Errorf("proxy: epoll: %w", err)
+		}
+		s.parker = p
 	}
 	s.base, s.cancelBase = context.WithCancel(context.Background())
 	return s, nil
@@ -159,25 +170,32 @@ func (s *Server) serveConn(c net.Conn, l *Listener) {
 	s.mu.Lock()
 	s.sessions[sess] = struct{}{}
 	s.mu.Unlock()
-	defer func() {
-		if u, _ := sess.routeKey(); u != "" {
-			s.unindex(sess, u)
-		}
-		s.mu.Lock()
-		delete(s.sessions, sess)
-		if n := s.perIP[remote.Addr()] - 1; n > 0 {
-			s.perIP[remote.Addr()] = n
-		} else {
-			delete(s.perIP, remote.Addr())
-		}
-		if s.idleCh != nil && len(s.sessions) == 0 {
-			close(s.idleCh)
-			s.idleCh = nil
-		}
-		s.mu.Unlock()
-		s.active.Done()
-	}()
-	sess.serve(s.base)
+	if !sess.serve(s.base) {
+		s.endSession(sess)
+	}
+	// Otherwise the session is spliced: its directions end it.
+}
+
+// endSession closes a session, logs its summary line and forgets it.
+func (s *Server) endSession(sess *session) {
+	sess.finish()
+	if u, _ := sess.routeKey(); u != "" {
+		s.unindex(sess, u)
+	}
+	remote := sess.remote
+	s.mu.Lock()
+	delete(s.sessions, sess)
+	if n := s.perIP[remote.Addr()] - 1; n > 0 {
+		s.perIP[remote.Addr()] = n
+	} else {
+		delete(s.perIP, remote.Addr())
+	}
+	if s.idleCh != nil && len(s.sessions) == 0 {
+		close(s.idleCh)
+		s.idleCh = nil
+	}
+	s.mu.Unlock()
+	s.active.Done()
 }
 
 // admit counts a new connection, or says which limit refuses it.
@@ -347,6 +365,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	select {
 	case <-done:
 		s.active.Wait()
+		s.stopParker()
 		return nil
 	case <-ctx.Done():
 	}
@@ -370,8 +389,31 @@ func (s *Server) Close() error {
 	for _, sess := range all {
 		sess.kick("shutdown", "Server shutting down, please reconnect")
 	}
-	s.active.Wait()
+	waited := make(chan struct{})
+	go func() {
+		s.active.Wait()
+		close(waited)
+	}()
+	select {
+	case <-waited:
+	case <-time.After(10 * time.Second):
+		// Every session was closed: one that lingers is a bug. Say which.
+		for _, in := range s.Sessions("", "") {
+			s.log.Error("session did not end after Close", zap.String("session", in.ID), zap.String("state", in.State), zap.String("user", in.User), zap.String("backend", in.Backend))
+		}
+		<-waited
+	}
+	s.stopParker()
 	return nil
+}
+
+// stopParker ends the parker's goroutine once no session needs it.
+func (s *Server) stopParker() {
+	s.stopOnce.Do(func() {
+		if s.parker != nil {
+			s.parker.stop()
+		}
+	})
 }
 
 // spliceSessions returns the logged-in sessions.

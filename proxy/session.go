@@ -64,6 +64,9 @@ type session struct {
 	closed    bool
 	reason    string      // how the session ended, once known
 	halfClose *time.Timer // armed when one side of a splice closed
+	up, down  *direction  // set when the splice starts
+
+	dirsLeft atomic.Int32 // directions of the splice still running
 
 	in, out atomic.Int64 // bytes client→backend and backend→client
 }
@@ -94,8 +97,10 @@ func (s *session) logger() *zap.Logger {
 	return s.srv.log.With(zap.String("session", s.id), zap.String("client", s.remote.String()), zap.String("listener", s.lst.Name))
 }
 
-// serve runs the session to its end.
-func (s *session) serve(ctx context.Context) {
+// serve runs the session up to the splice. It reports whether the
+// splice took the session over (its directions then end it); otherwise
+// the session is over and the caller ends it.
+func (s *session) serve(ctx context.Context) (spliced bool) {
 	m := s.srv.opts.Metrics
 	m.SessionState(s.lst.Name, "", "", statePreAuth)
 	defer func() {
@@ -103,26 +108,26 @@ func (s *session) serve(ctx context.Context) {
 			s.logger().Error("session panic", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
 			s.setReason("panic")
 			s.writeString("* BYE [SERVERBUG] Internal error\r\n")
+			spliced = false
 		}
-		s.finish()
 	}()
 
 	if s.lst.Mode == ImplicitTLS {
 		if err := s.startTLS(ctx); err != nil {
 			s.setReason("tls_handshake")
 			s.logger().Debug("TLS handshake failed", zap.Error(err))
-			return
+			return false
 		}
 	}
 	s.newReader()
 	if !s.writeString("* OK [CAPABILITY " + s.capabilities() + "] " + s.srv.opts.Greeting + "\r\n") {
-		return
+		return false
 	}
 	bl, err := s.preAuth(ctx)
 	if err != nil || bl == nil {
-		return
+		return false
 	}
-	s.splice(bl)
+	return s.splice(bl)
 }
 
 // finish closes everything and logs the session's one summary line.
@@ -223,7 +228,6 @@ func (s *session) kick(reason, text string) {
 	if s.reason == "" {
 		s.reason = reason
 	}
-	bc := s.bconn
 	s.mu.Unlock()
 	// A pump blocked on a slow client holds wmu: the deadline frees it
 	// within a second (its write fails and the session ends anyway).
@@ -234,10 +238,7 @@ func (s *session) kick(reason, text string) {
 		io.WriteString(s.client, "* BYE [UNAVAILABLE] "+text+"\r\n")
 	}
 	s.wmu.Unlock()
-	s.raw.Close()
-	if bc != nil {
-		bc.Close()
-	}
+	s.closeConns()
 }
 
 // write sends b to the client; it reports false (and ends the session's

@@ -2,7 +2,10 @@ package proxy
 
 import (
 	"crypto/tls"
+	"runtime/debug"
+
 	"errors"
+	"go.uber.org/zap"
 	"io"
 	"net"
 	"os"
@@ -14,13 +17,18 @@ import (
 
 // This file is the splice: after login, bytes flow both ways untouched.
 //
-// Most IMAP sessions are idle (IDLE lasts 29 minutes), so a session holds
-// no copy buffer while nothing flows: each direction waits for its socket
-// to become readable (waitReadable, a MSG_PEEK through the runtime's
-// poller), then borrows a pooled buffer, copies what is ready and gives
-// the buffer back. When both legs are plain TCP the kernel moves the
-// bytes itself (splice(2) through net.TCPConn.ReadFrom), exactly as many
-// as are queued, so the pipe it uses is also only held while bytes flow.
+// Most IMAP sessions are idle (IDLE lasts 29 minutes), so an idle
+// spliced session holds no goroutine and no buffer. Each direction copies
+// what its source has queued, then, when the socket is empty, parks: it
+// registers the socket (one-shot) with the Server's parker, an epoll set
+// of imapgate's own served by one goroutine, and its goroutine returns.
+// When bytes (or EOF) arrive the parker starts the direction again on a
+// fresh goroutine, which borrows a pooled buffer only while it copies.
+// When both legs are plain TCP the kernel moves the bytes (splice(2)
+// through net.TCPConn.ReadFrom), exactly as many as are queued, so the
+// pipe it uses is also only held while bytes flow. Without a parker (not
+// Linux, or Timeouts.Idle set) a direction waits on its socket in a
+// goroutine instead, still without a buffer.
 
 // copyBufSize holds two full TLS records.
 const copyBufSize = 32 << 10
@@ -29,9 +37,10 @@ var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); retur
 
 // direction is one half of a splice.
 type direction struct {
-	name      string          // "up" (client→backend) or "down", for reasons
+	sess      *session
+	name      string          // "client" (client→backend) or "backend", for reasons
 	src       net.Conn        // what to read: a *net.TCPConn or *tls.Conn
-	srcRaw    syscall.RawConn // src's socket, to wait on without a buffer; nil if unknown
+	srcRaw    syscall.RawConn // src's socket, to peek at without a buffer; nil if unknown
 	srcTLS    *tls.Conn       // src when it is TLS: its buffered records are drained before waiting
 	dst       net.Conn
 	dstWmu    *sync.Mutex // held around writes to dst (the client side)
@@ -39,10 +48,15 @@ type direction struct {
 	counter   *atomic.Int64
 	idle      time.Duration
 	tcpSplice bool // src and dst are both *net.TCPConn
+
+	drained bool        // the TLS source's leftovers from the login were copied
+	parked  atomic.Bool // registered with the parker, no goroutine running
+	parkID  uint64      // the parker's key; 0 until first parked
+	fd      int         // src's descriptor, for the parker
 }
 
 func newDirection(name string, src, dst net.Conn, counter *atomic.Int64, idle time.Duration) *direction {
-	d := &direction{name: name, src: src, dst: dst, counter: counter, idle: idle}
+	d := &direction{name: name, src: src, dst: dst, counter: counter, idle: idle, fd: -1}
 	under := src
 	if tc, ok := src.(*tls.Conn); ok {
 		d.srcTLS = tc
@@ -50,6 +64,9 @@ func newDirection(name string, src, dst net.Conn, counter *atomic.Int64, idle ti
 	}
 	if sc, ok := under.(syscall.Conn); ok {
 		d.srcRaw, _ = sc.SyscallConn()
+		if d.srcRaw != nil {
+			d.srcRaw.Control(func(fd uintptr) { d.fd = int(fd) })
+		}
 	}
 	_, srcTCP := src.(*net.TCPConn)
 	_, dstTCP := dst.(*net.TCPConn)
@@ -57,11 +74,56 @@ func newDirection(name string, src, dst net.Conn, counter *atomic.Int64, idle ti
 	return d
 }
 
-// run copies until EOF (returned as io.EOF) or an error.
-func (d *direction) run() error {
-	if d.srcTLS != nil {
+// errIdle says a direction's source has nothing queued.
+var errIdle = errors.New("nothing queued")
+
+// loop copies until the source is empty and then parks (the goroutine
+// returns), or until the direction ends. It is the body of every
+// goroutine a direction runs on.
+func (d *direction) loop() {
+	defer func() {
+		if p := recover(); p != nil {
+			d.sess.logger().Error("splice panic", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
+			d.sess.setReason("panic")
+			d.sess.closeConns()
+			d.sess.directionDone()
+		}
+	}()
+	for {
+		err := d.step()
+		if errors.Is(err, errIdle) {
+			if p := d.sess.srv.parker; p != nil && p.park(d) {
+				return
+			}
+			err = d.wait()
+		}
+		if err != nil {
+			d.sess.directionEnded(d, err)
+			d.sess.directionDone()
+			return
+		}
+	}
+}
+
+// wait blocks until the source is readable, for when there is no parker.
+func (d *direction) wait() error {
+	if d.idle > 0 {
+		d.src.SetReadDeadline(time.Now().Add(d.idle))
+	}
+	if d.srcRaw == nil {
+		return nil // copyReady will block in Read instead
+	}
+	_, err := waitReadable(d.srcRaw)
+	return err
+}
+
+// step copies what the source has queued now. It returns errIdle when
+// there is nothing, io.EOF at the end.
+func (d *direction) step() error {
+	if d.srcTLS != nil && !d.drained {
 		// The login exchange may have left decrypted bytes in tls.Conn
 		// that no socket readiness will announce.
+		d.drained = true
 		bp := copyBufs.Get().(*[]byte)
 		err := d.drainTLS(*bp)
 		copyBufs.Put(bp)
@@ -69,32 +131,26 @@ func (d *direction) run() error {
 			return err
 		}
 	}
-	for {
-		if d.idle > 0 {
-			d.src.SetReadDeadline(time.Now().Add(d.idle))
-		}
-		if d.srcRaw != nil {
-			queued, err := waitReadable(d.srcRaw)
-			if err != nil {
-				return err
-			}
-			if d.tcpSplice {
-				if queued == 0 {
-					return io.EOF
-				}
-				if err := d.spliceQueued(int64(queued)); err != nil {
-					return err
-				}
-				continue
-			}
-		}
+	if d.srcRaw == nil {
 		bp := copyBufs.Get().(*[]byte)
 		err := d.copyReady(*bp)
 		copyBufs.Put(bp)
-		if err != nil {
-			return err
-		}
+		return err
 	}
+	queued, err := peekQueued(d.srcRaw, d.tcpSplice)
+	if err != nil {
+		return err
+	}
+	if d.tcpSplice {
+		if queued == 0 {
+			return io.EOF
+		}
+		return d.spliceQueued(int64(queued))
+	}
+	bp := copyBufs.Get().(*[]byte)
+	err = d.copyReady(*bp)
+	copyBufs.Put(bp)
+	return err
 }
 
 // copyReady copies what src has ready into dst through buf.
@@ -181,9 +237,10 @@ var (
 	_ closeWriter = (*tls.Conn)(nil)
 )
 
-// splice runs the Authenticated state: it forwards what each side sent
-// early, then copies both ways until both have ended.
-func (s *session) splice(bl *backendLogin) {
+// splice starts the Authenticated state: it forwards what each side sent
+// early, then starts both directions, which end the session between them.
+// It reports false if the session ended before that.
+func (s *session) splice(bl *backendLogin) bool {
 	var early []byte
 	if n := s.r.br.Buffered(); n > 0 {
 		b, _ := s.r.br.Peek(n)
@@ -198,13 +255,13 @@ func (s *session) splice(bl *backendLogin) {
 		s.in.Add(int64(n))
 		if err != nil {
 			s.setReason("backend_write_error")
-			return
+			return false
 		}
 	}
 	if len(bl.pending) > 0 {
 		n := len(bl.pending)
 		if !s.write(bl.pending) {
-			return
+			return false
 		}
 		s.out.Add(int64(n))
 	}
@@ -212,23 +269,34 @@ func (s *session) splice(bl *backendLogin) {
 	idle := s.srv.opts.Timeouts.Idle
 	up := newDirection("client", s.client, bl.conn, &s.in, idle)
 	down := newDirection("backend", bl.conn, s.client, &s.out, idle)
+	up.sess, down.sess = s, s
 	down.dstWmu, down.boundary = &s.wmu, &s.atBoundary
+	s.mu.Lock()
+	s.up, s.down = up, down
+	s.mu.Unlock()
+	s.dirsLeft.Store(2)
+	go up.loop()
+	go down.loop()
+	return true
+}
 
-	upDone := make(chan struct{})
-	go s.pumpClientToBackend(up, upDone)
-	s.directionEnded(down, down.run())
-	<-upDone
+// directionDone is called once by each direction as it ends; the last one
+// ends the session.
+func (s *session) directionDone() {
+	if s.dirsLeft.Add(-1) != 0 {
+		return
+	}
 	s.mu.Lock()
 	if s.halfClose != nil {
 		s.halfClose.Stop()
 	}
+	up, down := s.up, s.down
 	s.mu.Unlock()
-}
-
-// pumpClientToBackend is the second goroutine of a spliced session.
-func (s *session) pumpClientToBackend(d *direction, done chan<- struct{}) {
-	defer close(done)
-	s.directionEnded(d, d.run())
+	if p := s.srv.parker; p != nil {
+		p.forget(up)
+		p.forget(down)
+	}
+	s.srv.endSession(s)
 }
 
 // directionEnded reacts to one direction's end: after a clean EOF the
@@ -258,13 +326,20 @@ func (s *session) directionEnded(d *direction, err error) {
 	s.closeConns()
 }
 
-// closeConns closes both legs, which ends both directions.
+// closeConns closes both legs, which ends both directions: a parked one
+// is started again to find its socket closed (a closed socket leaves an
+// epoll set without an event).
 func (s *session) closeConns() {
 	s.mu.Lock()
-	bc := s.bconn
+	bc, up, down := s.bconn, s.up, s.down
 	s.mu.Unlock()
 	s.raw.Close()
 	if bc != nil {
 		bc.Close()
+	}
+	for _, d := range []*direction{up, down} {
+		if d != nil && d.parked.CompareAndSwap(true, false) {
+			go d.loop()
+		}
 	}
 }
