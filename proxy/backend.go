@@ -50,9 +50,10 @@ const maxBackendLine = 16 << 10
 
 // backendConn is the small IMAP client used until the splice starts.
 type backendConn struct {
-	conn net.Conn
-	br   *bufio.Reader
-	n    int // tag counter
+	conn   net.Conn
+	br     *bufio.Reader
+	n      int    // tag counter
+	queued string // a command to send with the next one, its answer unread
 }
 
 // clientInfo is what a backend may learn about the client.
@@ -209,11 +210,10 @@ func (s *Server) loginOn(ctx context.Context, conn net.Conn, b *routing.Backend,
 		}
 	}
 	if len(ci.id) > 0 && hasCap(caps, "ID") {
-		// The answer does not matter; a backend that dislikes our ID still
-		// lets the client log in.
-		if _, _, err := bc.simple("ID " + idList(ci.id)); err != nil && !isRefusal(err) {
-			return nil, fmt.Errorf("ID: %w", err)
-		}
+		// Sent in the same write as the login, whose reading skips the
+		// ID's answer: it does not matter (a backend that dislikes our ID
+		// still lets the client log in), and this saves a round trip.
+		bc.queued = bc.nextTag() + " ID " + idList(ci.id) + "\r\n"
 	}
 
 	var code string
@@ -358,6 +358,9 @@ func (bc *backendConn) nextTag() string {
 }
 
 func (bc *backendConn) send(s string) error {
+	if bc.queued != "" {
+		s, bc.queued = bc.queued+s, ""
+	}
 	_, err := io.WriteString(bc.conn, s)
 	return err
 }
