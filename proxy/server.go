@@ -301,7 +301,17 @@ func (s *Server) EvictUser(user, keepID string) int {
 		}
 	}
 	s.mu.Unlock()
-	return s.kickAll("moved", victims)
+	return s.kickAll("moved", "Your mailbox moved, please reconnect", victims)
+}
+
+// KickUser closes every session of user (an operator's kick), telling
+// the client text in a BYE where the stream allows.
+func (s *Server) KickUser(user, text string) int {
+	user = routing.NormalizeUser(user)
+	s.mu.Lock()
+	victims := append([]*session(nil), s.byUser[user]...)
+	s.mu.Unlock()
+	return s.kickAll("kicked", text, victims)
 }
 
 // EvictBackend closes every session spliced to the backend with this ID.
@@ -323,12 +333,12 @@ func (s *Server) evict(reason string, match func(*session) bool) int {
 		}
 	}
 	s.mu.Unlock()
-	return s.kickAll(reason, victims)
+	return s.kickAll(reason, "Your mailbox moved, please reconnect", victims)
 }
 
-func (s *Server) kickAll(reason string, victims []*session) int {
+func (s *Server) kickAll(reason, text string, victims []*session) int {
 	for _, v := range victims {
-		v.kick(reason, "Your mailbox moved, please reconnect")
+		v.kick(reason, text)
 	}
 	if len(victims) > 0 {
 		s.log.Info("evicted sessions", zap.String("reason", reason), zap.Int("count", len(victims)))

@@ -139,7 +139,7 @@ func (a *app) handleKick(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusBadRequest, "empty user name"))
 		return
 	}
-	n := a.srv.EvictUser(user, "")
+	n := a.srv.KickUser(user, "An administrator closed this session, please reconnect")
 	a.metrics.adminAction("kick", nil)
 	a.log.Info("admin: user kicked", zap.String("user", user), zap.Int("closed", n))
 	writeJSON(w, http.StatusOK, kickReply{User: user, Closed: n})
