@@ -26,8 +26,12 @@ type Server struct {
 	opts Options
 	log  *zap.Logger
 
-	parker    *parker         // nil: spliced directions wait in goroutines
-	stopOnce  sync.Once
+	// parker holds idle spliced directions; started with the first
+	// splice (NewServer has no side effects), nil when directions wait in
+	// goroutines instead.
+	parker     atomic.Pointer[parker]
+	parkerOnce sync.Once
+	stopOnce   sync.Once
 	ipFails   *failureLimiter // nil when off
 	userFails *failureLimiter
 
@@ -70,15 +74,6 @@ func NewServer(opts Options) (*Server, error) {
 		perIP:     make(map[netip.Addr]int),
 		ipFails:   newFailureLimiter(o.Limits.IPFailures.Burst, o.Limits.IPFailures.Refill, o.Limits.FailureKeys),
 		userFails: newFailureLimiter(o.Limits.UserFailures.Burst, o.Limits.UserFailures.Refill, o.Limits.FailureKeys),
-	}
-	if o.Timeouts.Idle <= 0 {
-		// With an idle timeout each direction keeps a read deadline, so
-		// it waits in a goroutine instead of parking.
-		p, err := newParker()
-		if err != nil {
-			return nil, fmt.Errorf("proxy: epoll: %w", err)
-		}
-		s.parker = p
 	}
 	s.base, s.cancelBase = context.WithCancel(context.Background())
 	return s, nil
@@ -417,11 +412,30 @@ func (s *Server) Close() error {
 	return nil
 }
 
+// getParker returns the parker, starting it the first time; nil means
+// directions wait in goroutines: with an idle timeout (each direction
+// keeps a read deadline), on systems without epoll, or after a failure.
+func (s *Server) getParker() *parker {
+	s.parkerOnce.Do(func() {
+		if s.opts.Timeouts.Idle > 0 || s.closing.Load() {
+			return
+		}
+		p, err := newParker()
+		if err != nil {
+			s.log.Warn("no epoll set for idle sessions; they keep a goroutine each", zap.Error(err))
+			return
+		}
+		s.parker.Store(p)
+	})
+	return s.parker.Load()
+}
+
 // stopParker ends the parker's goroutine once no session needs it.
 func (s *Server) stopParker() {
 	s.stopOnce.Do(func() {
-		if s.parker != nil {
-			s.parker.stop()
+		s.parkerOnce.Do(func() {}) // none may start from now on
+		if p := s.parker.Load(); p != nil {
+			p.stop()
 		}
 	})
 }

@@ -92,7 +92,7 @@ func (d *direction) loop() {
 	for {
 		err := d.step()
 		if errors.Is(err, errIdle) {
-			if p := d.sess.srv.parker; p != nil && p.park(d) {
+			if p := d.sess.srv.parker.Load(); p != nil && p.park(d) {
 				return
 			}
 			err = d.wait()
@@ -274,6 +274,7 @@ func (s *session) splice(bl *backendLogin) bool {
 	s.mu.Lock()
 	s.up, s.down = up, down
 	s.mu.Unlock()
+	s.srv.getParker()
 	s.dirsLeft.Store(2)
 	go up.loop()
 	go down.loop()
@@ -292,7 +293,7 @@ func (s *session) directionDone() {
 	}
 	up, down := s.up, s.down
 	s.mu.Unlock()
-	if p := s.srv.parker; p != nil {
+	if p := s.srv.parker.Load(); p != nil {
 		p.forget(up)
 		p.forget(down)
 	}
