@@ -672,3 +672,102 @@ func TestLoginRechecksRoute(t *testing.T) {
 	c.expect("b OK")
 	waitFor(t, func() bool { return len(h.srv.Sessions("alice@example.org", "new")) == 1 })
 }
+
+// parkedDirections counts the directions of user's sessions that sit in
+// the parker with no goroutine.
+func parkedDirections(srv *Server, user string) int {
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	n := 0
+	for _, sess := range srv.byUser[user] {
+		sess.mu.Lock()
+		for _, d := range []*direction{sess.up, sess.down} {
+			if d != nil && d.parked.Load() {
+				n++
+			}
+		}
+		sess.mu.Unlock()
+	}
+	return n
+}
+
+// TestParkedSessions: idle spliced sessions park both directions (no
+// goroutine), wake for traffic either way, and can still be kicked.
+func TestParkedSessions(t *testing.T) {
+	if !canSplice {
+		t.Skip("parking is Linux only")
+	}
+	d := startDovecot(t)
+	h := newHarness(t, fixedRouter(dovecotBackend(d, routing.SecurityNone)), nil)
+	h.srv.parkAfter = 20 * time.Millisecond
+	const user = "alice@example.org"
+	exists := make(chan uint32, 4)
+	cl, err := imapclient.DialTLS(h.tlsAddr, &imapclient.Options{
+		TLSConfig: h.clientTLS,
+		UnilateralDataHandler: &imapclient.UnilateralDataHandler{
+			Mailbox: func(m *imapclient.UnilateralDataMailbox) {
+				if m.NumMessages != nil {
+					exists <- *m.NumMessages
+				}
+			},
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if err := cl.Login(user, d.Users[user]).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	sel, err := cl.Select("INBOX", nil).Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return parkedDirections(h.srv, user) == 2 })
+	// Client to backend wakes the up direction, the answer the down one.
+	for i := 0; i < 3; i++ {
+		if err := cl.Noop().Wait(); err != nil {
+			t.Fatalf("NOOP %d on a parked session: %v", i, err)
+		}
+		waitFor(t, func() bool { return parkedDirections(h.srv, user) == 2 })
+	}
+	// Backend to client alone: mail arrives during IDLE.
+	idle, err := cl.Idle()
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return parkedDirections(h.srv, user) == 2 })
+	other, err := imapclient.DialTLS(h.tlsAddr, &imapclient.Options{TLSConfig: h.clientTLS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if err := other.Login(user, d.Users[user]).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	appendMessage(t, other, bigMessage(200<<10))
+	other.Logout().Wait()
+	select {
+	case n := <-exists:
+		if n != sel.NumMessages+1 {
+			t.Errorf("EXISTS %d, want %d", n, sel.NumMessages+1)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no EXISTS reached the parked, idling session")
+	}
+	if err := idle.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := idle.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return parkedDirections(h.srv, user) == 2 })
+	// A kick reaches a parked session.
+	if n := h.srv.KickUser(user, "bye"); n != 1 {
+		t.Fatalf("KickUser closed %d sessions", n)
+	}
+	if err := cl.Noop().Wait(); err == nil {
+		t.Fatal("NOOP succeeded after the kick")
+	}
+	waitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 0 })
+}

@@ -32,8 +32,9 @@ type Server struct {
 	parker     atomic.Pointer[parker]
 	parkerOnce sync.Once
 	stopOnce   sync.Once
-	ipFails   *failureLimiter // nil when off
-	userFails *failureLimiter
+	parkAfter  time.Duration   // parkAfter, shorter in tests
+	ipFails    *failureLimiter // nil when off
+	userFails  *failureLimiter
 
 	closing atomic.Bool
 	// base is cancelled by Close: it ends every session's blocking work.
@@ -71,6 +72,7 @@ func NewServer(opts Options) (*Server, error) {
 		listeners: make(map[net.Listener]struct{}),
 		sessions:  make(map[*session]struct{}),
 		byUser:    make(map[string][]*session),
+		parkAfter: parkAfter,
 		perIP:     make(map[netip.Addr]int),
 		ipFails:   newFailureLimiter(o.Limits.IPFailures.Burst, o.Limits.IPFailures.Refill, o.Limits.FailureKeys),
 		userFails: newFailureLimiter(o.Limits.UserFailures.Burst, o.Limits.UserFailures.Refill, o.Limits.FailureKeys),

@@ -92,10 +92,10 @@ func (d *direction) loop() {
 	for {
 		err := d.step()
 		if errors.Is(err, errIdle) {
-			if p := d.sess.srv.parker.Load(); p != nil && p.park(d) {
+			err = d.await()
+			if errors.Is(err, errParked) {
 				return
 			}
-			err = d.wait()
 		}
 		if err != nil {
 			d.sess.directionEnded(d, err)
@@ -103,6 +103,35 @@ func (d *direction) loop() {
 			return
 		}
 	}
+}
+
+// parkAfter is how long a direction waits for its next bytes in its own
+// goroutine before it parks. A conversation (a command, its answer, the
+// next command) stays on the runtime's poller, which wakes a goroutine
+// faster and cheaper than the parker's hand-off; a session that has been
+// quiet this long is likely idle for minutes (IDLE), and parks.
+const parkAfter = 2 * time.Second
+
+var errParked = errors.New("parked")
+
+// await waits for the source to become readable: in this goroutine for up
+// to parkAfter, then parked (errParked: the goroutine must return).
+func (d *direction) await() error {
+	p := d.sess.srv.parker.Load()
+	if p == nil || d.srcRaw == nil {
+		return d.wait()
+	}
+	d.src.SetReadDeadline(time.Now().Add(d.sess.srv.parkAfter))
+	_, err := waitReadable(d.srcRaw)
+	// Cleared before any Read: a deadline could cut a TLS record in half.
+	d.src.SetReadDeadline(time.Time{})
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		return err
+	}
+	if p.park(d) {
+		return errParked
+	}
+	return d.wait()
 }
 
 // wait blocks until the source is readable, for when there is no parker.
