@@ -2,24 +2,25 @@ package proxy
 
 import (
 	"crypto/tls"
-	"runtime/debug"
-
 	"errors"
-	"go.uber.org/zap"
 	"io"
 	"net"
 	"os"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 // This file is the splice: after login, bytes flow both ways untouched.
 //
 // Most IMAP sessions are idle (IDLE lasts 29 minutes), so an idle
 // spliced session holds no goroutine and no buffer. Each direction copies
-// what its source has queued, then, when the socket is empty, parks: it
+// what its source has queued, waits on the runtime's poller for a moment
+// (parkAfter: the next command of a conversation), and then parks: it
 // registers the socket (one-shot) with the Server's parker, an epoll set
 // of imapgate's own served by one goroutine, and its goroutine returns.
 // When bytes (or EOF) arrive the parker starts the direction again on a
