@@ -173,8 +173,9 @@ type Timeouts struct {
 	// BackendLogin bounds the whole backend exchange: TLS, greeting,
 	// STARTTLS, ID and login. Zero means 15 s.
 	BackendLogin time.Duration
-	// HalfClose is how long the other direction may go on after one side
-	// closed its half of the connection. Zero means 10 s.
+	// HalfClose is how long the backend may go on answering after the
+	// client closed its half of the connection (a backend that closes
+	// ends the session at once). Zero means 10 s.
 	HalfClose time.Duration
 	// Idle closes a spliced session after this long without a byte either
 	// way. Zero or negative means never: IMAP servers have their own

@@ -330,14 +330,22 @@ func (s *session) directionDone() {
 	s.srv.endSession(s)
 }
 
-// directionEnded reacts to one direction's end: after a clean EOF the
-// other side is told by a half-close and given Timeouts.HalfClose to
-// finish; after an error both connections close at once.
+// directionEnded reacts to one direction's end: after the client's clean
+// EOF the backend is told by a half-close and given Timeouts.HalfClose to
+// answer; after the backend's EOF, or an error, both connections close at
+// once.
 func (s *session) directionEnded(d *direction, err error) {
 	if errors.Is(err, io.EOF) {
 		s.setReason(d.name + "_closed")
 		if cw, ok := d.dst.(closeWriter); ok {
 			cw.CloseWrite()
+		}
+		if d.name == "backend" {
+			// The backend is done (its BYE is written): nothing the client
+			// still sends has anywhere to go, and a client that does not
+			// close by itself must not hold the session.
+			s.closeConns()
+			return
 		}
 		s.mu.Lock()
 		if s.halfClose == nil && !s.closed {

@@ -104,7 +104,11 @@ func startTestApp(t *testing.T) *testApp {
 	}
 	a.flags = &flags{config: path}
 	t.Cleanup(a.close)
-	if err := a.start(ctx, 0); err != nil {
+	lns, err := bindListeners(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.start(ctx, 0, lns); err != nil {
 		t.Fatal(err)
 	}
 	return &testApp{app: a, path: path, imap: a.lnAddrs[0].String(), admin: "http://" + a.httpAddr.String()}

@@ -215,7 +215,15 @@ func (a *app) isReady() bool {
 // start builds the proxy, opens the listeners, the HTTP server and the
 // Consul registration. Errors leave nothing running but what close
 // releases.
-func (a *app) start(ctx context.Context, nofile uint64) error {
+func (a *app) start(ctx context.Context, nofile uint64, lns []boundListener) (err error) {
+	served := 0
+	defer func() {
+		if err != nil {
+			for _, bl := range lns[served:] {
+				bl.ln.Close()
+			}
+		}
+	}()
 	cfg := a.cfg.Load()
 	popts, err := cfg.ProxyOptions()
 	if err != nil {
@@ -238,16 +246,12 @@ func (a *app) start(ctx context.Context, nofile uint64) error {
 	a.srv = srv
 	a.closers = append(a.closers, func() { srv.Close(); a.serveWG.Wait() })
 
-	specs, err := cfg.Listeners()
-	if err != nil {
-		return err
-	}
-	a.serveErr = make(chan error, len(specs))
-	for _, sp := range specs {
-		ln, err := listen(ctx, sp.Addr)
-		if err != nil {
-			return fmt.Errorf("listen %s: %w", sp.Addr, err)
-		}
+	specs := make([]config.ListenerSpec, len(lns))
+	a.serveErr = make(chan error, len(lns))
+	for i, bl := range lns {
+		sp, ln := bl.spec, bl.ln
+		specs[i] = sp
+		served++
 		a.lnAddrs = append(a.lnAddrs, ln.Addr())
 		a.log.Info("listening", zap.String("addr", ln.Addr().String()), zap.String("mode", sp.Listener.Mode.String()), zap.String("name", sp.Listener.Name))
 		a.serveWG.Add(1)

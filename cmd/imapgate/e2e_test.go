@@ -168,6 +168,10 @@ default = ["dovecot"]
 
 [http]
 addr = %q
+
+[shutdown]
+drain_window = "2s"
+grace = "20s"
 `, tlsAddr, startTLSAddr, ca.ServerCertFile, ca.ServerKeyFile, d.Addr, d.CA.CAFile, httpAddr)), 0o600)
 
 	out, err := exec.Command(imapgateBinary(t), "check", conf).CombinedOutput()
@@ -249,8 +253,8 @@ addr = %q
 		if p.err != nil {
 			t.Fatalf("imapgate exited with %v after SIGTERM", p.err)
 		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("imapgate did not exit after its last session ended")
+	case <-time.After(30 * time.Second):
+		t.Fatalf("imapgate did not exit after its last session ended; log:\n%s", p.dump())
 	}
 }
 

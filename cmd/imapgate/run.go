@@ -115,6 +115,36 @@ func listen(ctx context.Context, addr string) (net.Listener, error) {
 	return lc.Listen(ctx, "tcp", addr)
 }
 
+// boundListener is an IMAP listener opened before the rest starts.
+type boundListener struct {
+	spec config.ListenerSpec
+	ln   net.Listener
+}
+
+// bindListeners opens every [[listen]] address.
+func bindListeners(ctx context.Context, cfg *config.Config) ([]boundListener, error) {
+	specs, err := cfg.Listeners()
+	if err != nil {
+		return nil, err
+	}
+	var out []boundListener
+	for _, sp := range specs {
+		ln, err := listen(ctx, sp.Addr)
+		if err != nil {
+			closeListeners(out)
+			return nil, fmt.Errorf("listen %s: %w", sp.Addr, err)
+		}
+		out = append(out, boundListener{spec: sp, ln: ln})
+	}
+	return out, nil
+}
+
+func closeListeners(lns []boundListener) {
+	for _, bl := range lns {
+		bl.ln.Close()
+	}
+}
+
 // tlsConfig maps the file's [tls] section onto the tls package.
 func tlsConfig(cfg *config.Config, consulAddr string) igtls.Config {
 	t := cfg.TLS
@@ -174,14 +204,22 @@ func run(ctx context.Context, cfg *config.Config, f *flags, demo bool, log *zap.
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)
 
+	// The IMAP ports are bound before the certificates start: CertMagic's
+	// TLS-ALPN-01 solver binds a port itself when nothing local listens
+	// there, and a CA validating at once would then take ours.
+	lns, err := bindListeners(ctx, cfg)
+	if err != nil {
+		return err
+	}
 	a, err := newApp(ctx, cfg, log)
 	if err != nil {
+		closeListeners(lns)
 		return err
 	}
 	defer a.close()
 	a.flags = f
 	a.notify = newNotifier(os.Getenv)
-	if err := a.start(ctx, nofile); err != nil {
+	if err := a.start(ctx, nofile, lns); err != nil {
 		return err
 	}
 	if err := a.notify.ready("serving"); err != nil {
