@@ -106,24 +106,7 @@ func TestDovecotMailFlow(t *testing.T) {
 	pass := d.Users[user]
 
 	// Session 1 idles on INBOX and must see what session 2 appends.
-	exists := make(chan uint32, 16)
-	idler, err := imapclient.DialTLS(h.tlsAddr, &imapclient.Options{
-		TLSConfig: h.clientTLS,
-		UnilateralDataHandler: &imapclient.UnilateralDataHandler{
-			Mailbox: func(m *imapclient.UnilateralDataMailbox) {
-				if m.NumMessages != nil {
-					exists <- *m.NumMessages
-				}
-			},
-		},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer idler.Close()
-	if err := idler.Login(user, pass).Wait(); err != nil {
-		t.Fatal(err)
-	}
+	idler, exists := dialWatching(t, h, user, pass)
 	sel, err := idler.Select("INBOX", nil).Wait()
 	if err != nil {
 		t.Fatal(err)

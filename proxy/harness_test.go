@@ -272,3 +272,28 @@ func checkNewest(t testing.TB, cl *imapclient.Client, body []byte) {
 		t.Fatalf("fetched %d bytes differ from the %d appended", len(got), len(body))
 	}
 }
+
+// dialWatching logs in over implicit TLS with a client that reports
+// every EXISTS on the returned channel.
+func dialWatching(t testing.TB, h *harness, user, pass string) (*imapclient.Client, <-chan uint32) {
+	t.Helper()
+	exists := make(chan uint32, 16)
+	cl, err := imapclient.DialTLS(h.tlsAddr, &imapclient.Options{
+		TLSConfig: h.clientTLS,
+		UnilateralDataHandler: &imapclient.UnilateralDataHandler{
+			Mailbox: func(m *imapclient.UnilateralDataMailbox) {
+				if m.NumMessages != nil {
+					exists <- *m.NumMessages
+				}
+			},
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	if err := cl.Login(user, pass).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	return cl, exists
+}

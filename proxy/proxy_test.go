@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"errors"
 	"context"
 	"crypto/tls"
 	"encoding/base64"
@@ -701,24 +702,7 @@ func TestParkedSessions(t *testing.T) {
 	h := newHarness(t, fixedRouter(dovecotBackend(d, routing.SecurityNone)), nil)
 	h.srv.parkAfter = 20 * time.Millisecond
 	const user = "alice@example.org"
-	exists := make(chan uint32, 4)
-	cl, err := imapclient.DialTLS(h.tlsAddr, &imapclient.Options{
-		TLSConfig: h.clientTLS,
-		UnilateralDataHandler: &imapclient.UnilateralDataHandler{
-			Mailbox: func(m *imapclient.UnilateralDataMailbox) {
-				if m.NumMessages != nil {
-					exists <- *m.NumMessages
-				}
-			},
-		},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	if err := cl.Login(user, d.Users[user]).Wait(); err != nil {
-		t.Fatal(err)
-	}
+	cl, exists := dialWatching(t, h, user, d.Users[user])
 	sel, err := cl.Select("INBOX", nil).Wait()
 	if err != nil {
 		t.Fatal(err)
@@ -770,4 +754,30 @@ func TestParkedSessions(t *testing.T) {
 		t.Fatal("NOOP succeeded after the kick")
 	}
 	waitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 0 })
+}
+
+// TestIPv6Listener serves a client over IPv6 loopback; the session's
+// client address is the IPv6 one.
+func TestIPv6Listener(t *testing.T) {
+	ln, err := net.Listen("tcp", "[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback here: %v", err)
+	}
+	h := memHarness(t, nil)
+	served := make(chan error, 1)
+	go func() { served <- h.srv.Serve(ln, Listener{Mode: ImplicitTLS, Name: "v6"}) }()
+	c := dialConv(t, ln.Addr().String(), h.clientTLS)
+	c.expect("* OK")
+	c.send("a LOGIN alice@example.org alicepass\r\n")
+	c.expect("a OK")
+	waitFor(t, func() bool { return len(h.srv.Sessions("alice@example.org", "")) == 1 })
+	if got := h.srv.Sessions("alice@example.org", "")[0].Client; !strings.HasPrefix(got, "[::1]:") {
+		t.Errorf("client address %s, want [::1]:port", got)
+	}
+	c.send("b LOGOUT\r\n")
+	c.expect("* BYE")
+	h.srv.Close()
+	if err := <-served; !errors.Is(err, ErrServerClosed) {
+		t.Errorf("Serve = %v", err)
+	}
 }
