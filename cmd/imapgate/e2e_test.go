@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/emersion/go-imap/v2"
 	"github.com/emersion/go-imap/v2/imapclient"
 	"github.com/imapgate/imapgate/internal/testenv"
 )
@@ -281,5 +282,89 @@ func TestCheckRejectsBrokenConfig(t *testing.T) {
 				t.Errorf("check output does not say why: %s", out)
 			}
 		})
+	}
+}
+
+// TestBinaryFlagsOnly runs the binary in front of one backend with flags
+// alone (no config file), as the README shows: once trusting the
+// backend's CA, once trusting another CA, which must refuse the backend.
+func TestBinaryFlagsOnly(t *testing.T) {
+	testenv.Need(t, "dovecot")
+	d := testenv.StartDovecot(t, testenv.DovecotOptions{TrustedNetworks: "127.0.0.0/8"})
+	ca := testenv.NewTestCA(t)
+	for _, tt := range []struct {
+		name, backendCA string
+		ok              bool
+	}{
+		{"backend CA", d.CA.CAFile, true},
+		{"another CA", ca.CAFile, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			tlsAddr := freeAddr(t)
+			p := startBinary(t, "-backend", d.TLSAddr, "-backend-security", "tls", "-backend-ca", tt.backendCA,
+				"-listen-tls", tlsAddr, "-cert", ca.ServerCertFile, "-key", ca.ServerKeyFile, "-http", "off", "-log-format", "json")
+			p.waitLog(t, "listening", func(m map[string]any) bool { return m["msg"] == "listening" })
+			c, err := imapclient.DialTLS(tlsAddr, &imapclient.Options{TLSConfig: &tls.Config{RootCAs: ca.Pool, ServerName: "localhost"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			err = c.Login("alice@example.org", d.Users["alice@example.org"]).Wait()
+			if tt.ok {
+				if err != nil {
+					t.Fatalf("login: %v", err)
+				}
+				if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), "UNAVAILABLE") {
+				t.Fatalf("login through an untrusted backend: %v, want NO [UNAVAILABLE]", err)
+			}
+			p.waitLog(t, "the backend's certificate refused", func(m map[string]any) bool {
+				e, _ := m["error"].(string)
+				return m["msg"] == "login failed: backend unavailable" && strings.Contains(e, "certificate")
+			})
+		})
+	}
+}
+
+// TestBinaryDemo runs the embedded demo (on ports of the test's choosing)
+// and reads which demo backend a user landed on.
+func TestBinaryDemo(t *testing.T) {
+	tlsAddr, stAddr := freeAddr(t), freeAddr(t)
+	p := startBinary(t, "-demo", "-listen-tls", tlsAddr, "-listen-starttls", stAddr, "-http", "off", "-log-format", "json")
+	p.waitLog(t, "listening", func(m map[string]any) bool { return m["msg"] == "listening" && m["addr"] == stAddr })
+	c, err := imapclient.DialStartTLS(stAddr, &imapclient.Options{TLSConfig: &tls.Config{InsecureSkipVerify: true}}) // the demo's certificate is self-signed
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login("dave@example.net", "davepass").Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := c.Fetch(imap.SeqSetNum(1), &imap.FetchOptions{Envelope: true}).Collect()
+	if err != nil || len(msgs) != 1 {
+		t.Fatalf("FETCH: %v (%d messages)", err, len(msgs))
+	}
+	// dave is pinned to demo2 in the embedded configuration.
+	if got := msgs[0].Envelope.Subject; got != "Hello from backend demo2" {
+		t.Errorf("dave reached %q, want demo2", got)
+	}
+	if err := c.Logout().Wait(); err != nil {
+		t.Fatal(err)
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+		if p.err != nil {
+			t.Fatalf("demo exited with %v", p.err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the demo did not exit after SIGTERM; log:\n%s", p.dump())
 	}
 }
