@@ -215,10 +215,10 @@ func TestPasswordSpray(t *testing.T) {
 	if limited < total/2 || asked+limited != total {
 		t.Errorf("limiter refused %d of %d, backend asked %d times", limited, total, asked)
 	}
-	if n := h.srv.ipFails.size(); n > 200 {
+	if n := h.srv.limiters.Load().ip.size(); n > 200 {
 		t.Errorf("IP limiter tracks %d keys, bound is 200", n)
 	}
-	if n := h.srv.userFails.size(); n > 200 {
+	if n := h.srv.limiters.Load().user.size(); n > 200 {
 		t.Errorf("user limiter tracks %d keys, bound is 200", n)
 	}
 	// A legitimate user from a fresh address is unaffected.

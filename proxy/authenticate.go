@@ -31,7 +31,7 @@ func knownMechanism(m string) bool {
 
 // offers reports whether mech is offered to clients.
 func (s *session) offers(mech string) bool {
-	for _, m := range s.srv.opts.Capabilities.AuthMechanisms {
+	for _, m := range s.srv.o().Capabilities.AuthMechanisms {
 		if strings.EqualFold(m, mech) {
 			return true
 		}
@@ -47,11 +47,11 @@ func (s *session) cmdAuthenticate(ctx context.Context, cmd *command) (*backendLo
 	}
 	mech := strings.ToUpper(a[0].val)
 	if !s.offers(mech) {
-		s.srv.opts.Metrics.Login("refused", "unsupported_mechanism")
+		s.srv.o().Metrics.Login("refused", "unsupported_mechanism")
 		return nil, !s.writeString(cmd.tag + " NO [CANNOT] Unsupported authentication mechanism\r\n")
 	}
 	if !s.authAllowed() {
-		s.srv.opts.Metrics.Login("refused", "privacy_required")
+		s.srv.o().Metrics.Login("refused", "privacy_required")
 		return nil, !s.writeString(cmd.tag + " NO [PRIVACYREQUIRED] Use STARTTLS before logging in\r\n")
 	}
 	step := saslSteps{s: s, tag: cmd.tag}

@@ -71,7 +71,7 @@ type relayFunc func(challenge string) (string, error)
 // other than *backendRefusedError (and the client going away) means the
 // backend is unavailable.
 func (s *Server) loginBackend(ctx context.Context, b *routing.Backend, cr *credentials, ci *clientInfo, relay relayFunc) (*backendLogin, error) {
-	mst := s.opts.Backend.Master
+	mst := s.o().Backend.Master
 	if mst == nil || cr.oauth != nil {
 		return s.dialLogin(ctx, b, cr, ci, relay)
 	}
@@ -115,7 +115,7 @@ func (backendVerifier) VerifyPassword(context.Context, string, string) error {
 
 // dialLogin connects to b and logs in with cr.
 func (s *Server) dialLogin(ctx context.Context, b *routing.Backend, cr *credentials, ci *clientInfo, relay relayFunc) (*backendLogin, error) {
-	t := s.opts.Timeouts
+	t := s.o().Timeouts
 	deadline := time.Now().Add(t.BackendLogin)
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
@@ -125,11 +125,11 @@ func (s *Server) dialLogin(ctx context.Context, b *routing.Backend, cr *credenti
 	conn, err := d.DialContext(ctx, "tcp", b.Addr)
 	dialTook := time.Since(t0)
 	if err != nil {
-		s.opts.Metrics.BackendLogin(b.ID, dialTook, 0, false)
+		s.o().Metrics.BackendLogin(b.ID, dialTook, 0, false)
 		return nil, fmt.Errorf("dial: %w", err)
 	}
 	bl, err := s.loginOn(ctx, conn, b, cr, ci, relay, deadline)
-	s.opts.Metrics.BackendLogin(b.ID, dialTook, time.Since(t0)-dialTook, err == nil)
+	s.o().Metrics.BackendLogin(b.ID, dialTook, time.Since(t0)-dialTook, err == nil)
 	if err != nil {
 		conn.Close()
 		return nil, err
@@ -140,7 +140,7 @@ func (s *Server) dialLogin(ctx context.Context, b *routing.Backend, cr *credenti
 func (s *Server) backendTLS(b *routing.Backend) *tls.Config {
 	cfg := b.TLS
 	if cfg == nil {
-		cfg = s.opts.Backend.TLS
+		cfg = s.o().Backend.TLS
 	}
 	if cfg == nil {
 		cfg = &tls.Config{}

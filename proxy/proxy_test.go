@@ -2,10 +2,10 @@ package proxy
 
 import (
 	"bytes"
-	"errors"
 	"context"
 	"crypto/tls"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -780,4 +780,45 @@ func TestIPv6Listener(t *testing.T) {
 	if err := <-served; !errors.Is(err, ErrServerClosed) {
 		t.Errorf("Serve = %v", err)
 	}
+}
+
+// TestSetOptions changes options under a running Server: new values
+// apply to the next step, a spliced session goes on, bad options are
+// refused and the old ones stay.
+func TestSetOptions(t *testing.T) {
+	h := memHarness(t, nil)
+	sp := dialConv(t, h.tlsAddr, h.clientTLS)
+	sp.expect("* OK")
+	sp.send("a LOGIN alice@example.org alicepass\r\n")
+	sp.expect("a OK")
+
+	o := *h.srv.o()
+	o.Greeting = "reloaded greeting"
+	o.Limits.MaxBadCommands = 1
+	o.Limits.IPFailures = RateLimit{Burst: 1, Refill: time.Hour}
+	oldLimiters := h.srv.limiters.Load()
+	if err := h.srv.SetOptions(o); err != nil {
+		t.Fatal(err)
+	}
+	if h.srv.limiters.Load() == oldLimiters {
+		t.Error("changed failure limits kept the old limiters")
+	}
+	c := dialConv(t, h.tlsAddr, h.clientTLS)
+	if g := c.expect("* OK"); !strings.HasSuffix(g, "reloaded greeting") {
+		t.Errorf("greeting after SetOptions: %q", g)
+	}
+	c.send("x BOGUS\r\n")
+	c.expect("x BAD")
+	c.expect("* BYE")
+
+	bad := o
+	bad.Capabilities.AuthMechanisms = []string{"CRAM-MD5"}
+	if err := h.srv.SetOptions(bad); err == nil {
+		t.Fatal("SetOptions accepted an unknown SASL mechanism")
+	}
+	if h.srv.o().Greeting != "reloaded greeting" {
+		t.Error("a refused SetOptions changed the options")
+	}
+	sp.send("n NOOP\r\n")
+	sp.expect("n OK")
 }

@@ -23,7 +23,7 @@ var ErrBadPassword = errors.New("proxy: wrong password")
 // Server accepts IMAP clients and proxies them to their backends. Create
 // it with NewServer, give it listeners with Serve, stop it with Shutdown.
 type Server struct {
-	opts Options
+	opts atomic.Pointer[Options] // replaced whole by SetOptions
 	log  *zap.Logger
 
 	// parker holds idle spliced directions; started with the first
@@ -32,9 +32,8 @@ type Server struct {
 	parker     atomic.Pointer[parker]
 	parkerOnce sync.Once
 	stopOnce   sync.Once
-	parkAfter  time.Duration   // parkAfter, shorter in tests
-	ipFails    *failureLimiter // nil when off
-	userFails  *failureLimiter
+	parkAfter  time.Duration // parkAfter, shorter in tests
+	limiters   atomic.Pointer[limiters]
 
 	closing atomic.Bool
 	// base is cancelled by Close: it ends every session's blocking work.
@@ -54,6 +53,26 @@ var _ routing.Evictor = (*Server)(nil)
 
 // NewServer returns a Server for opts.
 func NewServer(opts Options) (*Server, error) {
+	o, err := checkOptions(opts)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{
+		log:       o.Logger,
+		listeners: make(map[net.Listener]struct{}),
+		sessions:  make(map[*session]struct{}),
+		byUser:    make(map[string][]*session),
+		parkAfter: parkAfter,
+		perIP:     make(map[netip.Addr]int),
+	}
+	s.opts.Store(o)
+	s.limiters.Store(newLimiters(o.Limits))
+	s.base, s.cancelBase = context.WithCancel(context.Background())
+	return s, nil
+}
+
+// checkOptions validates opts and fills in the defaults.
+func checkOptions(opts Options) (*Options, error) {
 	if opts.Router == nil {
 		return nil, errors.New("proxy: Options.Router is required")
 	}
@@ -66,19 +85,40 @@ func NewServer(opts Options) (*Server, error) {
 		}
 	}
 	o := opts.withDefaults()
-	s := &Server{
-		opts:      o,
-		log:       o.Logger,
-		listeners: make(map[net.Listener]struct{}),
-		sessions:  make(map[*session]struct{}),
-		byUser:    make(map[string][]*session),
-		parkAfter: parkAfter,
-		perIP:     make(map[netip.Addr]int),
-		ipFails:   newFailureLimiter(o.Limits.IPFailures.Burst, o.Limits.IPFailures.Refill, o.Limits.FailureKeys),
-		userFails: newFailureLimiter(o.Limits.UserFailures.Burst, o.Limits.UserFailures.Refill, o.Limits.FailureKeys),
+	return &o, nil
+}
+
+// SetOptions replaces the options of a running Server (a configuration
+// reload): every session uses the new ones from its next step on (the
+// next command, the next login); what already happened stays. The
+// failure limits start afresh only if they changed. Timeouts.Idle only
+// takes effect for sessions spliced after it, and switching it on or off
+// keeps the way idle directions wait that the Server started with.
+func (s *Server) SetOptions(opts Options) error {
+	o, err := checkOptions(opts)
+	if err != nil {
+		return err
 	}
-	s.base, s.cancelBase = context.WithCancel(context.Background())
-	return s, nil
+	old := s.opts.Swap(o)
+	if old.Limits.IPFailures != o.Limits.IPFailures || old.Limits.UserFailures != o.Limits.UserFailures || old.Limits.FailureKeys != o.Limits.FailureKeys {
+		s.limiters.Store(newLimiters(o.Limits))
+	}
+	return nil
+}
+
+// o returns the options in force.
+func (s *Server) o() *Options { return s.opts.Load() }
+
+// limiters are the failure limits, replaced together when they change.
+type limiters struct {
+	ip, user *failureLimiter // nil when off
+}
+
+func newLimiters(l Limits) *limiters {
+	return &limiters{
+		ip:   newFailureLimiter(l.IPFailures.Burst, l.IPFailures.Refill, l.FailureKeys),
+		user: newFailureLimiter(l.UserFailures.Burst, l.UserFailures.Refill, l.FailureKeys),
+	}
 }
 
 // Serve accepts clients on ln until it fails or the server shuts down,
@@ -87,7 +127,7 @@ func (s *Server) Serve(ln net.Listener, l Listener) error {
 	if l.Name == "" {
 		l.Name = ln.Addr().String()
 	}
-	if l.Mode == ImplicitTLS && s.opts.TLS == nil {
+	if l.Mode == ImplicitTLS && s.o().TLS == nil {
 		ln.Close()
 		return errors.New("proxy: implicit-TLS listener needs Options.TLS")
 	}
@@ -140,11 +180,11 @@ func isTemporary(err error) bool {
 func (s *Server) serveConn(c net.Conn, l *Listener) {
 	remote, local := addrPort(c.RemoteAddr()), addrPort(c.LocalAddr())
 	if trusted(l.ProxyProtocolFrom, remote.Addr()) {
-		c.SetReadDeadline(time.Now().Add(s.opts.Timeouts.TLSHandshake))
+		c.SetReadDeadline(time.Now().Add(s.o().Timeouts.TLSHandshake))
 		src, dst, ok, err := readProxyHeader(c)
 		c.SetReadDeadline(time.Time{})
 		if err != nil {
-			s.opts.Metrics.LimitHit("proxy_protocol")
+			s.o().Metrics.LimitHit("proxy_protocol")
 			s.log.Warn("bad PROXY protocol header from a load balancer", zap.String("peer", remote.String()), zap.Error(err))
 			c.Close()
 			return
@@ -154,7 +194,7 @@ func (s *Server) serveConn(c net.Conn, l *Listener) {
 		}
 	}
 	if reason := s.admit(remote.Addr()); reason != "" {
-		s.opts.Metrics.LimitHit(reason)
+		s.o().Metrics.LimitHit(reason)
 		s.log.Warn("connection refused", zap.String("client", remote.String()), zap.String("limit", reason))
 		if l.Mode == StartTLS {
 			c.SetWriteDeadline(time.Now().Add(time.Second))
@@ -199,7 +239,7 @@ func (s *Server) endSession(sess *session) {
 func (s *Server) admit(ip netip.Addr) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	lim := s.opts.Limits
+	lim := s.o().Limits
 	if lim.MaxConnections > 0 && len(s.sessions) >= lim.MaxConnections {
 		return "connections"
 	}
@@ -419,7 +459,7 @@ func (s *Server) Close() error {
 // keeps a read deadline), on systems without epoll, or after a failure.
 func (s *Server) getParker() *parker {
 	s.parkerOnce.Do(func() {
-		if s.opts.Timeouts.Idle > 0 || s.closing.Load() {
+		if s.o().Timeouts.Idle > 0 || s.closing.Load() {
 			return
 		}
 		p, err := newParker()

@@ -86,7 +86,7 @@ func newSession(s *Server, c net.Conn, l *Listener, remote, local netip.AddrPort
 		state:      statePreAuth,
 		atBoundary: true,
 	}
-	sess.deadline = sess.start.Add(s.opts.Timeouts.Login)
+	sess.deadline = sess.start.Add(s.o().Timeouts.Login)
 	return sess
 }
 
@@ -101,7 +101,7 @@ func (s *session) logger() *zap.Logger {
 // splice took the session over (its directions then end it); otherwise
 // the session is over and the caller ends it.
 func (s *session) serve(ctx context.Context) (spliced bool) {
-	m := s.srv.opts.Metrics
+	m := s.srv.o().Metrics
 	m.SessionState(s.lst.Name, "", "", statePreAuth)
 	defer func() {
 		if p := recover(); p != nil {
@@ -120,7 +120,7 @@ func (s *session) serve(ctx context.Context) (spliced bool) {
 		}
 	}
 	s.newReader()
-	if !s.writeString("* OK [CAPABILITY " + s.capabilities() + "] " + s.srv.opts.Greeting + "\r\n") {
+	if !s.writeString("* OK [CAPABILITY " + s.capabilities() + "] " + s.srv.o().Greeting + "\r\n") {
 		return false
 	}
 	bl, err := s.preAuth(ctx)
@@ -152,7 +152,7 @@ func (s *session) finish() {
 	}
 	d := time.Since(s.start)
 	in, out := s.in.Load(), s.out.Load()
-	m := s.srv.opts.Metrics
+	m := s.srv.o().Metrics
 	m.SessionState(s.lst.Name, bid, from, stateClosed)
 	m.SessionEnded(s.lst.Name, bid, reason, in, out, d)
 	s.logger().Info("session end",
@@ -178,7 +178,7 @@ func (s *session) setState(to string) {
 		bid = s.backend.ID
 	}
 	s.mu.Unlock()
-	s.srv.opts.Metrics.SessionState(s.lst.Name, bid, from, to)
+	s.srv.o().Metrics.SessionState(s.lst.Name, bid, from, to)
 }
 
 // spliced reports whether the session is logged in to its backend: from
@@ -246,7 +246,7 @@ func (s *session) kick(reason, text string) {
 func (s *session) write(b []byte) bool {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
-	s.raw.SetWriteDeadline(time.Now().Add(s.srv.opts.Timeouts.PreAuthIdle))
+	s.raw.SetWriteDeadline(time.Now().Add(s.srv.o().Timeouts.PreAuthIdle))
 	_, err := s.client.Write(b)
 	s.raw.SetWriteDeadline(time.Time{})
 	if err != nil {
@@ -260,7 +260,7 @@ func (s *session) write(b []byte) bool {
 func (s *session) writeString(str string) bool { return s.write([]byte(str)) }
 
 func (s *session) newReader() {
-	lim := s.srv.opts.Limits
+	lim := s.srv.o().Limits
 	s.r = &cmdReader{
 		br:   bufio.NewReaderSize(s.client, lim.MaxLineLength),
 		cont: s,
@@ -283,11 +283,11 @@ func (s *session) continueLiteral() error {
 
 // startTLS runs the server-side handshake under its own deadline.
 func (s *session) startTLS(ctx context.Context) error {
-	if s.srv.opts.TLS == nil {
+	if s.srv.o().TLS == nil {
 		return errors.New("no TLS configuration")
 	}
-	tc := tls.Server(s.raw, s.srv.opts.TLS)
-	hctx, cancel := context.WithTimeout(ctx, s.srv.opts.Timeouts.TLSHandshake)
+	tc := tls.Server(s.raw, s.srv.o().TLS)
+	hctx, cancel := context.WithTimeout(ctx, s.srv.o().Timeouts.TLSHandshake)
 	defer cancel()
 	if err := tc.HandshakeContext(hctx); err != nil {
 		return err
@@ -316,7 +316,7 @@ func (s *session) authAllowed() bool {
 
 // capabilities is the pre-auth capability list for the session's state.
 func (s *session) capabilities() string {
-	o := s.srv.opts.Capabilities
+	o := s.srv.o().Capabilities
 	var caps []string
 	if len(o.Replace) > 0 {
 		caps = append(caps, o.Replace...)
@@ -328,11 +328,11 @@ func (s *session) capabilities() string {
 		caps = append(caps, "SASL-IR", "LITERAL+", "ID", "ENABLE", "IDLE")
 		caps = append(caps, o.Extra...)
 	}
-	if !s.tls && s.srv.opts.TLS != nil {
+	if !s.tls && s.srv.o().TLS != nil {
 		caps = append(caps, "STARTTLS")
 	}
 	if s.authAllowed() {
-		for _, m := range s.srv.opts.Capabilities.AuthMechanisms {
+		for _, m := range s.srv.o().Capabilities.AuthMechanisms {
 			caps = append(caps, "AUTH="+strings.ToUpper(m))
 		}
 	} else {
@@ -343,7 +343,7 @@ func (s *session) capabilities() string {
 
 // readTimeout is the read deadline for the next pre-auth command.
 func (s *session) readDeadline() time.Time {
-	d := time.Now().Add(s.srv.opts.Timeouts.PreAuthIdle)
+	d := time.Now().Add(s.srv.o().Timeouts.PreAuthIdle)
 	if s.deadline.Before(d) {
 		return s.deadline
 	}
@@ -375,7 +375,7 @@ func (s *session) preAuth(ctx context.Context) (*backendLogin, error) {
 			if first && pe.tag == "" || pe.fatal {
 				s.setReason("protocol_error")
 				if pe.code == "TOOBIG" {
-					s.srv.opts.Metrics.LimitHit("line_length")
+					s.srv.o().Metrics.LimitHit("line_length")
 				}
 				s.writeString("* BYE " + pe.Error() + "\r\n")
 				return nil, nil
@@ -404,10 +404,10 @@ func (s *session) endOnReadError(err error) {
 	switch {
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		if time.Now().Before(s.deadline) {
-			s.srv.opts.Metrics.LimitHit("preauth_idle")
+			s.srv.o().Metrics.LimitHit("preauth_idle")
 			s.setReason("preauth_idle")
 		} else {
-			s.srv.opts.Metrics.LimitHit("login_timeout")
+			s.srv.o().Metrics.LimitHit("login_timeout")
 			s.setReason("login_timeout")
 		}
 		s.writeString("* BYE Autologout; idle for too long\r\n")
@@ -440,8 +440,8 @@ func (s *session) bad(tag, text string) bool {
 	if tag == "" {
 		tag = "*"
 	}
-	if s.badCmds >= s.srv.opts.Limits.MaxBadCommands {
-		s.srv.opts.Metrics.LimitHit("bad_commands")
+	if s.badCmds >= s.srv.o().Limits.MaxBadCommands {
+		s.srv.o().Metrics.LimitHit("bad_commands")
 		s.setReason("bad_commands")
 		s.writeString(tag + " BAD " + text + "\r\n* BYE Too many invalid commands\r\n")
 		return false
@@ -455,9 +455,9 @@ func (s *session) handle(ctx context.Context, cmd *command) (bl *backendLogin, e
 	name := cmd.name
 	switch name {
 	case "CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "LOGIN", "AUTHENTICATE", "ID", "ENABLE":
-		s.srv.opts.Metrics.PreAuthCommand(strings.ToLower(name))
+		s.srv.o().Metrics.PreAuthCommand(strings.ToLower(name))
 	default:
-		s.srv.opts.Metrics.PreAuthCommand("other")
+		s.srv.o().Metrics.PreAuthCommand("other")
 	}
 	switch name {
 	case "CAPABILITY":
@@ -492,7 +492,7 @@ func (s *session) cmdStartTLS(ctx context.Context, cmd *command) bool {
 	if s.tls {
 		return s.bad(cmd.tag, "TLS is already active")
 	}
-	if s.srv.opts.TLS == nil {
+	if s.srv.o().TLS == nil {
 		return s.bad(cmd.tag, "STARTTLS is not available")
 	}
 	if len(cmd.args) != 0 {
@@ -573,7 +573,7 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 	if cr.mech == "" {
 		cr.mech = "LOGIN"
 	}
-	m := s.srv.opts.Metrics
+	m := s.srv.o().Metrics
 	if !s.authAllowed() {
 		m.Login("refused", "privacy_required")
 		return nil, !s.writeString(tag + " NO [PRIVACYREQUIRED] Use STARTTLS before logging in\r\n")
@@ -586,7 +586,7 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 	log := s.logger().With(zap.String("user", user), zap.String("mech", cr.mech))
 	now := time.Now()
 	netKey := clientNetwork(s.remote.Addr())
-	if !s.srv.ipFails.allowed(netKey, now) || !s.srv.userFails.allowed(user, now) {
+	if !s.srv.limiters.Load().ip.allowed(netKey, now) || !s.srv.limiters.Load().user.allowed(user, now) {
 		// Refused before the backend is asked: guessing costs the
 		// backend nothing once a network or an account is over its limit.
 		m.LimitHit("auth_failure_rate")
@@ -600,7 +600,7 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 	lctx, cancel := context.WithDeadline(ctx, s.deadline)
 	defer cancel()
 	t0 := time.Now()
-	b, err := s.srv.opts.Router.Route(lctx, user)
+	b, err := s.srv.o().Router.Route(lctx, user)
 	m.RouteLookup(time.Since(t0), err == nil)
 	if err != nil {
 		s.setState(statePreAuth)
@@ -617,7 +617,7 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 	if err == nil {
 		// The user may have moved between the lookup and the moment this
 		// session became evictable: look again (the view is in memory).
-		if b2, rerr := s.srv.opts.Router.Route(lctx, user); rerr == nil && b2.ID != b.ID {
+		if b2, rerr := s.srv.o().Router.Route(lctx, user); rerr == nil && b2.ID != b.ID {
 			bl.conn.Close()
 			err = fmt.Errorf("user moved to %s while logging in to %s", b2.ID, b.ID)
 		}
@@ -631,8 +631,8 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 		var refused *backendRefusedError
 		switch {
 		case errors.As(err, &refused):
-			s.srv.ipFails.fail(netKey, time.Now())
-			s.srv.userFails.fail(user, time.Now())
+			s.srv.limiters.Load().ip.fail(netKey, time.Now())
+			s.srv.limiters.Load().user.fail(user, time.Now())
 			m.Login("refused", "backend_no")
 			log.Info("login failed", zap.String("backend", b.ID), zap.String("reason", refused.Error()), zap.Int("failures", s.authFails+1))
 			code := refused.code
@@ -674,8 +674,8 @@ func (s *session) loginRefused(ctx context.Context, tag, code, text string) (*ba
 		text = "Authentication failed."
 	}
 	reply := tag + " NO [" + code + "] " + text + "\r\n"
-	if s.authFails >= s.srv.opts.Limits.MaxAuthFailures {
-		s.srv.opts.Metrics.LimitHit("auth_failures")
+	if s.authFails >= s.srv.o().Limits.MaxAuthFailures {
+		s.srv.o().Metrics.LimitHit("auth_failures")
 		s.setReason("auth_failures")
 		s.writeString(reply + "* BYE Too many login failures\r\n")
 		return nil, true
@@ -690,7 +690,7 @@ func (s *session) clientInfo() *clientInfo {
 
 // failureDelay slows down password guessing on this connection.
 func (s *session) failureDelay(ctx context.Context) {
-	d := s.srv.opts.Limits.AuthFailureDelay
+	d := s.srv.o().Limits.AuthFailureDelay
 	if d <= 0 {
 		return
 	}
@@ -706,7 +706,7 @@ func (s *session) failureDelay(ctx context.Context) {
 // client's real address for Dovecot's login_trusted_networks, and the
 // client's own fields.
 func (s *session) forwardedID() []string {
-	if s.srv.opts.Backend.NoForwardID {
+	if s.srv.o().Backend.NoForwardID {
 		return nil
 	}
 	f := []string{

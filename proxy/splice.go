@@ -296,7 +296,7 @@ func (s *session) splice(bl *backendLogin) bool {
 		s.out.Add(int64(n))
 	}
 
-	idle := s.srv.opts.Timeouts.Idle
+	idle := s.srv.o().Timeouts.Idle
 	up := newDirection("client", s.client, bl.conn, &s.in, idle)
 	down := newDirection("backend", bl.conn, s.client, &s.out, idle)
 	up.sess, down.sess = s, s
@@ -349,7 +349,7 @@ func (s *session) directionEnded(d *direction, err error) {
 		}
 		s.mu.Lock()
 		if s.halfClose == nil && !s.closed {
-			s.halfClose = time.AfterFunc(s.srv.opts.Timeouts.HalfClose, s.closeConns)
+			s.halfClose = time.AfterFunc(s.srv.o().Timeouts.HalfClose, s.closeConns)
 		}
 		s.mu.Unlock()
 		return

@@ -1,11 +1,13 @@
 package main
 
 import (
+	"bufio"
+	"crypto/tls"
 	"bytes"
 	"context"
-	"crypto/tls"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -325,7 +327,7 @@ func TestReloadApplyAndRefuse(t *testing.T) {
 	b1, b2 := ta.cfg.Load().Backends["b1"].Addr, ta.cfg.Load().Backends["b2"].Addr
 
 	// A valid file: a pin moves the user (their live session is closed),
-	// the log level changes live, a limit needs a restart.
+	// the log level and a proxy limit change live.
 	good := strings.Replace(testConfig(b1, b2, ""), `level = "info"`, `level = "debug"`, 1) +
 		fmt.Sprintf("\n[routing.users]\n%q = %q\n", user, other)
 	good = strings.Replace(good, "[limits]\n", "[limits]\nmax_bad_commands = 9\n", 1)
@@ -334,15 +336,35 @@ func TestReloadApplyAndRefuse(t *testing.T) {
 	if rep.Result != "applied" || rep.Evicted != 1 || rep.Certificates != "reloaded" {
 		t.Fatalf("reload: %+v", rep)
 	}
-	wantApplied := []string{"log.level", fmt.Sprintf("routing.users.%q", user)}
-	if !slices.Equal(rep.Applied, wantApplied) || !slices.Equal(rep.Restart, []string{"limits.max_bad_commands"}) {
+	wantApplied := []string{"limits.max_bad_commands", "log.level", fmt.Sprintf("routing.users.%q", user)}
+	if !slices.Equal(rep.Applied, wantApplied) || len(rep.Restart) != 0 {
 		t.Fatalf("reload applied %q (want %q), restart %q", rep.Applied, wantApplied, rep.Restart)
 	}
 	if ta.level.Level() != zapcore.DebugLevel {
 		t.Errorf("log level %v after reload, want debug", ta.level.Level())
 	}
-	if ta.cfg.Load().Limits.MaxBadCommands != 0 {
-		t.Errorf("limits.max_bad_commands applied live; the proxy cannot take it")
+	if ta.cfg.Load().Limits.MaxBadCommands != 9 {
+		t.Errorf("limits.max_bad_commands = %d in the configuration in force, want 9", ta.cfg.Load().Limits.MaxBadCommands)
+	}
+	// The proxy took it: a client now gets 8 BADs before the BYE.
+	c, err := net.Dial("tcp", ta.imap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	tc := c // the test app's listener is cleartext (STARTTLS)
+	br := bufio.NewReader(tc)
+	br.ReadString('\n')
+	for i := 0; i < 8; i++ {
+		fmt.Fprintf(tc, "x%d BOGUS\r\n", i)
+		if l, _ := br.ReadString('\n'); !strings.HasPrefix(l, fmt.Sprintf("x%d BAD", i)) {
+			t.Fatalf("bad command %d: %q", i, l)
+		}
+	}
+	fmt.Fprintf(tc, "x8 BOGUS\r\n")
+	br.ReadString('\n')
+	if l, _ := br.ReadString('\n'); !strings.HasPrefix(l, "* BYE") {
+		t.Fatalf("after the 9th bad command: %q, want BYE", l)
 	}
 	if err := live.waitClosed(2 * time.Second); err != nil {
 		t.Fatalf("session on the old backend after the pin: %v", err)
@@ -371,10 +393,11 @@ func TestReloadApplyAndRefuse(t *testing.T) {
 		}
 	}
 
-	// Back to the first file: the pin goes, the restart list empties.
+	// Back to the first file: the pin and the limit go, nothing needs a
+	// restart.
 	write(t, ta.path, testConfig(b1, b2, ""))
 	code, out, _ = ta.ctl("reload")
-	if code != 0 || !strings.Contains(out, "changed: log.level, routing.users") || strings.Contains(out, "restart") {
+	if code != 0 || !strings.Contains(out, "changed: limits.max_bad_commands, log.level, routing.users") || strings.Contains(out, "restart") {
 		t.Fatalf("ctl reload back: exit %d %q", code, out)
 	}
 }

@@ -49,6 +49,7 @@ type app struct {
 	kv      *api.Client     // Consul client for drain flags, with the Consul router
 	evictor *lateEvictor
 	srv     *proxy.Server
+	popts   proxy.Options // as given to srv: reload keeps its Router, TLS, Logger, Metrics and derived limits
 
 	ready    atomic.Bool
 	draining atomic.Bool
@@ -238,6 +239,7 @@ func (a *app) start(ctx context.Context, nofile uint64, lns []boundListener) (er
 		popts.Limits.MaxConnections = int(nofile-100) / 2
 		a.log.Info("connection limit from the open-file limit", zap.Int("max_connections", popts.Limits.MaxConnections))
 	}
+	a.popts = popts
 	srv, err := proxy.NewServer(popts)
 	if err != nil {
 		return err

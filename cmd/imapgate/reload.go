@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/imapgate/imapgate/proxy"
 	"reflect"
 	"slices"
 	"strconv"
@@ -114,6 +115,22 @@ func (a *app) doReload(ctx context.Context) reloadReport {
 		rep.Error = err.Error()
 		return rep
 	}
+	var popts *proxy.Options
+	if a.srv != nil {
+		o, err := eff.ProxyOptions()
+		if err != nil {
+			if newTLS != nil {
+				newTLS.Close()
+			}
+			rep.Error = err.Error()
+			return rep
+		}
+		o.Router, o.TLS, o.Logger, o.Metrics = a.popts.Router, a.popts.TLS, a.popts.Logger, a.popts.Metrics
+		if o.Limits.MaxConnections == 0 {
+			o.Limits.MaxConnections = a.popts.Limits.MaxConnections // derived from the open-file limit
+		}
+		popts = &o
+	}
 	if a.static != nil && !consul {
 		sc, err := eff.StaticConfig()
 		if err == nil {
@@ -144,6 +161,14 @@ func (a *app) doReload(ctx context.Context) reloadReport {
 	}
 	if a.level != nil {
 		a.level.SetLevel(level)
+	}
+	if popts != nil {
+		// Validated by config.Validate through the same checks.
+		if err := a.srv.SetOptions(*popts); err != nil {
+			a.log.Error("reload: proxy options refused, keeping the old ones", zap.Error(err))
+		} else {
+			a.popts = *popts
+		}
 	}
 	a.cfg.Store(eff)
 	if a.static != nil && a.srv != nil {
@@ -187,10 +212,10 @@ const (
 	classIgnored
 )
 
-// reloadClass says whether a changed key applies live. The proxy takes
-// its options once (limits, timeouts, greeting, listeners), the Consul
-// router its [consul] section once, and ACME its listeners once; the rest
-// is swapped in by reload.
+// reloadClass says whether a changed key applies live. The listeners are
+// bound once, the Consul router takes its [consul] section once, and ACME
+// its listeners once; the rest (proxy options through SetOptions, the
+// static router's tables, certificates, log level) is swapped in.
 func reloadClass(key string, consul, acme bool) keyClass {
 	under := func(prefixes ...string) bool {
 		for _, p := range prefixes {
@@ -201,8 +226,7 @@ func reloadClass(key string, consul, acme bool) keyClass {
 		return false
 	}
 	switch {
-	case under("log.format", "listen", "preauth", "limits", "timeouts", "backend.no_forward_id", "backend.master",
-		"consul", "http.addr", "tls.acme", "routing.router"):
+	case under("log.format", "listen", "consul", "http.addr", "tls.acme", "routing.router"):
 		return classRestart
 	case acme && under("tls"):
 		return classRestart
@@ -221,11 +245,6 @@ func effective(boot, next *config.Config, consul, acme bool) *config.Config {
 	e := *next
 	e.Log.Format = boot.Log.Format
 	e.Listen = boot.Listen
-	e.PreAuth = boot.PreAuth
-	e.Limits = boot.Limits
-	e.Timeouts = boot.Timeouts
-	e.Backend.NoForwardID = boot.Backend.NoForwardID
-	e.Backend.Master = boot.Backend.Master
 	e.Consul = boot.Consul
 	e.HTTP.Addr = boot.HTTP.Addr
 	e.TLS.ACME = boot.TLS.ACME
