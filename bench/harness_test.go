@@ -1,11 +1,9 @@
 package bench
 
 import (
-	"bufio"
 	"context"
 	"crypto/tls"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -312,21 +310,4 @@ func countProcs(instance, what string) int {
 		}
 	}
 	return n
-}
-
-// freeAddr is a free loopback address.
-func freeAddr(t testing.TB) string {
-	return net.JoinHostPort("127.0.0.1", strconv.Itoa(testenv.FreePort(t)))
-}
-
-// scanFor reads lines from r until one contains want, sending each line
-// to logf; it returns false at EOF.
-func scanFor(sc *bufio.Scanner, want string, logf func(string, ...any)) bool {
-	for sc.Scan() {
-		logf("%s", sc.Text())
-		if strings.Contains(sc.Text(), want) {
-			return true
-		}
-	}
-	return false
 }

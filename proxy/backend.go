@@ -304,11 +304,6 @@ func hasCap(caps, want string) bool {
 	return false
 }
 
-func isRefusal(err error) bool {
-	var r *backendRefusedError
-	return errors.As(err, &r)
-}
-
 // readLine reads one response line without CRLF. Literals in it (a line
 // ending in {N}) are skipped: nothing before login needs their contents.
 func (bc *backendConn) readLine() (string, error) {

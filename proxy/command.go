@@ -175,6 +175,11 @@ func (r *cmdReader) readCommand() (*command, error) {
 	}
 }
 
+// syntaxError is a client's syntax mistake; its text goes into the BAD.
+type syntaxError string
+
+func (e syntaxError) Error() string { return string(e) }
+
 // literalSpec is a literal announced at the end of a line.
 type literalSpec struct {
 	size int
@@ -311,14 +316,14 @@ func (p *lineParser) quoted() (string, error) {
 			}
 			p.i++
 			if p.i >= len(p.b) {
-				return "", errors.New("Unterminated quoted string")
+				return "", syntaxError("Unterminated quoted string")
 			}
 			if e := p.b[p.i]; e != '"' && e != '\\' {
-				return "", errors.New("Invalid escape in quoted string")
+				return "", syntaxError("Invalid escape in quoted string")
 			}
 			sb = append(sb, p.b[p.i])
 		case 0:
-			return "", errors.New("NUL in quoted string")
+			return "", syntaxError("NUL in quoted string")
 		default:
 			if sb != nil {
 				sb = append(sb, c)
@@ -326,13 +331,13 @@ func (p *lineParser) quoted() (string, error) {
 		}
 		p.i++
 	}
-	return "", errors.New("Unterminated quoted string")
+	return "", syntaxError("Unterminated quoted string")
 }
 
 func (p *lineParser) literal() (*literalSpec, error) {
 	end := bytes.IndexByte(p.b[p.i:], '}')
 	if end < 0 {
-		return nil, errors.New("Invalid literal")
+		return nil, syntaxError("Invalid literal")
 	}
 	spec := p.b[p.i+1 : p.i+end]
 	p.i += end + 1
@@ -342,11 +347,11 @@ func (p *lineParser) literal() (*literalSpec, error) {
 		spec = spec[:n-1]
 	}
 	if len(spec) == 0 || len(spec) > 10 {
-		return nil, errors.New("Invalid literal size")
+		return nil, syntaxError("Invalid literal size")
 	}
 	size, err := strconv.Atoi(string(spec))
 	if err != nil || size < 0 {
-		return nil, errors.New("Invalid literal size")
+		return nil, syntaxError("Invalid literal size")
 	}
 	return &literalSpec{size: size, sync: sync}, nil
 }

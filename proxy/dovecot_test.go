@@ -84,7 +84,7 @@ func TestDovecotRawLiteralLogin(t *testing.T) {
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
 	c.expect("* OK")
 	pass := d.Users["carol"]
-	c.send(fmt.Sprintf("a LOGIN {5}\r\n"))
+	c.send("a LOGIN {5}\r\n")
 	c.expect("+ ")
 	c.send(fmt.Sprintf("CAROL {%d}\r\n", len(pass)))
 	c.expect("+ ")
