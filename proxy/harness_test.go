@@ -16,8 +16,7 @@ import (
 	"time"
 
 	"github.com/emersion/go-imap/v2"
-	"github.com/emersion/go-imap/v2/imapserver"
-	"github.com/emersion/go-imap/v2/imapserver/imapmemserver"
+	"github.com/imapgate/imapgate/internal/memimap"
 	"github.com/imapgate/imapgate/internal/testenv"
 	"github.com/imapgate/imapgate/routing"
 	"go.uber.org/zap/zaptest"
@@ -34,42 +33,13 @@ var memUsers = map[string]string{
 // IMAP server in-process, for fast tests that do not need Dovecot.
 func startMemBackend(t testing.TB) string {
 	t.Helper()
-	mem := imapmemserver.New()
-	for u, p := range memUsers {
-		user := imapmemserver.NewUser(u, p)
-		if err := user.Create("INBOX", nil); err != nil {
-			t.Fatal(err)
-		}
-		mem.AddUser(user)
-	}
-	srv := imapserver.New(&imapserver.Options{
-		NewSession: func(*imapserver.Conn) (imapserver.Session, *imapserver.GreetingData, error) {
-			return mem.NewSession(), nil, nil
-		},
-		Caps:         imap.CapSet{imap.CapIMAP4rev1: {}, imap.CapIMAP4rev2: {}},
-		InsecureAuth: true,
-		Logger:       discardLogger{},
-	})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	srv, err := memimap.Start("", memUsers)
 	if err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		srv.Serve(ln)
-	}()
-	t.Cleanup(func() {
-		srv.Close()
-		<-done
-	})
-	return ln.Addr().String()
+	t.Cleanup(func() { srv.Close() })
+	return srv.Addr
 }
-
-type discardLogger struct{}
-
-func (discardLogger) Printf(string, ...any) {}
-func (discardLogger) Println(...any)        {}
 
 // harness is an imapgate Server on two loopback listeners.
 type harness struct {

@@ -20,10 +20,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/emersion/go-imap/v2"
 	"github.com/emersion/go-imap/v2/imapclient"
-	"github.com/emersion/go-imap/v2/imapserver"
-	"github.com/emersion/go-imap/v2/imapserver/imapmemserver"
 	"github.com/hashicorp/consul/api"
 	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/internal/testenv"
@@ -38,34 +35,7 @@ const (
 // acmeMemBackend runs go-imap's in-memory server with acmeUser on loopback,
 // a real IMAP backend for tests about certificates, not mail.
 func acmeMemBackend(t *testing.T) string {
-	t.Helper()
-	mem := imapmemserver.New()
-	u := imapmemserver.NewUser(acmeUser, acmePass)
-	if err := u.Create("INBOX", nil); err != nil {
-		t.Fatal(err)
-	}
-	mem.AddUser(u)
-	srv := imapserver.New(&imapserver.Options{
-		NewSession: func(*imapserver.Conn) (imapserver.Session, *imapserver.GreetingData, error) {
-			return mem.NewSession(), nil, nil
-		},
-		Caps:         imap.CapSet{imap.CapIMAP4rev1: {}},
-		InsecureAuth: true,
-	})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		srv.Serve(ln)
-	}()
-	t.Cleanup(func() {
-		srv.Close()
-		<-done
-	})
-	return ln.Addr().String()
+	return opsBackend(t, "", map[string]string{acmeUser: acmePass})
 }
 
 // acmeConfigFile writes an imapgate configuration with one implicit-TLS

@@ -2,14 +2,9 @@ package main
 
 import (
 	_ "embed"
-	"fmt"
-	"net"
-	"strings"
 
-	"github.com/emersion/go-imap/v2"
-	"github.com/emersion/go-imap/v2/imapserver"
-	"github.com/emersion/go-imap/v2/imapserver/imapmemserver"
 	"github.com/imapgate/imapgate/internal/config"
+	"github.com/imapgate/imapgate/internal/memimap"
 	"go.uber.org/zap"
 )
 
@@ -28,6 +23,10 @@ var demoUsers = [][2]string{
 // startDemo starts the demo's in-process backends, points cfg's backends
 // at them and returns a function that stops them.
 func startDemo(cfg *config.Config, log *zap.Logger) (func(), error) {
+	users := make(map[string]string, len(demoUsers))
+	for _, u := range demoUsers {
+		users[u[0]] = u[1]
+	}
 	var stops []func()
 	stop := func() {
 		for _, s := range stops {
@@ -35,12 +34,13 @@ func startDemo(cfg *config.Config, log *zap.Logger) (func(), error) {
 		}
 	}
 	for _, name := range []string{"demo1", "demo2"} {
-		addr, s, err := startMemServer(name)
+		srv, err := memimap.Start(name, users)
 		if err != nil {
 			stop()
 			return nil, err
 		}
-		stops = append(stops, s)
+		stops = append(stops, func() { srv.Close() })
+		addr := srv.Addr
 		b := cfg.Backends[name]
 		b.Addr = addr
 		cfg.Backends[name] = b
@@ -50,35 +50,4 @@ func startDemo(cfg *config.Config, log *zap.Logger) (func(), error) {
 		log.Info("demo user", zap.String("user", u[0]), zap.String("password", u[1]))
 	}
 	return stop, nil
-}
-
-// startMemServer runs go-imap's in-memory server with the demo users.
-func startMemServer(name string) (string, func(), error) {
-	mem := imapmemserver.New()
-	for _, u := range demoUsers {
-		user := imapmemserver.NewUser(u[0], u[1])
-		if err := user.Create("INBOX", nil); err != nil {
-			return "", nil, err
-		}
-		// Tell the users which backend they landed on.
-		body := fmt.Sprintf("From: imapgate <demo@localhost>\r\nTo: %s\r\nSubject: Hello from backend %s\r\n\r\nYou reached %s through imapgate.\r\n", u[0], name, name)
-		if _, err := user.Append("INBOX", strings.NewReader(body), &imap.AppendOptions{}); err != nil {
-			return "", nil, err
-		}
-		mem.AddUser(user)
-	}
-	srv := imapserver.New(&imapserver.Options{
-		NewSession: func(*imapserver.Conn) (imapserver.Session, *imapserver.GreetingData, error) {
-			return mem.NewSession(), nil, nil
-		},
-		Caps: imap.CapSet{imap.CapIMAP4rev1: {}, imap.CapIMAP4rev2: {}},
-		// Loopback only, behind imapgate's TLS.
-		InsecureAuth: true,
-	})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", nil, err
-	}
-	go srv.Serve(ln)
-	return ln.Addr().String(), func() { srv.Close() }, nil
 }

@@ -23,43 +23,20 @@ import (
 	"testing"
 	"time"
 
-	"github.com/emersion/go-imap/v2"
-	"github.com/emersion/go-imap/v2/imapserver"
-	"github.com/emersion/go-imap/v2/imapserver/imapmemserver"
+	"github.com/imapgate/imapgate/internal/memimap"
 )
 
-// opsBackend starts go-imap's in-memory server with users (name →
+// opsBackend starts an in-memory IMAP server with users (name →
 // password); each user's INBOX holds one message whose subject names the
 // backend. It stops with the test.
 func opsBackend(t testing.TB, name string, users map[string]string) string {
 	t.Helper()
-	mem := imapmemserver.New()
-	for u, p := range users {
-		user := imapmemserver.NewUser(u, p)
-		if err := user.Create("INBOX", nil); err != nil {
-			t.Fatal(err)
-		}
-		body := fmt.Sprintf("From: test <t@localhost>\r\nSubject: You are on %s\r\n\r\nhi\r\n", name)
-		if _, err := user.Append("INBOX", strings.NewReader(body), &imap.AppendOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		mem.AddUser(user)
-	}
-	srv := imapserver.New(&imapserver.Options{
-		NewSession: func(*imapserver.Conn) (imapserver.Session, *imapserver.GreetingData, error) {
-			return mem.NewSession(), nil, nil
-		},
-		Caps:         imap.CapSet{imap.CapIMAP4rev1: {}},
-		InsecureAuth: true,
-	})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	srv, err := memimap.Start(name, users)
 	if err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
-	go func() { defer close(done); srv.Serve(ln) }()
-	t.Cleanup(func() { srv.Close(); <-done })
-	return ln.Addr().String()
+	t.Cleanup(func() { srv.Close() })
+	return srv.Addr
 }
 
 // opsClient is a raw IMAP client: enough to log in, ask which backend it
@@ -140,8 +117,11 @@ func (c *opsClient) backend(user, pass string) (string, error) {
 		return "", err
 	}
 	for _, l := range lines {
-		if s, ok := strings.CutPrefix(strings.TrimSpace(l), "Subject: You are on "); ok {
-			return s, nil
+		// internal/memimap's marker, or deploy/local's Dovecots'.
+		for _, prefix := range []string{"Subject: Hello from backend ", "Subject: You are on "} {
+			if s, ok := strings.CutPrefix(strings.TrimSpace(l), prefix); ok {
+				return s, nil
+			}
 		}
 	}
 	return "", fmt.Errorf("no marker in %q", lines)
