@@ -79,6 +79,9 @@ func newHarnessListeners(t testing.TB, router routing.Router, mod func(*Options)
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Park idle directions almost at once, so that every test also runs
+	// the parked path (the riskier one), not only the 2 s wait before it.
+	srv.parkAfter = 5 * time.Millisecond
 	h := &harness{srv: srv, clientTLS: &tls.Config{RootCAs: ca.Pool, ServerName: "localhost"}}
 	for _, l := range []Listener{{Mode: ImplicitTLS}, st} {
 		mode := l.Mode
