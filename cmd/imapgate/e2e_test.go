@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -366,5 +367,42 @@ func TestBinaryDemo(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatalf("the demo did not exit after SIGTERM; log:\n%s", p.dump())
+	}
+}
+
+// TestBinaryConsulUnreachable: with the Consul router and no Consul, the
+// binary says so and exits non-zero instead of serving without a view.
+func TestBinaryConsulUnreachable(t *testing.T) {
+	consulAddr := freeAddr(t) // nothing listens there
+	conf := filepath.Join(t.TempDir(), "imapgate.toml")
+	os.WriteFile(conf, []byte(fmt.Sprintf(`
+[log]
+format = "json"
+
+[[listen]]
+addr = %q
+
+[routing]
+router = "consul"
+
+[consul]
+address = %q
+service = "imap"
+
+[http]
+addr = "off"
+`, freeAddr(t), consulAddr)), 0o600)
+	p := startBinary(t, "-config", conf)
+	select {
+	case <-p.done:
+	case <-time.After(60 * time.Second):
+		t.Fatalf("imapgate kept running without Consul; log:\n%s", p.dump())
+	}
+	var ee *exec.ExitError
+	if !errors.As(p.err, &ee) || ee.ExitCode() == 0 {
+		t.Fatalf("exit: %v, want a non-zero exit code", p.err)
+	}
+	if dump := p.dump(); !strings.Contains(dump, "consul") {
+		t.Errorf("the log does not say Consul is the problem:\n%s", dump)
 	}
 }
