@@ -180,6 +180,12 @@ func (c *ctlClient) get(ctx context.Context, method, path string, q url.Values, 
 	if err != nil {
 		return err
 	}
+	return c.decode(resp, v)
+}
+
+// decode reads a JSON reply into v, or with -json prints it as it came
+// (v is then left alone: callers print nothing more).
+func (c *ctlClient) decode(resp *http.Response, v any) error {
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	if err != nil {
@@ -353,21 +359,12 @@ func (c *ctlClient) stream(ctx context.Context, what, path string, body any) err
 
 func (c *ctlClient) reload(ctx context.Context) error {
 	resp, err := c.do(ctx, "POST", "/admin/reload", nil, struct{}{})
-	var rep reloadReport
 	if err != nil {
 		// A refused reload is 422 with a report.
 		return err
 	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return err
-	}
-	if c.json {
-		c.stdout.Write(b)
-		return nil
-	}
-	if err := json.Unmarshal(b, &rep); err != nil {
+	var rep reloadReport
+	if err := c.decode(resp, &rep); err != nil || c.json {
 		return err
 	}
 	fmt.Fprintf(c.stdout, "reload applied; certificates %s\n", rep.Certificates)
