@@ -105,6 +105,24 @@ type RouterFunc func(ctx context.Context, user string) (*Backend, error)
 // Route calls f.
 func (f RouterFunc) Route(ctx context.Context, user string) (*Backend, error) { return f(ctx, user) }
 
+// Committer is implemented by routers that record placements (Consul).
+// Route only proposes a backend; the proxy calls Commit once that backend
+// has accepted the user (the IMAP, POP3 or ManageSieve login said OK, or
+// the LMTP backend accepted the RCPT), so that an unauthenticated or
+// unknown name never becomes shared state.
+//
+// Commit returns the backend the user must be served by. It is b when the
+// placement is recorded (or was already), or when it cannot be recorded
+// now (Consul down, rate limit): the router then tracks the unrecorded
+// route and evicts its sessions if a later answer diverges. It is another
+// backend when a concurrent placement won: the caller must drop its
+// connection to b and not serve the user there. An error wraps
+// ErrNoBackend when the router cannot say where the user belongs; the
+// caller must not serve the user.
+type Committer interface {
+	Commit(ctx context.Context, user string, b *Backend) (*Backend, error)
+}
+
 // ErrNoBackend means no backend is available for a user: none configured,
 // none healthy, or the user's backend is gone and they cannot be placed.
 var ErrNoBackend = errors.New("routing: no backend available")
