@@ -11,7 +11,7 @@ set -euo pipefail
 
 CONSUL_VERSION=1.13.9
 PEBBLE_VERSION=v2.10.3
-APT_PACKAGES=(dovecot-imapd dovecot-core haproxy openssl ca-certificates)
+APT_PACKAGES=(dovecot-imapd dovecot-core haproxy openssl ca-certificates slapd ldap-utils chromium)
 
 CACHE="${IMAPGATE_CACHE:-$HOME/.cache/imapgate}"
 BIN="$CACHE/bin"

@@ -31,6 +31,7 @@ import (
 //	POST /admin/backends/{id}/drain            place no new users there
 //	POST /admin/backends/{id}/undrain
 //	POST /admin/reload                         as SIGHUP, with the report
+//	GET  /admin/version                        version, commit, Go version, uptime
 //
 // When http.admin_token is set every /admin/ request must carry
 // "Authorization: Bearer <token>". Requests that a browser could send on
@@ -63,6 +64,7 @@ func (a *app) adminRoutes(mux *http.ServeMux) {
 	h("POST /admin/backends/{id}/drain", a.handleDrain(true))
 	h("POST /admin/backends/{id}/undrain", a.handleDrain(false))
 	h("POST /admin/reload", a.handleReload)
+	h("GET /admin/version", a.handleVersion)
 	h("/admin/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusNotFound, "no such admin endpoint: %s %s", r.Method, r.URL.Path))
 	})

@@ -10,6 +10,8 @@
 //	imapgate -backend HOST:PORT ...   run in front of one backend, flags only
 //	imapgate check FILE               validate a configuration and exit
 //	imapgate -check-config FILE       the same
+//	imapgate version                  print version, commit and Go version
+//	imapgate -version                 the same
 //
 // See the README for the configuration file and the flags.
 package main
@@ -45,6 +47,7 @@ type flags struct {
 	logLevel        string
 	logFormat       string
 	httpAddr        string
+	version         bool
 }
 
 func parseFlags(args []string, stderr io.Writer) (*flags, error) {
@@ -63,9 +66,10 @@ func parseFlags(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.key, "key", "", "private key PEM `file` for -cert")
 	fs.StringVar(&f.logLevel, "log-level", "", "debug, info, warn or error (overrides the file)")
 	fs.StringVar(&f.logFormat, "log-format", "", "auto, json or console (overrides the file)")
+	fs.BoolVar(&f.version, "version", false, "print the version, commit and Go version and exit")
 	fs.StringVar(&f.httpAddr, "http", "", "metrics/health/admin listener `addr`ess, or \"off\" (overrides the file)")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: imapgate [flags]\n       imapgate check FILE\n       imapgate ctl COMMAND ...\n\nWith no config file and no -backend, imapgate runs the embedded demo.\n\nFlags:\n")
+		fmt.Fprintf(stderr, "Usage: imapgate [flags]\n       imapgate check FILE\n       imapgate ctl COMMAND ...\n       imapgate version\n\nWith no config file and no -backend, imapgate runs the embedded demo.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -88,6 +92,8 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 			return check(args[1], stdout, stderr)
 		case "ctl":
 			return ctl(args[1:], stdout, stderr)
+		case "version":
+			return printVersion(stdout)
 		}
 	}
 	f, err := parseFlags(args, stderr)
@@ -97,6 +103,9 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		fmt.Fprintln(stderr, "imapgate:", err)
 		return 2
+	}
+	if f.version {
+		return printVersion(stdout)
 	}
 	if f.checkConfig != "" {
 		return check(f.checkConfig, stdout, stderr)

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"runtime"
-	"runtime/debug"
 	"time"
 
 	"github.com/imapgate/imapgate/proxy"
@@ -94,14 +92,11 @@ func (m *promMetrics) adminAction(action string, err error) {
 
 // buildInfo is the conventional constant 1 labelled with the version.
 func buildInfo() prometheus.Collector {
-	version, goVersion := "(devel)", runtime.Version()
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
-		version = bi.Main.Version
-	}
+	v := currentVersion()
 	g := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name:        "imapgate_build_info",
 		Help:        "Always 1; the labels say which imapgate is running.",
-		ConstLabels: prometheus.Labels{"version": version, "goversion": goVersion},
+		ConstLabels: prometheus.Labels{"version": v.Version, "commit": v.Commit, "goversion": v.GoVersion},
 	})
 	g.Set(1)
 	return g
