@@ -25,6 +25,10 @@ go vet ./...
 step "go test -race ./..."
 go test -race -count=1 -timeout 20m ./...
 
+step "Debian package and container binary (scripts/package-test.sh)"
+(cd deploy/debian && go vet .)
+bash scripts/package-test.sh
+
 step "fuzz targets, $FUZZTIME each"
 # go test -list prints a package's matching names, then "ok <package>";
 # pair each name with the package that follows it.

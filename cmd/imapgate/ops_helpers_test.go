@@ -170,6 +170,12 @@ func startOps(t testing.TB, bin string, args ...string) *opsProc {
 	t.Helper()
 	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET=")
+	return startOpsCmd(t, cmd)
+}
+
+// startOpsCmd starts cmd (an imapgate binary) and collects its log.
+func startOpsCmd(t testing.TB, cmd *exec.Cmd) *opsProc {
+	t.Helper()
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
