@@ -90,7 +90,7 @@ func CacheDir() string {
 //
 //   - "consul": $IMAPGATE_CONSUL, else <cache>/bin/consul-1.13.9, else "consul" on PATH.
 //   - "pebble", "pebble-challtestsrv" and any other name: <cache>/bin/NAME, else PATH.
-//   - "dovecot", "doveadm", "haproxy": PATH, then /usr/sbin and /usr/bin, because
+//   - "dovecot", "doveadm", "haproxy", "slapd", "slapadd", "ldapmodify": PATH, then /usr/sbin and /usr/bin, because
 //     Debian puts dovecot in /usr/sbin, which is not on every user's PATH.
 //
 // <cache> is CacheDir().
@@ -103,7 +103,7 @@ func Bin(name string) string {
 			candidates = append(candidates, p)
 		}
 		candidates = append(candidates, filepath.Join(cache, "consul-"+ConsulVersion), pathOnly)
-	case "dovecot", "doveadm", "haproxy":
+	case "dovecot", "doveadm", "haproxy", "slapd", "slapadd", "ldapmodify":
 		candidates = append(candidates, pathOnly, "/usr/sbin", "/usr/bin")
 	default:
 		candidates = append(candidates, filepath.Join(cache, name), pathOnly)
