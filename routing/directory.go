@@ -161,17 +161,8 @@ func (d *directory) key(user, password string, withPassword bool) string {
 // route answers from the cache or asks lookup, one lookup at a time per
 // key. user must be normalized.
 func (d *directory) route(ctx context.Context, user, key string, lookup lookupFunc) (*Backend, error) {
-	if d.pos != nil {
-		if b, ok := d.pos.Get(key); ok {
-			d.hits.Add(1)
-			return b, nil
-		}
-	}
-	if d.neg != nil {
-		if r, ok := d.neg.Get(key); ok {
-			d.hits.Add(1)
-			return nil, r
-		}
+	if b, ok, err := d.cached(key); ok {
+		return b, err
 	}
 	d.misses.Add(1)
 	ch := d.sf.DoChan(key, func() (any, error) {
@@ -216,6 +207,24 @@ func (d *directory) route(ctx context.Context, user, key string, lookup lookupFu
 	case <-ctx.Done():
 		return nil, fmt.Errorf("%w: %s directory: %v", ErrNoBackend, d.name, ctx.Err())
 	}
+}
+
+// cached answers key from the cache, if it can. The routers call it
+// before building their lookup closure, so that a hit allocates nothing.
+func (d *directory) cached(key string) (*Backend, bool, error) {
+	if d.pos != nil {
+		if b, ok := d.pos.Get(key); ok {
+			d.hits.Add(1)
+			return b, true, nil
+		}
+	}
+	if d.neg != nil {
+		if r, ok := d.neg.Get(key); ok {
+			d.hits.Add(1)
+			return nil, true, r
+		}
+	}
+	return nil, false, nil
 }
 
 // backend turns an answer into a *Backend: a known one, or one made once

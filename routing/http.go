@@ -102,13 +102,20 @@ func (h *HTTP) Route(ctx context.Context, user string) (*Backend, error) {
 	user = NormalizeUser(user)
 	l, hasLogin := LoginFrom(ctx)
 	key := h.d.key(user, l.Password, h.cfg.SendPassword && hasLogin)
-	b, err := h.d.route(ctx, user, key, func(ctx context.Context) (string, int, error) {
-		return h.ask(ctx, user, l, hasLogin)
-	})
+	b, ok, err := h.d.cached(key)
+	if !ok {
+		b, err = h.route(ctx, user, key, l, hasLogin)
+	}
 	if err != nil {
 		refusalDelay(ctx, err)
 	}
 	return b, err
+}
+
+func (h *HTTP) route(ctx context.Context, user, key string, l Login, hasLogin bool) (*Backend, error) {
+	return h.d.route(ctx, user, key, func(ctx context.Context) (string, int, error) {
+		return h.ask(ctx, user, l, hasLogin)
+	})
 }
 
 // ask sends one request.

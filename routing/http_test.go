@@ -344,3 +344,47 @@ func TestHTTPRouterConfig(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkDirectoryRouteCached is the login path's cost with a warm
+// cache: what every login but the first in a TTL pays.
+func BenchmarkDirectoryRouteCached(b *testing.B) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Auth-Status", "OK")
+		w.Header().Set("Auth-Server", "10.0.0.1")
+	}))
+	defer srv.Close()
+	h, err := NewHTTP(HTTPConfig{URL: srv.URL})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer h.Close()
+	ctx := context.Background()
+	h.Route(ctx, "alice@example.org")
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := h.Route(ctx, "alice@example.org"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkHTTPRouteUncached is one auth_http request per login (loopback).
+func BenchmarkHTTPRouteUncached(b *testing.B) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Auth-Status", "OK")
+		w.Header().Set("Auth-Server", "10.0.0.1")
+	}))
+	defer srv.Close()
+	h, err := NewHTTP(HTTPConfig{URL: srv.URL, Directory: DirectoryOptions{TTL: -1}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer h.Close()
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := h.Route(ctx, "alice@example.org"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -134,6 +134,13 @@ func expandFilter(tmpl, user string) string {
 // Route looks user up, through the cache.
 func (l *LDAP) Route(ctx context.Context, user string) (*Backend, error) {
 	user = NormalizeUser(user)
+	if b, ok, err := l.d.cached(user); ok {
+		return b, err
+	}
+	return l.route(ctx, user)
+}
+
+func (l *LDAP) route(ctx context.Context, user string) (*Backend, error) {
 	return l.d.route(ctx, user, user, func(ctx context.Context) (string, int, error) {
 		return l.lookup(ctx, user)
 	})

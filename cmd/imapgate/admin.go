@@ -141,6 +141,9 @@ func (a *app) handleKick(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusBadRequest, "empty user name"))
 		return
 	}
+	if a.dir != nil {
+		a.dir.Forget(user) // the next login asks the directory again
+	}
 	n := a.srv.KickUser(user, "An administrator closed this session, please reconnect")
 	a.metrics.adminAction("kick", nil)
 	a.log.Info("admin: user kicked", zap.String("user", user), zap.Int("closed", n))
@@ -196,6 +199,9 @@ func (a *app) backends(sessions bool) []backendInfo {
 			})
 		}
 	}
+	if a.dir != nil {
+		out = directoryBackends(a.dir)
+	}
 	if sessions && a.srv != nil {
 		count := map[string]int{}
 		for _, s := range a.srv.Sessions("", "") {
@@ -211,6 +217,9 @@ func (a *app) backends(sessions bool) []backendInfo {
 func (a *app) routerName() string {
 	if a.consul != nil {
 		return "consul"
+	}
+	if a.dir != nil {
+		return a.cfg.Load().Routing.Router
 	}
 	return "static"
 }

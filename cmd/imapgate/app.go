@@ -46,6 +46,7 @@ type app struct {
 	router  *swapRouter
 	static  *staticRouter   // with the static router, else nil
 	consul  *routing.Consul // with the Consul router, else nil
+	dir     directoryRouter // with the http or ldap router, else nil
 	kv      *api.Client     // Consul client for drain flags, with the Consul router
 	evictor *lateEvictor
 	srv     *proxy.Server
@@ -130,6 +131,11 @@ func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger) (*app, err
 		a.router = newSwapRouter(c)
 		a.closers = append(a.closers, func() { c.Close() })
 		if a.kv, err = cfg.ConsulClient(); err != nil {
+			a.close()
+			return nil, err
+		}
+	case "http", "ldap":
+		if err := a.setDirectoryRouter(cfg); err != nil {
 			a.close()
 			return nil, err
 		}

@@ -226,7 +226,7 @@ func reloadClass(key string, consul, acme bool) keyClass {
 		return false
 	}
 	switch {
-	case under("log.format", "listen", "consul", "http.addr", "tls.acme", "routing.router"):
+	case under("log.format", "listen", "consul", "http.addr", "tls.acme", "routing.router", "routing.http", "routing.ldap", "routing.directory"):
 		return classRestart
 	case acme && under("tls"):
 		return classRestart

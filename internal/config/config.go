@@ -169,10 +169,14 @@ type Backend struct {
 
 // Routing chooses and configures the router.
 type Routing struct {
-	Router  string              `toml:"router"` // "static" (default) or "consul"
+	Router  string              `toml:"router"` // "static" (default), "consul", "http" or "ldap"
 	Users   map[string]string   `toml:"users"`
 	Domains map[string][]string `toml:"domains"`
 	Default []string            `toml:"default"`
+	// The directory routers (directory.go).
+	HTTP      RoutingHTTP      `toml:"http"`
+	LDAP      RoutingLDAP      `toml:"ldap"`
+	Directory RoutingDirectory `toml:"directory"`
 }
 
 // Consul configures the Consul router, registration and ACME storage.
@@ -289,8 +293,12 @@ func (c *Config) Validate() error {
 		if _, err := c.backendTLS(c.Backend.CAFile, "", c.Backend.InsecureSkipVerify); err != nil {
 			errs = append(errs, err)
 		}
+	case "http", "ldap":
+		if err := c.validateDirectory(); err != nil {
+			errs = append(errs, err)
+		}
 	default:
-		errs = append(errs, fmt.Errorf("routing.router: unknown router %q (want \"static\" or \"consul\")", c.Routing.Router))
+		errs = append(errs, fmt.Errorf("routing.router: unknown router %q (want \"static\", \"consul\", \"http\" or \"ldap\")", c.Routing.Router))
 	}
 	if _, err := c.LogLevel(); err != nil {
 		errs = append(errs, err)
