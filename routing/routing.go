@@ -1,14 +1,18 @@
 // Package routing decides which backend IMAP server owns a user.
 //
 // imapgate's proxy asks a Router for the backend of every user that logs
-// in, and dials whatever it is told. Routers never see passwords: they map a
-// user name to a *Backend and nothing else. Two routers exist:
+// in, and dials whatever it is told. Routers map a user name to a *Backend
+// and nothing else (the password reaches one only through WithLogin, and
+// only the http router, when configured, sends it on). Four routers exist:
 //
 //   - Static (this package, static.go): per-user and per-domain entries from
 //     the config file plus rendezvous hashing over a default pool. It is the
 //     embedded default and needs no other service.
 //   - Consul (consul.go): backends from the Consul catalog, per-user
 //     placements in Consul KV, so every imapgate instance agrees.
+//   - HTTP (http.go): asks a service speaking nginx's auth_http protocol.
+//   - LDAP (ldap.go): reads the backend host from the user's directory
+//     entry, as Dovecot's proxy does. Both cache answers (directory.go).
 //
 // Typical use:
 //
