@@ -8,7 +8,7 @@ import (
 
 // handler serves /healthz (the process is alive), /readyz (it wants
 // traffic: listeners up, router usable, not draining), /metrics and the
-// admin API under /admin/ (admin.go).
+// admin API under /admin/ (admin.go), and the status page at / (status.go).
 func (a *app) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -27,5 +27,6 @@ func (a *app) handler() http.Handler {
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))
 	a.adminRoutes(mux)
+	a.statusRoutes(mux)
 	return mux
 }

@@ -25,6 +25,9 @@ type promMetrics struct {
 	lastReload prometheus.Gauge
 	admin      *prometheus.CounterVec
 
+	// rates counts the last minute's logins for the status page.
+	rates loginRates
+
 	// all is everything registered, for tests that check names.
 	all []prometheus.Collector
 }
@@ -167,8 +170,11 @@ func (m *promMetrics) SessionEnded(listener, backend, reason string, in, out int
 	}
 }
 
-func (m *promMetrics) PreAuthCommand(name string)  { m.preauth.WithLabelValues(name).Inc() }
-func (m *promMetrics) Login(result, reason string) { m.logins.WithLabelValues(result, reason).Inc() }
+func (m *promMetrics) PreAuthCommand(name string) { m.preauth.WithLabelValues(name).Inc() }
+func (m *promMetrics) Login(result, reason string) {
+	m.logins.WithLabelValues(result, reason).Inc()
+	m.rates.login(result)
+}
 
 func (m *promMetrics) BackendLogin(backend string, dial, login time.Duration, ok bool) {
 	m.dial.WithLabelValues(backend).Observe(dial.Seconds())
