@@ -74,7 +74,7 @@ var _ Router = (*HTTP)(nil)
 func NewHTTP(cfg HTTPConfig) (*HTTP, error) {
 	u, err := url.Parse(cfg.URL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("routing: http router: url %q: want http://host[:port]/path or https://...", cfg.URL)
+		return nil, fmt.Errorf("routing: http router: url %q: want http://host[:port]/path or https://host[:port]/path", cfg.URL)
 	}
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 5 * time.Second

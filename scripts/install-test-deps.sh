@@ -165,9 +165,10 @@ flock -u 9
 
 # Pebble (Let's Encrypt's test ACME server) and its challenge test server,
 # for the ACME tests. Rebuilt when the cached ones are another version.
-pebble_version() { go version -m "$1" 2>/dev/null | awk '$1 == "mod" { print $3; exit }'; }
-if [ "$(pebble_version "$BIN/pebble")" = "$PEBBLE_VERSION" ] &&
-	[ "$(pebble_version "$BIN/pebble-challtestsrv")" = "$PEBBLE_VERSION" ]; then
+# modversion prints the main module version a Go binary was built from.
+modversion() { go version -m "$1" 2>/dev/null | awk '$1 == "mod" { print $3; exit }'; }
+if [ "$(modversion "$BIN/pebble")" = "$PEBBLE_VERSION" ] &&
+	[ "$(modversion "$BIN/pebble-challtestsrv")" = "$PEBBLE_VERSION" ]; then
 	say pebble "found $BIN/pebble $PEBBLE_VERSION"
 	say pebble-challtestsrv "found $BIN/pebble-challtestsrv $PEBBLE_VERSION"
 else
@@ -184,4 +185,19 @@ else
 	rm -rf "$gobin"
 	say pebble "built $BIN/pebble $PEBBLE_VERSION in $(elapsed "$t0")"
 	say pebble-challtestsrv "built $BIN/pebble-challtestsrv $PEBBLE_VERSION"
+fi
+
+# staticcheck, which scripts/test.sh runs over the tree so that findings
+# fail CI. Rebuilt when the cached one is another version.
+STATICCHECK_VERSION=v0.8.2
+if [ "$(modversion "$BIN/staticcheck")" = "$STATICCHECK_VERSION" ]; then
+	say staticcheck "found $BIN/staticcheck $STATICCHECK_VERSION"
+else
+	t0=$(date +%s)
+	gobin=$(mktemp -d)
+	cleanup+=("$gobin")
+	GOBIN="$gobin" go install "honnef.co/go/tools/cmd/staticcheck@$STATICCHECK_VERSION" ||
+		die "go install staticcheck@$STATICCHECK_VERSION failed with $(go version)"
+	mv -f "$gobin/staticcheck" "$BIN/"
+	say staticcheck "built $BIN/staticcheck $STATICCHECK_VERSION in $(elapsed "$t0")"
 fi

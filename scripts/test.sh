@@ -22,6 +22,20 @@ export PATH="${IMAPGATE_CACHE:-$HOME/.cache/imapgate}/bin:$PATH"
 step "go vet ./..."
 go vet ./...
 
+step "gofmt, go mod tidy, staticcheck"
+# The habits CI enforces, so that no change drifts from them.
+unformatted=$(gofmt -l $(git ls-files '*.go'))
+if [ -n "$unformatted" ]; then
+	echo "gofmt would change these files (run gofmt -w):" >&2
+	echo "$unformatted" >&2
+	exit 1
+fi
+if ! go mod tidy -diff; then
+	echo "go.mod or go.sum is not tidy (run go mod tidy)" >&2
+	exit 1
+fi
+staticcheck ./...
+
 step "go test -race ./..."
 go test -race -count=1 -timeout 20m ./...
 
