@@ -204,10 +204,6 @@ func escapeMailAuth(s string) string {
 	return b.String()
 }
 
-// Backends returns the configured backends and those the service named so
-// far, sorted by ID.
-func (h *HTTP) Backends() []*Backend { return h.d.backends() }
-
 // Stats counts lookups, cache hits, refusals and evictions.
 func (h *HTTP) Stats() DirectoryStats { return h.d.stats() }
 

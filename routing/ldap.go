@@ -261,10 +261,6 @@ func (l *LDAP) put(c *ldap.Conn) {
 	}
 }
 
-// Backends returns the configured backends and those the directory named
-// so far, sorted by ID.
-func (l *LDAP) Backends() []*Backend { return l.d.backends() }
-
 // Stats counts lookups, cache hits, refusals and evictions.
 func (l *LDAP) Stats() DirectoryStats { return l.d.stats() }
 

@@ -82,7 +82,7 @@ getent passwd imapgate >/dev/null || die "no system user imapgate"
 [ "$(stat -c %G:%a /etc/imapgate/imapgate.toml)" = imapgate:640 ] || die "imapgate.toml is $(stat -c %G:%a /etc/imapgate/imapgate.toml), want group imapgate, 640"
 [ -L /etc/systemd/system/multi-user.target.wants/imapgate@main.service ] || die "imapgate@main.service is not enabled"
 grep -q '^ExecStart=/usr/bin/imapgate ' /lib/systemd/system/imapgate@.service || die "the unit does not run /usr/bin/imapgate"
-if pgrep -x imapgate >/dev/null; then die "an imapgate is running after install: the package must not start it"; fi
+if pgrep -f '^/usr/bin/imapgate' >/dev/null; then die "the installed imapgate is running after install: the package must not start it"; fi
 zcat /usr/share/man/man1/imapgate.1.gz | grep -q -- '-config' || die "the man page lacks the flags"
 /usr/bin/imapgate check /etc/imapgate/imapgate.toml >/dev/null || die "imapgate check /etc/imapgate/imapgate.toml failed"
 /usr/bin/imapgate version | grep -qF "imapgate $version (commit $commit" || die "imapgate version: $(/usr/bin/imapgate version)"

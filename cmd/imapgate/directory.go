@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 
 	"github.com/imapgate/imapgate/internal/config"
@@ -9,12 +10,13 @@ import (
 )
 
 // directoryRouter is what the app needs of the http and ldap routers
-// (routing/http.go, routing/ldap.go): routing, the backends they have
-// named so far (admin API, status page), their counters, and Forget, so
-// that a kick makes the next login ask the directory again.
+// (routing/http.go, routing/ldap.go): routing, the operator's view
+// (routing.Operator: the backends they have named so far, Where), their
+// counters, and Forget, so that a kick makes the next login ask the
+// directory again.
 type directoryRouter interface {
 	routing.Router
-	Backends() []*routing.Backend
+	routing.Operator
 	Stats() routing.DirectoryStats
 	Forget(user string)
 	Close()
@@ -64,7 +66,7 @@ func (a *app) setDirectoryRouter(cfg *config.Config) error {
 // own: the directory is the truth.
 func directoryBackends(r directoryRouter) []backendInfo {
 	var out []backendInfo
-	for _, b := range r.Backends() {
+	for _, b := range r.Backends(context.Background()) {
 		out = append(out, backendInfo{
 			ID: b.ID, Addr: b.Addr, Security: b.Security.String(), Weight: max(b.Weight, 1),
 			Health: "directory", Up: true,

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -150,6 +151,19 @@ func TestDirectoryRoutersThroughProxy(t *testing.T) {
 			var br backendsReply
 			if code := getJSON(t, ta.admin+"/admin/backends", testToken, &br); code != 200 || br.Router != router || len(br.Backends) != 2 {
 				t.Errorf("GET /admin/backends: %d %+v", code, br)
+			}
+			// The status page's search is the router's Where.
+			req, _ := http.NewRequest("GET", ta.admin+"/?user=alice@example.org", nil)
+			req.Header.Set("Authorization", "Bearer "+testToken)
+			resp, err := opsHTTP.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var page strings.Builder
+			io.Copy(&page, resp.Body)
+			resp.Body.Close()
+			if !strings.Contains(page.String(), `id="where-next">b2<`) || !strings.Contains(page.String(), "the "+router+" directory names 127.0.0.1:") {
+				t.Errorf("status page search for alice:\n%s", page.String())
 			}
 			if auth != nil {
 				auth.mu.Lock()

@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	_ "embed"
-	"errors"
 	"fmt"
 	"html/template"
 	"net/http"
@@ -106,20 +105,18 @@ type statusCert struct {
 	Warn         bool // under 14 days
 }
 
-// statusWhere is what the user search shows.
-//
-// HOOK: this is the status page's `ctl where`. Until the routing
-// Operator interface (Where: backend, recorded, pinned, hash, pool,
-// reason) is on this branch, it shows what exists everywhere: the user's
-// live sessions here and the router's Route answer (where the next login
-// goes). Once routing.Operator lands, fill Placement from
-// Operator.Where in where() and render its fields in status.html's
-// "where" block; nothing else needs to change.
+// statusWhere is what the user search shows: `ctl where` for a browser.
+// With a router that implements routing.Operator (the directory routers
+// here; every router once the placement work is merged) it is that
+// router's Where: the backend, what is recorded, pins, the hash and the
+// reason. With any other router it is the Route answer. Either way the
+// user's live sessions here follow.
 type statusWhere struct {
-	User     string
-	Next     string // the backend Route answers, or ""
-	NextErr  string // why not
-	Sessions []proxy.SessionInfo
+	User      string
+	Next      string // the backend the next login goes to, or ""
+	NextErr   string // why none
+	Placement *routing.Placement
+	Sessions  []proxy.SessionInfo
 }
 
 func (a *app) statusRoutes(mux *http.ServeMux) {
@@ -233,7 +230,7 @@ func (a *app) statusData(ctx context.Context, user string) *statusPage {
 	return p
 }
 
-// where is the user search (see statusWhere's HOOK).
+// where is the user search (see statusWhere).
 func (a *app) where(ctx context.Context, user string) *statusWhere {
 	user = routing.NormalizeUser(user)
 	w := &statusWhere{User: user}
@@ -243,14 +240,25 @@ func (a *app) where(ctx context.Context, user string) *statusWhere {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
+	if op, ok := a.router.get().(routing.Operator); ok {
+		p, err := op.Where(ctx, user)
+		switch {
+		case err != nil:
+			w.NextErr = err.Error()
+		case p.Backend == "":
+			w.NextErr = p.Reason
+		default:
+			w.Next = p.Backend
+		}
+		if err == nil {
+			w.Placement = &p
+		}
+		return w
+	}
 	b, err := a.router.Route(ctx, user)
-	var refused *routing.RefusedError
-	switch {
-	case errors.As(err, &refused):
-		w.NextErr = "the directory refuses this user: " + refused.Reason
-	case err != nil:
+	if err != nil {
 		w.NextErr = err.Error()
-	default:
+	} else {
 		w.Next = b.ID
 	}
 	return w
