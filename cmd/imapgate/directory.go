@@ -6,6 +6,7 @@ import (
 
 	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/routing"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 )
 
@@ -58,7 +59,22 @@ func (a *app) setDirectoryRouter(cfg *config.Config) error {
 	a.dir = r
 	a.router = newSwapRouter(r)
 	a.closers = append(a.closers, r.Close)
+	a.reg.MustRegister(directoryMetrics(r)...)
 	return nil
+}
+
+// directoryMetrics exports the directory router's counters.
+func directoryMetrics(r directoryRouter) []prometheus.Collector {
+	c := func(name, help string, v func(routing.DirectoryStats) int64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 { return float64(v(r.Stats())) })
+	}
+	return []prometheus.Collector{
+		c("imapgate_directory_cache_hits_total", "Routes answered from the http/ldap router's cache.", func(s routing.DirectoryStats) int64 { return s.Hits }),
+		c("imapgate_directory_lookups_total", "Routes that asked the directory (cache misses).", func(s routing.DirectoryStats) int64 { return s.Misses }),
+		c("imapgate_directory_refusals_total", "Lookups the directory answered with a refusal (no such user).", func(s routing.DirectoryStats) int64 { return s.Refusals }),
+		c("imapgate_directory_errors_total", "Lookups that failed (directory down, timeout, bad answer).", func(s routing.DirectoryStats) int64 { return s.Errors }),
+		c("imapgate_directory_evicted_sessions_total", "Sessions closed because the directory named another backend for their user.", func(s routing.DirectoryStats) int64 { return s.Evictions }),
+	}
 }
 
 // directoryBackends lists the backends a directory router knows: the

@@ -152,6 +152,13 @@ func TestDirectoryRoutersThroughProxy(t *testing.T) {
 			if code := getJSON(t, ta.admin+"/admin/backends", testToken, &br); code != 200 || br.Router != router || len(br.Backends) != 2 {
 				t.Errorf("GET /admin/backends: %d %+v", code, br)
 			}
+			m := fetchText(t, ta.admin+"/metrics")
+			if v, ok := metricValue(m, "imapgate_directory_evicted_sessions_total"); !ok || v < 1 {
+				t.Errorf("imapgate_directory_evicted_sessions_total = %v, %v; want >= 1", v, ok)
+			}
+			if v, ok := metricValue(m, "imapgate_directory_lookups_total"); !ok || v < 3 {
+				t.Errorf("imapgate_directory_lookups_total = %v, %v; want >= 3", v, ok)
+			}
 			// The status page's search is the router's Where.
 			req, _ := http.NewRequest("GET", ta.admin+"/?user=alice@example.org", nil)
 			req.Header.Set("Authorization", "Bearer "+testToken)
