@@ -51,6 +51,11 @@ commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 version="${IMAPGATE_VERSION:-0.0.0~git$(date -u +%Y%m%d).$commit}"
 
 # --- 1. the binary, as the Dockerfile builds it ----------------------------
+# If the Dockerfile's build or check step changes, this must change with it.
+grep -q 'CGO_ENABLED=0 GOFLAGS=-trimpath go build -ldflags "-s -w -X main.version=${VERSION} -X main.commit=${COMMIT}"' deploy/Dockerfile ||
+	die "deploy/Dockerfile no longer builds the way this script does (CGO_ENABLED=0, -trimpath, -s -w, version stamps): update both"
+grep -q '/out/imapgate check deploy/docker/imapgate.toml' deploy/Dockerfile ||
+	die "deploy/Dockerfile no longer checks deploy/docker/imapgate.toml: update both"
 CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=$version -X main.commit=$commit" \
 	-o "$out/imapgate" ./cmd/imapgate
 buildinfo=$(go version -m "$out/imapgate")

@@ -59,3 +59,25 @@ func grepLines(s, sub string) string {
 	}
 	return b.String()
 }
+
+// TestDebianConffile: the file the Debian package installs as
+// /etc/imapgate/imapgate.toml is valid and safe as shipped: the static
+// router (no other service needed), the HTTP listener on loopback, no
+// cleartext login, ACME state in the package's state directory.
+func TestDebianConffile(t *testing.T) {
+	cfg := checkTOML(t, filepath.Join(deployDir, "debian", "imapgate.toml"))
+	if cfg.Routing.Router != "static" || cfg.Consul.Register.Enable {
+		t.Errorf("router %q, consul registration %v: want the static router, no Consul", cfg.Routing.Router, cfg.Consul.Register.Enable)
+	}
+	if cfg.HTTP.Addr != "127.0.0.1:8080" {
+		t.Errorf("http.addr %q, want loopback", cfg.HTTP.Addr)
+	}
+	for _, l := range cfg.Listen {
+		if len(l.InsecureAuth) > 0 {
+			t.Errorf("listener %s allows cleartext login from %v", l.Addr, l.InsecureAuth)
+		}
+	}
+	if cfg.TLS.ACME.StorageDir != "/var/lib/imapgate/acme" {
+		t.Errorf("tls.acme.storage_dir %q, want the package's state directory", cfg.TLS.ACME.StorageDir)
+	}
+}
