@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"maps"
 	"net"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -237,9 +238,6 @@ func (d *directory) backend(host string, port int) (*Backend, error) {
 	if port < 0 || port > 65535 {
 		return nil, fmt.Errorf("port %d out of range", port)
 	}
-	if strings.ContainsAny(host, " /\\@") {
-		return nil, fmt.Errorf("host %q is not a host name or address", host)
-	}
 	if port == 0 {
 		if h, p, err := net.SplitHostPort(host); err == nil {
 			if n, err := strconv.Atoi(p); err == nil && n > 0 && n <= 65535 {
@@ -250,10 +248,14 @@ func (d *directory) backend(host string, port int) (*Backend, error) {
 	if b := d.known[host]; b != nil && port == 0 {
 		return b, nil
 	}
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	if !validHost(host) {
+		return nil, fmt.Errorf("%q is not a host name or address", host)
+	}
 	if port == 0 {
 		port = d.o.DefaultPort
 	}
-	addr := net.JoinHostPort(strings.Trim(host, "[]"), strconv.Itoa(port))
+	addr := net.JoinHostPort(host, strconv.Itoa(port))
 	if b := d.known[addr]; b != nil {
 		return b, nil
 	}
@@ -269,6 +271,24 @@ func (d *directory) backend(host string, port int) (*Backend, error) {
 	b := &Backend{ID: addr, Addr: addr, Security: d.o.Security, TLS: d.o.TLS, Weight: 1}
 	d.seen[addr] = b
 	return b, nil
+}
+
+// validHost reports whether h is an IP address or a DNS name (letters,
+// digits, '-', '_' and dots, at most 253 bytes): what a directory may name
+// for imapgate to dial.
+func validHost(h string) bool {
+	if _, err := netip.ParseAddr(h); err == nil {
+		return true
+	}
+	if h == "" || len(h) > 253 {
+		return false
+	}
+	for _, c := range []byte(h) {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return false
+		}
+	}
+	return true
 }
 
 // backends returns the configured backends and those answers named, by ID.

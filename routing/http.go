@@ -162,28 +162,36 @@ func (h *HTTP) ask(ctx context.Context, user string, l Login, hasLogin bool) (st
 	if resp.StatusCode != http.StatusOK {
 		return "", 0, fmt.Errorf("%s: HTTP status %s", h.desc, resp.Status)
 	}
-	status := strings.TrimSpace(resp.Header.Get("Auth-Status"))
+	return parseAuthReply(resp.Header, h.desc)
+}
+
+// parseAuthReply reads an auth_http reply's headers: the backend's host
+// and port (0: the default) for Auth-Status OK, a *RefusedError for any
+// other status, an error for a reply that says neither.
+func parseAuthReply(hdr http.Header, desc string) (string, int, error) {
+	status := strings.TrimSpace(hdr.Get("Auth-Status"))
 	if status == "" {
-		return "", 0, fmt.Errorf("%s: reply without Auth-Status", h.desc)
+		return "", 0, fmt.Errorf("%s: reply without Auth-Status", desc)
 	}
 	if status != "OK" {
 		r := &RefusedError{Reason: status}
-		if c := resp.Header.Get("Auth-Error-Code"); c != "" {
+		if c := hdr.Get("Auth-Error-Code"); c != "" {
 			r.Reason += " (" + c + ")"
 		}
-		if w, err := strconv.Atoi(strings.TrimSpace(resp.Header.Get("Auth-Wait"))); err == nil && w > 0 {
+		if w, err := strconv.Atoi(strings.TrimSpace(hdr.Get("Auth-Wait"))); err == nil && w > 0 {
 			r.Wait = time.Duration(min(w, 30)) * time.Second
 		}
 		return "", 0, r
 	}
-	server := strings.TrimSpace(resp.Header.Get("Auth-Server"))
+	server := strings.TrimSpace(hdr.Get("Auth-Server"))
 	if server == "" {
-		return "", 0, fmt.Errorf("%s: Auth-Status OK without Auth-Server", h.desc)
+		return "", 0, fmt.Errorf("%s: Auth-Status OK without Auth-Server", desc)
 	}
 	port := 0
-	if p := strings.TrimSpace(resp.Header.Get("Auth-Port")); p != "" {
+	if p := strings.TrimSpace(hdr.Get("Auth-Port")); p != "" {
+		var err error
 		if port, err = strconv.Atoi(p); err != nil || port <= 0 || port > 65535 {
-			return "", 0, fmt.Errorf("%s: bad Auth-Port %q", h.desc, p)
+			return "", 0, fmt.Errorf("%s: bad Auth-Port %q", desc, p)
 		}
 	}
 	return server, port, nil

@@ -114,6 +114,8 @@ func TestHTTPRouterAnswers(t *testing.T) {
 		"a b%c":             "10.0.0.3:143",
 		"carol@example.org": "!Account disabled",
 		"dave@example.org":  "10.0.0.4:99999",
+		"erin@example.org":  "0]0:1", // found by FuzzAuthReply: once dialled as "0]0:1"
+		"frank@example.org": "user@evil:143",
 	})
 	known := &Backend{ID: "dovecot1", Addr: "10.0.0.1:1143", Security: SecurityStartTLS}
 	h := newTestHTTP(t, a, HTTPConfig{Directory: DirectoryOptions{DefaultPort: 10143, Known: []*Backend{known}}})
@@ -129,6 +131,8 @@ func TestHTTPRouterAnswers(t *testing.T) {
 		{user: "carol@example.org", refused: "Account disabled (535 5.7.0)"},
 		{user: "nobody@example.org", refused: "Invalid login or password"},
 		{user: "dave@example.org", fails: true},
+		{user: "erin@example.org", fails: true},
+		{user: "frank@example.org", fails: true},
 	} {
 		b, err := h.Route(ctx, tc.user)
 		var r *RefusedError
