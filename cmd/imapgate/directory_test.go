@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -206,5 +207,26 @@ func TestDirectoryRouterConfigErrors(t *testing.T) {
 		if err == nil {
 			t.Errorf("%s: accepted", name)
 		}
+	}
+}
+
+// A reload reports the directory routers' sections and the backends they
+// hold as needing a restart or unused, never as applied.
+func TestDirectoryRouterReload(t *testing.T) {
+	auth := &nginxAuth{users: map[string]string{}}
+	srv := httptest.NewServer(auth)
+	t.Cleanup(srv.Close)
+	extra := fmt.Sprintf("[routing.http]\nurl = %q\n", srv.URL)
+	ta, _, _ := startDirectoryApp(t, "http", extra)
+	b, err := os.ReadFile(ta.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := strings.Replace(string(b), extra, extra+"timeout = \"2s\"\n", 1)
+	text = strings.Replace(text, "[backends.b1]\n", "[backends.b1]\nweight = 3\n", 1)
+	write(t, ta.path, text)
+	rep := ta.reload(context.Background())
+	if rep.Result != "applied" || !slices.Contains(rep.Restart, "routing.http.timeout") || slices.Contains(rep.Applied, "backends.b1.weight") || slices.Contains(rep.Applied, "routing.http.timeout") {
+		t.Errorf("reload report %+v: want routing.http.timeout to need a restart and backends.b1.weight not applied", rep)
 	}
 }

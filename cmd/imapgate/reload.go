@@ -83,7 +83,9 @@ func (a *app) doReload(ctx context.Context) reloadReport {
 		rep.Error = err.Error()
 		return rep
 	}
-	consul := a.consul != nil
+	// The http and ldap routers, like Consul's, hold [backend] and
+	// [backends] from start-up.
+	consul := a.consul != nil || a.dir != nil
 	acme := usesACME(old) || usesACME(next)
 	for _, k := range diffKeys(old, next) {
 		switch reloadClass(k, consul, acme) {
