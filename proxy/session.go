@@ -599,10 +599,8 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 	// The login's context ends with the Not Authenticated state.
 	lctx, cancel := context.WithDeadline(ctx, s.deadline)
 	defer cancel()
-	// For routers that ask a service wanting it (nginx's auth_http).
-	lctx = routing.WithLogin(lctx, routing.Login{Password: cr.pass, Method: strings.ToLower(cr.mech), Protocol: "imap", Attempt: s.authFails + 1, Client: s.remote.Addr()})
 	t0 := time.Now()
-	b, err := s.srv.o().Router.Route(lctx, user)
+	b, err := s.srv.o().Router.Route(s.routeContext(lctx, &cr), user)
 	m.RouteLookup(time.Since(t0), err == nil)
 	if err != nil {
 		s.setState(statePreAuth)

@@ -66,12 +66,14 @@ type nginxAuth struct {
 	mu    sync.Mutex
 	users map[string]string
 	pass  []string // Auth-Pass of every request
+	login []string // "Auth-Method Auth-Protocol Auth-Login-Attempt Client-IP" of every request
 }
 
 func (n *nginxAuth) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	n.mu.Lock()
 	addr, ok := n.users[r.Header.Get("Auth-User")]
 	n.pass = append(n.pass, r.Header.Get("Auth-Pass"))
+	n.login = append(n.login, strings.Join([]string{r.Header.Get("Auth-Method"), r.Header.Get("Auth-Protocol"), r.Header.Get("Auth-Login-Attempt"), r.Header.Get("Client-IP")}, " "))
 	n.mu.Unlock()
 	if !ok {
 		w.Header().Set("Auth-Status", "Invalid login or password")
@@ -179,6 +181,10 @@ func TestDirectoryRoutersThroughProxy(t *testing.T) {
 					if p != "" {
 						t.Errorf("Auth-Pass sent without send_password: %q", p)
 					}
+				}
+				// What the proxy knows of the login reaches the service.
+				if !slices.Contains(auth.login, "login imap 1 127.0.0.1") {
+					t.Errorf("requests' login headers %q, want one \"login imap 1 127.0.0.1\"", auth.login)
 				}
 				auth.mu.Unlock()
 			}
