@@ -81,3 +81,17 @@ func (l *LDAP) Where(ctx context.Context, user string) (Placement, error) {
 	user = NormalizeUser(user)
 	return l.d.where(ctx, user, user, func() (*Backend, error) { return l.Route(ctx, user) })
 }
+
+// The directory routers are Committers that record nothing: the
+// directory is the record, so the backend that accepted the login is
+// where the user belongs.
+var (
+	_ Committer = (*HTTP)(nil)
+	_ Committer = (*LDAP)(nil)
+)
+
+// Commit implements Committer: b, as the service named it.
+func (h *HTTP) Commit(_ context.Context, _ string, b *Backend) (*Backend, error) { return b, nil }
+
+// Commit implements Committer: b, as the directory named it.
+func (l *LDAP) Commit(_ context.Context, _ string, b *Backend) (*Backend, error) { return b, nil }

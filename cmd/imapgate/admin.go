@@ -141,8 +141,8 @@ func (a *app) handleKick(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusBadRequest, "empty user name"))
 		return
 	}
-	if a.dir != nil {
-		a.dir.Forget(user) // the next login asks the directory again
+	if d := a.directory(); d != nil {
+		d.Forget(user) // the next login asks the directory again
 	}
 	n := a.srv.KickUser(user, "An administrator closed this session, please reconnect")
 	a.metrics.adminAction("kick", nil)
@@ -199,8 +199,8 @@ func (a *app) backends(sessions bool) []backendInfo {
 			})
 		}
 	}
-	if a.dir != nil {
-		out = directoryBackends(a.dir)
+	if d := a.directory(); d != nil {
+		out = directoryBackends(d)
 	}
 	if sessions && a.srv != nil {
 		count := map[string]int{}
@@ -218,7 +218,7 @@ func (a *app) routerName() string {
 	if a.consul != nil {
 		return "consul"
 	}
-	if a.dir != nil {
+	if a.directory() != nil {
 		return a.cfg.Load().Routing.Router
 	}
 	return "static"

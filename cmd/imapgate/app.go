@@ -46,7 +46,6 @@ type app struct {
 	router  *swapRouter
 	static  *staticRouter   // with the static router, else nil
 	consul  *routing.Consul // with the Consul router, else nil
-	dir     directoryRouter // with the http or ldap router, else nil
 	kv      *api.Client     // Consul client for drain flags, with the Consul router
 	evictor *lateEvictor
 	srv     *proxy.Server

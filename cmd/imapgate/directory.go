@@ -7,16 +7,16 @@ import (
 	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/routing"
 	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap"
 )
 
 // directoryRouter is what the app needs of the http and ldap routers
-// (routing/http.go, routing/ldap.go): routing, the operator's view
-// (routing.Operator: the backends they have named so far, Where), their
-// counters, and Forget, so that a kick makes the next login ask the
-// directory again.
+// (routing/http.go, routing/ldap.go): routing and committing (which
+// records nothing), the operator's view (routing.Operator: the backends
+// named so far, Where), their counters, and Forget, so that a kick makes
+// the next login ask the directory again.
 type directoryRouter interface {
 	routing.Router
+	routing.Committer
 	routing.Operator
 	Stats() routing.DirectoryStats
 	Forget(user string)
@@ -28,39 +28,79 @@ var (
 	_ directoryRouter = (*routing.LDAP)(nil)
 )
 
-// newDirectoryRouter builds the http or ldap router of cfg. Sessions a
-// fresh answer puts in the wrong place are evicted through ev.
-func newDirectoryRouter(cfg *config.Config, ev routing.Evictor, log *zap.Logger) (directoryRouter, error) {
+// newDirectoryRouter builds cfg's http or ldap router; sessions that a
+// fresh answer puts in the wrong place are evicted through ev. Its
+// metrics are registered and it is closed with the app.
+func (a *app) newDirectoryRouter(cfg *config.Config, ev routing.Evictor) (directoryRouter, error) {
+	var r directoryRouter
 	switch cfg.Routing.Router {
 	case "http":
 		hc, err := cfg.HTTPRouterConfig()
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("http router: %w", err)
 		}
-		hc.Directory.Evictor, hc.Directory.Logger = ev, log.Named("http-router")
-		return routing.NewHTTP(hc)
+		hc.Directory.Evictor, hc.Directory.Logger = ev, a.log.Named("http-router")
+		if r, err = routing.NewHTTP(hc); err != nil {
+			return nil, fmt.Errorf("http router: %w", err)
+		}
 	case "ldap":
 		lc, err := cfg.LDAPRouterConfig()
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("ldap router: %w", err)
 		}
-		lc.Directory.Evictor, lc.Directory.Logger = ev, log.Named("ldap-router")
-		return routing.NewLDAP(lc)
+		lc.Directory.Evictor, lc.Directory.Logger = ev, a.log.Named("ldap-router")
+		if r, err = routing.NewLDAP(lc); err != nil {
+			return nil, fmt.Errorf("ldap router: %w", err)
+		}
+	default:
+		return nil, fmt.Errorf("routing.router %q is not a directory router", cfg.Routing.Router)
 	}
-	return nil, fmt.Errorf("routing.router %q is not a directory router", cfg.Routing.Router)
+	a.closers = append(a.closers, r.Close)
+	a.reg.MustRegister(directoryMetrics(r)...)
+	return r, nil
 }
 
 // setDirectoryRouter makes a's router the http or ldap router of cfg.
 func (a *app) setDirectoryRouter(cfg *config.Config) error {
-	r, err := newDirectoryRouter(cfg, a.evictor, a.log)
+	r, err := a.newDirectoryRouter(cfg, a.evictor)
 	if err != nil {
-		return fmt.Errorf("%s router: %w", cfg.Routing.Router, err)
+		return err
 	}
-	a.dir = r
 	a.router = newSwapRouter(r)
-	a.closers = append(a.closers, r.Close)
-	a.reg.MustRegister(directoryMetrics(r)...)
 	return nil
+}
+
+// routerInForce is the router the app routes with, unwrapped from the
+// reload wrapper if there is one.
+func (a *app) routerInForce() any {
+	if a.router == nil {
+		return nil
+	}
+	var r any = a.router
+	if s, ok := r.(interface{ get() routing.Router }); ok {
+		return s.get()
+	}
+	return r
+}
+
+// directory is the http or ldap router in force, or nil.
+func (a *app) directory() directoryRouter {
+	d, _ := a.routerInForce().(directoryRouter)
+	return d
+}
+
+// directoryBackends lists the backends a directory router knows: the
+// configured ones and those it was told about. It has no health of its
+// own: the directory is the truth.
+func directoryBackends(r directoryRouter) []backendInfo {
+	var out []backendInfo
+	for _, b := range r.Backends(context.Background()) {
+		out = append(out, backendInfo{
+			ID: b.ID, Addr: b.Addr, Security: b.Security.String(), Weight: max(b.Weight, 1),
+			Health: b.Health, Up: b.Up, Drain: b.Drain,
+		})
+	}
+	return out
 }
 
 // directoryMetrics exports the directory router's counters.
@@ -75,18 +115,4 @@ func directoryMetrics(r directoryRouter) []prometheus.Collector {
 		c("imapgate_directory_errors_total", "Lookups that failed (directory down, timeout, bad answer).", func(s routing.DirectoryStats) int64 { return s.Errors }),
 		c("imapgate_directory_evicted_sessions_total", "Sessions closed because the directory named another backend for their user.", func(s routing.DirectoryStats) int64 { return s.Evictions }),
 	}
-}
-
-// directoryBackends lists the backends a directory router knows: the
-// configured ones and those it was told about. It has no health of its
-// own: the directory is the truth.
-func directoryBackends(r directoryRouter) []backendInfo {
-	var out []backendInfo
-	for _, b := range r.Backends(context.Background()) {
-		out = append(out, backendInfo{
-			ID: b.ID, Addr: b.Addr, Security: b.Security.String(), Weight: max(b.Weight, 1),
-			Health: "directory", Up: true,
-		})
-	}
-	return out
 }

@@ -85,7 +85,7 @@ func (a *app) doReload(ctx context.Context) reloadReport {
 	}
 	// The http and ldap routers, like Consul's, hold [backend] and
 	// [backends] from start-up.
-	consul := a.consul != nil || a.dir != nil
+	consul := a.consul != nil || a.directory() != nil
 	acme := usesACME(old) || usesACME(next)
 	for _, k := range diffKeys(old, next) {
 		switch reloadClass(k, consul, acme) {

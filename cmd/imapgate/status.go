@@ -171,8 +171,8 @@ func (a *app) statusData(ctx context.Context, user string) *statusPage {
 	if p.Router == "" {
 		p.Router = "static"
 	}
-	if a.router != nil {
-		p.RouterIs = a.router.String()
+	if r := a.routerInForce(); r != nil {
+		p.RouterIs = fmt.Sprint(r)
 	}
 	switch {
 	case a.draining.Load():
@@ -214,14 +214,14 @@ func (a *app) statusData(ctx context.Context, user string) *statusPage {
 			p.Certs = append(p.Certs, statusCert{Name: e.Name, Source: e.Source.String(), NotAfter: e.NotAfter, Left: fmtDuration(left), Warn: left < 14*24*time.Hour})
 		}
 	}
-	if a.consul != nil {
+	if c, ok := a.routerInForce().(interface{ ViewAge() time.Duration }); ok {
 		p.Consul = true
-		if age := a.consul.ViewAge(); age > 0 {
+		if age := c.ViewAge(); age > 0 {
 			p.ConsulViewAge = fmtDuration(age)
 		}
 	}
-	if a.dir != nil {
-		st := a.dir.Stats()
+	if d := a.directory(); d != nil {
+		st := d.Stats()
 		p.Directory = &st
 	}
 	if user != "" {
@@ -240,7 +240,7 @@ func (a *app) where(ctx context.Context, user string) *statusWhere {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	if op, ok := a.router.get().(routing.Operator); ok {
+	if op, ok := a.routerInForce().(routing.Operator); ok {
 		p, err := op.Where(ctx, user)
 		switch {
 		case err != nil:
