@@ -134,10 +134,12 @@ func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger) (*app, err
 			return nil, err
 		}
 	case "http", "ldap":
-		if err := a.setDirectoryRouter(cfg); err != nil {
+		r, err := a.newDirectoryRouter(cfg, a.evictor)
+		if err != nil {
 			a.close()
 			return nil, err
 		}
+		a.router = newSwapRouter(r)
 	default:
 		a.close()
 		return nil, fmt.Errorf("routing.router: unknown router %q", cfg.Routing.Router)

@@ -60,16 +60,6 @@ func (a *app) newDirectoryRouter(cfg *config.Config, ev routing.Evictor) (direct
 	return r, nil
 }
 
-// setDirectoryRouter makes a's router the http or ldap router of cfg.
-func (a *app) setDirectoryRouter(cfg *config.Config) error {
-	r, err := a.newDirectoryRouter(cfg, a.evictor)
-	if err != nil {
-		return err
-	}
-	a.router = newSwapRouter(r)
-	return nil
-}
-
 // routerInForce is the router the app routes with, unwrapped from the
 // reload wrapper if there is one.
 func (a *app) routerInForce() any {
