@@ -64,7 +64,6 @@ func (a *app) adminRoutes(mux *http.ServeMux) {
 	h("POST /admin/backends/{id}/drain", a.handleDrain(true))
 	h("POST /admin/backends/{id}/undrain", a.handleDrain(false))
 	h("POST /admin/reload", a.handleReload)
-	h("GET /admin/version", a.handleVersion)
 	h("/admin/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusNotFound, "no such admin endpoint: %s %s", r.Method, r.URL.Path))
 	})

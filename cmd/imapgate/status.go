@@ -119,8 +119,12 @@ type statusWhere struct {
 	Sessions  []proxy.SessionInfo
 }
 
+// statusRoutes serves the status page and GET /admin/version (version.go),
+// which is registered here rather than in adminRoutes so that this file
+// owns both.
 func (a *app) statusRoutes(mux *http.ServeMux) {
 	mux.Handle("GET /{$}", a.statusAuth(http.HandlerFunc(a.handleStatus)))
+	mux.Handle("GET /admin/version", a.adminAuth(http.HandlerFunc(a.handleVersion)))
 }
 
 // statusAuth is adminAuth's rules for a page a browser opens: the token
