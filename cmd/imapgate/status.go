@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
 	_ "embed"
+	"encoding/base64"
 	"fmt"
 	"html/template"
 	"net/http"
@@ -20,8 +22,10 @@ import (
 
 // The status page: GET / on the HTTP listener, in the spirit of
 // HAProxy's stats page. Server-rendered from status.html with
-// html/template: no script, no external assets, a meta refresh every
-// statusRefresh. Same rules as the admin API (admin.go): the admin token
+// html/template, no external assets; four lines of script (allowed by a
+// per-request CSP nonce, nothing else runs) reload it every
+// statusRefresh unless the search box has the focus, and a meta refresh
+// does it without script. Same rules as the admin API (admin.go): the admin token
 // when one is set (as a Bearer token, or as the password of HTTP Basic
 // auth so that a browser can send it), and no cross-site requests.
 
@@ -77,6 +81,7 @@ type statusPage struct {
 	Router   string // routing.router
 	RouterIs string // the router's own description
 	Refresh  int    // seconds
+	Nonce    string // the CSP nonce of the page's one script
 
 	Listeners []statusListener
 	Backends  []backendInfo
@@ -155,10 +160,14 @@ func (a *app) statusAuth(next http.Handler) http.Handler {
 
 func (a *app) handleStatus(w http.ResponseWriter, r *http.Request) {
 	p := a.statusData(r.Context(), strings.TrimSpace(r.URL.Query().Get("user")))
+	var nonce [16]byte
+	rand.Read(nonce[:])
+	p.Nonce = base64.StdEncoding.EncodeToString(nonce[:])
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
-	// Nothing on the page loads from anywhere, runs script or may be framed.
-	w.Header().Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+	// Nothing on the page loads from anywhere or may be framed, and the
+	// only script that runs is the page's own.
+	w.Header().Set("Content-Security-Policy", "default-src 'none'; script-src 'nonce-"+p.Nonce+"'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 	w.Header().Set("X-Content-Type-Options", "nosniff")
 	w.Header().Set("Referrer-Policy", "no-referrer")
 	if err := statusTmpl.Execute(w, p); err != nil {

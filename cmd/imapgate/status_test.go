@@ -66,8 +66,11 @@ func TestStatusPageAuthAndContent(t *testing.T) {
 			t.Errorf("page lacks %q", want)
 		}
 	}
-	if strings.Contains(body, "<script") || strings.Contains(body, "http://") || strings.Contains(body, "https://") {
-		t.Errorf("the page has a script or an external reference")
+	if strings.Count(body, "<script") != 1 || !strings.Contains(body, `<script nonce="`) || strings.Contains(body, "http://") || strings.Contains(body, "https://") {
+		t.Errorf("the page has a script other than its own, or an external reference")
+	}
+	if csp := h.Get("Content-Security-Policy"); !strings.Contains(csp, "script-src 'nonce-") || strings.Contains(csp, "unsafe-eval") || strings.Contains(csp, "script-src 'unsafe-inline'") {
+		t.Errorf("CSP %q", csp)
 	}
 	_, _, body = get("/?user="+url.QueryEscape("Alice@Example.org"), bearer, "")
 	if !strings.Contains(body, `id="where-next">`+home+`<`) || !strings.Contains(body, "1 live session here") {
@@ -155,6 +158,10 @@ func TestStatusPageChromium(t *testing.T) {
 	}
 	run("open the page", chromedp.Navigate(ta.admin+"/"), chromedp.WaitVisible(chromedp.ID("backends")))
 	backends := text("backends")
+	// The page's own script ran (its CSP nonce let it): the reload timer is set.
+	if typ, err := chromedp.Run(ctx, chromedp.Evaluate[string](`typeof reload`)); err != nil || typ != "number" {
+		t.Errorf("the page's script did not run: typeof reload = %q, %v", typ, err)
+	}
 	// The search is a plain form: submitting it loads the page again.
 	if _, err := chromedp.Run(ctx, chromedp.WaitEvent(page.LoadEventFired, nil,
 		chromedp.Steps(chromedp.SendKeys(chromedp.ID("user"), "alice@example.org"), chromedp.Click(chromedp.ID("find"))))); err != nil {
