@@ -82,6 +82,7 @@ func (c *Consul) buildView() {
 		v.domains[domain] = newRendezvous(c.resolvePool(spec, placeable))
 	}
 	c.view.Store(v)
+	c.viewChanged()
 }
 
 // resolvePool turns a domain's pool spec, "tag:<tag>" or a comma list of
