@@ -264,9 +264,16 @@ func (c *Consul) enqueueEviction(jobs ...evictJob) {
 	}
 }
 
-// evictLoop runs the queued evictions, each batch concurrently.
+// maxEvictWorkers bounds the evictions that run at once.
+const maxEvictWorkers = 64
+
+// evictLoop runs the queued evictions, concurrently: one that waits for
+// clients that do not read holds up no other.
 func (c *Consul) evictLoop(ctx context.Context) {
 	defer c.wg.Done()
+	var running sync.WaitGroup
+	defer running.Wait()
+	sem := make(chan struct{}, maxEvictWorkers)
 	for {
 		select {
 		case <-ctx.Done():
@@ -277,27 +284,21 @@ func (c *Consul) evictLoop(ctx context.Context) {
 		jobs := c.evq
 		c.evq = nil
 		c.evmu.Unlock()
-		c.runEvictions(jobs)
+		if c.cfg.Evictor == nil {
+			continue
+		}
+		for _, j := range jobs {
+			select {
+			case sem <- struct{}{}:
+			case <-ctx.Done():
+				return
+			}
+			running.Go(func() {
+				defer func() { <-sem }()
+				c.evict(j)
+			})
+		}
 	}
-}
-
-// maxEvictWorkers bounds the evictions that run at once.
-const maxEvictWorkers = 64
-
-func (c *Consul) runEvictions(jobs []evictJob) {
-	if c.cfg.Evictor == nil || len(jobs) == 0 {
-		return
-	}
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, maxEvictWorkers)
-	for _, j := range jobs {
-		sem <- struct{}{}
-		wg.Go(func() {
-			defer func() { <-sem }()
-			c.evict(j)
-		})
-	}
-	wg.Wait()
 }
 
 func (c *Consul) evict(j evictJob) {
