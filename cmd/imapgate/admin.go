@@ -174,7 +174,7 @@ type backendsReply struct {
 func (a *app) backends(sessions bool) []backendInfo {
 	var out []backendInfo
 	if a.consul != nil {
-		for _, b := range a.consul.Backends() {
+		for _, b := range a.consul.States() {
 			bi := backendInfo{
 				ID: b.ID, Addr: b.Addr, Security: b.Security.String(), Weight: max(b.Weight, 1),
 				Health: b.Health, Drain: b.Drain, Users: b.Users,

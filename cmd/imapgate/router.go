@@ -37,6 +37,18 @@ func (s *swapRouter) Route(ctx context.Context, user string) (*routing.Backend, 
 	return s.get().Route(ctx, user)
 }
 
+// Commit commits through the router in force if it records placements.
+func (s *swapRouter) Commit(ctx context.Context, user string, b *routing.Backend) (*routing.Backend, error) {
+	r := s.get()
+	if c, ok := r.(routing.Committer); ok {
+		return c.Commit(ctx, user, b)
+	}
+	if got, err := r.Route(ctx, user); err == nil {
+		return got, nil // the user may have moved during the login
+	}
+	return b, nil
+}
+
 // String describes the router in force for logs.
 func (s *swapRouter) String() string { return fmt.Sprint(s.get()) }
 
