@@ -67,3 +67,18 @@ func (s *Server) kickConcurrently(reason, text string, victims []*session) {
 	}
 	wg.Wait()
 }
+
+// RoutedUsers returns the users with routed sessions here (logging in or
+// logged in), so that a router can check them all after its table
+// changed. It implements routing.UserLister.
+func (s *Server) RoutedUsers() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]string, 0, len(s.byUser))
+	for u := range s.byUser {
+		out = append(out, u)
+	}
+	return out
+}
+
+var _ routing.UserLister = (*Server)(nil)

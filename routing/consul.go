@@ -249,22 +249,11 @@ func NewConsul(ctx context.Context, cfg ConsulConfig) (*Consul, error) {
 		evWake:   make(chan struct{}, 1),
 	}
 	if c.client == nil {
-		acfg := api.DefaultConfig()
-		if cfg.Address != "" {
-			acfg.Address = cfg.Address
-		}
-		if cfg.Token != "" {
-			acfg.Token = cfg.Token
-		}
-		if cfg.Datacenter != "" {
-			acfg.Datacenter = cfg.Datacenter
-		}
-		client, err := api.NewClient(acfg)
+		client, tr, err := NewConsulClient(ConsulClientConfig{Address: cfg.Address, Token: cfg.Token, Datacenter: cfg.Datacenter})
 		if err != nil {
-			return nil, fmt.Errorf("routing: consul client: %w", err)
+			return nil, err
 		}
-		c.client = client
-		c.ownHTTP = acfg.Transport
+		c.client, c.ownHTTP = client, tr
 	}
 	if cfg.PlaceRate > 0 {
 		c.limit = rate.NewLimiter(rate.Limit(cfg.PlaceRate), int(2*cfg.PlaceRate)+1)
