@@ -116,7 +116,8 @@ func (t *Table) SetDrain(ctx context.Context, id string, on bool) error {
 	if _, ok := st.cfg.Backends[id]; !ok {
 		return fmt.Errorf("%w %q", ErrUnknownBackend, id)
 	}
-	drained := maps.Clone(st.drained)
+	drained := map[string]bool{}
+	maps.Copy(drained, st.drained)
 	if on {
 		drained[id] = true
 	} else {
@@ -146,7 +147,8 @@ func (t *Table) Move(ctx context.Context, user, id string) error {
 	if !ok {
 		return fmt.Errorf("%w %q", ErrUnknownBackend, id)
 	}
-	moves := maps.Clone(st.moves)
+	moves := map[string]*Backend{key: b}
+	maps.Copy(moves, st.moves)
 	moves[key] = b
 	nst, err := buildTable(st.cfg, st.drained, moves)
 	if err != nil {
