@@ -3,6 +3,7 @@ package routing
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -261,5 +262,30 @@ func TestConsulCommitLosesRaceToDifferentBackend(t *testing.T) {
 		if err != nil || got.ID != "imap2" {
 			t.Fatalf("record after losing: %v, %v; want the winner imap2", got, err)
 		}
+	}
+}
+
+// Found by the model test: deleting the entry of a user whose session is
+// on the backend the hash picks left that session without a record, so
+// nothing would evict it once the hash moved. It is now an unrecorded
+// route: recorded again in the background (or evicted on divergence).
+func TestConsulDeletedEntryWithSessionIsRecordedAgain(t *testing.T) {
+	f := newFixture(t)
+	f.backend("imap1", nil)
+	f.backend("imap2", nil)
+	book := newSessionBook()
+	r, _ := f.router(func(c *ConsulConfig) { c.Evictor = book })
+	waitFor(t, 5*time.Second, "both placeable", placeable(r, "imap1", "imap2"))
+	const user = "kept@example.org"
+	hash := r.view.Load().def.pick(userKey(user)).ID
+	f.kvPut("imapgate/users/"+user, hash, 0)
+	waitFor(t, 5*time.Second, "entry in view", func() bool { return route(t, r, user) == hash })
+	book.add(user, hash)
+	if _, err := f.api.KV().Delete("imapgate/users/"+user, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the entry to be written again", func() bool { return f.kvGet("imapgate/users/"+user) == hash })
+	if got := book.on(user); !slices.Equal(got, []string{hash}) {
+		t.Errorf("sessions after the delete: %v", got)
 	}
 }

@@ -215,7 +215,22 @@ func (c *Consul) evictUsers(ev []kvEviction) {
 	}
 	hold := time.Now().Add(c.cfg.MoveHold)
 	jobs := make([]evictJob, 0, len(ev))
+	var here map[string]bool // users with sessions here, if an entry was deleted
 	for _, e := range ev {
+		if e.deleted && e.keep != "" {
+			// The sessions left on keep are served without a record now:
+			// track them like any unrecorded route, so that they are
+			// recorded again or evicted if the hash moves.
+			if here == nil {
+				here = c.routedHere()
+			}
+			if here[e.user] {
+				c.serveUnrecorded(e.user, &Backend{ID: e.keep})
+			}
+		}
+		if e.deleted && e.keep != "" && !e.moved {
+			continue // its sessions on other backends: none to close but strays
+		}
 		if e.moved && c.cfg.MoveHold > 0 {
 			if _, loaded := c.holds.Swap(e.user, hold); !loaded {
 				c.holdN.Add(1)
@@ -225,6 +240,20 @@ func (c *Consul) evictUsers(ev []kvEviction) {
 	}
 	c.enqueueEviction(jobs...)
 	c.log.Debug("user entries changed in consul", zap.Int("users", len(ev)))
+}
+
+// routedHere returns the users the Evictor has sessions of (nil if it
+// cannot list them).
+func (c *Consul) routedHere() map[string]bool {
+	l, ok := c.cfg.Evictor.(UserLister)
+	if !ok {
+		return map[string]bool{}
+	}
+	out := map[string]bool{}
+	for _, u := range l.RoutedUsers() {
+		out[u] = true
+	}
+	return out
 }
 
 // catalogLoop keeps the backend states current until ctx ends.

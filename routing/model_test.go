@@ -135,6 +135,7 @@ type msession struct {
 	backend string
 	c       net.Conn
 	closed  atomic.Bool
+	ours    atomic.Bool // the client closed it (else imapgate did)
 	done    chan struct{}
 }
 
@@ -358,6 +359,9 @@ func (m *model) login(gi int, user, pass string, keep bool) string {
 		for {
 			if _, err := br.ReadString('\n'); err != nil {
 				s.closed.Store(true)
+				if !s.ours.Load() {
+					m.count("sessions closed by imapgate")
+				}
 				return
 			}
 		}
@@ -393,6 +397,7 @@ func (m *model) logoutOne() {
 	}
 	s := ss[m.rng.IntN(len(ss))]
 	m.note("logout %s from %s (gate %d)", s.user, s.backend, s.gate)
+	s.ours.Store(true)
 	s.c.SetDeadline(time.Now().Add(5 * time.Second))
 	fmt.Fprintf(s.c, "DONE\r\nz LOGOUT\r\n")
 	s.c.Close()
@@ -530,6 +535,7 @@ func (m *model) settled() string {
 // closeAll ends every client session, instance and backend.
 func (m *model) closeAll() {
 	for _, s := range m.live() {
+		s.ours.Store(true)
 		s.c.Close()
 		<-s.done
 	}
@@ -842,4 +848,82 @@ func waitFDs(t *testing.T, want int) {
 		}
 	}
 	t.Errorf("%d file descriptors open after the model, %d before: %v", n, want, fdList())
+}
+
+// TestModelStatic runs the schedule against instances with the static
+// router (routing.Table), each given the same drains, moves and reloads
+// one after the other, as an operator applies them to every instance.
+func TestModelStatic(t *testing.T) {
+	m := newModel(t, 120)
+	fds := openFDs(t)
+	m.startBackends(3)
+	t.Cleanup(m.closeAll)
+	table := func(pins map[string]string, tenant []string) routing.StaticConfig {
+		bs := map[string]*routing.Backend{}
+		for _, b := range m.backends {
+			bs[b.id] = &routing.Backend{ID: b.id, Addr: b.mem.Addr}
+		}
+		return routing.StaticConfig{Backends: bs, Users: pins, Domains: map[string][]string{"tenant.example": tenant}}
+	}
+	ids := []string{"mb1", "mb2", "mb3"}
+	for range 3 {
+		ev := &lateEvictor{}
+		tb, err := routing.NewTable(table(nil, []string{"mb1", "mb2"}), ev, zap.NewNop())
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.startGate(tb, func() {}, ev)
+	}
+	ctx := context.Background()
+	each := func(what string, fn func(*routing.Table) error) {
+		m.note("%s on every instance", what)
+		for _, g := range m.gates {
+			if err := fn(g.r.(*routing.Table)); err != nil {
+				m.note("  refused: %v", err)
+			}
+			m.checkSplit()
+			time.Sleep(time.Duration(m.rng.IntN(30)) * time.Millisecond)
+		}
+	}
+	actions := []action{
+		{4, func() {
+			id, on := pick(m.rng, ids), m.rng.IntN(2) == 0
+			each(fmt.Sprintf("drain %s=%v", id, on), func(tb *routing.Table) error { return tb.SetDrain(ctx, id, on) })
+		}},
+		{3, func() {
+			u, id := pick(m.rng, m.users), pick(m.rng, ids)
+			each(fmt.Sprintf("move %s to %s", u, id), func(tb *routing.Table) error { return tb.Move(ctx, u, id) })
+		}},
+		{3, func() {
+			pins := map[string]string{}
+			for range m.rng.IntN(6) {
+				pins[pick(m.rng, m.users)] = pick(m.rng, ids)
+			}
+			tenant := []string{pick(m.rng, ids)}
+			if m.rng.IntN(2) == 0 {
+				tenant = append(tenant, pick(m.rng, ids))
+			}
+			tenant = slices.Compact(slices.Sorted(slices.Values(tenant)))
+			cfg := table(pins, tenant)
+			each(fmt.Sprintf("reload with pins %v and tenant pool %v", pins, tenant), func(tb *routing.Table) error {
+				_, err := tb.SetConfig(ctx, cfg)
+				return err
+			})
+		}},
+	}
+	for range m.steps {
+		if m.rng.IntN(100) < 60 {
+			m.loginStep()
+		} else if m.rng.IntN(100) < 30 {
+			m.logoutOne()
+		} else {
+			m.run(actions)
+		}
+		m.checkSplit()
+		time.Sleep(time.Duration(m.rng.IntN(30)) * time.Millisecond)
+	}
+	m.quiet()
+	t.Logf("model: %d steps clean; %v; longest transient split %v", m.steps, m.counts, m.maxSplit.Round(time.Millisecond))
+	m.closeAll()
+	waitFDs(t, fds)
 }
