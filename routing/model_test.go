@@ -358,6 +358,7 @@ func (m *model) login(gi int, user, pass string, keep bool) string {
 		defer close(s.done)
 		for {
 			if _, err := br.ReadString('\n'); err != nil {
+				c.Close()
 				s.closed.Store(true)
 				if !s.ours.Load() {
 					m.count("sessions closed by imapgate")
@@ -799,6 +800,9 @@ func TestModelConsul(t *testing.T) {
 		if i%10 == 0 {
 			m.checkRecords()
 		}
+		if i%50 == 49 {
+			m.quiet()
+		}
 		time.Sleep(time.Duration(m.rng.IntN(40)) * time.Millisecond)
 	}
 	m.quiet()
@@ -807,6 +811,15 @@ func TestModelConsul(t *testing.T) {
 
 	m.closeAll()
 	waitFDs(t, fds)
+}
+
+// hotUser picks a user, half the time among the first six: users with
+// several sessions at once are where splits show.
+func (m *model) hotUser() string {
+	if m.rng.IntN(2) == 0 {
+		return m.users[m.rng.IntN(6)]
+	}
+	return pick(m.rng, m.users)
 }
 
 // loginStep is a login of a random kind through a random instance.
@@ -826,7 +839,7 @@ func (m *model) loginStep() {
 			m.fail("wrong password for %s logged in on %s", u, b)
 		}
 	default:
-		u := pick(m.rng, m.users)
+		u := m.hotUser()
 		if len(m.live()) > 40 {
 			m.logoutOne()
 		}
@@ -911,7 +924,7 @@ func TestModelStatic(t *testing.T) {
 			})
 		}},
 	}
-	for range m.steps {
+	for i := range m.steps {
 		if m.rng.IntN(100) < 60 {
 			m.loginStep()
 		} else if m.rng.IntN(100) < 30 {
@@ -920,6 +933,9 @@ func TestModelStatic(t *testing.T) {
 			m.run(actions)
 		}
 		m.checkSplit()
+		if i%30 == 29 {
+			m.quiet()
+		}
 		time.Sleep(time.Duration(m.rng.IntN(30)) * time.Millisecond)
 	}
 	m.quiet()
