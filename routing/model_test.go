@@ -430,6 +430,7 @@ func (m *model) checkSplit() {
 		since, ok := m.splitSince[u]
 		if !ok {
 			m.splitSince[u] = now
+			m.counts["transient splits seen"]++
 			continue
 		}
 		d := now.Sub(since)
