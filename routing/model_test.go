@@ -839,6 +839,20 @@ func (m *model) loginStep() {
 		if b := m.login(g, u, "wrong", false); b != "" {
 			m.fail("wrong password for %s logged in on %s", u, b)
 		}
+	case n < 20:
+		// The same user at once through every instance: placement races
+		// between real proxies.
+		u := m.hotUser()
+		if m.rng.IntN(3) == 0 {
+			u = fmt.Sprintf("u%02d@example.org", 12+m.rng.IntN(12)) // often not placed yet
+		}
+		got := make([]string, len(m.gates))
+		var wg sync.WaitGroup
+		for i := range m.gates {
+			wg.Go(func() { got[i] = m.login(i, u, modelPass, true) })
+		}
+		wg.Wait()
+		m.note("login %s via every gate at once: %q", u, got)
 	default:
 		u := m.hotUser()
 		if len(m.live()) > 40 {
