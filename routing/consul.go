@@ -462,7 +462,7 @@ func (c *Consul) Pin(ctx context.Context, user, backendID string) error {
 	_, known := c.states[backendID]
 	c.mu.Unlock()
 	if !known {
-		return fmt.Errorf("routing: pin %q: unknown backend %q", key, backendID)
+		return fmt.Errorf("%w %q (pinning %q)", ErrUnknownBackend, backendID, key)
 	}
 	_, err := c.client.KV().Put(&api.KVPair{Key: c.userPath(key), Value: []byte(backendID), Flags: FlagPinned},
 		(&api.WriteOptions{}).WithContext(ctx))

@@ -2,6 +2,7 @@ package routing
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -287,5 +288,53 @@ func TestConsulDeletedEntryWithSessionIsRecordedAgain(t *testing.T) {
 	waitFor(t, 10*time.Second, "the entry to be written again", func() bool { return f.kvGet("imapgate/users/"+user) == hash })
 	if got := book.on(user); !slices.Equal(got, []string{hash}) {
 		t.Errorf("sessions after the delete: %v", got)
+	}
+}
+
+func TestConsulOperator(t *testing.T) {
+	f := newFixture(t)
+	f.backend("imap1", nil)
+	f.backend("imap2", nil)
+	r, ev := f.router(func(c *ConsulConfig) { c.PlaceRate = -1 })
+	ctx := context.Background()
+	waitFor(t, 5*time.Second, "both placeable", placeable(r, "imap1", "imap2"))
+
+	const user = "op@example.org"
+	p, err := r.Where(ctx, user)
+	if err != nil || p.Recorded != "" || p.Backend == "" || p.Backend != p.Hash || p.Pool != "default pool" {
+		t.Fatalf("Where of a new user: %+v, %v", p, err)
+	}
+	home := route(t, r, user)
+	if p, _ = r.Where(ctx, user); p.Recorded != home || p.Pinned || p.Reason != "placed in consul KV" {
+		t.Errorf("Where after a login: %+v", p)
+	}
+	dest := map[string]string{"imap1": "imap2", "imap2": "imap1"}[home]
+	if err := r.Move(ctx, user, dest); err != nil {
+		t.Fatal(err)
+	}
+	ev.waitUser(t, user, dest, 3*time.Second)
+	if p, _ = r.Where(ctx, user); p.Backend != dest || !p.Pinned || p.Reason != "pinned in consul KV" {
+		t.Errorf("Where after a move: %+v", p)
+	}
+	if err := r.Move(ctx, user, "nope"); !errors.Is(err, ErrUnknownBackend) {
+		t.Errorf("Move to an unknown backend: %v", err)
+	}
+
+	if err := r.SetDrain(ctx, "imap1", true); err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range r.Backends(ctx) {
+		if b.ID == "imap1" && (!b.Drain || b.Placeable || !b.Up) {
+			t.Errorf("drained imap1: %+v", b)
+		}
+	}
+	if got := f.kvGet("imapgate/drain/imap1"); got != "true" {
+		t.Errorf("drain key = %q", got)
+	}
+	if err := r.SetDrain(ctx, "imap1", false); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.SetDrain(ctx, "nope", true); !errors.Is(err, ErrUnknownBackend) {
+		t.Errorf("drain of an unknown backend: %v", err)
 	}
 }
