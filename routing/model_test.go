@@ -682,6 +682,7 @@ func TestModelConsul(t *testing.T) {
 		{5, func() { // operator move through a random instance
 			u, b, g := pick(m.rng, m.users), pick(m.rng, m.backends), m.rng.IntN(len(m.gates))
 			m.note("move %s to %s via gate %d", u, b.id, g)
+			m.count("operator moves")
 			mctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			defer cancel()
 			m.mu.Lock()
@@ -698,6 +699,7 @@ func TestModelConsul(t *testing.T) {
 				flags = routing.FlagPinned
 			}
 			m.note("kv put %s %s flags=%d", u, b.id, flags)
+			m.count("kv puts")
 			m.mu.Lock()
 			m.operator[u] = true
 			m.mu.Unlock()
@@ -708,6 +710,7 @@ func TestModelConsul(t *testing.T) {
 		{3, func() { // consul kv delete
 			u := pick(m.rng, m.users)
 			m.note("kv delete %s", u)
+			m.count("kv deletes")
 			if _, err := m.api.KV().Delete("imapgate/users/"+u, nil); err != nil {
 				m.fail("kv delete: %v", err)
 			}
@@ -722,6 +725,7 @@ func TestModelConsul(t *testing.T) {
 		{4, func() { // drain or undrain through a random instance
 			b, on, g := pick(m.rng, m.backends), m.rng.IntN(2) == 0, m.rng.IntN(len(m.gates))
 			m.note("drain %s=%v via gate %d", b.id, on, g)
+			m.count("drains/undrains")
 			dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			defer cancel()
 			if err := m.gates[g].r.SetDrain(dctx, b.id, on); err != nil {
@@ -735,6 +739,7 @@ func TestModelConsul(t *testing.T) {
 			}
 			b := pick(m.rng, up)
 			m.note("backend %s critical", b.id)
+			m.count("backends failed")
 			if err := m.setHealth(b, true); err != nil {
 				m.fail("health: %v", err)
 			}
@@ -757,12 +762,14 @@ func TestModelConsul(t *testing.T) {
 			}
 			b := pick(m.rng, up)
 			m.note("backend %s flaps", b.id)
+			m.count("flaps")
 			m.setHealth(b, true)
 			time.Sleep(modelGrace / 4)
 			m.setHealth(b, false)
 		}},
 		{2, func() { // a burst of logins on the rate-limited instance
 			m.note("burst on gate 0")
+			m.count("rate bursts")
 			for range 6 {
 				m.login(0, pick(m.rng, m.users), modelPass, m.rng.IntN(2) == 0)
 			}
@@ -773,6 +780,7 @@ func TestModelConsul(t *testing.T) {
 			}
 			restarts++
 			m.note("consul stop")
+			m.count("consul restarts")
 			m.consul.Stop(t)
 			m.consulDown = true
 			for range 4 + m.rng.IntN(6) {
@@ -789,13 +797,23 @@ func TestModelConsul(t *testing.T) {
 			}
 		}},
 	}
+	failAction, restartAction := consulActions[5], consulActions[9]
+	failed := false
 	for i := range m.steps {
-		if m.rng.IntN(100) < 55 {
+		switch {
+		case i == m.steps/3 && !failed:
+			failAction.fn() // every schedule has a backend gone past the grace...
+		case i == m.steps/2 && restarts == 0:
+			restartAction.fn() // ...and a Consul restart
+		case m.rng.IntN(100) < 55:
 			m.loginStep()
-		} else if m.rng.IntN(100) < 25 {
+		case m.rng.IntN(100) < 25:
 			m.logoutOne()
-		} else {
+		default:
 			m.run(consulActions)
+		}
+		for _, b := range m.backends {
+			failed = failed || b.critical
 		}
 		m.checkSplit()
 		if i%10 == 0 {
@@ -853,6 +871,7 @@ func (m *model) loginStep() {
 		}
 		wg.Wait()
 		m.note("login %s via every gate at once: %q", u, got)
+		m.count("simultaneous logins")
 	default:
 		u := m.hotUser()
 		if len(m.live()) > 40 {
@@ -905,6 +924,7 @@ func TestModelStatic(t *testing.T) {
 	ctx := context.Background()
 	each := func(what string, fn func(*routing.Table) error) {
 		m.note("%s on every instance", what)
+		m.count("static changes")
 		for _, g := range m.gates {
 			if err := fn(g.r.(*routing.Table)); err != nil {
 				m.note("  refused: %v", err)
