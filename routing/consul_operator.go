@@ -127,6 +127,15 @@ func (c *Consul) Where(_ context.Context, user string) (Placement, error) {
 	default:
 		p.Reason = "not placed yet: the next login hashes over the " + p.Pool + " and records it"
 	}
+	for _, s := range c.States() {
+		if s.ID == b.ID {
+			state := s.Health
+			if s.Drain {
+				state += ", draining"
+			}
+			p.Reason += " (" + b.ID + " is " + state + ")"
+		}
+	}
 	return p, nil
 }
 
