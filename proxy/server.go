@@ -374,9 +374,7 @@ func (s *Server) evict(reason string, match func(*session) bool) int {
 }
 
 func (s *Server) kickAll(reason, text string, victims []*session) int {
-	for _, v := range victims {
-		v.kick(reason, text)
-	}
+	s.kickConcurrently(reason, text, victims)
 	if len(victims) > 0 {
 		s.log.Info("evicted sessions", zap.String("reason", reason), zap.Int("count", len(victims)))
 	}

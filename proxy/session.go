@@ -615,12 +615,7 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 
 	bl, err := s.srv.loginBackend(lctx, b, &cr, s.clientInfo(), s.readContinuation)
 	if err == nil {
-		// The user may have moved between the lookup and the moment this
-		// session became evictable: look again (the view is in memory).
-		if b2, rerr := s.srv.o().Router.Route(lctx, user); rerr == nil && b2.ID != b.ID {
-			bl.conn.Close()
-			err = fmt.Errorf("user moved to %s while logging in to %s", b2.ID, b.ID)
-		}
+		err = s.srv.commitRoute(lctx, user, b, bl.conn)
 	}
 	if err != nil {
 		s.srv.unindex(s, user)
@@ -642,6 +637,10 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 			return s.loginRefused(ctx, tag, code, refused.text)
 		case errors.Is(err, errClientGone):
 			return nil, true
+		case errors.Is(err, errNotPlaced):
+			m.Login("unavailable", "not_placed")
+			log.Info("login refused: user placed elsewhere", zap.String("backend", b.ID), zap.Error(err))
+			return nil, !s.writeString(tag + " NO [UNAVAILABLE] Your account is moving, please try again\r\n")
 		}
 		m.Login("unavailable", "backend_error")
 		log.Warn("login failed: backend unavailable", zap.String("backend", b.ID), zap.String("backend_addr", b.Addr), zap.Error(err))

@@ -186,12 +186,30 @@ type Consul struct {
 	kvDomain map[string]string
 	kvDrain  map[string]bool
 
+	// kvApplied is the index of the last listing applied per kind: an
+	// older (stale) listing is never applied over a newer one.
+	kvApplied [kvKinds]uint64
+
+	// umu guards unrec, the routes served but not recorded (user →
+	// route); see consul_commit.go.
+	umu   sync.Mutex
+	unrec map[string]unrecorded
+	// changed wakes the reconciler after a view change.
+	changed chan struct{}
+	// evq are the evictions evictLoop has still to run.
+	evmu   sync.Mutex
+	evq    []evictJob
+	evWake chan struct{}
+
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 }
 
-var _ Router = (*Consul)(nil)
+var (
+	_ Router    = (*Consul)(nil)
+	_ Committer = (*Consul)(nil)
+)
 
 // assignment is one user's entry in KV.
 type assignment struct {
@@ -226,24 +244,16 @@ func NewConsul(ctx context.Context, cfg ConsulConfig) (*Consul, error) {
 		kvUsers:  map[string]assignment{},
 		kvDomain: map[string]string{},
 		kvDrain:  map[string]bool{},
+		unrec:    map[string]unrecorded{},
+		changed:  make(chan struct{}, 1),
+		evWake:   make(chan struct{}, 1),
 	}
 	if c.client == nil {
-		acfg := api.DefaultConfig()
-		if cfg.Address != "" {
-			acfg.Address = cfg.Address
-		}
-		if cfg.Token != "" {
-			acfg.Token = cfg.Token
-		}
-		if cfg.Datacenter != "" {
-			acfg.Datacenter = cfg.Datacenter
-		}
-		client, err := api.NewClient(acfg)
+		client, tr, err := NewConsulClient(ConsulClientConfig{Address: cfg.Address, Token: cfg.Token, Datacenter: cfg.Datacenter})
 		if err != nil {
-			return nil, fmt.Errorf("routing: consul client: %w", err)
+			return nil, err
 		}
-		c.client = client
-		c.ownHTTP = acfg.Transport
+		c.client, c.ownHTTP = client, tr
 	}
 	if cfg.PlaceRate > 0 {
 		c.limit = rate.NewLimiter(rate.Limit(cfg.PlaceRate), int(2*cfg.PlaceRate)+1)
@@ -283,8 +293,10 @@ func (c *Consul) load(ctx context.Context) error {
 	}
 	wctx, cancel := context.WithCancel(context.Background())
 	c.cancel = cancel
-	c.wg.Add(2 + int(kvKinds))
+	c.wg.Add(4 + int(kvKinds))
 	go c.catalogLoop(wctx, catIdx)
+	go c.reconcileLoop(wctx)
+	go c.evictLoop(wctx)
 	for kind := range kvKinds {
 		go c.kvLoop(wctx, kind, kvIdx[kind])
 	}
@@ -324,11 +336,13 @@ func (c *Consul) String() string {
 
 func (c *Consul) userPath(user string) string { return c.cfg.Prefix + "/users/" + user }
 
-// Route returns user's backend. A user with an entry in KV goes to that
-// backend, from memory, unless it has been gone for longer than the grace
-// (then an unpinned user is re-placed, a pinned one gets ErrNoBackend). A
-// new user is placed and the placement written to Consul, bounded by ctx
-// and PlaceTimeout.
+// Route proposes user's backend; it never writes to Consul (Commit does,
+// once the backend accepted the login). A user with an entry in KV goes
+// to that backend, from memory, unless it has been gone for longer than
+// the grace (then an unpinned user is re-placed by hashing, a pinned one
+// gets ErrNoBackend). A user without an entry is placed by hashing over
+// their pool. The answer depends only on the shared view (KV, catalog,
+// drains, domains), so every instance with the same view agrees.
 func (c *Consul) Route(ctx context.Context, user string) (*Backend, error) {
 	key := NormalizeUser(user)
 	if key == "" {
@@ -339,18 +353,29 @@ func (c *Consul) Route(ctx context.Context, user string) (*Backend, error) {
 			return nil, err
 		}
 	}
-	v := c.view.Load()
-	a, ok := c.lookup(v, key)
-	if !ok {
-		return c.place(ctx, key, 0)
+	b, _, err := c.answer(c.view.Load(), key)
+	if err != nil {
+		c.metrics.placements.WithLabelValues("nobackend").Inc()
 	}
-	if b := v.routable[a.backend]; b != nil {
-		return b, nil
+	return b, err
+}
+
+// answer is Route's decision for a normalised user in view v, with the
+// user's entry (ok false: none).
+func (c *Consul) answer(v *consulView, user string) (*Backend, assignment, error) {
+	a, ok := c.lookup(v, user)
+	if ok {
+		if b := v.routable[a.backend]; b != nil {
+			return b, a, nil
+		}
+		if a.pinned() {
+			return nil, a, fmt.Errorf("%w: user is pinned to unavailable backend %q", ErrNoBackend, a.backend)
+		}
 	}
-	if a.pinned() {
-		return nil, fmt.Errorf("%w: user is pinned to unavailable backend %q", ErrNoBackend, a.backend)
+	if b := v.poolFor(user).pick(userKey(user)); b != nil {
+		return b, a, nil
 	}
-	return c.place(ctx, key, a.index)
+	return nil, a, fmt.Errorf("%w: no passing backend to place the user on", ErrNoBackend)
 }
 
 // waitHold waits until a move hold on user ends, or ctx does.
@@ -381,71 +406,6 @@ func (c *Consul) lookup(v *consulView, user string) (assignment, bool) {
 		}
 	}
 	return a, ok
-}
-
-// place chooses a backend for a user who has none (over == 0) or whose
-// backend is gone (over is the ModifyIndex of the stale entry) and records
-// it with check-and-set. If another instance wins the race, its choice is
-// read back and used.
-func (c *Consul) place(ctx context.Context, user string, over uint64) (*Backend, error) {
-	for range 3 {
-		v := c.view.Load()
-		b := v.poolFor(user).pick(userKey(user))
-		if b == nil {
-			c.metrics.placements.WithLabelValues("nobackend").Inc()
-			return nil, fmt.Errorf("%w: no passing backend to place the user on", ErrNoBackend)
-		}
-		if c.limit != nil && !c.limit.Allow() {
-			c.metrics.placements.WithLabelValues("ratelimited").Inc()
-			return b, nil
-		}
-		if c.kvHealth[kvUsers].failing.Load() {
-			// The watch cannot reach Consul: do not make every new
-			// user's login wait PlaceTimeout for a write that would fail.
-			c.metrics.placements.WithLabelValues("unrecorded").Inc()
-			return b, nil
-		}
-		res, winner, err := c.cas(ctx, user, b.ID, over)
-		if err != nil && ctx.Err() != nil {
-			return nil, fmt.Errorf("%w: %w", ErrNoBackend, ctx.Err())
-		}
-		switch res {
-		case casWriteFailed:
-			// Consul unreachable: serve the hashed choice unrecorded; the
-			// next login tries to record it again.
-			c.metrics.placements.WithLabelValues("unrecorded").Inc()
-			c.log.Warn("cannot record placement in consul; routing by hash", zap.String("user", user),
-				zap.String("backend", b.ID), zap.Error(err))
-			return b, nil
-		case casReadFailed:
-			// Lost the race and cannot read the winner: refusing is the
-			// only way not to split the user over two backends.
-			return nil, fmt.Errorf("%w: placement race lost and winner unreadable: %w", ErrNoBackend, err)
-		case casWon:
-			c.remember(user, b.ID, over+1)
-			if over == 0 {
-				c.metrics.placements.WithLabelValues("created").Inc()
-			} else {
-				c.metrics.placements.WithLabelValues("replaced").Inc()
-			}
-			return b, nil
-		}
-		c.metrics.placements.WithLabelValues("raced").Inc()
-		if winner.ModifyIndex == 0 { // deleted in between
-			over = 0
-			continue
-		}
-		id := strings.TrimSpace(string(winner.Value))
-		if wb := c.view.Load().routable[id]; wb != nil {
-			c.remember(user, id, winner.ModifyIndex)
-			return wb, nil
-		}
-		if winner.Flags&FlagPinned != 0 {
-			return nil, fmt.Errorf("%w: user is pinned to unavailable backend %q", ErrNoBackend, id)
-		}
-		over = winner.ModifyIndex
-	}
-	return nil, fmt.Errorf("%w: placement did not settle", ErrNoBackend)
 }
 
 type casResult uint8
@@ -502,7 +462,7 @@ func (c *Consul) Pin(ctx context.Context, user, backendID string) error {
 	_, known := c.states[backendID]
 	c.mu.Unlock()
 	if !known {
-		return fmt.Errorf("routing: pin %q: unknown backend %q", key, backendID)
+		return fmt.Errorf("%w %q (pinning %q)", ErrUnknownBackend, backendID, key)
 	}
 	_, err := c.client.KV().Put(&api.KVPair{Key: c.userPath(key), Value: []byte(backendID), Flags: FlagPinned},
 		(&api.WriteOptions{}).WithContext(ctx))
@@ -568,10 +528,10 @@ type BackendState struct {
 	Users int
 }
 
-// Backends returns a snapshot of every backend the router knows, sorted
+// States returns a snapshot of every backend the router knows, sorted
 // by ID. It counts users, so it costs a pass over the view: it is meant
 // for the admin API, not for the login path.
-func (c *Consul) Backends() []BackendState {
+func (c *Consul) States() []BackendState {
 	v := c.view.Load()
 	users := map[string]int{}
 	for _, a := range v.users {

@@ -217,7 +217,7 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 func placeable(r *Consul, ids ...string) func() bool {
 	return func() bool {
 		got := map[string]bool{}
-		for _, b := range r.Backends() {
+		for _, b := range r.States() {
 			if b.Placeable {
 				got[b.ID] = true
 			}
@@ -231,6 +231,8 @@ func placeable(r *Consul, ids ...string) func() bool {
 	}
 }
 
+// route is a successful login: Route, then Commit if the router records
+// placements. It returns the backend the user is served by.
 func route(t testing.TB, r Router, user string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -238,6 +240,11 @@ func route(t testing.TB, r Router, user string) string {
 	b, err := r.Route(ctx, user)
 	if err != nil {
 		t.Fatalf("Route(%q): %v", user, err)
+	}
+	if cm, ok := r.(Committer); ok {
+		if b, err = cm.Commit(ctx, user, b); err != nil {
+			t.Fatalf("Commit(%q): %v", user, err)
+		}
 	}
 	return b.ID
 }
@@ -329,22 +336,29 @@ func TestConsulSpreadByWeightAndStick(t *testing.T) {
 	}
 }
 
+// Two instances commit the same new users to different backends at the
+// same moment (as instances with different views would): each user ends
+// up on one backend, the one in KV, whichever instance asks.
 func TestConsulRacingInstances(t *testing.T) {
 	f := newFixture(t)
 	f.backend("imap1", nil)
 	f.backend("imap2", nil)
 	f.backend("imap3", map[string]string{MetaWeight: "2"})
-	r1, _ := f.router()
-	r2, _ := f.router()
+	r1, _ := f.router(func(c *ConsulConfig) { c.PlaceRate = -1 })
+	r2, _ := f.router(func(c *ConsulConfig) { c.PlaceRate = -1 })
+	waitFor(t, 5*time.Second, "all backends placeable", func() bool {
+		return placeable(r1, "imap1", "imap2", "imap3")() && placeable(r2, "imap1", "imap2", "imap3")()
+	})
 
 	const n = 200
 	got := [2][n]string{}
 	var wg sync.WaitGroup
 	for i, r := range []*Consul{r1, r2} {
+		propose := r.view.Load().routable[[]string{"imap1", "imap2"}[i]]
 		for w := range 8 { // 8 workers per instance, interleaved users
 			wg.Go(func() {
 				for u := w; u < n; u += 8 {
-					b, err := r.Route(context.Background(), fmt.Sprintf("race%d@example.org", u))
+					b, err := r.Commit(context.Background(), fmt.Sprintf("race%d@example.org", u), propose)
 					if err != nil {
 						t.Error(err)
 						return
@@ -358,6 +372,9 @@ func TestConsulRacingInstances(t *testing.T) {
 	raced := counterValue(t, r1.metrics.placements.WithLabelValues("raced")) +
 		counterValue(t, r2.metrics.placements.WithLabelValues("raced"))
 	t.Logf("%v of %d placements lost a CAS race and used the winner's entry", raced, n)
+	if raced == 0 {
+		t.Error("no placement raced: the test did not test the race")
+	}
 	for u := range n {
 		user := fmt.Sprintf("race%d@example.org", u)
 		kv := f.kvGet("imapgate/users/" + user)
@@ -378,9 +395,9 @@ func TestConsulPlaceLosesRace(t *testing.T) {
 	mine := r.view.Load().def.pick(userKey(user)).ID
 	other := map[string]string{"imap1": "imap2", "imap2": "imap1"}[mine]
 	f.kvPut("imapgate/users/"+user, other, 0)
-	b, err := r.place(context.Background(), user, 0)
+	b, err := r.record(context.Background(), user, r.view.Load().routable[mine], 0)
 	if err != nil || b.ID != other {
-		t.Fatalf("place = %v, %v; want the winner %s", b, err, other)
+		t.Fatalf("record = %v, %v; want the winner %s", b, err, other)
 	}
 	if got := route(t, r, user); got != other {
 		t.Errorf("then Route = %s, want %s", got, other)
@@ -528,7 +545,7 @@ func TestConsulDrainAndDomains(t *testing.T) {
 	if _, err := r.Route(context.Background(), "new@b.example"); !errors.Is(err, ErrNoBackend) {
 		t.Errorf("domain pool fully drained: err = %v, want ErrNoBackend", err)
 	}
-	for _, b := range r.Backends() {
+	for _, b := range r.States() {
 		if b.ID == "imap2" && (!b.Drain || b.Placeable || b.Health != api.HealthPassing) {
 			t.Errorf("Backends() imap2 = %+v", b)
 		}

@@ -82,6 +82,7 @@ func (c *Consul) buildView() {
 		v.domains[domain] = newRendezvous(c.resolvePool(spec, placeable))
 	}
 	c.view.Store(v)
+	c.viewChanged()
 }
 
 // resolvePool turns a domain's pool spec, "tag:<tag>" or a comma list of
@@ -268,6 +269,7 @@ func isTrue(s string) bool {
 type kvEviction struct {
 	user, keep string
 	moved      bool // the user had another backend (not a first placement)
+	deleted    bool // the entry was deleted: sessions on keep are now unrecorded
 }
 
 // kvKind is one of the KV sub-prefixes, each watched on its own so that a
@@ -343,7 +345,7 @@ func (c *Consul) applyKV(kind kvKind, pairs api.KVPairs, initial bool) []kvEvict
 	var ev []kvEviction
 	for u, a := range users {
 		if o, ok := old[u]; !ok || o.backend != a.backend {
-			ev = append(ev, kvEviction{u, a.backend, ok})
+			ev = append(ev, kvEviction{u, a.backend, ok, false})
 		}
 	}
 	v := c.view.Load()
@@ -352,9 +354,9 @@ func (c *Consul) applyKV(kind kvKind, pairs api.KVPairs, initial bool) []kvEvict
 			continue
 		}
 		if b := v.poolFor(u).pick(userKey(u)); b == nil {
-			ev = append(ev, kvEviction{u, "", true})
-		} else if b.ID != o.backend {
-			ev = append(ev, kvEviction{u, b.ID, true})
+			ev = append(ev, kvEviction{u, "", true, true})
+		} else {
+			ev = append(ev, kvEviction{u, b.ID, b.ID != o.backend, true})
 		}
 	}
 	return ev

@@ -140,14 +140,55 @@ func (c *Consul) fetchKV(ctx context.Context, kind kvKind, index uint64) (uint64
 	if index != 0 && meta.LastIndex == index {
 		return index, nil
 	}
+	if err := c.takeListing(ctx, kind, pairs, meta.LastIndex, initial, start); err != nil {
+		c.noteResult(kind.String(), h, err)
+		return index, err
+	}
+	return nextIndex(index, meta.LastIndex), nil
+}
+
+// takeListing applies a (possibly stale) listing of kind taken at index,
+// unless it is older than the one applied last: a lagging server's answer
+// could undo a move already applied (and evict the new sessions). Then
+// the leader is asked, and what it says is applied even if it is behind
+// too (a restored cluster).
+func (c *Consul) takeListing(ctx context.Context, kind kvKind, pairs api.KVPairs, index uint64, initial bool, start time.Time) error {
+	if c.behind(kind, index) {
+		c.metrics.stale.WithLabelValues(kind.String()).Inc()
+		c.log.Info("ignoring a consul listing older than the one applied; asking the leader",
+			zap.String("watch", kind.String()), zap.Uint64("index", index))
+		q := &api.QueryOptions{RequireConsistent: true}
+		var meta *api.QueryMeta
+		var err error
+		start = time.Now()
+		if pairs, meta, err = c.client.KV().List(c.cfg.Prefix+"/"+kind.String()+"/", q.WithContext(ctx)); err != nil {
+			return err
+		}
+		index = meta.LastIndex
+	}
+	c.applyListing(kind, pairs, index, initial, start)
+	return nil
+}
+
+// behind reports whether a listing at index is older than the last one
+// applied for kind.
+func (c *Consul) behind(kind kvKind, index uint64) bool {
 	c.mu.Lock()
+	defer c.mu.Unlock()
+	return index < c.kvApplied[kind]
+}
+
+// applyListing applies a listing of kind taken at index (started at
+// listStart) and queues the evictions it implies.
+func (c *Consul) applyListing(kind kvKind, pairs api.KVPairs, index uint64, initial bool, listStart time.Time) {
+	c.mu.Lock()
+	c.kvApplied[kind] = index
 	ev := c.applyKV(kind, pairs, initial)
 	c.mu.Unlock()
 	if kind == kvUsers {
-		c.pruneOverlay(start)
+		c.pruneOverlay(listStart)
 		c.evictUsers(ev)
 	}
-	return nextIndex(index, meta.LastIndex), nil
 }
 
 // pruneOverlay drops this instance's placements that the view now holds
@@ -172,24 +213,47 @@ func (c *Consul) evictUsers(ev []kvEviction) {
 	if len(ev) == 0 {
 		return
 	}
-	closed := 0
 	hold := time.Now().Add(c.cfg.MoveHold)
+	jobs := make([]evictJob, 0, len(ev))
+	var here map[string]bool // users with sessions here, if an entry was deleted
 	for _, e := range ev {
+		if e.deleted && e.keep != "" {
+			// The sessions left on keep are served without a record now:
+			// track them like any unrecorded route, so that they are
+			// recorded again or evicted if the hash moves.
+			if here == nil {
+				here = c.routedHere()
+			}
+			if here[e.user] {
+				c.serveUnrecorded(e.user, &Backend{ID: e.keep})
+			}
+		}
+		if e.deleted && e.keep != "" && !e.moved {
+			continue // its sessions on other backends: none to close but strays
+		}
 		if e.moved && c.cfg.MoveHold > 0 {
 			if _, loaded := c.holds.Swap(e.user, hold); !loaded {
 				c.holdN.Add(1)
 			}
 		}
-		if c.cfg.Evictor == nil {
-			continue
-		}
-		if n := c.cfg.Evictor.EvictUser(e.user, e.keep); n > 0 {
-			closed += n
-			c.log.Info("user moved; sessions closed", zap.String("user", e.user), zap.String("backend", e.keep), zap.Int("sessions", n))
-		}
+		jobs = append(jobs, evictJob{kind: "user", user: e.user, keep: e.keep})
 	}
-	c.metrics.evictions.WithLabelValues("user").Add(float64(closed))
-	c.log.Debug("user entries changed in consul", zap.Int("users", len(ev)), zap.Int("sessions_closed", closed))
+	c.enqueueEviction(jobs...)
+	c.log.Debug("user entries changed in consul", zap.Int("users", len(ev)))
+}
+
+// routedHere returns the users the Evictor has sessions of (nil if it
+// cannot list them).
+func (c *Consul) routedHere() map[string]bool {
+	l, ok := c.cfg.Evictor.(UserLister)
+	if !ok {
+		return map[string]bool{}
+	}
+	out := map[string]bool{}
+	for _, u := range l.RoutedUsers() {
+		out[u] = true
+	}
+	return out
 }
 
 // catalogLoop keeps the backend states current until ctx ends.
@@ -266,12 +330,7 @@ func (c *Consul) graceLoop(ctx context.Context) {
 			c.mu.Unlock()
 			c.pruneHolds(now)
 			for _, id := range gone {
-				n := 0
-				if c.cfg.Evictor != nil {
-					n = c.cfg.Evictor.EvictBackend(id)
-				}
-				c.metrics.evictions.WithLabelValues("backend").Add(float64(n))
-				c.log.Info("backend sessions closed", zap.String("backend", id), zap.Int("sessions", n))
+				c.enqueueEviction(evictJob{kind: "backend", backend: id})
 			}
 		}
 	}

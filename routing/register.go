@@ -5,10 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/http"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap"
 )
 
 // RegisterConfig describes the imapgate instance to register in Consul, so
@@ -112,4 +115,116 @@ func Register(ctx context.Context, client *api.Client, cfg RegisterConfig) (dere
 		ids = append(ids, reg.ID)
 	}
 	return deregister, nil
+}
+
+// Registration is this imapgate instance registered in Consul. Keep puts
+// the registration back when it goes missing; Deregister removes it once.
+type Registration struct {
+	client *api.Client
+	cfg    RegisterConfig
+	log    *zap.Logger
+
+	mu    sync.Mutex
+	dereg func(context.Context) error // nil once deregistered
+}
+
+// NewRegistration registers cfg (see Register) and returns the
+// registration. log may be nil.
+func NewRegistration(ctx context.Context, client *api.Client, cfg RegisterConfig, log *zap.Logger) (*Registration, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	dereg, err := Register(ctx, client, cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &Registration{client: client, cfg: cfg, log: log, dereg: dereg}, nil
+}
+
+// Keep checks every interval that the registration is still there and
+// registers again when it is not, until ctx ends or Deregister is called:
+// after a zero-downtime upgrade the old process deregisters the service
+// ID that the new one shares, and an agent that lost its state forgets
+// it too.
+func (r *Registration) Keep(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		r.mu.Lock()
+		gone := r.dereg == nil
+		r.mu.Unlock()
+		if gone {
+			return
+		}
+		if r.missing(ctx) {
+			r.log.Info("consul registration missing, registering again", zap.String("id", r.cfg.ID))
+			if _, err := Register(ctx, r.client, r.cfg); err != nil {
+				r.log.Warn("consul re-registration failed", zap.Error(err))
+			}
+		}
+	}
+}
+
+func (r *Registration) missing(ctx context.Context) bool {
+	for name := range r.cfg.Ports {
+		s, _, err := r.client.Agent().Service(r.cfg.ID+"-"+name, (&api.QueryOptions{}).WithContext(ctx))
+		if err != nil {
+			// 404 is "missing"; anything else (agent down) is not ours to fix.
+			var se api.StatusError
+			return errors.As(err, &se) && se.Code == http.StatusNotFound
+		}
+		if s == nil {
+			return true
+		}
+	}
+	return false
+}
+
+// Deregister removes the registration; later calls do nothing.
+func (r *Registration) Deregister(ctx context.Context) error {
+	r.mu.Lock()
+	dereg := r.dereg
+	r.dereg = nil
+	r.mu.Unlock()
+	if dereg == nil {
+		return nil
+	}
+	return dereg(ctx)
+}
+
+// ConsulClientConfig says how to reach Consul. Zero values mean the
+// environment's (api.DefaultConfig: CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN,
+// CONSUL_CACERT, CONSUL_HTTP_SSL…), else 127.0.0.1:8500, no token, the
+// agent's datacenter.
+type ConsulClientConfig struct {
+	Address    string
+	Token      string
+	Datacenter string
+}
+
+// NewConsulClient is the one place imapgate builds a Consul client (the
+// router, the registration, the drain writes and the tls package's
+// certificate storage all use it). The transport is returned so that the
+// owner can close its idle connections.
+func NewConsulClient(cfg ConsulClientConfig) (*api.Client, *http.Transport, error) {
+	ac := api.DefaultConfig()
+	if cfg.Address != "" {
+		ac.Address = cfg.Address
+	}
+	if cfg.Token != "" {
+		ac.Token = cfg.Token
+	}
+	if cfg.Datacenter != "" {
+		ac.Datacenter = cfg.Datacenter
+	}
+	client, err := api.NewClient(ac)
+	if err != nil {
+		return nil, nil, fmt.Errorf("routing: consul client: %w", err)
+	}
+	return client, ac.Transport, nil
 }

@@ -5,9 +5,10 @@
 // and nothing else (the password reaches one only through WithLogin, and
 // only the http router, when configured, sends it on). Four routers exist:
 //
-//   - Static (this package, static.go): per-user and per-domain entries from
-//     the config file plus rendezvous hashing over a default pool. It is the
-//     embedded default and needs no other service.
+//   - Static (static.go): per-user and per-domain entries from the config
+//     file plus rendezvous hashing over a default pool. It is the embedded
+//     default and needs no other service. The binary runs it as a Table
+//     (table.go), which adds reloads and the operator's drains and moves.
 //   - Consul (consul.go): backends from the Consul catalog, per-user
 //     placements in Consul KV, so every imapgate instance agrees.
 //   - HTTP (http.go): asks a service speaking nginx's auth_http protocol.
@@ -19,11 +20,18 @@
 //	r, err := routing.NewStatic(routing.StaticConfig{...})
 //	b, err := r.Route(ctx, "alice@example.org")
 //	conn, err := net.Dial("tcp", b.Addr)
+//	// ... the backend accepted the login:
+//	if c, ok := r.(routing.Committer); ok {
+//		b2, err := c.Commit(ctx, "alice@example.org", b) // b2 != b: drop conn
+//	}
 //
 // A user must never be served by two backends at once, so a router that
 // changes its mind about a user (an operator moved them, their backend
 // died) tells an Evictor, which closes the live sessions that are now in the
-// wrong place.
+// wrong place. Route only proposes; Commit records (see Committer). Every
+// router the binary runs implements Operator (operator.go), the one
+// interface the admin API and `imapgate ctl` use. README.md states the
+// invariant and how each router keeps it.
 package routing
 
 import (

@@ -20,6 +20,8 @@ import (
 	"github.com/hashicorp/consul/api"
 	"github.com/mholt/acmez/v3"
 	"go.uber.org/zap"
+
+	"github.com/imapgate/imapgate/routing"
 )
 
 // ALPNACMETLS is the ALPN protocol of the TLS-ALPN-01 challenge (RFC 8737).
@@ -493,18 +495,11 @@ func newStorage(cfg StorageConfig, log *zap.Logger) (certmagic.Storage, error) {
 		c := cfg.Consul
 		client := c.Client
 		if client == nil {
-			ac := api.DefaultConfig()
-			if c.Address != "" {
-				ac.Address = c.Address
-			}
-			if c.Token != "" {
-				ac.Token = c.Token
-			}
-			if c.Datacenter != "" {
-				ac.Datacenter = c.Datacenter
-			}
 			var err error
-			if client, err = api.NewClient(ac); err != nil {
+			client, _, err = routing.NewConsulClient(routing.ConsulClientConfig{
+				Address: c.Address, Token: c.Token, Datacenter: c.Datacenter,
+			})
+			if err != nil {
 				return nil, fmt.Errorf("tls: acme: consul: %w", err)
 			}
 		}

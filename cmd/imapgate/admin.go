@@ -13,7 +13,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/hashicorp/consul/api"
 	"github.com/imapgate/imapgate/proxy"
 	"github.com/imapgate/imapgate/routing"
 	"go.uber.org/zap"
@@ -26,7 +25,8 @@ import (
 //
 //	GET  /admin/sessions[?user=U][&backend=B]  live sessions here
 //	POST /admin/users/{user}/kick              close a user's sessions here
-//	POST /admin/users/{user}/move              {"backend": ID}; Consul router only
+//	GET  /admin/users/{user}                   where the user lives and why
+//	POST /admin/users/{user}/move              {"backend": ID}
 //	GET  /admin/backends                       backends and their state
 //	POST /admin/backends/{id}/drain            place no new users there
 //	POST /admin/backends/{id}/undrain
@@ -60,6 +60,7 @@ func (a *app) adminRoutes(mux *http.ServeMux) {
 	h("GET /admin/sessions", a.handleSessions)
 	h("POST /admin/users/{user}/kick", a.handleKick)
 	h("POST /admin/users/{user}/move", a.handleMove)
+	h("GET /admin/users/{user}", a.handleWhere)
 	h("GET /admin/backends", a.handleBackends)
 	h("POST /admin/backends/{id}/drain", a.handleDrain(true))
 	h("POST /admin/backends/{id}/undrain", a.handleDrain(false))
@@ -177,29 +178,16 @@ type backendsReply struct {
 // instance's spliced sessions on each (a pass over every session).
 func (a *app) backends(sessions bool) []backendInfo {
 	var out []backendInfo
-	if a.consul != nil {
-		for _, b := range a.consul.Backends() {
-			bi := backendInfo{
-				ID: b.ID, Addr: b.Addr, Security: b.Security.String(), Weight: max(b.Weight, 1),
-				Health: b.Health, Drain: b.Drain, Users: b.Users,
-				Up: !b.Gone && (b.Health == api.HealthPassing || b.Health == api.HealthWarning),
-			}
-			if !b.DownSince.IsZero() {
-				t := b.DownSince
-				bi.DownSince = &t
-			}
-			out = append(out, bi)
+	for _, b := range a.router.Backends(context.Background()) {
+		bi := backendInfo{
+			ID: b.ID, Addr: b.Addr, Security: b.Security.String(), Weight: b.Weight,
+			Health: b.Health, Up: b.Up, Drain: b.Drain, Users: b.Users,
 		}
-	} else if a.static != nil {
-		for _, b := range a.static.backends() {
-			out = append(out, backendInfo{
-				ID: b.ID, Addr: b.Addr, Security: b.Security.String(), Weight: max(b.Weight, 1),
-				Health: "static", Up: true, Drain: a.static.isDrained(b.ID),
-			})
+		if !b.DownSince.IsZero() {
+			t := b.DownSince
+			bi.DownSince = &t
 		}
-	}
-	if d := a.directory(); d != nil {
-		out = directoryBackends(d)
+		out = append(out, bi)
 	}
 	if sessions && a.srv != nil {
 		count := map[string]int{}
@@ -213,15 +201,7 @@ func (a *app) backends(sessions bool) []backendInfo {
 	return out
 }
 
-func (a *app) routerName() string {
-	if a.consul != nil {
-		return "consul"
-	}
-	if a.directory() != nil {
-		return a.cfg.Load().Routing.Router
-	}
-	return "static"
-}
+func (a *app) routerName() string { return a.kind }
 
 func (a *app) handleBackends(w http.ResponseWriter, _ *http.Request) {
 	bs := a.backends(true)
@@ -305,10 +285,6 @@ func (a *app) handleMove(w http.ResponseWriter, r *http.Request) {
 	case req.Backend == "":
 		writeError(w, errorf(http.StatusBadRequest, "no target backend"))
 		return
-	case a.consul == nil:
-		a.metrics.adminAction("move", errors.ErrUnsupported)
-		writeError(w, errorf(http.StatusConflict, "moving a user needs the Consul router: with the static router a user's backend is fixed by the configuration file; pin them in [routing.users], send SIGHUP (sessions on the old backend are closed by the reload)"))
-		return
 	}
 	target, err := a.findBackend(req.Backend)
 	if err != nil {
@@ -332,7 +308,7 @@ func (a *app) handleMove(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), adminTimeout)
 	defer cancel()
-	if err := a.consul.Pin(ctx, user, target.ID); err != nil {
+	if err := a.router.Move(ctx, user, target.ID); err != nil {
 		a.metrics.adminAction("move", err)
 		writeError(w, errorf(http.StatusServiceUnavailable, "%v", err))
 		return
@@ -340,15 +316,6 @@ func (a *app) handleMove(w http.ResponseWriter, r *http.Request) {
 	a.log.Info("admin: user moved", zap.String("user", user), zap.String("backend", target.ID))
 	p := startProgress(w)
 	p.step("pinned", "pinned")
-	err = poll(ctx, func() bool {
-		b, err := a.consul.Route(ctx, user)
-		return err == nil && b.ID == target.ID
-	})
-	if err != nil {
-		a.metrics.adminAction("move", err)
-		p.step("error", "the router did not pick up the pin within %v; is the Consul watch failing? (see imapgate_consul_view_age_seconds)", adminTimeout)
-		return
-	}
 	left := func() int {
 		n := 0
 		for _, s := range a.srv.Sessions(user, "") {
@@ -411,76 +378,70 @@ func (a *app) handleDrain(on bool) http.HandlerFunc {
 	if !on {
 		action = "undrain"
 	}
+	scope, note := "cluster", ""
+	if a.kind == "static" {
+		scope, note = "instance", "the static router's drains are per instance and lost on restart: drain every instance"
+	}
 	return func(w http.ResponseWriter, r *http.Request) {
 		id := r.PathValue("id")
-		b, err := a.findBackend(id)
-		if err != nil {
+		if _, err := a.findBackend(id); err != nil {
 			writeError(w, err)
-			return
-		}
-		if a.static != nil {
-			err := a.static.setDrain(id, on)
-			a.metrics.adminAction(action, err)
-			if errors.Is(err, errLastInPool) {
-				writeError(w, errorf(http.StatusConflict, "cannot drain %q: %v", id, err))
-				return
-			} else if err != nil {
-				writeError(w, err)
-				return
-			}
-			a.log.Info("admin: "+action, zap.String("backend", id), zap.String("scope", "instance"))
-			p := startProgress(w)
-			p.step("set", "%s on this instance (static router: drain every instance)", map[bool]string{true: "drained", false: "undrained"}[on])
-			p.send(event{Event: "done", Message: "done", Result: drainResult{
-				Backend: id, Drain: on, Scope: "instance", Sessions: b.Sessions,
-				Note: "the static router's drained set is per instance and is lost on restart",
-			}})
 			return
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), adminTimeout)
 		defer cancel()
-		key := consulPrefix(a.cfg.Load()) + "/drain/" + id
-		kv := a.kv.KV()
-		if on {
-			_, err = kv.Put(&api.KVPair{Key: key, Value: []byte("true")}, (&api.WriteOptions{}).WithContext(ctx))
-		} else {
-			_, err = kv.Delete(key, (&api.WriteOptions{}).WithContext(ctx))
-		}
-		if err != nil {
-			a.metrics.adminAction(action, err)
-			writeError(w, errorf(http.StatusServiceUnavailable, "consul: writing %s: %v", key, err))
-			return
-		}
-		a.log.Info("admin: "+action, zap.String("backend", id), zap.String("key", key))
-		p := startProgress(w)
-		p.step("written", "%s flag %s", action, map[bool]string{true: "written", false: "removed"}[on])
-		var now backendInfo
-		err = poll(ctx, func() bool {
-			var ferr error
-			now, ferr = a.findBackend(id)
-			return ferr == nil && now.Drain == on
-		})
-		if err != nil && !on && now.Drain {
-			// Meta-drained in the service definition: KV cannot undo that.
-			err = fmt.Errorf("still draining after %v: is the service's Meta %s set?", adminTimeout, routing.MetaDrain)
-		} else if err != nil {
-			err = fmt.Errorf("the router did not see the change within %v; is the Consul watch failing? (see imapgate_consul_view_age_seconds)", adminTimeout)
-		}
+		err := a.router.SetDrain(ctx, id, on)
 		a.metrics.adminAction(action, err)
-		if err != nil {
-			p.step("error", "%v", err)
+		switch {
+		case errors.Is(err, routing.ErrLastInPool):
+			writeError(w, errorf(http.StatusConflict, "cannot drain %q: %v", id, err))
+			return
+		case errors.Is(err, routing.ErrUnknownBackend):
+			writeError(w, errorf(http.StatusNotFound, "%v", err))
+			return
+		case err != nil:
+			writeError(w, errorf(http.StatusServiceUnavailable, "%v", err))
 			return
 		}
+		a.log.Info("admin: "+action, zap.String("backend", id), zap.String("scope", scope))
+		now, _ := a.findBackend(id)
+		p := startProgress(w)
 		if on {
-			p.step("seen", "seen by the router; %d %s and %d %s here stay until moved",
+			p.step("seen", "drained; %d %s recorded there, %d %s here",
 				now.Users, plural(now.Users, "user", "users"), now.Sessions, plural(now.Sessions, "session", "sessions"))
 		} else {
-			p.step("seen", "seen by the router; new users may be placed there again")
+			p.step("seen", "undrained; new users may be placed there again")
 		}
 		p.send(event{Event: "done", Message: "done", Result: drainResult{
-			Backend: id, Drain: on, Scope: "cluster", Users: now.Users, Sessions: now.Sessions,
+			Backend: id, Drain: on, Scope: scope, Users: now.Users, Sessions: now.Sessions, Note: note,
 		}})
 	}
+}
+
+// whereReply is GET /admin/users/{user}: where the user lives and why,
+// and their live sessions on this instance.
+type whereReply struct {
+	routing.Placement
+	Sessions []proxy.SessionInfo `json:"sessions"`
+}
+
+func (a *app) handleWhere(w http.ResponseWriter, r *http.Request) {
+	user := routing.NormalizeUser(r.PathValue("user"))
+	if user == "" {
+		writeError(w, errorf(http.StatusBadRequest, "empty user name"))
+		return
+	}
+	p, err := a.router.Where(r.Context(), user)
+	if err != nil {
+		writeError(w, errorf(http.StatusServiceUnavailable, "%v", err))
+		return
+	}
+	ss := a.srv.Sessions(user, "")
+	slices.SortFunc(ss, func(x, y proxy.SessionInfo) int { return x.Started.Compare(y.Started) })
+	if ss == nil {
+		ss = []proxy.SessionInfo{}
+	}
+	writeJSON(w, http.StatusOK, whereReply{Placement: p, Sessions: ss})
 }
 
 func (a *app) handleReload(w http.ResponseWriter, r *http.Request) {

@@ -8,12 +8,10 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/hashicorp/consul/api"
 	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/proxy"
 	"github.com/imapgate/imapgate/routing"
@@ -43,10 +41,8 @@ type app struct {
 	tlsServer atomic.Pointer[stdtls.Config] // tlsMgr's ServerConfig
 	tlsProxy  *stdtls.Config                // what the proxy holds: forwards to tlsServer
 
-	router  *swapRouter
-	static  *staticRouter   // with the static router, else nil
-	consul  *routing.Consul // with the Consul router, else nil
-	kv      *api.Client     // Consul client for drain flags, with the Consul router
+	router  placement // the rules live in package routing
+	kind    string    // "static" or "consul"
 	evictor *lateEvictor
 	srv     *proxy.Server
 	popts   proxy.Options // as given to srv: reload keeps its Router, TLS, Logger, Metrics and derived limits
@@ -62,10 +58,7 @@ type app struct {
 	serveWG  sync.WaitGroup
 	serveErr chan error
 
-	regMu     sync.Mutex
-	regCfg    *routing.RegisterConfig // nil when not registered
-	regClient *api.Client
-	deregFn   func(context.Context) error
+	reg1 atomic.Pointer[routing.Registration] // nil when not registered
 
 	reloadMu sync.Mutex // one reload at a time
 	bg       sync.WaitGroup
@@ -88,63 +81,13 @@ func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger) (*app, err
 	a.closers = append(a.closers, func() { a.tlsMgr.Load().Close() })
 	a.tlsProxy = &stdtls.Config{GetConfigForClient: a.tlsForClient}
 
-	switch cfg.Routing.Router {
-	case "", "static":
-		sc, err := cfg.StaticConfig()
-		if err != nil {
-			a.close()
-			return nil, err
-		}
-		r, err := newStaticRouter(sc, a.hasLiveSession)
-		if err != nil {
-			a.close()
-			return nil, fmt.Errorf("routing: %w", err)
-		}
-		a.static = r
-		a.router = newSwapRouter(r)
-	case "consul":
-		bt, err := cfg.BackendTLS()
-		if err != nil {
-			a.close()
-			return nil, err
-		}
-		c, err := routing.NewConsul(ctx, routing.ConsulConfig{
-			Address:    cfg.Consul.Address,
-			Token:      cfg.Consul.Token,
-			Datacenter: cfg.Consul.Datacenter,
-			Service:    cfg.Consul.Service,
-			Tag:        cfg.Consul.Tag,
-			Prefix:     cfg.Consul.Prefix,
-			BackendTLS: bt,
-			Evictor:    a.evictor,
-			Grace:      cfg.Consul.Grace.D(),
-			PlaceRate:  cfg.Consul.PlaceRate,
-			Logger:     log.Named("consul"),
-			Registerer: a.reg,
-		})
-		if err != nil {
-			a.close()
-			return nil, fmt.Errorf("consul router: %w", err)
-		}
-		a.consul = c
-		a.router = newSwapRouter(c)
-		a.closers = append(a.closers, func() { c.Close() })
-		if a.kv, err = cfg.ConsulClient(); err != nil {
-			a.close()
-			return nil, err
-		}
-	case "http", "ldap":
-		r, err := a.newDirectoryRouter(cfg, a.evictor)
-		if err != nil {
-			a.close()
-			return nil, err
-		}
-		a.router = newSwapRouter(r)
-	default:
+	r, err := a.newRouter(ctx, cfg, a.evictor)
+	if err != nil {
 		a.close()
-		return nil, fmt.Errorf("routing.router: unknown router %q", cfg.Routing.Router)
+		return nil, err
 	}
-	log.Info("routing", zap.Stringer("router", a.router))
+	a.router, a.kind = r, routerKind(cfg)
+	log.Info("routing", zap.String("router", fmt.Sprint(a.router)))
 	return a, nil
 }
 
@@ -181,12 +124,6 @@ func (a *app) tlsForClient(hello *stdtls.ClientHelloInfo) (*stdtls.Config, error
 	return c, nil
 }
 
-// hasLiveSession reports whether user has a spliced session on backend
-// through this instance.
-func (a *app) hasLiveSession(user, backend string) bool {
-	return a.srv != nil && len(a.srv.Sessions(user, backend)) > 0
-}
-
 func consulStorage(cfg *config.Config, addr string) igtls.ConsulStorageConfig {
 	return igtls.ConsulStorageConfig{
 		Address:    addr,
@@ -214,8 +151,8 @@ func (a *app) isReady() bool {
 	if !a.ready.Load() || a.draining.Load() {
 		return false
 	}
-	if a.consul != nil {
-		return a.consul.Ready()
+	if r, ok := a.router.(interface{ Ready() bool }); ok {
+		return r.Ready()
 	}
 	return true
 }
@@ -274,9 +211,9 @@ func (a *app) start(ctx context.Context, nofile uint64, lns []boundListener) (er
 	if err := a.register(ctx, specs); err != nil {
 		return err
 	}
-	if a.regCfg != nil {
+	if reg := a.reg1.Load(); reg != nil {
 		a.bg.Add(1)
-		go a.keepRegistered(bgctx, 5*time.Second)
+		go func() { defer a.bg.Done(); reg.Keep(bgctx, 5*time.Second) }()
 	}
 	a.bg.Add(1)
 	go func() { defer a.bg.Done(); a.notify.runWatchdog(bgctx) }()
@@ -365,108 +302,27 @@ func (a *app) register(ctx context.Context, specs []config.ListenerSpec) error {
 		check = "http://" + a.httpAddr.String() + "/readyz"
 	}
 	reg := routing.RegisterConfig{Name: name, ID: id, Address: rc.Address, Ports: ports, Tags: rc.Tags, CheckHTTP: check}
-	dereg, err := routing.Register(ctx, client, reg)
+	r, err := routing.NewRegistration(ctx, client, reg, a.log.Named("consul"))
 	if err != nil {
 		return fmt.Errorf("consul registration: %w", err)
 	}
-	a.regMu.Lock()
-	a.regCfg, a.deregFn = &reg, dereg
-	a.regMu.Unlock()
-	a.regClient = client
+	a.reg1.Store(r)
 	a.log.Info("registered in consul", zap.String("service", name), zap.String("id", id))
 	return nil
 }
 
-// keepRegistered puts this instance's registration back when it went
-// missing: after a zero-downtime upgrade the old process deregisters the
-// service ID that the new one shares, and an agent that lost its state
-// forgets it too.
-func (a *app) keepRegistered(ctx context.Context, every time.Duration) {
-	defer a.bg.Done()
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		if a.draining.Load() {
-			return
-		}
-		a.regMu.Lock()
-		reg := a.regCfg
-		a.regMu.Unlock()
-		if reg == nil {
-			return
-		}
-		if a.registrationMissing(ctx, reg) {
-			a.log.Info("consul registration missing, registering again", zap.String("id", reg.ID))
-			if _, err := routing.Register(ctx, a.regClient, *reg); err != nil {
-				a.log.Warn("consul re-registration failed", zap.Error(err))
-			}
-		}
-	}
-}
-
-func (a *app) registrationMissing(ctx context.Context, reg *routing.RegisterConfig) bool {
-	for name := range reg.Ports {
-		s, _, err := a.regClient.Agent().Service(reg.ID+"-"+name, (&api.QueryOptions{}).WithContext(ctx))
-		if err != nil {
-			// 404 is "missing"; anything else (agent down) is not ours to fix.
-			var se api.StatusError
-			return errors.As(err, &se) && se.Code == http.StatusNotFound
-		}
-		if s == nil {
-			return true
-		}
-	}
-	return false
-}
-
-// deregister removes the Consul registration, once.
+// deregister removes the Consul registration, once; the keep-alive stops
+// with it (a draining instance must stay out of the catalog).
 func (a *app) deregister() {
-	a.regMu.Lock()
-	dereg := a.deregFn
-	a.regCfg, a.deregFn = nil, nil
-	a.regMu.Unlock()
-	if dereg == nil {
+	r := a.reg1.Swap(nil)
+	if r == nil {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := dereg(ctx); err != nil {
+	if err := r.Deregister(ctx); err != nil {
 		a.log.Warn("consul deregistration failed", zap.Error(err))
 		return
 	}
 	a.log.Info("deregistered from consul")
-}
-
-// lateEvictor lets the Consul router, built before the proxy, evict
-// sessions of the proxy built after it.
-type lateEvictor struct{ srv atomic.Pointer[proxy.Server] }
-
-var _ routing.Evictor = (*lateEvictor)(nil)
-
-func (l *lateEvictor) EvictUser(user, keep string) int {
-	if s := l.srv.Load(); s != nil {
-		return s.EvictUser(user, keep)
-	}
-	return 0
-}
-
-func (l *lateEvictor) EvictBackend(id string) int {
-	if s := l.srv.Load(); s != nil {
-		return s.EvictBackend(id)
-	}
-	return 0
-}
-
-// consulPrefix is the KV prefix of the Consul router, as it trims it.
-func consulPrefix(cfg *config.Config) string {
-	p := strings.Trim(cfg.Consul.Prefix, "/")
-	if p == "" {
-		return "imapgate"
-	}
-	return p
 }

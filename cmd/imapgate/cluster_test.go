@@ -179,6 +179,11 @@ func TestLocalCluster(t *testing.T) {
 	if _, b := login(offIG1IMAPS); b != target {
 		t.Fatalf("login through imapgate1 after the move reached %s, want %s", b, target)
 	}
+	// Either instance says where the user lives and why.
+	if out := c.ctl(t, offIG2HTTP, "where", user); !strings.Contains(out, "next login goes to:  "+target) ||
+		!strings.Contains(out, "recorded:            "+target+" (pin)") || !strings.Contains(out, "pinned in consul KV") || !strings.Contains(out, "1 session here") {
+		t.Errorf("ctl where on imapgate2:\n%s", out)
+	}
 	if out := c.ctl(t, offIG2HTTP, "sessions", "-user", user); !strings.Contains(out, target) || !strings.Contains(out, "1 session") {
 		t.Errorf("ctl sessions on imapgate2:\n%s", out)
 	}

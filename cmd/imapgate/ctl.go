@@ -27,7 +27,8 @@ Commands (against a running imapgate's admin API):
   backends                          list backends and their state
   drain BACKEND                     place no new users on BACKEND
   undrain BACKEND                   allow new users on BACKEND again
-  move USER BACKEND                 pin USER to BACKEND and close their sessions (Consul router)
+  move USER BACKEND                 pin USER to BACKEND and close their sessions elsewhere
+  where USER                        where USER lives and why, and their sessions on that instance
   reload                            reload the configuration, as SIGHUP does
 
 Flags (before or after the command):
@@ -84,7 +85,7 @@ func ctl(args []string, stdout, stderr io.Writer) int {
 		return usageExit(err)
 	}
 	rest := sub.Args()
-	want := map[string]int{"sessions": 0, "kick": 1, "backends": 0, "drain": 1, "undrain": 1, "move": 2, "reload": 0}
+	want := map[string]int{"sessions": 0, "kick": 1, "backends": 0, "drain": 1, "undrain": 1, "move": 2, "reload": 0, "where": 1}
 	n, ok := want[cmd]
 	if !ok {
 		fmt.Fprintf(stderr, "imapgate ctl: unknown command %q\n", cmd)
@@ -110,6 +111,8 @@ func ctl(args []string, stdout, stderr io.Writer) int {
 		err = c.move(ctx, rest[0], rest[1])
 	case "reload":
 		err = c.reload(ctx)
+	case "where":
+		err = c.where(ctx, rest[0])
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "imapgate ctl %s: %v\n", cmd, err)
@@ -382,5 +385,33 @@ func (c *ctlClient) reload(ctx context.Context) error {
 	if rep.Evicted > 0 {
 		fmt.Fprintf(c.stdout, "%d %s closed (their users now route elsewhere)\n", rep.Evicted, plural(rep.Evicted, "session", "sessions"))
 	}
+	return nil
+}
+
+// where prints what GET /admin/users/{user} says, like Director's
+// `doveadm director status USER`.
+func (c *ctlClient) where(ctx context.Context, user string) error {
+	var r whereReply
+	if err := c.get(ctx, "GET", "/admin/users/"+url.PathEscape(user), nil, &r); err != nil || c.json {
+		return err
+	}
+	tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+	recorded := dash(r.Recorded)
+	if r.Pinned {
+		recorded += " (pin)"
+	}
+	fmt.Fprintf(tw, "user:\t%s\n", r.User)
+	fmt.Fprintf(tw, "next login goes to:\t%s\n", dash(r.Backend))
+	fmt.Fprintf(tw, "recorded:\t%s\n", recorded)
+	if r.Unrecorded != "" {
+		fmt.Fprintf(tw, "served unrecorded on:\t%s\n", r.Unrecorded)
+	}
+	fmt.Fprintf(tw, "hashing picks now:\t%s (%s)\n", dash(r.Hash), dash(r.Pool))
+	fmt.Fprintf(tw, "why:\t%s\n", r.Reason)
+	tw.Flush()
+	for _, s := range r.Sessions {
+		fmt.Fprintf(c.stdout, "session %s on %s (%s, from %s, %s)\n", s.ID, dash(s.Backend), s.State, s.Client, age(s))
+	}
+	fmt.Fprintf(c.stdout, "%d %s here\n", len(r.Sessions), plural(len(r.Sessions), "session", "sessions"))
 	return nil
 }

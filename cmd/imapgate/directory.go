@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"fmt"
 
 	"github.com/imapgate/imapgate/internal/config"
@@ -77,20 +76,6 @@ func (a *app) routerInForce() any {
 func (a *app) directory() directoryRouter {
 	d, _ := a.routerInForce().(directoryRouter)
 	return d
-}
-
-// directoryBackends lists the backends a directory router knows: the
-// configured ones and those it was told about. It has no health of its
-// own: the directory is the truth.
-func directoryBackends(r directoryRouter) []backendInfo {
-	var out []backendInfo
-	for _, b := range r.Backends(context.Background()) {
-		out = append(out, backendInfo{
-			ID: b.ID, Addr: b.Addr, Security: b.Security.String(), Weight: max(b.Weight, 1),
-			Health: b.Health, Up: b.Up, Drain: b.Drain,
-		})
-	}
-	return out
 }
 
 // directoryMetrics exports the directory router's counters.

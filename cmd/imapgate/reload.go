@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/imapgate/imapgate/internal/config"
+	"github.com/imapgate/imapgate/routing"
 	igtls "github.com/imapgate/imapgate/tls"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -83,9 +84,7 @@ func (a *app) doReload(ctx context.Context) reloadReport {
 		rep.Error = err.Error()
 		return rep
 	}
-	// The http and ldap routers, like Consul's, hold [backend] and
-	// [backends] from start-up.
-	consul := a.consul != nil || a.directory() != nil
+	consul := a.kind == "consul" || a.directory() != nil // routers whose tables come from outside the file
 	acme := usesACME(old) || usesACME(next)
 	for _, k := range diffKeys(old, next) {
 		switch reloadClass(k, consul, acme) {
@@ -133,10 +132,12 @@ func (a *app) doReload(ctx context.Context) reloadReport {
 		}
 		popts = &o
 	}
-	if a.static != nil && !consul {
+	// The static table goes last of the steps that can fail: it closes the
+	// sessions it now routes elsewhere as it is swapped in.
+	if t, ok := a.router.(tableRouter); ok && !consul {
 		sc, err := eff.StaticConfig()
 		if err == nil {
-			err = a.static.setConfig(sc)
+			rep.Evicted, err = t.SetConfig(ctx, sc)
 		}
 		if err != nil {
 			if newTLS != nil {
@@ -173,33 +174,13 @@ func (a *app) doReload(ctx context.Context) reloadReport {
 		}
 	}
 	a.cfg.Store(eff)
-	if a.static != nil && a.srv != nil {
-		rep.Evicted = a.evictMisrouted(ctx)
-	}
 	rep.Result = "applied"
 	return rep
 }
 
-// evictMisrouted closes the sessions whose user the router now sends to
-// another backend, so that no user is served by two backends at once.
-func (a *app) evictMisrouted(ctx context.Context) int {
-	n := 0
-	done := map[string]bool{}
-	for _, s := range a.srv.Sessions("", "") {
-		if s.Backend == "" || done[s.User] {
-			continue
-		}
-		done[s.User] = true
-		b, err := a.router.Route(ctx, s.User)
-		keep := ""
-		if err == nil {
-			keep = b.ID
-		}
-		if keep != s.Backend {
-			n += a.srv.EvictUser(s.User, keep)
-		}
-	}
-	return n
+// tableRouter is a router whose table a reload replaces (routing.Table).
+type tableRouter interface {
+	SetConfig(ctx context.Context, cfg routing.StaticConfig) (evicted int, err error)
 }
 
 func usesACME(c *config.Config) bool {

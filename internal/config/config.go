@@ -18,6 +18,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -559,11 +560,27 @@ func (c *Config) StaticConfig() (routing.StaticConfig, error) {
 		}
 		sc.Backends[name] = rb
 	}
-	for u, b := range c.Routing.Users {
-		sc.Users[routing.NormalizeUser(u)] = b
+	// Two keys that normalise alike would each win at random on every
+	// load: refuse them (sorted, so the message is stable).
+	seen := map[string]string{}
+	for _, u := range slices.Sorted(maps.Keys(c.Routing.Users)) {
+		key := routing.NormalizeUser(u)
+		if prev, dup := seen[key]; dup {
+			errs = append(errs, fmt.Errorf("routing.users: %q and %q are the same user %q; keep one", prev, u, key))
+			continue
+		}
+		seen[key] = u
+		sc.Users[key] = c.Routing.Users[u]
 	}
-	for d, p := range c.Routing.Domains {
-		sc.Domains[strings.ToLower(d)] = p
+	seen = map[string]string{}
+	for _, d := range slices.Sorted(maps.Keys(c.Routing.Domains)) {
+		key := routing.NormalizeUser(d)
+		if prev, dup := seen[key]; dup {
+			errs = append(errs, fmt.Errorf("routing.domains: %q and %q are the same domain %q; keep one", prev, d, key))
+			continue
+		}
+		seen[key] = d
+		sc.Domains[key] = c.Routing.Domains[d]
 	}
 	return sc, errors.Join(errs...)
 }
@@ -589,15 +606,8 @@ func (c *Config) BackendTLS() (*tls.Config, error) {
 // ConsulClient builds a Consul API client from [consul] over the
 // CONSUL_HTTP_* environment.
 func (c *Config) ConsulClient() (*api.Client, error) {
-	ac := api.DefaultConfig()
-	if c.Consul.Address != "" {
-		ac.Address = c.Consul.Address
-	}
-	if c.Consul.Token != "" {
-		ac.Token = c.Consul.Token
-	}
-	if c.Consul.Datacenter != "" {
-		ac.Datacenter = c.Consul.Datacenter
-	}
-	return api.NewClient(ac)
+	client, _, err := routing.NewConsulClient(routing.ConsulClientConfig{
+		Address: c.Consul.Address, Token: c.Consul.Token, Datacenter: c.Consul.Datacenter,
+	})
+	return client, err
 }

@@ -127,6 +127,10 @@ func TestValidateErrors(t *testing.T) {
 		{"unknown mechanism", base + "[preauth]\nauth_mechanisms = [\"CRAM-MD5\"]\n", "CRAM-MD5"},
 		{"bad proxy protocol", base + "[backends.b]\naddr = \"127.0.0.1:144\"\nproxy_protocol = 3\n", "proxy_protocol"},
 		{"pin to unknown backend", base + "[routing.users]\n\"x\" = \"zz\"\n", "zz"},
+		// Defect: each load picked one of the two at random.
+		{"duplicate pin after normalisation", base + "[backends.b]\naddr = \"127.0.0.1:144\"\n[routing.users]\n\"Alice@x\" = \"a\"\n\"alice@x\" = \"b\"\n", "same user \"alice@x\""},
+		{"same pin twice after normalisation", base + "[routing.users]\n\"Alice@x\" = \"a\"\n\" alice@x\" = \"a\"\n", "same user"},
+		{"duplicate domain after normalisation", base + "[backends.b]\naddr = \"127.0.0.1:144\"\n[routing.domains]\n\"X.example\" = [\"a\"]\n\"x.example\" = [\"b\"]\n", "same domain \"x.example\""},
 		{"unknown router", base + "[routing]\nrouter = \"dns\"\n", "unknown router"},
 		{"consul without service", base + "[routing]\nrouter = \"consul\"\n", "consul.service"},
 		{"master without verify", base + "[backend.master]\nuser = \"m\"\npassword = \"p\"\n", "verify"},
