@@ -34,6 +34,7 @@ type Server struct {
 	stopOnce   sync.Once
 	parkAfter  time.Duration // parkAfter, shorter in tests
 	limiters   atomic.Pointer[limiters]
+	lmtp       lmtpFront // the LMTP front end, if an LMTP listener is served
 
 	closing atomic.Bool
 	// base is cancelled by Close: it ends every session's blocking work.
@@ -126,6 +127,9 @@ func newLimiters(l Limits) *limiters {
 func (s *Server) Serve(ln net.Listener, l Listener) error {
 	if l.Name == "" {
 		l.Name = ln.Addr().String()
+	}
+	if l.Protocol == routing.ProtocolLMTP {
+		return s.serveLMTP(ln, l) // lmtp.go: delivery has its own front end
 	}
 	if l.Mode == ImplicitTLS && s.o().TLS == nil {
 		ln.Close()
@@ -393,6 +397,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	for ln := range s.listeners {
 		ln.Close()
 	}
+	defer s.shutdownLMTP(ctx)()
 	var pre []*session
 	for sess := range s.sessions {
 		if !sess.spliced() {
@@ -433,6 +438,7 @@ func (s *Server) Close() error {
 	}
 	s.mu.Unlock()
 	s.cancelBase()
+	s.closeLMTP()
 	for _, sess := range all {
 		sess.kick("shutdown", "Server shutting down, please reconnect")
 	}

@@ -1,0 +1,454 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+	"github.com/emersion/go-smtp"
+	"github.com/imapgate/imapgate/internal/testenv"
+	"github.com/imapgate/imapgate/routing"
+)
+
+// These tests deliver through imapgate's LMTP front end (lmtp.go,
+// proxy/lmtp) to real Dovecots with dovecot-lmtpd, and read the mail back
+// through imapgate's IMAP.
+
+// lmtpEnv is two Dovecots (LMTP and IMAP) behind one imapgate.
+type lmtpEnv struct {
+	d1, d2   *testenv.Dovecot
+	b1, b2   *routing.Backend
+	h        *harness
+	lmtpAddr string
+	router   *commitRouter
+}
+
+// commitRouter records the placements the proxy commits.
+type commitRouter struct {
+	routing.Router
+	mu      sync.Mutex
+	commits []string
+}
+
+func (c *commitRouter) Commit(_ context.Context, user string, b *routing.Backend) (*routing.Backend, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.commits = append(c.commits, user+"@"+b.ID)
+	return b, nil
+}
+
+func (c *commitRouter) committed() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]string(nil), c.commits...)
+}
+
+func dovecotLMTPBackend(id string, d *testenv.Dovecot) *routing.Backend {
+	return &routing.Backend{ID: id, Addr: d.Addr, LMTPAddr: d.LMTPAddr, POP3Addr: d.POP3Addr, SieveAddr: d.SieveAddr}
+}
+
+// newLMTPEnv starts the Dovecots and imapgate: alice and bob live on d1,
+// dave on d2.
+func newLMTPEnv(t *testing.T, mod func(*Options)) *lmtpEnv {
+	t.Helper()
+	testenv.Need(t, "dovecot")
+	opts := testenv.DovecotOptions{TrustedNetworks: "127.0.0.0/8", Protocols: []string{"lmtp"}}
+	e := &lmtpEnv{d1: testenv.StartDovecot(t, opts), d2: testenv.StartDovecot(t, opts)}
+	e.b1, e.b2 = dovecotLMTPBackend("d1", e.d1), dovecotLMTPBackend("d2", e.d2)
+	st, err := routing.NewStatic(routing.StaticConfig{
+		Backends: map[string]*routing.Backend{"d1": e.b1, "d2": e.b2},
+		Users:    map[string]string{"alice@example.org": "d1", "bob@example.org": "d1", "dave@example.net": "d2"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.router = &commitRouter{Router: st}
+	e.h = newHarness(t, e.router, mod)
+	e.lmtpAddr = serveExtra(t, e.h, Listener{Protocol: routing.ProtocolLMTP, Mode: StartTLS})
+	return e
+}
+
+// serveExtra serves one more listener on the harness's Server.
+func serveExtra(t *testing.T, h *harness, l Listener) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.wg.Add(1)
+	go func() {
+		defer h.wg.Done()
+		if err := h.srv.Serve(ln, l); !errors.Is(err, ErrServerClosed) {
+			t.Errorf("Serve: %v", err)
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// lmtpDial connects an LMTP client from the given local address (""
+// means any).
+func lmtpDial(t *testing.T, addr, from string) *smtp.Client {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second}
+	if from != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
+	}
+	conn, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := smtp.NewClientLMTP(conn)
+	t.Cleanup(func() { c.Close() })
+	if err := c.Hello("mta.test"); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// deliver runs one transaction and returns each recipient's RCPT error
+// and its reply after the final dot (nil: 250).
+func deliver(t *testing.T, c *smtp.Client, body io.Reader, rcpts ...string) (rcptErr map[string]error, dataErr map[string]*smtp.SMTPError) {
+	t.Helper()
+	if err := c.Mail("sender@example.com", nil); err != nil {
+		t.Fatalf("MAIL: %v", err)
+	}
+	rcptErr = make(map[string]error)
+	accepted := 0
+	for _, r := range rcpts {
+		if err := c.Rcpt(r, nil); err != nil {
+			rcptErr[r] = err
+		} else {
+			accepted++
+		}
+	}
+	dataErr = make(map[string]*smtp.SMTPError)
+	if accepted == 0 {
+		c.Reset()
+		return rcptErr, dataErr
+	}
+	w, err := c.Data()
+	if err != nil {
+		t.Fatalf("DATA: %v", err)
+	}
+	if _, err := io.Copy(w, body); err != nil {
+		t.Fatalf("writing the message: %v", err)
+	}
+	_, err = w.CloseWithLMTPResponse()
+	var le smtp.LMTPDataError
+	if errors.As(err, &le) {
+		for r, se := range le {
+			dataErr[r] = se
+		}
+	} else if err != nil {
+		t.Fatalf("end of DATA: %v", err)
+	}
+	return rcptErr, dataErr
+}
+
+func message(subject string, body string) string {
+	return "From: sender@example.com\r\nTo: someone@example.org\r\nSubject: " + subject +
+		"\r\nMessage-ID: <" + strings.ReplaceAll(subject, " ", "-") + "@test>\r\n\r\n" + body + "\r\n"
+}
+
+// inbox logs in through imapgate and returns the subjects in INBOX.
+func (e *lmtpEnv) inbox(t *testing.T, d *testenv.Dovecot, user string) []string {
+	t.Helper()
+	c, err := imapclient.DialTLS(e.h.tlsAddr, &imapclient.Options{TLSConfig: e.h.clientTLS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login(user, d.Users[user]).Wait(); err != nil {
+		t.Fatalf("login %s: %v", user, err)
+	}
+	sel, err := c.Select("INBOX", nil).Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sel.NumMessages == 0 {
+		return nil
+	}
+	var all imap.SeqSet
+	all.AddRange(1, sel.NumMessages)
+	msgs, err := c.Fetch(all, &imap.FetchOptions{Envelope: true}).Collect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, m := range msgs {
+		out = append(out, m.Envelope.Subject)
+	}
+	return out
+}
+
+// TestLMTPDeliveryAcrossBackends: one transaction to three recipients on
+// two backends lands in each INBOX on its own backend, the client address
+// reaches Dovecot through XCLIENT, and only accepted recipients are
+// committed.
+func TestLMTPDeliveryAcrossBackends(t *testing.T) {
+	e := newLMTPEnv(t, nil)
+	c := lmtpDial(t, e.lmtpAddr, "127.0.0.2")
+	if size, ok := c.MaxMessageSize(); !ok || size != 64<<20 {
+		t.Errorf("SIZE = %d, %v; want the 64 MiB default advertised", size, ok)
+	}
+	rcptErr, dataErr := deliver(t, c, strings.NewReader(message("three recipients", "hello")),
+		"alice@example.org", "Bob@Example.org", "dave@example.net", "nobody@example.org")
+	var se *smtp.SMTPError
+	if err := rcptErr["nobody@example.org"]; !errors.As(err, &se) || se.Code != 550 {
+		t.Errorf("unknown recipient: %v, want the backend's own 550", err)
+	}
+	delete(rcptErr, "nobody@example.org")
+	if len(rcptErr) != 0 || len(dataErr) != 0 {
+		t.Fatalf("RCPT errors %v, DATA errors %v; want none", rcptErr, dataErr)
+	}
+	if err := c.Quit(); err != nil {
+		t.Errorf("QUIT: %v", err)
+	}
+	for _, u := range []struct {
+		d    *testenv.Dovecot
+		user string
+	}{{e.d1, "alice@example.org"}, {e.d1, "bob@example.org"}, {e.d2, "dave@example.net"}} {
+		if got := e.inbox(t, u.d, u.user); len(got) != 1 || got[0] != "three recipients" {
+			t.Errorf("%s's INBOX: %q, want the one message", u.user, got)
+		}
+	}
+	// Nothing went to the wrong backend: dave has no mail on d1.
+	if out := e.d1.Doveadm(t, "mailbox", "status", "-u", "dave@example.net", "messages", "INBOX"); !strings.Contains(out, "messages=0") {
+		t.Errorf("dave on d1: %q, want no messages", out)
+	}
+	got := strings.Join(e.router.committed(), " ")
+	if want := "alice@example.org@d1 bob@example.org@d1 dave@example.net@d2"; got != want {
+		t.Errorf("committed %q, want %q (never the unknown recipient)", got, want)
+	}
+	// Dovecot saw the MTA's address (127.0.0.2), not imapgate's.
+	waitFor(t, func() bool { return strings.Count(e.d1.Log(), "rip=127.0.0.2") >= 2 })
+	if !strings.Contains(e.d2.Log(), "rip=127.0.0.2") {
+		t.Errorf("d2's log does not show the XCLIENT address:\n%s", e.d2.Log())
+	}
+	// imapgate's trace field is in the delivered message.
+	if out := e.d2.Doveadm(t, "fetch", "-u", "dave@example.net", "hdr", "mailbox", "INBOX"); !strings.Contains(out, "(imapgate) with LMTP") {
+		t.Errorf("delivered header lacks imapgate's Received field:\n%s", out)
+	}
+}
+
+// TestLMTPBackendDown: with one backend down its recipients get 4xx and
+// the others are delivered; the MTA's retry succeeds once it is back.
+func TestLMTPBackendDown(t *testing.T) {
+	e := newLMTPEnv(t, nil)
+	e.d2.Stop(t)
+	c := lmtpDial(t, e.lmtpAddr, "")
+	rcptErr, dataErr := deliver(t, c, strings.NewReader(message("while d2 is down", "x")), "alice@example.org", "dave@example.net")
+	var se *smtp.SMTPError
+	if err := rcptErr["dave@example.net"]; !errors.As(err, &se) || se.Code/100 != 4 {
+		t.Fatalf("dave (backend down): %v, want a 4xx", err)
+	}
+	if rcptErr["alice@example.org"] != nil || dataErr["alice@example.org"] != nil {
+		t.Fatalf("alice: %v %v, want delivered", rcptErr["alice@example.org"], dataErr["alice@example.org"])
+	}
+	e.d2.Start(t)
+	rcptErr, dataErr = deliver(t, c, strings.NewReader(message("while d2 is down", "x")), "dave@example.net")
+	if len(rcptErr)+len(dataErr) != 0 {
+		t.Fatalf("retry: %v %v, want delivered", rcptErr, dataErr)
+	}
+	if got := e.inbox(t, e.d2, "dave@example.net"); len(got) != 1 {
+		t.Errorf("dave's INBOX after the retry: %q, want one message", got)
+	}
+	if got := e.inbox(t, e.d1, "alice@example.org"); len(got) != 1 {
+		t.Errorf("alice's INBOX: %q, want one message (not two)", got)
+	}
+}
+
+// cutForwarder forwards to addr and cuts each connection once more than
+// limit bytes went towards addr: a backend dying in the middle of DATA.
+func cutForwarder(t *testing.T, addr string, limit int64) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			b, err := net.Dial("tcp", addr)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			wg.Go(func() { io.CopyN(b, c, limit); b.Close(); c.Close() })
+			wg.Go(func() { io.Copy(c, b); c.Close() })
+		}
+	})
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	return ln.Addr().String()
+}
+
+// TestLMTPBackendDiesMidData: the recipients of a backend whose
+// connection dies during the message get 4xx, the others 250, and the
+// cut message is delivered nowhere.
+func TestLMTPBackendDiesMidData(t *testing.T) {
+	e := newLMTPEnv(t, nil)
+	e.b2.LMTPAddr = cutForwarder(t, e.d2.LMTPAddr, 64<<10)
+	c := lmtpDial(t, e.lmtpAddr, "")
+	body := strings.Repeat("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\r\n", 4096) // 256 KiB
+	rcptErr, dataErr := deliver(t, c, strings.NewReader(message("cut", body)), "alice@example.org", "dave@example.net")
+	if len(rcptErr) != 0 {
+		t.Fatalf("RCPT: %v", rcptErr)
+	}
+	if se := dataErr["dave@example.net"]; se == nil || se.Code/100 != 4 {
+		t.Errorf("dave (backend died mid-DATA): %v, want a 4xx", se)
+	}
+	if se := dataErr["alice@example.org"]; se != nil {
+		t.Errorf("alice: %v, want delivered", se)
+	}
+	if out := e.d2.Doveadm(t, "mailbox", "status", "-u", "dave@example.net", "messages", "INBOX"); !strings.Contains(out, "messages=0") {
+		t.Errorf("dave's INBOX on d2: %q, want nothing from the cut transaction", out)
+	}
+}
+
+// TestLMTPLargeMessageStreams: a 20 MiB message to two backends goes
+// through with imapgate allocating a small fraction of it (it is
+// streamed, never held whole).
+func TestLMTPLargeMessageStreams(t *testing.T) {
+	e := newLMTPEnv(t, nil)
+	c := lmtpDial(t, e.lmtpAddr, "")
+	const size = 20 << 20
+	line := strings.Repeat("x", 998) + "\r\n"
+	body := io.MultiReader(strings.NewReader(message("big", "")), io.LimitReader(repeatReader(line), size))
+	runtime.GC()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	rcptErr, dataErr := deliver(t, c, body, "alice@example.org", "dave@example.net")
+	runtime.ReadMemStats(&after)
+	if len(rcptErr)+len(dataErr) != 0 {
+		t.Fatalf("RCPT %v, DATA %v", rcptErr, dataErr)
+	}
+	// The whole process (imapgate and the test's client) allocated this
+	// much while 2 x 20 MiB went through; holding the message once would
+	// be 20 MiB.
+	alloc := after.TotalAlloc - before.TotalAlloc
+	t.Logf("allocated %d KiB for a %d MiB message to two backends", alloc>>10, size>>20)
+	if alloc > 4<<20 {
+		t.Errorf("allocated %d MiB while delivering a 20 MiB message: it is buffered, not streamed", alloc>>20)
+	}
+	for _, d := range []struct {
+		d    *testenv.Dovecot
+		user string
+	}{{e.d1, "alice@example.org"}, {e.d2, "dave@example.net"}} {
+		out := d.d.Doveadm(t, "fetch", "-u", d.user, "size.virtual", "mailbox", "INBOX")
+		var n int
+		fmt.Sscanf(strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(out), "size.virtual:")), "%d", &n)
+		if n < size {
+			t.Errorf("%s's message is %d bytes, want over %d (%q)", d.user, n, size, out)
+		}
+	}
+}
+
+type repeatReader string
+
+func (r repeatReader) Read(p []byte) (int, error) {
+	n := 0
+	for n < len(p) {
+		n += copy(p[n:], r)
+	}
+	return n, nil
+}
+
+// TestLMTPSizeLimit: a message over the advertised SIZE gets 552 and is
+// delivered nowhere; a MAIL with a SIZE over it is refused at once.
+func TestLMTPSizeLimit(t *testing.T) {
+	e := newLMTPEnv(t, func(o *Options) { o.LMTP.MaxMessageBytes = 100 << 10 })
+	c := lmtpDial(t, e.lmtpAddr, "")
+	body := strings.Repeat(strings.Repeat("y", 998)+"\r\n", 200)
+	_, dataErr := deliver(t, c, strings.NewReader(message("too big", body)), "alice@example.org")
+	if se := dataErr["alice@example.org"]; se == nil || se.Code != 552 {
+		t.Errorf("over SIZE: %v, want 552", se)
+	}
+	if err := c.Mail("s@example.com", &smtp.MailOptions{Size: 1 << 20}); err == nil {
+		t.Errorf("MAIL SIZE=1MiB accepted over a 100 KiB limit")
+	}
+	c.Reset()
+	_, dataErr = deliver(t, c, strings.NewReader(message("long line", strings.Repeat("z", 70<<10))), "alice@example.org")
+	if se := dataErr["alice@example.org"]; se == nil || se.Code != 554 {
+		t.Errorf("a 70 KiB line: %v, want 554", se)
+	}
+	if got := e.inbox(t, e.d1, "alice@example.org"); len(got) != 0 {
+		t.Errorf("INBOX after refused messages: %q", got)
+	}
+}
+
+// TestLMTPLoops: a backend whose LMTP address is imapgate itself is
+// refused at once (4.4.6, no storm of connections), and a message that
+// already went through too many hops gets 5.4.6.
+func TestLMTPLoops(t *testing.T) {
+	e := newLMTPEnv(t, nil)
+	e.b2.LMTPAddr = e.lmtpAddr
+	c := lmtpDial(t, e.lmtpAddr, "")
+	rcptErr, _ := deliver(t, c, strings.NewReader(message("loop", "x")), "dave@example.net")
+	var se *smtp.SMTPError
+	if err := rcptErr["dave@example.net"]; !errors.As(err, &se) || se.Code != 451 || se.EnhancedCode != (smtp.EnhancedCode{4, 4, 6}) {
+		t.Errorf("looping backend: %v, want 451 4.4.6", err)
+	}
+	var hdr strings.Builder
+	for i := range 30 {
+		fmt.Fprintf(&hdr, "Received: from hop%d by hop%d; Tue, 1 Dec 2026 12:00:00 +0000\r\n", i, i+1)
+	}
+	_, dataErr := deliver(t, c, strings.NewReader(hdr.String()+message("hops", "x")), "alice@example.org")
+	if se := dataErr["alice@example.org"]; se == nil || se.Code != 554 || se.EnhancedCode != (smtp.EnhancedCode{5, 4, 6}) {
+		t.Errorf("30 Received fields: %v, want 554 5.4.6", se)
+	}
+}
+
+// TestLMTPAllowFrom: an MTA outside allow_from is refused with 554.
+func TestLMTPAllowFrom(t *testing.T) {
+	e := newLMTPEnv(t, nil)
+	addr := serveExtra(t, e.h, Listener{Protocol: routing.ProtocolLMTP, Mode: StartTLS,
+		AllowFrom: mustPrefixes(t, "127.0.0.2/32")})
+	c := dialConv(t, addr, nil)
+	c.expect("554 5.7.1")
+	c.expectClosed()
+	ok := lmtpDial(t, addr, "127.0.0.2")
+	if err := ok.Noop(); err != nil {
+		t.Errorf("NOOP from an allowed address: %v", err)
+	}
+}
+
+// TestLMTPSwaks delivers with swaks, a real LMTP client.
+func TestLMTPSwaks(t *testing.T) {
+	testenv.Need(t, "swaks")
+	e := newLMTPEnv(t, nil)
+	out, err := exec.Command(testenv.Bin("swaks"), "--protocol", "LMTP", "--server", e.lmtpAddr,
+		"--from", "s@example.com", "--to", "alice@example.org,dave@example.net",
+		"--header", "Subject: from swaks", "--body", "hello").CombinedOutput()
+	if err != nil {
+		t.Fatalf("swaks: %v\n%s", err, out)
+	}
+	if n := strings.Count(string(out), "<-  250 2.0.0 <"); n < 2 {
+		t.Errorf("swaks saw %d per-recipient 250s, want 2:\n%s", n, out)
+	}
+	if got := e.inbox(t, e.d2, "dave@example.net"); len(got) != 1 || got[0] != "from swaks" {
+		t.Errorf("dave's INBOX: %q", got)
+	}
+}
+
+func mustPrefixes(t *testing.T, ss ...string) []netip.Prefix {
+	t.Helper()
+	var out []netip.Prefix
+	for _, s := range ss {
+		out = append(out, netip.MustParsePrefix(s))
+	}
+	return out
+}
