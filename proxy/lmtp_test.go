@@ -452,3 +452,30 @@ func mustPrefixes(t *testing.T, ss ...string) []netip.Prefix {
 	}
 	return out
 }
+
+// TestLMTPPostfix: Postfix, a real MTA, delivers to imapgate over LMTP
+// (default_transport = lmtp:inet:...) and each recipient's mail lands on
+// their own backend.
+func TestLMTPPostfix(t *testing.T) {
+	e := newLMTPEnv(t, nil)
+	pf := testenv.StartPostfix(t, testenv.PostfixOptions{Transport: "lmtp:inet:" + e.lmtpAddr})
+	pf.Sendmail(t, "sender@example.com", message("via postfix", "hello"), "alice@example.org", "dave@example.net", "nobody@example.net")
+	deadline := time.Now().Add(30 * time.Second)
+	for strings.Count(pf.Log(), "status=sent") < 2 || !strings.Contains(pf.Log(), "nobody@example.net") {
+		if time.Now().After(deadline) {
+			t.Fatalf("Postfix did not deliver:\n%s", pf.Log())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if log := pf.Log(); !strings.Contains(log, "to=<nobody@example.net>") || !strings.Contains(log, "status=bounced") {
+		t.Errorf("the unknown recipient was not bounced with the backend's 5xx:\n%s", log)
+	}
+	for _, u := range []struct {
+		d    *testenv.Dovecot
+		user string
+	}{{e.d1, "alice@example.org"}, {e.d2, "dave@example.net"}} {
+		if got := e.inbox(t, u.d, u.user); len(got) != 1 || got[0] != "via postfix" {
+			t.Errorf("%s's INBOX: %q", u.user, got)
+		}
+	}
+}
