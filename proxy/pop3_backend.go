@@ -28,28 +28,9 @@ func (s *Server) pop3LoginBackend(ctx context.Context, b *routing.Backend, cr *c
 	if b.POP3Addr == "" {
 		return nil, fmt.Errorf("backend %s has no POP3 address", b.ID)
 	}
-	if mst := s.o().Backend.Master; mst != nil {
-		if cr.authzid != "" && !strings.EqualFold(cr.authzid, cr.user) {
-			return nil, &backendRefusedError{code: "AUTH", text: "Logging in as another user is not allowed here"}
-		}
-		if _, onBackend := mst.Verifier.(backendVerifier); !onBackend {
-			// With VerifyOnBackend the client's own login below is the
-			// check; otherwise the verifier checks and the master logs in.
-			if err := mst.Verifier.VerifyPassword(ctx, cr.user, cr.pass); errors.Is(err, ErrBadPassword) {
-				return nil, &backendRefusedError{code: "AUTH", text: "Authentication failed."}
-			} else if err != nil {
-				return nil, err
-			}
-			mc := &credentials{authzid: cr.user, user: mst.User, pass: mst.Password}
-			if mst.Form == MasterSeparator {
-				sep := mst.Separator
-				if sep == "" {
-					sep = "*"
-				}
-				mc = &credentials{user: cr.user + sep + mst.User, pass: mst.Password}
-			}
-			cr = mc
-		}
+	cr, err := s.masterCredentials(ctx, cr) // sieve_backend.go
+	if err != nil {
+		return nil, err
 	}
 	t := s.o().Timeouts
 	deadline := time.Now().Add(t.BackendLogin)

@@ -215,6 +215,8 @@ func (s *Server) serveConn(c net.Conn, l *Listener) {
 	switch l.Protocol {
 	case routing.ProtocolPOP3:
 		serve = sess.servePOP3 // pop3.go
+	case routing.ProtocolSieve:
+		serve = sess.serveSieve // sieve.go
 	}
 	if !serve(s.base) {
 		s.endSession(sess)
