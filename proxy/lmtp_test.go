@@ -479,3 +479,76 @@ func TestLMTPPostfix(t *testing.T) {
 		}
 	}
 }
+
+// TestLMTPShutdown: Shutdown tells an idle MTA connection 421 at once,
+// lets a transaction under way finish with its replies, then returns.
+func TestLMTPShutdown(t *testing.T) {
+	e := newLMTPEnv(t, nil)
+	idle := dialConv(t, e.lmtpAddr, nil)
+	idle.expect("220 ")
+	idle.send("LHLO mta\r\n")
+	for !strings.HasPrefix(idle.line(), "250 ") {
+	}
+	busy := lmtpDial(t, e.lmtpAddr, "")
+	if err := busy.Mail("s@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := busy.Rcpt("alice@example.org", nil); err != nil {
+		t.Fatal(err)
+	}
+	w, err := busy.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(w, "Subject: during shutdown\r\n\r\nfirst half\r\n")
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		done <- e.h.srv.Shutdown(ctx)
+	}()
+	idle.expect("421 4.3.2")
+	idle.expectClosedPOP3()
+	select {
+	case err := <-done:
+		t.Fatalf("Shutdown returned (%v) while a transaction was under way", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	io.WriteString(w, "second half\r\n")
+	if _, err := w.CloseWithLMTPResponse(); err != nil {
+		t.Fatalf("the transaction under way: %v, want delivered", err)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("Shutdown: %v", err)
+	}
+	if out := e.d1.Doveadm(t, "mailbox", "status", "-u", "alice@example.org", "messages", "INBOX"); !strings.Contains(out, "messages=1") {
+		t.Errorf("alice's INBOX: %q", out)
+	}
+}
+
+// TestLMTPClientGoneMidData: an MTA that disconnects in the middle of
+// the message gets nothing delivered anywhere.
+func TestLMTPClientGoneMidData(t *testing.T) {
+	e := newLMTPEnv(t, nil)
+	c := dialConv(t, e.lmtpAddr, nil)
+	c.expect("220 ")
+	c.send("LHLO mta\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<dave@example.net>\r\nDATA\r\n")
+	for !strings.HasPrefix(c.line(), "354") {
+	}
+	c.send("Subject: cut\r\n\r\n" + strings.Repeat("partial line of the body\r\n", 5000))
+	c.c.Close()
+	// The backends' transactions end without the final dot: wait until
+	// both Dovecots saw their LMTP connection close, then look.
+	waitFor(t, func() bool {
+		return strings.Count(e.d1.Log(), "lmtp(") >= 4 && strings.Count(e.d1.Log(), "Disconnect from") >= 2 &&
+			strings.Count(e.d2.Log(), "Disconnect from") >= 2
+	})
+	for _, d := range []struct {
+		d    *testenv.Dovecot
+		user string
+	}{{e.d1, "alice@example.org"}, {e.d2, "dave@example.net"}} {
+		if out := d.d.Doveadm(t, "mailbox", "status", "-u", d.user, "messages", "INBOX"); !strings.Contains(out, "messages=0") {
+			t.Errorf("%s got a message the MTA never finished: %q", d.user, out)
+		}
+	}
+}

@@ -21,3 +21,16 @@ func (s *session) byeLine(text string) string {
 	}
 	return "* BYE [UNAVAILABLE] " + text + "\r\n"
 }
+
+// refusalLine is what a connection over the limits is told on a
+// cleartext listener before it is closed.
+func refusalLine(p routing.Protocol) string {
+	const text = "Too many connections, try again later"
+	switch p {
+	case routing.ProtocolPOP3:
+		return "-ERR [SYS/TEMP] " + text + "\r\n"
+	case routing.ProtocolSieve:
+		return `BYE (TRYLATER) "` + text + "\"\r\n"
+	}
+	return "* BYE [UNAVAILABLE] " + text + "\r\n"
+}

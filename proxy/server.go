@@ -202,7 +202,7 @@ func (s *Server) serveConn(c net.Conn, l *Listener) {
 		s.log.Warn("connection refused", zap.String("client", remote.String()), zap.String("limit", reason))
 		if l.Mode == StartTLS {
 			c.SetWriteDeadline(time.Now().Add(time.Second))
-			c.Write([]byte("* BYE [UNAVAILABLE] Too many connections, try again later\r\n"))
+			c.Write([]byte(refusalLine(l.Protocol))) // protocols.go
 		}
 		c.Close()
 		return

@@ -151,6 +151,24 @@ func TestSieveConversation(t *testing.T) {
 		c.expect("BYE")
 		c.expectClosedPOP3()
 	})
+	t.Run("XCLIENT gives Dovecot the client's address", func(t *testing.T) {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.4")}}
+		raw, err := d.Dial("tcp", e.addrs["sieve"])
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := &conv{t: t, c: raw, br: bufio.NewReader(raw)}
+		defer raw.Close()
+		readSieveResp(c)
+		c.send("STARTTLS\r\n")
+		c.expect("OK")
+		c.starttlsHandshake(e.clientTLS)
+		readSieveResp(c)
+		c.send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\nLOGOUT\r\n")
+		c.expect("OK")
+		c.expect("OK")
+		waitFor(t, func() bool { return strings.Contains(e.d.Log(), "rip=127.0.0.4") })
+	})
 	t.Run("eviction closes the session", func(t *testing.T) {
 		c := startTLS(t)
 		c.send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")

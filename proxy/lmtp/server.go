@@ -39,6 +39,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -108,6 +109,10 @@ type Server struct {
 	o    Options
 	log  *zap.Logger
 	smtp *smtp.Server
+
+	mu       sync.Mutex
+	sessions map[*session]struct{}
+	shutting bool // Shutdown was called: idle connections are closed
 }
 
 // maxLine is the longest line accepted, in commands and messages.
@@ -143,7 +148,7 @@ func NewServer(o Options) (*Server, error) {
 	def(&o.Timeouts.Command, 5*time.Minute)
 	def(&o.Timeouts.BackendConnect, 5*time.Second)
 	def(&o.Timeouts.Backend, 2*time.Minute)
-	s := &Server{o: o, log: o.Logger}
+	s := &Server{o: o, log: o.Logger, sessions: make(map[*session]struct{})}
 	ss := smtp.NewServer(smtp.BackendFunc(s.newSession))
 	ss.LMTP = true
 	ss.Network = "tcp"
@@ -184,6 +189,18 @@ func (s *Server) Serve(ln net.Listener, l Listener) error {
 // then closes them: a transaction cut short before its final dot is
 // delivered nowhere, and the MTA retries it.
 func (s *Server) Shutdown(ctx context.Context) error {
+	// Idle connections (an MTA's connection cache) are told 421 and
+	// closed now; the others after their transaction's replies.
+	s.mu.Lock()
+	s.shutting = true
+	var all []*session
+	for sess := range s.sessions {
+		all = append(all, sess)
+	}
+	s.mu.Unlock()
+	for _, sess := range all {
+		sess.closeIfIdle()
+	}
 	err := s.smtp.Shutdown(ctx)
 	if ctx.Err() != nil {
 		s.smtp.Close()
@@ -270,6 +287,7 @@ var (
 	errNoLMTP      = reply(451, smtp.EnhancedCode{4, 3, 5}, "The mail server for this recipient does not take deliveries here, try again later")
 	errMoving      = reply(451, smtp.EnhancedCode{4, 2, 0}, "This mailbox is moving, try again later")
 	errSelfLoop    = reply(451, smtp.EnhancedCode{4, 4, 6}, "Mail loop: the backend for this recipient is an imapgate")
+	errShutdown    = reply(421, smtp.EnhancedCode{4, 3, 2}, "Service shutting down, try again later")
 	errHops        = reply(554, smtp.EnhancedCode{5, 4, 6}, "Too many hops: mail loop")
 	errLongLine    = reply(554, smtp.EnhancedCode{5, 6, 0}, "Message has a line longer than 64 KiB")
 )

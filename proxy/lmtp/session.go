@@ -33,6 +33,10 @@ type session struct {
 	rcpts    []*rcpt               // accepted (by their backend), in RCPT order
 	txs      map[string]*backendTx // by backend ID
 	txOrder  []*backendTx
+
+	mu     sync.Mutex // guards busy and closed, for Shutdown
+	busy   bool       // between MAIL and the end of the transaction
+	closed bool
 }
 
 // rcpt is one accepted recipient.
@@ -55,12 +59,44 @@ func (s *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
 	}
 	sess.id = newID()
 	sess.log = s.log.With(zap.String("lmtp_session", sess.id), zap.String("client", sess.cl.remote.String()))
+	s.mu.Lock()
+	if s.shutting {
+		s.mu.Unlock()
+		return nil, errShutdown
+	}
+	s.sessions[sess] = struct{}{}
+	s.mu.Unlock()
 	return sess, nil
+}
+
+// closeIfIdle ends the connection with 421 unless a transaction is
+// under way (then Reset does it after the replies).
+func (s *session) closeIfIdle() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.busy || s.closed {
+		return
+	}
+	s.closeLocked()
+}
+
+func (s *session) closeLocked() {
+	s.closed = true
+	c := s.conn.Conn()
+	c.SetWriteDeadline(time.Now().Add(time.Second))
+	c.Write([]byte("421 4.3.2 Service shutting down, try again later\r\n"))
+	c.Close() // go-smtp's loop sees it and logs the session out
 }
 
 // Mail starts a transaction; backends get their MAIL with their first
 // recipient.
 func (s *session) Mail(from string, opts *smtp.MailOptions) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return errShutdown
+	}
+	s.busy = true
 	s.from, s.mailOpts = from, opts
 	return nil
 }
@@ -453,11 +489,25 @@ func (s *session) Reset() {
 	}
 	s.txs = make(map[string]*backendTx)
 	s.txOrder, s.rcpts, s.from, s.mailOpts = nil, nil, "", nil
+	s.mu.Lock()
+	s.busy = false
+	s.srv.mu.Lock()
+	shutting := s.srv.shutting
+	s.srv.mu.Unlock()
+	if shutting && !s.closed {
+		// The transaction's replies are written: a draining server
+		// closes the connection now.
+		s.closeLocked()
+	}
+	s.mu.Unlock()
 }
 
 // Logout frees the session.
 func (s *session) Logout() error {
 	s.Reset()
+	s.srv.mu.Lock()
+	delete(s.srv.sessions, s)
+	s.srv.mu.Unlock()
 	return nil
 }
 
