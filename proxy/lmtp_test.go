@@ -212,15 +212,27 @@ func TestLMTPDeliveryAcrossBackends(t *testing.T) {
 	if len(rcptErr) != 0 || len(dataErr) != 0 {
 		t.Fatalf("RCPT errors %v, DATA errors %v; want none", rcptErr, dataErr)
 	}
+	// A second transaction on the same MTA connection reuses imapgate's
+	// backend connections (one LMTP connection per backend in all).
+	if re, de := deliver(t, c, strings.NewReader(message("second", "again")), "alice@example.org", "dave@example.net"); len(re)+len(de) != 0 {
+		t.Fatalf("second transaction: %v %v", re, de)
+	}
 	if err := c.Quit(); err != nil {
 		t.Errorf("QUIT: %v", err)
 	}
 	for _, u := range []struct {
 		d    *testenv.Dovecot
 		user string
-	}{{e.d1, "alice@example.org"}, {e.d1, "bob@example.org"}, {e.d2, "dave@example.net"}} {
-		if got := e.inbox(t, u.d, u.user); len(got) != 1 || got[0] != "three recipients" {
-			t.Errorf("%s's INBOX: %q, want the one message", u.user, got)
+		want string
+	}{{e.d1, "alice@example.org", "three recipients second"}, {e.d1, "bob@example.org", "three recipients"}, {e.d2, "dave@example.net", "three recipients second"}} {
+		if got := e.inbox(t, u.d, u.user); strings.Join(got, " ") != u.want {
+			t.Errorf("%s's INBOX: %q, want %q", u.user, got, u.want)
+		}
+	}
+	for name, d := range map[string]*testenv.Dovecot{"d1": e.d1, "d2": e.d2} {
+		// testenv's readiness check, then imapgate's one connection.
+		if n := strings.Count(d.Log(), "Info: Connect from"); n != 2 {
+			t.Errorf("%s saw %d LMTP connections, want 2 (readiness check and imapgate's one)", name, n)
 		}
 	}
 	// Nothing went to the wrong backend: dave has no mail on d1.
@@ -228,7 +240,7 @@ func TestLMTPDeliveryAcrossBackends(t *testing.T) {
 		t.Errorf("dave on d1: %q, want no messages", out)
 	}
 	got := strings.Join(e.router.committed(), " ")
-	if want := "alice@example.org@d1 bob@example.org@d1 dave@example.net@d2"; got != want {
+	if want := "alice@example.org@d1 bob@example.org@d1 dave@example.net@d2 alice@example.org@d1 dave@example.net@d2"; got != want {
 		t.Errorf("committed %q, want %q (never the unknown recipient)", got, want)
 	}
 	// Dovecot saw the MTA's address (127.0.0.2), not imapgate's.

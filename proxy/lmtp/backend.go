@@ -30,10 +30,10 @@ type backendTx struct {
 	b     *routing.Backend
 	conn  net.Conn // under the client: deadlines for message chunks
 	c     *smtp.Client
-	err   error   // the connection failed: every recipient on it gets 4xx
-	rcpts []*rcpt // accepted by this backend, in order
-	data  io.WriteCloser
-	dataC *smtp.DataCommand
+	err   error             // the connection failed: every recipient on it gets 4xx
+	rcpts []*rcpt           // accepted by this backend, in order
+	dataC *smtp.DataCommand // between DATA and the final dot
+	open  bool              // MAIL sent, the transaction not ended yet
 }
 
 // client is what the backend may learn about the MTA's connection.

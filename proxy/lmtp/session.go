@@ -33,6 +33,7 @@ type session struct {
 	rcpts    []*rcpt               // accepted (by their backend), in RCPT order
 	txs      map[string]*backendTx // by backend ID
 	txOrder  []*backendTx
+	idle     map[string]*backendTx // healthy connections kept from earlier transactions
 
 	mu     sync.Mutex // guards busy and closed, for Shutdown
 	busy   bool       // between MAIL and the end of the transaction
@@ -56,6 +57,7 @@ func (s *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
 		conn: c,
 		cl:   client{remote: addrPort(c.Conn().RemoteAddr()), helo: c.Hostname()},
 		txs:  make(map[string]*backendTx),
+		idle: make(map[string]*backendTx),
 	}
 	sess.id = newID()
 	sess.log = s.log.With(zap.String("lmtp_session", sess.id), zap.String("client", sess.cl.remote.String()))
@@ -171,6 +173,9 @@ func (s *session) tx(ctx context.Context, b *routing.Backend) (*backendTx, error
 		}
 		return tx, nil
 	}
+	if tx := s.reuse(b); tx != nil {
+		return tx, nil
+	}
 	tx, err := s.srv.dial(ctx, b, s.cl)
 	if err == nil {
 		if err = tx.c.Mail(s.from, s.mailOpts); err != nil {
@@ -197,9 +202,34 @@ func (s *session) tx(ctx context.Context, b *routing.Backend) (*backendTx, error
 		// Not remembered: the next recipient on b tries again.
 		return nil, err
 	}
+	tx.open = true
 	s.txs[b.ID] = tx
 	s.txOrder = append(s.txOrder, tx)
 	return tx, nil
+}
+
+// reuse starts the transaction on b on a connection kept from an
+// earlier transaction of this MTA connection (the same backend, with the
+// same XCLIENT), or returns nil. Any failure closes it: the caller dials.
+func (s *session) reuse(b *routing.Backend) *backendTx {
+	tx := s.idle[b.ID]
+	if tx == nil {
+		return nil
+	}
+	delete(s.idle, b.ID)
+	if tx.b != b && (tx.b.LMTPAddr != b.LMTPAddr || tx.b.LMTPSecurity != b.LMTPSecurity) {
+		tx.close(true)
+		return nil
+	}
+	tx.rcpts, tx.dataC, tx.b = nil, nil, b
+	if err := tx.c.Mail(s.from, s.mailOpts); err != nil {
+		tx.close(false)
+		return nil
+	}
+	tx.open = true
+	s.txs[b.ID] = tx
+	s.txOrder = append(s.txOrder, tx)
+	return tx
 }
 
 // unrcpt takes back a recipient the backend already accepted (its
@@ -339,6 +369,7 @@ func (s *session) LMTPData(r io.Reader, status smtp.StatusCollector) error {
 		tx.conn.SetDeadline(time.Now().Add(s.srv.o.Timeouts.Backend))
 		resp, err := tx.dataC.CloseWithLMTPResponse()
 		tx.dataC = nil
+		tx.open = false
 		got := make(map[string]*smtp.SMTPError)
 		for to, dr := range resp {
 			got[to] = okReply(dr.StatusText)
@@ -481,11 +512,24 @@ func stripRcpt(msg string) string {
 	return msg
 }
 
-// Reset ends the transaction: backends' connections are closed (a
-// transaction that did not reach its final dot is delivered nowhere).
+// Reset ends the transaction. Healthy backend connections are kept for
+// the MTA's next transaction (RSET if one was left open); the others are
+// closed (a transaction that did not reach its final dot is delivered
+// nowhere).
 func (s *session) Reset() {
 	for _, tx := range s.txOrder {
-		tx.close(true)
+		if tx.err != nil || tx.dataC != nil || s.isClosing() {
+			tx.close(tx.err == nil && tx.dataC == nil)
+			continue
+		}
+		if tx.open {
+			if err := tx.c.Reset(); err != nil {
+				tx.close(false)
+				continue
+			}
+			tx.open = false
+		}
+		s.idle[tx.b.ID] = tx
 	}
 	s.txs = make(map[string]*backendTx)
 	s.txOrder, s.rcpts, s.from, s.mailOpts = nil, nil, "", nil
@@ -502,9 +546,20 @@ func (s *session) Reset() {
 	s.mu.Unlock()
 }
 
+// isClosing reports whether the server is draining.
+func (s *session) isClosing() bool {
+	s.srv.mu.Lock()
+	defer s.srv.mu.Unlock()
+	return s.srv.shutting
+}
+
 // Logout frees the session.
 func (s *session) Logout() error {
 	s.Reset()
+	for id, tx := range s.idle {
+		tx.close(true)
+		delete(s.idle, id)
+	}
 	s.srv.mu.Lock()
 	delete(s.srv.sessions, s)
 	s.srv.mu.Unlock()
