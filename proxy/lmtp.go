@@ -2,8 +2,6 @@ package proxy
 
 import (
 	"context"
-	"crypto/tls"
-	"errors"
 	"net"
 	"sync"
 	"time"
@@ -84,13 +82,6 @@ func (s *Server) serveLMTP(ln net.Listener, l Listener) error {
 		ln.Close()
 		return err
 	}
-	if l.Mode == ImplicitTLS {
-		if s.o().TLS == nil {
-			ln.Close()
-			return errors.New("proxy: implicit-TLS LMTP listener needs Options.TLS")
-		}
-		ln = tls.NewListener(ln, s.o().TLS)
-	}
 	s.mu.Lock()
 	if s.closing.Load() {
 		s.mu.Unlock()
@@ -104,7 +95,7 @@ func (s *Server) serveLMTP(ln net.Listener, l Listener) error {
 		delete(s.listeners, ln)
 		s.mu.Unlock()
 	}()
-	err = srv.Serve(ln, lmtp.Listener{Name: l.Name, AllowFrom: l.AllowFrom})
+	err = srv.Serve(ln, lmtp.Listener{Name: l.Name, AllowFrom: l.AllowFrom, TLS: l.Mode == ImplicitTLS})
 	if s.closing.Load() {
 		return ErrServerClosed
 	}

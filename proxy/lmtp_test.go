@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -562,5 +563,84 @@ func TestLMTPClientGoneMidData(t *testing.T) {
 		if out := d.d.Doveadm(t, "mailbox", "status", "-u", d.user, "messages", "INBOX"); !strings.Contains(out, "messages=0") {
 			t.Errorf("%s got a message the MTA never finished: %q", d.user, out)
 		}
+	}
+}
+
+// TestLMTPTLS: implicit TLS and STARTTLS from the MTA.
+func TestLMTPTLS(t *testing.T) {
+	e := newLMTPEnv(t, nil)
+	addr := serveExtra(t, e.h, Listener{Protocol: routing.ProtocolLMTP, Mode: ImplicitTLS})
+	conn, err := tls.Dial("tcp", addr, e.h.clientTLS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := smtp.NewClientLMTP(conn)
+	defer c.Close()
+	if re, de := deliver(t, c, strings.NewReader(message("over tls", "x")), "alice@example.org"); len(re)+len(de) != 0 {
+		t.Fatalf("implicit TLS: %v %v", re, de)
+	}
+	// STARTTLS, with a command pipelined behind it in cleartext: it must
+	// be dropped, not answered (CVE-2011-0411).
+	cv := dialConv(t, e.lmtpAddr, nil)
+	cv.expect("220 ")
+	cv.send("LHLO mta\r\n")
+	var caps []string
+	for l := cv.line(); ; l = cv.line() {
+		caps = append(caps, l)
+		if strings.HasPrefix(l, "250 ") {
+			break
+		}
+	}
+	if !strings.Contains(strings.Join(caps, " "), "STARTTLS") {
+		t.Fatalf("no STARTTLS offered: %q", caps)
+	}
+	cv.send("STARTTLS\r\nMAIL FROM:<injected@example.com>\r\n")
+	cv.expect("220 ")
+	cv.starttlsHandshake(e.h.clientTLS)
+	cv.send("LHLO mta\r\n")
+	for l := cv.line(); !strings.HasPrefix(l, "250 "); l = cv.line() {
+		if strings.Contains(l, "STARTTLS") {
+			t.Errorf("STARTTLS still offered over TLS")
+		}
+	}
+	cv.send("RCPT TO:<alice@example.org>\r\n")
+	cv.expect("502") // no MAIL: the injected one was dropped
+}
+
+// TestLMTPBadInput: the bad-input classes on the LMTP front end end with
+// a clear reply and a close, never a hang.
+func TestLMTPBadInput(t *testing.T) {
+	e := newLMTPEnv(t, nil)
+	for _, tc := range []struct {
+		name, send string
+		want       []string
+	}{
+		{"long line", strings.Repeat("A", 70<<10) + "\r\n", []string{"500 5.4.0"}},
+		{"IMAP", "a1 LOGIN alice pw\r\na2 LOGIN alice pw\r\na3 LOGIN alice pw\r\na4 LOGIN alice pw\r\n",
+			[]string{"50", "50", "50", "50", "500 5.5.1 Too many errors"}},
+		{"SMTP instead of LMTP", "EHLO mta\r\nHELO mta\r\n", []string{"500 5.5.1 This is a LMTP server", "500 5.5.1"}},
+		{"RCPT before MAIL", "LHLO mta\r\nRCPT TO:<alice@example.org>\r\n", []string{"250", "502"}},
+		{"NUL in LHLO", "LHLO m\x00ta\r\nMAIL FROM:<a@example.com>\r\n", []string{"501 5.5.2", "502"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := dialConv(t, e.lmtpAddr, nil)
+			c.expect("220 ")
+			c.send(tc.send)
+			for _, w := range tc.want {
+				l := c.line()
+				for strings.HasPrefix(l, "250-") {
+					l = c.line()
+				}
+				if !strings.HasPrefix(l, w) {
+					t.Fatalf("got %q, want %q", l, w)
+				}
+			}
+			if tc.name == "long line" || tc.name == "IMAP" {
+				c.expectClosedPOP3()
+			}
+		})
+	}
+	if n := len(e.router.committed()); n != 0 {
+		t.Errorf("bad input committed %d placements", n)
 	}
 }

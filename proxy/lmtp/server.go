@@ -101,6 +101,9 @@ type Listener struct {
 	// AllowFrom lists the networks MTAs may connect from; others get 554
 	// and are closed. Empty means anyone (put the port behind a firewall).
 	AllowFrom []netip.Prefix
+	// TLS makes the listener implicit TLS with Options.TLS. Zero means
+	// cleartext (with STARTTLS when Options.TLS is set).
+	TLS bool
 }
 
 // Server is an LMTP front end. Create it with NewServer, give it
@@ -111,8 +114,8 @@ type Server struct {
 	smtp *smtp.Server
 
 	mu       sync.Mutex
-	sessions map[*session]struct{}
-	shutting bool // Shutdown was called: idle connections are closed
+	conns    map[*trackedConn]*session // every MTA connection; its session after LHLO
+	shutting bool                      // Shutdown was called: idle connections are closed
 }
 
 // maxLine is the longest line accepted, in commands and messages.
@@ -148,7 +151,7 @@ func NewServer(o Options) (*Server, error) {
 	def(&o.Timeouts.Command, 5*time.Minute)
 	def(&o.Timeouts.BackendConnect, 5*time.Second)
 	def(&o.Timeouts.Backend, 2*time.Minute)
-	s := &Server{o: o, log: o.Logger, sessions: make(map[*session]struct{})}
+	s := &Server{o: o, log: o.Logger, conns: make(map[*trackedConn]*session)}
 	ss := smtp.NewServer(smtp.BackendFunc(s.newSession))
 	ss.LMTP = true
 	ss.Network = "tcp"
@@ -177,7 +180,15 @@ func (s *Server) Serve(ln net.Listener, l Listener) error {
 	if l.Name == "" {
 		l.Name = ln.Addr().String()
 	}
-	err := s.smtp.Serve(&filterListener{Listener: ln, l: l, log: s.log})
+	if l.TLS && s.o.TLS == nil {
+		ln.Close()
+		return errors.New("lmtp: an implicit-TLS listener needs Options.TLS")
+	}
+	var sl net.Listener = &filterListener{Listener: ln, l: l, srv: s}
+	if l.TLS {
+		sl = tls.NewListener(sl, s.o.TLS)
+	}
+	err := s.smtp.Serve(sl)
 	if err == nil || errors.Is(err, net.ErrClosed) {
 		return smtp.ErrServerClosed
 	}
@@ -193,13 +204,26 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	// closed now; the others after their transaction's replies.
 	s.mu.Lock()
 	s.shutting = true
-	var all []*session
-	for sess := range s.sessions {
-		all = append(all, sess)
+	var sessions []*session
+	var bare []*trackedConn
+	for c, sess := range s.conns {
+		if sess != nil {
+			sessions = append(sessions, sess)
+		} else {
+			bare = append(bare, c)
+		}
 	}
 	s.mu.Unlock()
-	for _, sess := range all {
+	for _, sess := range sessions {
 		sess.closeIfIdle()
+	}
+	for _, c := range bare {
+		// Not even LHLO yet: there is no transaction to wait for.
+		if !c.tls {
+			c.SetWriteDeadline(time.Now().Add(time.Second))
+			c.Write([]byte("421 4.3.2 Service shutting down, try again later\r\n"))
+		}
+		c.Close()
 	}
 	err := s.smtp.Shutdown(ctx)
 	if ctx.Err() != nil {
@@ -219,24 +243,51 @@ func (s *Server) Close() error {
 	return nil
 }
 
-// filterListener refuses MTAs from outside AllowFrom.
+// filterListener refuses MTAs from outside AllowFrom, and tracks the
+// others for Shutdown.
 type filterListener struct {
 	net.Listener
 	l   Listener
-	log *zap.Logger
+	srv *Server
+}
+
+// trackedConn is an MTA connection the Server knows of until it closes.
+type trackedConn struct {
+	net.Conn
+	srv  *Server
+	tls  bool // under implicit TLS: nothing cleartext may be written
+	once sync.Once
+}
+
+func (c *trackedConn) Close() error {
+	c.once.Do(func() {
+		c.srv.mu.Lock()
+		delete(c.srv.conns, c)
+		c.srv.mu.Unlock()
+	})
+	return c.Conn.Close()
+}
+
+// track registers an accepted connection.
+func (f *filterListener) track(c net.Conn) net.Conn {
+	tc := &trackedConn{Conn: c, srv: f.srv, tls: f.l.TLS}
+	f.srv.mu.Lock()
+	f.srv.conns[tc] = nil
+	f.srv.mu.Unlock()
+	return tc
 }
 
 func (f *filterListener) Accept() (net.Conn, error) {
 	for {
 		c, err := f.Listener.Accept()
-		if err != nil || len(f.l.AllowFrom) == 0 {
+		if err != nil {
 			return c, err
 		}
 		ap := addrPort(c.RemoteAddr())
-		if allowed(f.l.AllowFrom, ap.Addr()) {
-			return c, nil
+		if len(f.l.AllowFrom) == 0 || allowed(f.l.AllowFrom, ap.Addr()) {
+			return f.track(c), nil
 		}
-		f.log.Warn("LMTP connection refused: not in allow_from", zap.String("listener", f.l.Name), zap.String("client", ap.String()))
+		f.srv.log.Warn("LMTP connection refused: not in allow_from", zap.String("listener", f.l.Name), zap.String("client", ap.String()))
 		go refuse(c)
 	}
 }
@@ -288,6 +339,7 @@ var (
 	errMoving      = reply(451, smtp.EnhancedCode{4, 2, 0}, "This mailbox is moving, try again later")
 	errSelfLoop    = reply(451, smtp.EnhancedCode{4, 4, 6}, "Mail loop: the backend for this recipient is an imapgate")
 	errShutdown    = reply(421, smtp.EnhancedCode{4, 3, 2}, "Service shutting down, try again later")
+	errBadHelo     = reply(501, smtp.EnhancedCode{5, 5, 2}, "Bad LHLO name")
 	errHops        = reply(554, smtp.EnhancedCode{5, 4, 6}, "Too many hops: mail loop")
 	errLongLine    = reply(554, smtp.EnhancedCode{5, 6, 0}, "Message has a line longer than 64 KiB")
 )

@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"strings"
 	"sync"
 	"time"
@@ -35,6 +37,8 @@ type session struct {
 	txOrder  []*backendTx
 	idle     map[string]*backendTx // healthy connections kept from earlier transactions
 
+	tracked *trackedConn // the accepted connection, under any TLS
+
 	mu     sync.Mutex // guards busy and closed, for Shutdown
 	busy   bool       // between MAIL and the end of the transaction
 	closed bool
@@ -52,6 +56,9 @@ type rcpt struct {
 var _ smtp.LMTPSession = (*session)(nil)
 
 func (s *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
+	if strings.ContainsFunc(c.Hostname(), func(r rune) bool { return r < 0x21 || r == 0x7f }) {
+		return nil, errBadHelo
+	}
 	sess := &session{
 		srv:  s,
 		conn: c,
@@ -61,13 +68,15 @@ func (s *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
 	}
 	sess.id = newID()
 	sess.log = s.log.With(zap.String("lmtp_session", sess.id), zap.String("client", sess.cl.remote.String()))
+	sess.tracked = tracked(c.Conn())
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	if s.shutting {
-		s.mu.Unlock()
 		return nil, errShutdown
 	}
-	s.sessions[sess] = struct{}{}
-	s.mu.Unlock()
+	if _, ok := s.conns[sess.tracked]; ok {
+		s.conns[sess.tracked] = sess
+	}
 	return sess, nil
 }
 
@@ -560,10 +569,16 @@ func (s *session) Logout() error {
 		tx.close(true)
 		delete(s.idle, id)
 	}
-	s.srv.mu.Lock()
-	delete(s.srv.sessions, s)
-	s.srv.mu.Unlock()
 	return nil
+}
+
+// tracked finds the trackedConn under c.
+func tracked(c net.Conn) *trackedConn {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
+	t, _ := c.(*trackedConn)
+	return t
 }
 
 // maxHeader bounds how much of the header section is read (to count
