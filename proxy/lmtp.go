@@ -62,6 +62,7 @@ func (s *Server) lmtpServer() (*lmtp.Server, error) {
 		MaxRecipients:      o.LMTP.MaxRecipients,
 		HopLimit:           o.LMTP.HopLimit,
 		RecipientDelimiter: o.LMTP.RecipientDelimiter,
+		Metrics:            lmtpMetrics(o.Metrics),
 		Timeouts: lmtp.Timeouts{
 			Command:        o.LMTP.CommandTimeout,
 			BackendConnect: o.Timeouts.BackendConnect,
@@ -126,4 +127,13 @@ func (s *Server) closeLMTP() {
 	if srv != nil {
 		srv.Close()
 	}
+}
+
+// lmtpMetrics passes the Server's Metrics on when it also counts
+// recipients (lmtp.Metrics).
+func lmtpMetrics(m Metrics) lmtp.Metrics {
+	if lm, ok := m.(lmtp.Metrics); ok {
+		return lm
+	}
+	return nil
 }

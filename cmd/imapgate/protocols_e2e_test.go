@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"crypto/tls"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -112,6 +114,15 @@ grace = "5s"
 		t.Fatalf("ManageSieve greeting %q %v", l, err)
 	}
 	sc.Close()
+	resp, err := http.Get("http://" + httpAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if want := `imapgate_lmtp_recipients_total{backend="dovecot",result="ok",stage="data"} 1`; !strings.Contains(string(metrics), want) {
+		t.Errorf("/metrics lacks %s", want)
+	}
 	// An MTA's idle cached connection does not hold the shutdown.
 	mta, err := net.Dial("tcp", lmtp)
 	if err != nil {

@@ -79,6 +79,33 @@ type Options struct {
 	RecipientDelimiter string
 	// Timeouts bound each step.
 	Timeouts Timeouts
+	// Metrics is told each recipient's fate. Nil means none.
+	Metrics Metrics
+}
+
+// Metrics counts recipients. Calls are cheap and concurrent; labels are
+// bounded (backend IDs and the words below).
+type Metrics interface {
+	// Recipient is called once per RCPT ("rcpt") and once per accepted
+	// recipient after the message ("data"), with result "ok", "refused"
+	// (a 5xx, the backend's or a loop's) or "deferred" (a 4xx). backend
+	// is "" when none was found.
+	Recipient(backend, stage, result string)
+}
+
+type nopMetrics struct{}
+
+func (nopMetrics) Recipient(_, _, _ string) {}
+
+// result classifies a reply for Metrics.
+func result(e *smtp.SMTPError) string {
+	switch {
+	case e == nil || e.Code/100 == 2:
+		return "ok"
+	case e.Code/100 == 4:
+		return "deferred"
+	}
+	return "refused"
 }
 
 // Timeouts for LMTP. Zero means the default given.
@@ -132,6 +159,9 @@ func NewServer(o Options) (*Server, error) {
 	}
 	if o.Logger == nil {
 		o.Logger = zap.NewNop()
+	}
+	if o.Metrics == nil {
+		o.Metrics = nopMetrics{}
 	}
 	if o.Hostname == "" {
 		o.Hostname, _ = os.Hostname()

@@ -131,6 +131,15 @@ func (s *session) routingUser(to string) string {
 // Rcpt routes a recipient and relays it to its backend; the backend's
 // answer is the MTA's.
 func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
+	backend, err := s.rcpt(to, opts)
+	var se *smtp.SMTPError
+	errors.As(err, &se)
+	s.srv.o.Metrics.Recipient(backend, "rcpt", result(se))
+	return err
+}
+
+// rcpt is Rcpt; it also returns the backend's ID, for metrics.
+func (s *session) rcpt(to string, opts *smtp.RcptOptions) (string, error) {
 	user := s.routingUser(to)
 	ctx, cancel := context.WithTimeout(context.Background(), s.srv.o.Timeouts.Backend)
 	defer cancel()
@@ -139,11 +148,11 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 	b, err := r.Route(ctx, user)
 	if err != nil {
 		log.Warn("recipient deferred: no route", zap.Error(err))
-		return errNoRoute
+		return "", errNoRoute
 	}
 	tx, err := s.tx(ctx, b)
 	if err != nil {
-		return err
+		return b.ID, err
 	}
 	if err := tx.c.Rcpt(to, opts); err != nil {
 		var se *smtp.SMTPError
@@ -151,11 +160,11 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 			// The backend's own refusal (unknown user: 550; over quota:
 			// 452...) keeps its code. Nothing is committed.
 			log.Info("recipient refused by backend", zap.String("backend", b.ID), zap.Int("code", se.Code), zap.String("reply", se.Message))
-			return se
+			return b.ID, se
 		}
 		tx.err = err
 		log.Warn("recipient deferred: backend failed", zap.String("backend", b.ID), zap.Error(err))
-		return errBackendFail
+		return b.ID, errBackendFail
 	}
 	rc := &rcpt{to: to, user: user, opts: opts, tx: tx}
 	if cm, ok := r.(routing.Committer); ok {
@@ -163,15 +172,15 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 		switch {
 		case err != nil:
 			log.Warn("recipient deferred: placement not recorded", zap.String("backend", b.ID), zap.Error(err))
-			return s.unrcpt(tx, errNoRoute)
+			return b.ID, s.unrcpt(tx, errNoRoute)
 		case got.ID != b.ID:
 			log.Info("recipient deferred: placed on another backend meanwhile", zap.String("backend", b.ID), zap.String("placed", got.ID))
-			return s.unrcpt(tx, errMoving)
+			return b.ID, s.unrcpt(tx, errMoving)
 		}
 	}
 	tx.rcpts = append(tx.rcpts, rc)
 	s.rcpts = append(s.rcpts, rc)
-	return nil
+	return b.ID, nil
 }
 
 // tx returns the transaction on b, starting it (dial, MAIL) if needed.
@@ -417,6 +426,7 @@ func (s *session) LMTPData(r io.Reader, status smtp.StatusCollector) error {
 		} else {
 			deferred++
 		}
+		s.srv.o.Metrics.Recipient(rc.tx.b.ID, "data", result(res))
 		results[i] = res
 	}
 	for _, tx := range s.txOrder {
