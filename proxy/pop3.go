@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"time"
 
@@ -227,7 +228,8 @@ func (s *session) pop3Caps() string {
 func (s *session) pop3Mechs() []string {
 	var mechs []string
 	for _, m := range s.srv.o().Capabilities.AuthMechanisms {
-		if m = strings.ToUpper(m); m == sasl.Plain || m == sasl.Login {
+		switch m = strings.ToUpper(m); m {
+		case sasl.Plain, sasl.Login, mechXOAuth2, mechOAuthBearer:
 			mechs = append(mechs, m)
 		}
 	}
@@ -286,7 +288,7 @@ func (s *session) pop3Auth(ctx context.Context, arg string) (*backendLogin, bool
 		}
 		return nil, !s.writeString("+OK\r\n" + list.String() + ".\r\n")
 	}
-	if (mech != sasl.Plain && mech != sasl.Login) || !s.offers(mech) {
+	if !slices.Contains(s.pop3Mechs(), mech) {
 		return nil, !s.pop3Bad("Unsupported authentication mechanism")
 	}
 	if !s.authAllowed() {
@@ -340,6 +342,17 @@ func (s *session) pop3Auth(ctx context.Context, arg string) (*backendLogin, bool
 			return nil, end
 		}
 		cr = credentials{mech: sasl.Login, user: string(u), pass: string(p)}
+	case mechXOAuth2, mechOAuthBearer:
+		// Routed by the identity inside, relayed to the backend as is
+		// (with its error challenge, as for IMAP).
+		raw, ok, end := step("")
+		if !ok {
+			return nil, end
+		}
+		var err error
+		if cr, err = decodeOAuth(mech, raw); err != nil {
+			return nil, !s.pop3Bad(strings.TrimPrefix(err.Error(), "[CLIENTBUG] "))
+		}
 	}
 	return s.pop3Login(ctx, cr)
 }
@@ -380,7 +393,7 @@ func (s *session) pop3Login(ctx context.Context, cr credentials) (*backendLogin,
 	s.mu.Unlock()
 	s.srv.index(s, user)
 
-	bl, err := s.srv.pop3LoginBackend(lctx, b, &cr, s.clientInfo())
+	bl, err := s.srv.pop3LoginBackend(lctx, b, &cr, s.clientInfo(), s.pop3Relay)
 	if err == nil {
 		if b2, rerr := s.srv.o().Router.Route(lctx, user); rerr == nil && b2.ID != b.ID {
 			bl.conn.Close()
@@ -428,6 +441,21 @@ func (s *session) pop3Login(ctx context.Context, cr credentials) (*backendLogin,
 		return nil, true
 	}
 	return bl, false
+}
+
+// pop3Relay shows the client a SASL challenge from the backend (the
+// OAuth error challenge) and returns its answer line.
+func (s *session) pop3Relay(challenge string) (string, error) {
+	if !s.writeString("+ " + challenge + "\r\n") {
+		return "", errClientGone
+	}
+	s.raw.SetReadDeadline(s.readDeadline())
+	line, err := s.pop3Line()
+	if err != nil {
+		s.setReason("protocol_error")
+		return "", errClientGone
+	}
+	return line, nil
 }
 
 // pop3Refused answers a failed login after the failure delay, and hangs

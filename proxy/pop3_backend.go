@@ -24,7 +24,7 @@ import (
 
 // pop3LoginBackend logs in to b's POP3 service for the client: with its
 // own credentials, or as the master user once they are verified.
-func (s *Server) pop3LoginBackend(ctx context.Context, b *routing.Backend, cr *credentials, ci *clientInfo) (*backendLogin, error) {
+func (s *Server) pop3LoginBackend(ctx context.Context, b *routing.Backend, cr *credentials, ci *clientInfo, relay relayFunc) (*backendLogin, error) {
 	if b.POP3Addr == "" {
 		return nil, fmt.Errorf("backend %s has no POP3 address", b.ID)
 	}
@@ -44,7 +44,7 @@ func (s *Server) pop3LoginBackend(ctx context.Context, b *routing.Backend, cr *c
 		s.o().Metrics.BackendLogin(b.ID, dialTook, 0, false)
 		return nil, fmt.Errorf("dial: %w", err)
 	}
-	bl, err := s.pop3LoginOn(ctx, conn, b, cr, ci, deadline)
+	bl, err := s.pop3LoginOn(ctx, conn, b, cr, ci, relay, deadline)
 	s.o().Metrics.BackendLogin(b.ID, dialTook, time.Since(t0)-dialTook, err == nil)
 	if err != nil {
 		conn.Close()
@@ -82,6 +82,12 @@ func (pc *pop3Conn) cmd(c string) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	return pop3Status(l)
+}
+
+// pop3Status parses a status line: the text after +OK, or an error
+// (*backendRefusedError for -ERR).
+func pop3Status(l string) (string, error) {
 	if rest, ok := strings.CutPrefix(l, "+OK"); ok {
 		return strings.TrimPrefix(rest, " "), nil
 	}
@@ -90,6 +96,39 @@ func (pc *pop3Conn) cmd(c string) (string, error) {
 		return "", &backendRefusedError{code: sanitize(code), text: sanitize(text)}
 	}
 	return "", fmt.Errorf("unexpected POP3 response %q", truncate(l))
+}
+
+// authRelay runs AUTH mech with payload as the initial response; a
+// challenge (the OAuth error) goes to relay and its answer back.
+func (pc *pop3Conn) authRelay(mech string, payload []byte, relay relayFunc) (string, error) {
+	if _, err := io.WriteString(pc.conn, "AUTH "+mech+" "+base64.StdEncoding.EncodeToString(payload)+"\r\n"); err != nil {
+		return "", err
+	}
+	for range 3 {
+		l, err := pc.line()
+		if err != nil {
+			return "", err
+		}
+		chal, ok := strings.CutPrefix(l, "+ ")
+		if !ok {
+			if l == "+" {
+				chal, ok = "", true
+			}
+		}
+		if !ok {
+			return pop3Status(l)
+		}
+		resp := "*"
+		if relay != nil {
+			if resp, err = relay(chal); err != nil {
+				return "", errClientGone
+			}
+		}
+		if _, err := io.WriteString(pc.conn, resp+"\r\n"); err != nil {
+			return "", err
+		}
+	}
+	return "", errors.New("too many SASL challenges")
 }
 
 // capa runs CAPA and returns the capability lines (none if refused).
@@ -126,7 +165,7 @@ func hasPOP3Cap(caps []string, want string) bool {
 	return false
 }
 
-func (s *Server) pop3LoginOn(ctx context.Context, conn net.Conn, b *routing.Backend, cr *credentials, ci *clientInfo, deadline time.Time) (*backendLogin, error) {
+func (s *Server) pop3LoginOn(ctx context.Context, conn net.Conn, b *routing.Backend, cr *credentials, ci *clientInfo, relay relayFunc, deadline time.Time) (*backendLogin, error) {
 	conn.SetDeadline(deadline)
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
@@ -177,8 +216,13 @@ func (s *Server) pop3LoginOn(ctx context.Context, conn net.Conn, b *routing.Back
 			return nil, fmt.Errorf("XCLIENT: %w", err)
 		}
 	}
-	plain := base64.StdEncoding.EncodeToString([]byte(cr.authzid + "\x00" + cr.user + "\x00" + cr.pass))
-	text, err := pc.cmd("AUTH PLAIN " + plain)
+	var text string
+	if cr.oauth != nil {
+		text, err = pc.authRelay(cr.mech, cr.oauth, relay)
+	} else {
+		plain := base64.StdEncoding.EncodeToString([]byte(cr.authzid + "\x00" + cr.user + "\x00" + cr.pass))
+		text, err = pc.cmd("AUTH PLAIN " + plain)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"encoding/base64"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -326,4 +327,59 @@ func (c *conv) expectClosedPOP3() {
 		}
 		c.t.Fatalf("got %q while waiting for the close", l)
 	}
+}
+
+// TestPOP3OAuth: XOAUTH2 and OAUTHBEARER over POP3 are routed by the
+// identity inside and relayed to Dovecot's oauth2 passdb, its error
+// challenge included.
+func TestPOP3OAuth(t *testing.T) {
+	testenv.Need(t, "dovecot")
+	url := oauthServer(t, map[string]string{"good-token": "alice@example.org"})
+	dir := readableDir(t)
+	conf := filepath.Join(dir, "oauth2.conf.ext")
+	os.WriteFile(conf, []byte(fmt.Sprintf("introspection_mode = post\nintrospection_url = %s\nusername_attribute = username\nactive_attribute = active\nactive_value = true\n", url)), 0o644)
+	d := testenv.StartDovecot(t, testenv.DovecotOptions{TrustedNetworks: "127.0.0.0/8", Protocols: []string{"pop3"}, Extra: fmt.Sprintf(`
+auth_mechanisms = plain login xoauth2 oauthbearer
+passdb {
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = %s
+}
+`, conf)})
+	ca := testenv.NewTestCA(t)
+	srv, err := NewServer(Options{Router: fixedRouter(dovecotLMTPBackend("d1", d)), Logger: zaptest.NewLogger(t),
+		TLS:          &tls.Config{Certificates: []tls.Certificate{ca.ServerCert}},
+		Capabilities: CapabilityOptions{AuthMechanisms: []string{"PLAIN", "XOAUTH2", "OAUTHBEARER"}},
+		Limits:       Limits{AuthFailureDelay: -1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &harness{srv: srv}
+	t.Cleanup(func() { srv.Close(); h.wg.Wait() })
+	addr := serveExtra(t, h, Listener{Protocol: routing.ProtocolPOP3, Mode: ImplicitTLS})
+	clientTLS := &tls.Config{RootCAs: ca.Pool, ServerName: "localhost"}
+	xo := b64("user=alice@example.org\x01auth=Bearer good-token\x01\x01")
+	ob := b64("n,a=alice@example.org,\x01host=localhost\x01port=995\x01auth=Bearer bad-token\x01\x01")
+	c := dialConv(t, addr, clientTLS)
+	c.expect("+OK")
+	c.send("CAPA\r\n")
+	c.expect("+OK")
+	if caps := strings.Join(capaLines(c), " "); !strings.Contains(caps, "SASL PLAIN XOAUTH2 OAUTHBEARER") {
+		t.Errorf("CAPA %q", caps)
+	}
+	c.send("AUTH XOAUTH2 " + xo + "\r\n")
+	c.expect("+OK")
+	c.send("STAT\r\n")
+	c.expect("+OK 0 0")
+
+	c = dialConv(t, addr, clientTLS)
+	c.expect("+OK")
+	c.send("AUTH OAUTHBEARER\r\n")
+	c.expect("+ ")
+	c.send(ob + "\r\n")
+	if l := c.line(); !strings.HasPrefix(l, "+ ") || len(l) < 10 {
+		t.Fatalf("got %q, want the backend's error challenge", l)
+	}
+	c.send("AQ==\r\n")
+	c.expect("-ERR [AUTH]")
 }

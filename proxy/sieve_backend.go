@@ -57,8 +57,8 @@ func (s *Server) sieveLoginBackend(ctx context.Context, b *routing.Backend, cr *
 // the client's password is verified (Options.Backend.Master).
 func (s *Server) masterCredentials(ctx context.Context, cr *credentials) (*credentials, error) {
 	mst := s.o().Backend.Master
-	if mst == nil {
-		return cr, nil
+	if mst == nil || cr.oauth != nil {
+		return cr, nil // OAuth is relayed as it is, as for IMAP
 	}
 	if cr.authzid != "" && !strings.EqualFold(cr.authzid, cr.user) {
 		return nil, &backendRefusedError{code: "AUTH", text: "Logging in as another user is not allowed here"}
