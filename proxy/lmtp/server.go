@@ -140,6 +140,10 @@ type Server struct {
 	log  *zap.Logger
 	smtp *smtp.Server
 
+	// base is cancelled by Close: it ends every transaction's backend work.
+	base   context.Context
+	cancel context.CancelFunc
+
 	mu       sync.Mutex
 	conns    map[*trackedConn]*session // every MTA connection; its session after LHLO
 	shutting bool                      // Shutdown was called: idle connections are closed
@@ -182,6 +186,7 @@ func NewServer(o Options) (*Server, error) {
 	def(&o.Timeouts.BackendConnect, 5*time.Second)
 	def(&o.Timeouts.Backend, 2*time.Minute)
 	s := &Server{o: o, log: o.Logger, conns: make(map[*trackedConn]*session)}
+	s.base, s.cancel = context.WithCancel(context.Background())
 	ss := smtp.NewServer(smtp.BackendFunc(s.newSession))
 	ss.LMTP = true
 	ss.Network = "tcp"
@@ -257,7 +262,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	err := s.smtp.Shutdown(ctx)
 	if ctx.Err() != nil {
-		s.smtp.Close()
+		s.Close()
 	}
 	if errors.Is(err, smtp.ErrServerClosed) {
 		return nil
@@ -267,6 +272,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 // Close closes every listener and connection at once.
 func (s *Server) Close() error {
+	s.cancel()
 	if err := s.smtp.Close(); err != nil && !errors.Is(err, smtp.ErrServerClosed) {
 		return err
 	}

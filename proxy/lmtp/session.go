@@ -141,7 +141,7 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 // rcpt is Rcpt; it also returns the backend's ID, for metrics.
 func (s *session) rcpt(to string, opts *smtp.RcptOptions) (string, error) {
 	user := s.routingUser(to)
-	ctx, cancel := context.WithTimeout(context.Background(), s.srv.o.Timeouts.Backend)
+	ctx, cancel := context.WithTimeout(s.srv.base, s.srv.o.Timeouts.Backend)
 	defer cancel()
 	log := s.log.With(zap.String("rcpt", to))
 	r := s.srv.o.Router
@@ -368,7 +368,7 @@ func (s *session) LMTPData(r io.Reader, status smtp.StatusCollector) error {
 
 	// A recipient that moved while the message came in must not get it
 	// on the old backend: its whole backend transaction is dropped.
-	ctx, cancel := context.WithTimeout(context.Background(), s.srv.o.Timeouts.Backend)
+	ctx, cancel := context.WithTimeout(s.srv.base, s.srv.o.Timeouts.Backend)
 	defer cancel()
 	s.parallel(s.writable(), func(tx *backendTx) {
 		for _, rc := range tx.rcpts {
