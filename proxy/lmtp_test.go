@@ -38,13 +38,17 @@ type lmtpEnv struct {
 // commitRouter records the placements the proxy commits.
 type commitRouter struct {
 	routing.Router
-	mu      sync.Mutex
-	commits []string
+	mu       sync.Mutex
+	commits  []string
+	redirect map[string]*routing.Backend // users another instance placed elsewhere
 }
 
 func (c *commitRouter) Commit(_ context.Context, user string, b *routing.Backend) (*routing.Backend, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if o := c.redirect[user]; o != nil {
+		return o, nil
+	}
 	c.commits = append(c.commits, user+"@"+b.ID)
 	return b, nil
 }
@@ -642,5 +646,33 @@ func TestLMTPBadInput(t *testing.T) {
 	}
 	if n := len(e.router.committed()); n != 0 {
 		t.Errorf("bad input committed %d placements", n)
+	}
+}
+
+// TestLMTPLostPlacementRace: a recipient whose placement went to another
+// backend meanwhile gets 4xx and nothing on the backend that accepted
+// its RCPT; the other recipients of that backend are still delivered.
+func TestLMTPLostPlacementRace(t *testing.T) {
+	e := newLMTPEnv(t, nil)
+	e.router.mu.Lock()
+	e.router.redirect = map[string]*routing.Backend{"bob@example.org": e.b2}
+	e.router.mu.Unlock()
+	c := lmtpDial(t, e.lmtpAddr, "")
+	rcptErr, dataErr := deliver(t, c, strings.NewReader(message("race", "x")), "alice@example.org", "bob@example.org", "dave@example.net")
+	var se *smtp.SMTPError
+	if err := rcptErr["bob@example.org"]; !errors.As(err, &se) || se.Code != 451 {
+		t.Errorf("bob (placed elsewhere meanwhile): %v, want 451", err)
+	}
+	if rcptErr["alice@example.org"] != nil || dataErr["alice@example.org"] != nil || rcptErr["dave@example.net"] != nil || dataErr["dave@example.net"] != nil {
+		t.Errorf("alice and dave: %v %v, want delivered", rcptErr, dataErr)
+	}
+	for _, u := range []struct {
+		d    *testenv.Dovecot
+		user string
+		want string
+	}{{e.d1, "alice@example.org", "messages=1"}, {e.d1, "bob@example.org", "messages=0"}, {e.d2, "dave@example.net", "messages=1"}} {
+		if out := u.d.Doveadm(t, "mailbox", "status", "-u", u.user, "messages", "INBOX"); !strings.Contains(out, u.want) {
+			t.Errorf("%s: %q, want %s", u.user, out, u.want)
+		}
 	}
 }

@@ -81,3 +81,20 @@ func TestOKReply(t *testing.T) {
 		t.Errorf("okReply = %+v", r)
 	}
 }
+
+func TestRoutingUser(t *testing.T) {
+	s := &session{srv: &Server{o: Options{RecipientDelimiter: "+"}}}
+	for in, want := range map[string]string{
+		"Alice+lists@Example.org": "alice@example.org",
+		"alice@example.org":       "alice@example.org",
+		"+x@example.org":          "+x@example.org", // nothing before the delimiter: kept
+		"bob+a+b":                 "bob",
+	} {
+		if got := s.routingUser(in); got != want {
+			t.Errorf("routingUser(%q) = %q, want %q", in, got, want)
+		}
+	}
+	if got := (&session{srv: &Server{}}).routingUser("Alice+x@example.org"); got != "alice+x@example.org" {
+		t.Errorf("without a delimiter: %q", got)
+	}
+}
