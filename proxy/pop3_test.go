@@ -35,8 +35,14 @@ type protoEnv struct {
 
 func newProtoEnv(t *testing.T, protocols []string, mod func(*Options)) *protoEnv {
 	t.Helper()
+	return newProtoEnvExtra(t, protocols, "", mod)
+}
+
+// newProtoEnvExtra is newProtoEnv with DovecotOptions.Extra.
+func newProtoEnvExtra(t *testing.T, protocols []string, extra string, mod func(*Options)) *protoEnv {
+	t.Helper()
 	testenv.Need(t, "dovecot")
-	d := testenv.StartDovecot(t, testenv.DovecotOptions{TrustedNetworks: "127.0.0.0/8", Protocols: protocols})
+	d := testenv.StartDovecot(t, testenv.DovecotOptions{TrustedNetworks: "127.0.0.0/8", Protocols: protocols, Extra: extra})
 	b := dovecotLMTPBackend("d1", d)
 	ca := testenv.NewTestCA(t)
 	opts := Options{
@@ -382,4 +388,46 @@ passdb {
 	}
 	c.send("AQ==\r\n")
 	c.expect("-ERR [AUTH]")
+}
+
+// TestMasterUserPOP3AndSieve: with a master login configured, POP3 and
+// ManageSieve log in to Dovecot as the master user for the client, once
+// its password is verified.
+func TestMasterUserPOP3AndSieve(t *testing.T) {
+	testenv.Need(t, "dovecot")
+	dir := readableDir(t)
+	masters := filepath.Join(dir, "masters")
+	os.WriteFile(masters, []byte("imapgate:{PLAIN}master-secret\n"), 0o644)
+	e := newProtoEnvExtra(t, []string{"pop3", "sieve"}, fmt.Sprintf(`
+auth_master_user_separator = *
+passdb {
+  driver = passwd-file
+  master = yes
+  args = %s
+}
+`, masters), func(o *Options) {
+		o.Backend.Master = &MasterLogin{User: "imapgate", Password: "master-secret", Verifier: fixedVerifier{"alice@example.org": "client-side-secret"}}
+	})
+	const masterLine = "Master user logging in as alice@example.org"
+	plain := base64.StdEncoding.EncodeToString([]byte("\x00alice@example.org\x00client-side-secret"))
+	c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
+	c.expect("+OK")
+	c.send("USER alice@example.org\r\nPASS wrong\r\n")
+	c.expect("+OK")
+	c.expect("-ERR [AUTH]")
+	c.send("AUTH PLAIN " + plain + "\r\nSTAT\r\n")
+	c.expect("+OK")
+	c.expect("+OK 0 0")
+	s := dialConv(t, e.addrs["sieve"], nil)
+	readSieveResp(s)
+	s.send("STARTTLS\r\n")
+	s.expect("OK")
+	s.starttlsHandshake(e.clientTLS)
+	readSieveResp(s)
+	s.send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\nLISTSCRIPTS\r\n")
+	s.expect("OK")
+	if _, st := readSieveResp(s); !strings.HasPrefix(st, "OK") {
+		t.Fatalf("LISTSCRIPTS as master: %q", st)
+	}
+	waitFor(t, func() bool { return strings.Count(e.d.Log(), masterLine) == 2 })
 }
