@@ -12,7 +12,7 @@ set -euo pipefail
 CONSUL_VERSION=1.13.9
 PEBBLE_VERSION=v2.10.3
 APT_PACKAGES=(dovecot-imapd dovecot-core haproxy openssl ca-certificates
-	dovecot-pop3d dovecot-lmtpd dovecot-managesieved postfix swaks fetchmail getmail6 sieve-connect)
+	dovecot-pop3d dovecot-lmtpd dovecot-managesieved postfix swaks fetchmail sieve-connect python3)
 
 CACHE="${IMAPGATE_CACHE:-$HOME/.cache/imapgate}"
 BIN="$CACHE/bin"
