@@ -49,11 +49,12 @@ func TestConsulMoveAllProtocols(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	const hold = 800 * time.Millisecond
 	ev := &lateEvictor{}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	r, err := routing.NewConsul(ctx, routing.ConsulConfig{
-		Address: consul.HTTPAddr, Service: "imap", Evictor: ev,
+		Address: consul.HTTPAddr, Service: "imap", Evictor: ev, MoveHold: hold,
 		RetryMax: 500 * time.Millisecond, Logger: zaptest.NewLogger(t).Named("router"),
 	})
 	if err != nil {
@@ -113,12 +114,17 @@ func TestConsulMoveAllProtocols(t *testing.T) {
 		t.Fatal(err)
 	}
 	pop.expect("-ERR [SYS/TEMP] Your mailbox moved")
+	evicted := time.Now()
 	pop.expectClosedPOP3()
 	sv.expect(`BYE (TRYLATER) "Your mailbox moved`)
 	sv.expectClosedPOP3()
 
+	// The delivery waits for the move's hold, as a login does.
 	if re, de := deliver(t, c, strings.NewReader(message("after the move", "x")), user); len(re)+len(de) != 0 {
 		t.Fatalf("delivery after the move: %v %v", re, de)
+	}
+	if d := time.Since(evicted); d < hold-200*time.Millisecond {
+		t.Errorf("delivered %v after the move, before its %v hold ended", d, hold)
 	}
 	count := func(id string) string {
 		return strings.TrimSpace(dovecots[id].Doveadm(t, "mailbox", "status", "-u", user, "messages", "INBOX"))
