@@ -676,3 +676,28 @@ func TestLMTPLostPlacementRace(t *testing.T) {
 		}
 	}
 }
+
+// TestLMTPBDAT: CHUNKING (BDAT) from the MTA is streamed the same way and
+// answered per recipient.
+func TestLMTPBDAT(t *testing.T) {
+	e := newLMTPEnv(t, nil)
+	c := dialConv(t, e.lmtpAddr, nil)
+	c.expect("220 ")
+	c.send("LHLO mta\r\n")
+	for l := c.line(); !strings.HasPrefix(l, "250 "); l = c.line() {
+	}
+	msg := message("chunked", "in two chunks")
+	half := len(msg) / 2
+	c.send("MAIL FROM:<s@example.com>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<dave@example.net>\r\n")
+	c.expect("250")
+	c.expect("250")
+	c.expect("250")
+	c.send(fmt.Sprintf("BDAT %d\r\n%s", half, msg[:half]))
+	c.expect("250")
+	c.send(fmt.Sprintf("BDAT %d LAST\r\n%s", len(msg)-half, msg[half:]))
+	c.expect("250 2.0.0 <alice@example.org>")
+	c.expect("250 2.0.0 <dave@example.net>")
+	if got := e.inbox(t, e.d2, "dave@example.net"); len(got) != 1 || got[0] != "chunked" {
+		t.Errorf("dave's INBOX: %q", got)
+	}
+}
