@@ -1,19 +1,35 @@
-// Package proxy is imapgate's IMAP front end: it accepts mail clients,
-// answers the Not Authenticated state itself (CAPABILITY, STARTTLS, ID,
-// LOGIN, AUTHENTICATE), asks a routing.Router which backend owns the user,
-// logs in there with the client's credentials, and then splices the rest
-// of the session through byte for byte.
+// Package proxy is imapgate's front end: it accepts mail clients, answers
+// them until they log in, logs in to the backend the router names for
+// the user, and then splices the two connections. One placement serves
+// every protocol; the shared machinery (listeners, TLS and STARTTLS,
+// PROXY protocol in, limits and failure buckets, per-IP accounting, the
+// backend dial with TLS/STARTTLS and PROXY protocol out, the parked
+// splice, drain, the sessions index with kicks and evictions, metrics) is
+// used by one front end per protocol:
+//
+//   - IMAP, the reference: session.go (the session's life, login),
+//     command.go (the pre-auth reader), authenticate.go, backend.go.
+//   - POP3: pop3.go (pre-auth), pop3_backend.go (backend login).
+//   - ManageSieve: sieve.go (pre-auth), sieve_parse.go (its reader),
+//     sieve_backend.go (backend login).
+//   - LMTP (delivery, no login, no splice): lmtp.go plugs package
+//     proxy/lmtp in.
+//
+// protocols.go holds what the shared code says differently per protocol.
 //
 // Typical use:
 //
 //	srv, err := proxy.NewServer(proxy.Options{Router: r, TLS: cfg, Logger: log})
-//	go srv.Serve(ln, proxy.Listener{Name: "imaps", Mode: proxy.ImplicitTLS})
+//	go srv.Serve(ln993, proxy.Listener{Mode: proxy.ImplicitTLS})
+//	go srv.Serve(ln995, proxy.Listener{Protocol: routing.ProtocolPOP3})
+//	go srv.Serve(ln24, proxy.Listener{Protocol: routing.ProtocolLMTP, Mode: proxy.StartTLS, AllowFrom: mtas})
 //	...
-//	err = srv.Shutdown(ctx) // stop accepting, BYE before login, wait, then close
+//	srv.Shutdown(ctx) // drains every protocol
 //
 // A Server is also the routing.Evictor: a router that moves a user calls
-// EvictUser, and the user's sessions on the old backend end with a BYE.
-// Idle spliced sessions hold no goroutine: their sockets wait in one epoll
-// set per Server (see splice.go). README.md in this directory tells the
-// whole life of a session and what a client sees when things fail.
+// EvictUser, and the user's sessions on the old backend end, each told in
+// its own protocol. Idle spliced sessions hold no goroutine: their sockets
+// wait in one epoll set per Server (see splice.go). README.md in this
+// directory tells the whole life of a session and what a client sees when
+// things fail.
 package proxy

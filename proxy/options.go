@@ -35,6 +35,9 @@ type Options struct {
 	Limits Limits
 	// Timeouts bound how long each protocol state may last.
 	Timeouts Timeouts
+	// LMTP shapes the LMTP front end (lmtp.go), for Listeners with
+	// Protocol LMTP.
+	LMTP LMTPOptions
 }
 
 // CapabilityOptions shape the capability list imapgate advertises before
@@ -217,6 +220,12 @@ type Listener struct {
 	// peers are never believed: a PROXY line from them is a bad command.
 	// Empty means none.
 	ProxyProtocolFrom []netip.Prefix
+	// Protocol is what the listener speaks: IMAP (the zero value), POP3,
+	// ManageSieve or LMTP (see lmtp.go, pop3.go, sieve.go).
+	Protocol routing.Protocol
+	// AllowFrom lists the networks clients may connect from (LMTP only:
+	// the MTAs). Empty means anyone.
+	AllowFrom []netip.Prefix
 }
 
 func (o *Options) withDefaults() Options {

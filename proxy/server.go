@@ -34,6 +34,7 @@ type Server struct {
 	stopOnce   sync.Once
 	parkAfter  time.Duration // parkAfter, shorter in tests
 	limiters   atomic.Pointer[limiters]
+	lmtp       lmtpFront // the LMTP front end, if an LMTP listener is served
 
 	closing atomic.Bool
 	// base is cancelled by Close: it ends every session's blocking work.
@@ -127,6 +128,9 @@ func (s *Server) Serve(ln net.Listener, l Listener) error {
 	if l.Name == "" {
 		l.Name = ln.Addr().String()
 	}
+	if l.Protocol == routing.ProtocolLMTP {
+		return s.serveLMTP(ln, l) // lmtp.go: delivery has its own front end
+	}
 	if l.Mode == ImplicitTLS && s.o().TLS == nil {
 		ln.Close()
 		return errors.New("proxy: implicit-TLS listener needs Options.TLS")
@@ -198,7 +202,7 @@ func (s *Server) serveConn(c net.Conn, l *Listener) {
 		s.log.Warn("connection refused", zap.String("client", remote.String()), zap.String("limit", reason))
 		if l.Mode == StartTLS {
 			c.SetWriteDeadline(time.Now().Add(time.Second))
-			c.Write([]byte("* BYE [UNAVAILABLE] Too many connections, try again later\r\n"))
+			c.Write([]byte(refusalLine(l.Protocol))) // protocols.go
 		}
 		c.Close()
 		return
@@ -207,7 +211,14 @@ func (s *Server) serveConn(c net.Conn, l *Listener) {
 	s.mu.Lock()
 	s.sessions[sess] = struct{}{}
 	s.mu.Unlock()
-	if !sess.serve(s.base) {
+	serve := sess.serve // IMAP: session.go
+	switch l.Protocol {
+	case routing.ProtocolPOP3:
+		serve = sess.servePOP3 // pop3.go
+	case routing.ProtocolSieve:
+		serve = sess.serveSieve // sieve.go
+	}
+	if !serve(s.base) {
 		s.endSession(sess)
 	}
 	// Otherwise the session is spliced: its directions end it.
@@ -391,6 +402,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	for ln := range s.listeners {
 		ln.Close()
 	}
+	defer s.shutdownLMTP(ctx)()
 	var pre []*session
 	for sess := range s.sessions {
 		if !sess.spliced() {
@@ -431,6 +443,7 @@ func (s *Server) Close() error {
 	}
 	s.mu.Unlock()
 	s.cancelBase()
+	s.closeLMTP()
 	for _, sess := range all {
 		sess.kick("shutdown", "Server shutting down, please reconnect")
 	}

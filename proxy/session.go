@@ -235,7 +235,7 @@ func (s *session) kick(reason, text string) {
 	s.wmu.Lock()
 	if s.atBoundary {
 		s.raw.SetWriteDeadline(time.Now().Add(time.Second))
-		io.WriteString(s.client, "* BYE [UNAVAILABLE] "+text+"\r\n")
+		io.WriteString(s.client, s.byeLine(text)) // protocols.go
 	}
 	s.wmu.Unlock()
 	s.closeConns()

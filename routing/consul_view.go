@@ -227,6 +227,9 @@ func (c *Consul) backendFromEntry(e *api.ServiceEntry) (*Backend, bool) {
 		return nil, false
 	}
 	b.Security = sec
+	if !c.protocolAddrs(b, host, svc.Meta) {
+		return nil, false
+	}
 	switch pp := svc.Meta[MetaProxyProtocol]; pp {
 	case "", "0", "none":
 	case "1", "2":
@@ -253,7 +256,7 @@ func (c *Consul) backendFromEntry(e *api.ServiceEntry) (*Backend, bool) {
 
 func sameBackend(a, b *Backend) bool {
 	return a.ID == b.ID && a.Addr == b.Addr && a.Security == b.Security && a.Weight == b.Weight &&
-		a.ProxyProtocol == b.ProxyProtocol &&
+		a.ProxyProtocol == b.ProxyProtocol && sameProtocolAddrs(a, b) &&
 		(a.TLS == nil) == (b.TLS == nil) && (a.TLS == nil || a.TLS.ServerName == b.TLS.ServerName)
 }
 

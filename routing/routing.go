@@ -100,6 +100,18 @@ type Backend struct {
 	// header of that version first on every connection to this backend,
 	// so it sees the client's address. Zero means none.
 	ProxyProtocol int
+
+	// POP3Addr, SieveAddr and LMTPAddr are the host:port of the same
+	// server's POP3, ManageSieve and LMTP services (Addr is IMAP): one
+	// backend identity, so a user's every protocol lands on the same
+	// mailboxes. Empty means the backend does not serve that protocol.
+	// See protocols.go and AddrFor.
+	POP3Addr, SieveAddr, LMTPAddr string
+	// LMTPSecurity is how imapgate talks LMTP to the backend; LMTP mostly
+	// runs in cleartext on a trusted network, so it is separate from
+	// Security (which POP3 and ManageSieve share with IMAP). Zero means
+	// cleartext.
+	LMTPSecurity Security
 }
 
 // Router finds the backend that owns a user. Route must be safe for

@@ -11,7 +11,8 @@ set -euo pipefail
 
 CONSUL_VERSION=1.13.9
 PEBBLE_VERSION=v2.10.3
-APT_PACKAGES=(dovecot-imapd dovecot-core haproxy openssl ca-certificates slapd ldap-utils chromium)
+APT_PACKAGES=(dovecot-imapd dovecot-core haproxy openssl ca-certificates slapd ldap-utils chromium
+	dovecot-pop3d dovecot-lmtpd dovecot-managesieved postfix swaks fetchmail sieve-connect python3)
 
 CACHE="${IMAPGATE_CACHE:-$HOME/.cache/imapgate}"
 BIN="$CACHE/bin"
@@ -106,6 +107,8 @@ stop_service() {
 stop_service dovecot /run/dovecot/master.pid
 stop_service haproxy /run/haproxy.pid
 stop_service slapd /run/slapd/slapd.pid
+# Tests start their own Postfix with its own config and queue directory.
+stop_service postfix /var/spool/postfix/pid/master.pid
 if command -v ss >/dev/null 2>&1 && ss -Htln 'sport = :143 or sport = :993' | grep -q .; then
 	warn "something still listens on port 143 or 993 (not needed by the tests, but check: ss -tlnp)"
 fi

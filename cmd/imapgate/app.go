@@ -279,10 +279,7 @@ func (a *app) register(ctx context.Context, specs []config.ListenerSpec) error {
 	for i, sp := range specs {
 		// The port actually bound: ":0" in tests.
 		n := a.lnAddrs[i].(*net.TCPAddr).Port
-		name := "imap"
-		if sp.Listener.Mode == proxy.ImplicitTLS {
-			name = "imaps"
-		}
+		name := registrationName(sp) // protocols.go
 		if _, dup := ports[name]; dup {
 			name = sp.Listener.Name
 		}

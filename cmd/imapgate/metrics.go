@@ -19,6 +19,7 @@ type promMetrics struct {
 	login    *prometheus.HistogramVec
 	route    *prometheus.HistogramVec
 	limits   *prometheus.CounterVec
+	lmtp     *prometheus.CounterVec // protocols.go
 
 	// Operations, counted by the app rather than the proxy.
 	reloads    *prometheus.CounterVec
@@ -51,7 +52,8 @@ func newMetrics(reg prometheus.Registerer, a *app) *promMetrics {
 	m.lastReload = prometheus.NewGauge(prometheus.GaugeOpts{Name: "imapgate_config_last_reload_success_timestamp_seconds", Help: "When the configuration was last loaded successfully (start-up or reload), as a Unix time."})
 	m.admin = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "imapgate_admin_actions_total", Help: "Admin API actions by action (kick, drain, undrain, move, reload) and result (ok, error)."}, []string{"action", "result"})
 	m.lastReload.SetToCurrentTime()
-	m.all = []prometheus.Collector{m.sessions, m.ended, m.bytes, m.preauth, m.logins, m.dial, m.login, m.route, m.limits,
+	m.lmtp = newLMTPCounter()
+	m.all = []prometheus.Collector{m.sessions, m.ended, m.bytes, m.preauth, m.logins, m.dial, m.login, m.route, m.limits, m.lmtp,
 		m.reloads, m.lastReload, m.admin,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),

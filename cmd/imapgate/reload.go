@@ -209,7 +209,7 @@ func reloadClass(key string, consul, acme bool) keyClass {
 		return false
 	}
 	switch {
-	case under("log.format", "listen", "consul", "http.addr", "tls.acme", "routing.router", "routing.http", "routing.ldap", "routing.directory"):
+	case under("log.format", "listen", "consul", "http.addr", "tls.acme", "routing.router", "routing.http", "routing.ldap", "routing.directory", "lmtp"):
 		return classRestart
 	case acme && under("tls"):
 		return classRestart
@@ -232,6 +232,7 @@ func effective(boot, next *config.Config, consul, acme bool) *config.Config {
 	e.HTTP.Addr = boot.HTTP.Addr
 	e.TLS.ACME = boot.TLS.ACME
 	e.Routing.Router = boot.Routing.Router
+	e.LMTP = boot.LMTP // the LMTP front end is built once
 	if acme {
 		e.TLS = boot.TLS
 	}

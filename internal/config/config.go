@@ -46,6 +46,7 @@ type Config struct {
 	Consul   Consul             `toml:"consul"`
 	HTTP     HTTP               `toml:"http"`
 	Shutdown Shutdown           `toml:"shutdown"`
+	LMTP     LMTP               `toml:"lmtp"`
 }
 
 // Log configures logging.
@@ -62,6 +63,20 @@ type Listen struct {
 	InsecureAuth []string `toml:"insecure_auth"` // CIDRs allowed to log in without TLS (starttls only)
 	// CIDRs of load balancers that must send a PROXY protocol header.
 	ProxyProtocolFrom []string `toml:"proxy_protocol_from"`
+	Protocol          string   `toml:"protocol"`   // "imap" (default), "pop3", "sieve" or "lmtp"
+	AllowFrom         []string `toml:"allow_from"` // lmtp: CIDRs of the MTAs; default anyone
+}
+
+// LMTP configures delivery through imapgate (protocol = "lmtp"
+// listeners); zero means the default.
+type LMTP struct {
+	Hostname           string   `toml:"hostname"`            // greeting and Received; default the host name
+	MaxMessageSize     int64    `toml:"max_message_size"`    // SIZE, bytes; default 64 MiB
+	MaxRecipients      int      `toml:"max_recipients"`      // per transaction; default 1000
+	HopLimit           int      `toml:"hop_limit"`           // Received fields before a loop is declared; default 30
+	RecipientDelimiter string   `toml:"recipient_delimiter"` // e.g. "+": alice+x@ routes as alice@
+	CommandTimeout     Duration `toml:"command_timeout"`     // default 5m
+	BackendTimeout     Duration `toml:"backend_timeout"`     // default 2m
 }
 
 // TLS configures the listeners' certificates.
@@ -166,6 +181,11 @@ type Backend struct {
 	CAFile             string `toml:"ca_file"`
 	InsecureSkipVerify bool   `toml:"insecure_skip_verify"`
 	ProxyProtocol      int    `toml:"proxy_protocol"` // 0 (none), 1 or 2
+	// The same server's other protocols (one backend, one placement).
+	POP3Addr     string `toml:"pop3_addr"`     // host:port; security as for IMAP
+	SieveAddr    string `toml:"sieve_addr"`    // host:port; security as for IMAP
+	LMTPAddr     string `toml:"lmtp_addr"`     // host:port
+	LMTPSecurity string `toml:"lmtp_security"` // none (default), tls, starttls
 }
 
 // Routing chooses and configures the router.
@@ -368,7 +388,24 @@ func (c *Config) listener(l Listen) (proxy.Listener, error) {
 	if _, _, err := net.SplitHostPort(l.Addr); err != nil {
 		return pl, fmt.Errorf("addr %q: %w", l.Addr, err)
 	}
-	switch strings.ToLower(l.Mode) {
+	var err error
+	if pl.Protocol, err = routing.ParseProtocol(l.Protocol); err != nil {
+		return pl, err
+	}
+	mode := strings.ToLower(l.Mode)
+	if mode == "" && pl.Protocol == routing.ProtocolLMTP {
+		mode = "starttls" // LMTP is cleartext, STARTTLS if TLS is configured
+	}
+	if len(l.AllowFrom) > 0 && pl.Protocol != routing.ProtocolLMTP {
+		return pl, errors.New("allow_from is only for protocol = \"lmtp\"")
+	}
+	if pl.AllowFrom, err = prefixes(l.AllowFrom); err != nil {
+		return pl, fmt.Errorf("allow_from: %w", err)
+	}
+	if len(l.ProxyProtocolFrom) > 0 && pl.Protocol == routing.ProtocolLMTP {
+		return pl, errors.New("proxy_protocol_from is not supported on an lmtp listener")
+	}
+	switch mode {
 	case "", "tls", "implicit", "imaps":
 		pl.Mode = proxy.ImplicitTLS
 	case "starttls":
@@ -383,7 +420,6 @@ func (c *Config) listener(l Listen) (proxy.Listener, error) {
 	if len(l.InsecureAuth) > 0 && pl.Mode != proxy.StartTLS {
 		return pl, errors.New("insecure_auth only makes sense on a starttls listener")
 	}
-	var err error
 	if pl.InsecureAuth, err = prefixes(l.InsecureAuth); err != nil {
 		return pl, fmt.Errorf("insecure_auth: %w", err)
 	}
@@ -440,6 +476,15 @@ func (c *Config) ProxyOptions() (proxy.Options, error) {
 		},
 	}
 	o.Backend.NoForwardID = c.Backend.NoForwardID
+	o.LMTP = proxy.LMTPOptions{
+		Hostname:           c.LMTP.Hostname,
+		MaxMessageBytes:    c.LMTP.MaxMessageSize,
+		MaxRecipients:      c.LMTP.MaxRecipients,
+		HopLimit:           c.LMTP.HopLimit,
+		RecipientDelimiter: c.LMTP.RecipientDelimiter,
+		CommandTimeout:     c.LMTP.CommandTimeout.D(),
+		BackendTimeout:     c.LMTP.BackendTimeout.D(),
+	}
 	if c.Limits.MaxLineLength != 0 && c.Limits.MaxLineLength < 1024 {
 		return o, errors.New("limits.max_line_length must be at least 1024")
 	}
@@ -549,6 +594,9 @@ func (c *Config) StaticConfig() (routing.StaticConfig, error) {
 			errs = append(errs, fmt.Errorf("backends.%s.proxy_protocol: want 0, 1 or 2", name))
 		}
 		rb := &routing.Backend{ID: name, Addr: b.Addr, Security: sec, Weight: b.Weight, ProxyProtocol: b.ProxyProtocol}
+		if err := protocolAddrs(rb, b); err != nil {
+			errs = append(errs, fmt.Errorf("backends.%s.%w", name, err))
+		}
 		if sec != routing.SecurityNone {
 			ca := b.CAFile
 			if ca == "" {
@@ -610,4 +658,23 @@ func (c *Config) ConsulClient() (*api.Client, error) {
 		Address: c.Consul.Address, Token: c.Consul.Token, Datacenter: c.Consul.Datacenter,
 	})
 	return client, err
+}
+
+// protocolAddrs copies a backend's POP3, Sieve and LMTP addresses.
+func protocolAddrs(rb *routing.Backend, b Backend) error {
+	for _, a := range []struct{ key, v string }{{"pop3_addr", b.POP3Addr}, {"sieve_addr", b.SieveAddr}, {"lmtp_addr", b.LMTPAddr}} {
+		if a.v == "" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(a.v); err != nil {
+			return fmt.Errorf("%s %q: %w", a.key, a.v, err)
+		}
+	}
+	rb.POP3Addr, rb.SieveAddr, rb.LMTPAddr = b.POP3Addr, b.SieveAddr, b.LMTPAddr
+	sec, err := routing.ParseSecurity(b.LMTPSecurity)
+	if err != nil {
+		return fmt.Errorf("lmtp_security: %w", err)
+	}
+	rb.LMTPSecurity = sec
+	return nil
 }

@@ -32,6 +32,11 @@ type DovecotOptions struct {
 	// means none. Connections from these networks may forward the client's
 	// address (ID x-originating-ip) and skip the auth failure delay.
 	TrustedNetworks string
+	// Protocols are the services besides IMAP to run, each on its own
+	// free port: any of "pop3" (cleartext with STLS, and implicit TLS),
+	// "lmtp" (cleartext) and "sieve" (ManageSieve with STARTTLS). They need
+	// the dovecot-pop3d, dovecot-lmtpd and dovecot-managesieved packages.
+	Protocols []string
 	// Extra is appended verbatim to the generated dovecot.conf: a later
 	// setting overrides an earlier one, and extra passdb blocks are tried
 	// after the built-in passwd-file.
@@ -56,6 +61,10 @@ type Dovecot struct {
 	CA      *TestCA           // signed Dovecot's certificate (server name "localhost")
 	Dir     string            // base of everything: dovecot.conf, run/, mail/, dovecot.log
 	Users   map[string]string // the users it knows, as passed in (not lowercased)
+
+	// The other protocols' addresses, "" unless DovecotOptions.Protocols
+	// asked for them.
+	POP3Addr, POP3TLSAddr, LMTPAddr, SieveAddr string
 
 	conf string
 
@@ -92,7 +101,19 @@ func StartDovecot(t testing.TB, opts DovecotOptions) *Dovecot {
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
-	ports, err := freePorts(2, false)
+	for _, p := range opts.Protocols {
+		switch p {
+		case "pop3":
+			Need(t, "/usr/lib/dovecot/pop3")
+		case "lmtp":
+			Need(t, "/usr/lib/dovecot/lmtp")
+		case "sieve":
+			Need(t, "/usr/lib/dovecot/managesieve")
+		default:
+			t.Fatalf("testenv: unknown Dovecot protocol %q", p)
+		}
+	}
+	ports, err := freePorts(2+4, false)
 	if err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
@@ -103,6 +124,17 @@ func StartDovecot(t testing.TB, opts DovecotOptions) *Dovecot {
 		Dir:     dir,
 		Users:   maps.Clone(users),
 		conf:    filepath.Join(dir, "dovecot.conf"),
+	}
+	for _, p := range opts.Protocols {
+		at := func(i int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[i])) }
+		switch p {
+		case "pop3":
+			d.POP3Addr, d.POP3TLSAddr = at(2), at(3)
+		case "lmtp":
+			d.LMTPAddr = at(4)
+		case "sieve":
+			d.SieveAddr = at(5)
+		}
 	}
 	if err := d.writeConfig(opts, ports); err != nil {
 		t.Fatalf("testenv: dovecot config: %v", err)
@@ -141,6 +173,9 @@ func (d *Dovecot) Start(t testing.TB) {
 	d.proc = p
 	err = waitFor(p, dovecotStartTimeout, func() error {
 		if err := greeting(d.Addr, nil); err != nil {
+			return err
+		}
+		if err := d.otherGreetings(); err != nil {
 			return err
 		}
 		return greeting(d.TLSAddr, &tls.Config{RootCAs: d.CA.Pool, ServerName: "localhost"})
@@ -336,6 +371,8 @@ func (d *Dovecot) writeConfig(opts DovecotOptions, ports []int) error {
 		TrustedNetworks: opts.TrustedNetworks,
 		IMAPPlugins:     plugins,
 		Extra:           opts.Extra,
+		Protocols:       opts.Protocols,
+		Ports:           ports,
 	}
 	return os.WriteFile(d.conf, []byte(conf.String()), 0o644)
 }
@@ -352,6 +389,8 @@ type dovecotConfig struct {
 	TrustedNetworks   string
 	IMAPPlugins       string
 	Extra             string
+	Protocols         []string
+	Ports             []int
 }
 
 // String renders a complete dovecot.conf for Dovecot 2.3. It includes
@@ -364,7 +403,7 @@ func (c dovecotConfig) String() string {
 	w("state_dir = %s/state", c.Dir)
 	w("instance_name = %s", c.Instance)
 	w("log_path = %s/dovecot.log", c.Dir)
-	w("protocols = imap")
+	w("protocols = imap %s", strings.Join(c.Protocols, " "))
 	w("listen = 127.0.0.1")
 	w("")
 	w("default_internal_user = %s", c.Owner.internalUser)
@@ -453,6 +492,7 @@ func (c dovecotConfig) String() string {
 		w("  mail_plugins = $mail_plugins %s", c.IMAPPlugins)
 	}
 	w("}")
+	c.otherProtocols(w)
 	if c.Extra != "" {
 		w("")
 		w("# DovecotOptions.Extra")

@@ -1,0 +1,433 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/imapgate/imapgate/internal/testenv"
+	"github.com/imapgate/imapgate/routing"
+	"go.uber.org/zap/zaptest"
+)
+
+// These tests run imapgate's POP3 front end (pop3.go) in front of a real
+// Dovecot with dovecot-pop3d, with real clients: Python's poplib and
+// fetchmail.
+
+// protoEnv is imapgate with listeners of several protocols in front of
+// Dovecots.
+type protoEnv struct {
+	srv       *Server
+	ca        *testenv.TestCA
+	clientTLS *tls.Config
+	d         *testenv.Dovecot
+	addrs     map[string]string // "imap", "pop3" (STLS), "pop3s", "sieve"
+	h         *harness          // for serveExtra's WaitGroup
+}
+
+func newProtoEnv(t *testing.T, protocols []string, mod func(*Options)) *protoEnv {
+	t.Helper()
+	return newProtoEnvExtra(t, protocols, "", mod)
+}
+
+// newProtoEnvExtra is newProtoEnv with DovecotOptions.Extra.
+func newProtoEnvExtra(t *testing.T, protocols []string, extra string, mod func(*Options)) *protoEnv {
+	t.Helper()
+	testenv.Need(t, "dovecot")
+	d := testenv.StartDovecot(t, testenv.DovecotOptions{TrustedNetworks: "127.0.0.0/8", Protocols: protocols, Extra: extra})
+	b := dovecotLMTPBackend("d1", d)
+	ca := testenv.NewTestCA(t)
+	opts := Options{
+		Router: fixedRouter(b),
+		TLS:    &tls.Config{Certificates: []tls.Certificate{ca.ServerCert}},
+		Logger: zaptest.NewLogger(t),
+	}
+	opts.Limits.AuthFailureDelay = -1
+	if mod != nil {
+		mod(&opts)
+	}
+	srv, err := NewServer(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &protoEnv{srv: srv, ca: ca, d: d, addrs: map[string]string{},
+		clientTLS: &tls.Config{RootCAs: ca.Pool, ServerName: "localhost"}, h: &harness{srv: srv}}
+	t.Cleanup(func() { srv.Close(); e.h.wg.Wait() })
+	e.addrs["imap"] = serveExtra(t, e.h, Listener{Mode: ImplicitTLS})
+	for _, p := range protocols {
+		switch p {
+		case "pop3":
+			e.addrs["pop3"] = serveExtra(t, e.h, Listener{Protocol: routing.ProtocolPOP3, Mode: StartTLS})
+			e.addrs["pop3s"] = serveExtra(t, e.h, Listener{Protocol: routing.ProtocolPOP3, Mode: ImplicitTLS})
+		case "sieve":
+			e.addrs["sieve"] = serveExtra(t, e.h, Listener{Protocol: routing.ProtocolSieve, Mode: StartTLS})
+		}
+	}
+	return e
+}
+
+// poplibScript logs in with Python's poplib, lists and retrieves, and
+// prints what it found.
+const poplibScript = `
+import poplib, ssl, sys
+host, port, mode, cafile, user, pw = sys.argv[1:7]
+ctx = ssl.create_default_context(cafile=cafile)
+if mode == "tls":
+    p = poplib.POP3_SSL(host, int(port), context=ctx, timeout=10)
+else:
+    p = poplib.POP3(host, int(port), timeout=10)
+    caps = p.capa()
+    assert "STLS" in caps, caps
+    assert "USER" not in caps, caps
+    p.stls(context=ctx)
+caps = p.capa()
+assert "USER" in caps and "STLS" not in caps, caps
+p.user(user)
+p.pass_(pw)
+n, size = p.stat()
+print("count", n)
+for i in range(1, n + 1):
+    resp, lines, octets = p.retr(i)
+    print("subject", [l.decode() for l in lines if l.lower().startswith(b"subject:")][0])
+p.quit()
+`
+
+func runPoplib(t *testing.T, e *protoEnv, mode, user string) string {
+	t.Helper()
+	testenv.Need(t, "python3")
+	addr := e.addrs["pop3"]
+	if mode == "tls" {
+		addr = e.addrs["pop3s"]
+	}
+	host, port, _ := net.SplitHostPort(addr)
+	cmd := exec.Command(testenv.Bin("python3"), "-c", poplibScript, host, port, mode, e.ca.CAFile, user, e.d.Users[user])
+	// Python checks the certificate against the name it dialled.
+	cmd.Args[3] = "localhost"
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("poplib (%s): %v\n%s", mode, err, out)
+	}
+	return string(out)
+}
+
+// TestPOP3Poplib: Python's poplib logs in over implicit TLS and over STLS
+// and reads a message delivered to the backend.
+func TestPOP3Poplib(t *testing.T) {
+	e := newProtoEnv(t, []string{"pop3", "lmtp"}, nil)
+	lmtpAddr := serveExtra(t, e.h, Listener{Protocol: routing.ProtocolLMTP, Mode: StartTLS})
+	c := lmtpDial(t, lmtpAddr, "")
+	if r, d := deliver(t, c, strings.NewReader(message("for pop3", "hi")), "alice@example.org"); len(r)+len(d) != 0 {
+		t.Fatalf("delivery: %v %v", r, d)
+	}
+	for _, mode := range []string{"tls", "stls"} {
+		out := runPoplib(t, e, mode, "alice@example.org")
+		if !strings.Contains(out, "count 1") || !strings.Contains(out, "subject Subject: for pop3") {
+			t.Errorf("poplib (%s) saw:\n%s", mode, out)
+		}
+	}
+	if log := e.d.Log(); strings.Count(log, "pop3-login: Info: Login: user=<alice@example.org>") != 2 {
+		t.Errorf("no POP3 login in Dovecot's log:\n%s", log)
+	}
+}
+
+// TestPOP3Fetchmail: fetchmail over STLS downloads the message.
+func TestPOP3Fetchmail(t *testing.T) {
+	testenv.Need(t, "fetchmail")
+	e := newProtoEnv(t, []string{"pop3", "lmtp"}, nil)
+	lmtpAddr := serveExtra(t, e.h, Listener{Protocol: routing.ProtocolLMTP, Mode: StartTLS})
+	c := lmtpDial(t, lmtpAddr, "")
+	if r, d := deliver(t, c, strings.NewReader(message("for fetchmail", "hi")), "bob@example.org"); len(r)+len(d) != 0 {
+		t.Fatalf("delivery: %v %v", r, d)
+	}
+	dir := t.TempDir()
+	_, port, _ := net.SplitHostPort(e.addrs["pop3"])
+	out := filepath.Join(dir, "mbox")
+	rc := "poll localhost protocol POP3 port " + port + "\n" +
+		"  user \"bob@example.org\" password \"" + e.d.Users["bob@example.org"] + "\"\n" +
+		"  sslproto 'TLS1.2+' sslcertck sslcertfile \"" + e.ca.CAFile + "\"\n" +
+		"  mda \"cat >> " + out + "\"\n"
+	rcFile := filepath.Join(dir, "fetchmailrc")
+	if err := os.WriteFile(rcFile, []byte(rc), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(testenv.Bin("fetchmail"), "-f", rcFile, "--nosyslog", "-v", "-k")
+	cmd.Env = append(os.Environ(), "HOME="+dir, "FETCHMAILHOME="+dir)
+	res, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("fetchmail: %v\n%s", err, res)
+	}
+	got, _ := os.ReadFile(out)
+	if !strings.Contains(string(got), "Subject: for fetchmail") {
+		t.Errorf("fetchmail delivered %q\n%s", got, res)
+	}
+	if !strings.Contains(string(res), "STLS") {
+		t.Errorf("fetchmail did not use STLS:\n%s", res)
+	}
+}
+
+// TestPOP3Conversation: the pre-auth dialogue, AUTH forms, the bad-input
+// classes, and an eviction closing a logged-in POP3 session.
+func TestPOP3Conversation(t *testing.T) {
+	e := newProtoEnv(t, []string{"pop3"}, func(o *Options) { o.Limits.MaxBadCommands = 3 })
+	pass := e.d.Users["alice@example.org"]
+	plain := base64.StdEncoding.EncodeToString([]byte("\x00alice@example.org\x00" + pass))
+
+	t.Run("cleartext refuses credentials until STLS", func(t *testing.T) {
+		c := dialConv(t, e.addrs["pop3"], nil)
+		c.expect("+OK imapgate ready.")
+		c.send("USER alice@example.org\r\n")
+		c.expect("-ERR [AUTH] Use STLS")
+		c.send("CAPA\r\n")
+		c.expect("+OK")
+		caps := strings.Join(capaLines(c), " ")
+		if !strings.Contains(caps, "STLS") || strings.Contains(caps, "USER") || strings.Contains(caps, "SASL") {
+			t.Errorf("cleartext CAPA %q", caps)
+		}
+		// Injection after STLS: the pipelined command must be dropped.
+		c.send("STLS\r\nUSER injected\r\n")
+		c.expect("+OK Begin TLS")
+		c.starttlsHandshake(e.clientTLS)
+		c.send("PASS x\r\n")
+		c.expect("-ERR USER first")
+		c.send("AUTH PLAIN " + plain + "\r\n")
+		c.expect("+OK")
+		c.send("STAT\r\n")
+		c.expect("+OK 0 0")
+		c.send("QUIT\r\n")
+		c.expect("+OK")
+	})
+	t.Run("AUTH PLAIN with a continuation, LOGIN, cancel", func(t *testing.T) {
+		c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
+		c.expect("+OK")
+		c.send("AUTH PLAIN\r\n")
+		c.expect("+ ")
+		c.send("*\r\n")
+		c.expect("-ERR Authentication cancelled")
+		c.send("AUTH LOGIN\r\n")
+		c.expect("+ VXNlcm5hbWU6")
+		c.send(base64.StdEncoding.EncodeToString([]byte("alice@example.org")) + "\r\n")
+		c.expect("+ UGFzc3dvcmQ6")
+		c.send(base64.StdEncoding.EncodeToString([]byte(pass)) + "\r\n")
+		c.expect("+OK")
+		c.send("QUIT\r\n")
+		c.expect("+OK")
+	})
+	for _, tc := range []struct{ name, send, want string }{
+		{"long line", strings.Repeat("A", 10<<10) + "\r\n", "-ERR Line too long"},
+		{"NUL", "USER a\x00b\r\n", "-ERR NUL"},
+		{"IMAP on the POP3 port", "a1 LOGIN alice pass\r\n", "-ERR This is a POP3 server"},
+		{"SMTP on the POP3 port", "EHLO x\r\n", "-ERR This is a POP3 server"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
+			c.expect("+OK")
+			c.send(tc.send)
+			c.expect(tc.want)
+			c.expectClosed()
+		})
+	}
+	t.Run("TLS on the cleartext port", func(t *testing.T) {
+		c := dialConv(t, e.addrs["pop3"], nil)
+		c.expect("+OK")
+		c.send("\x16\x03\x01\x00\x05hello")
+		c.expect("-ERR This port speaks cleartext POP3")
+		c.expectClosed()
+	})
+	t.Run("too many bad commands", func(t *testing.T) {
+		c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
+		c.expect("+OK")
+		c.send("NOOP\r\nRETR 1\r\nLIST\r\n")
+		c.expect("-ERR")
+		c.expect("-ERR")
+		c.expect("-ERR")
+		c.expectClosed()
+	})
+	t.Run("XCLIENT gives Dovecot the client's address", func(t *testing.T) {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.3")}}
+		raw, err := d.Dial("tcp", e.addrs["pop3s"])
+		if err != nil {
+			t.Fatal(err)
+		}
+		tc := tls.Client(raw, e.clientTLS)
+		c := &conv{t: t, c: tc, br: bufioReader(tc)}
+		defer tc.Close()
+		tc.SetDeadline(time.Now().Add(10 * time.Second))
+		c.expect("+OK")
+		c.send("AUTH PLAIN " + plain + "\r\n")
+		c.expect("+OK")
+		c.send("QUIT\r\n")
+		c.expect("+OK")
+		if log := e.d.Log(); !strings.Contains(log, "rip=127.0.0.3") {
+			t.Errorf("Dovecot did not see the client address 127.0.0.3:\n%s", log)
+		}
+	})
+	t.Run("eviction closes the session", func(t *testing.T) {
+		c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
+		c.expect("+OK")
+		c.send("AUTH PLAIN " + plain + "\r\n")
+		c.expect("+OK")
+		waitFor(t, func() bool { return len(e.srv.Sessions("alice@example.org", "")) == 1 })
+		if n := e.srv.EvictUser("alice@example.org", ""); n != 1 {
+			t.Fatalf("EvictUser closed %d sessions, want 1", n)
+		}
+		c.expect("-ERR [SYS/TEMP] Your mailbox moved")
+		c.expectClosedPOP3()
+	})
+	// Last: Dovecot penalises this client address for a while after it.
+	t.Run("wrong password", func(t *testing.T) {
+		c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
+		c.expect("+OK")
+		c.send("USER alice@example.org\r\nPASS wrong\r\n")
+		c.expect("+OK")
+		c.expect("-ERR [AUTH] Authentication failed.")
+	})
+}
+
+// TestPOP3SharesFailureLimits: a password guessed over POP3 counts in
+// the same per-user bucket as IMAP logins.
+func TestPOP3SharesFailureLimits(t *testing.T) {
+	e := newProtoEnv(t, []string{"pop3"}, func(o *Options) {
+		o.Limits.UserFailures = RateLimit{Burst: 1, Refill: time.Hour}
+	})
+	c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
+	c.expect("+OK")
+	c.send("USER bob@example.org\r\nPASS wrong\r\n")
+	c.expect("+OK")
+	c.expect("-ERR [AUTH]")
+	im := dialConv(t, e.addrs["imap"], e.clientTLS)
+	im.expect("* OK")
+	im.send("a LOGIN bob@example.org \"" + e.d.Users["bob@example.org"] + "\"\r\n")
+	im.expect("a NO [LIMIT]")
+}
+
+func capaLines(c *conv) []string {
+	var out []string
+	for {
+		l := c.line()
+		if l == "." {
+			return out
+		}
+		out = append(out, l)
+	}
+}
+
+// expectClosedPOP3 checks the server hangs up.
+func (c *conv) expectClosedPOP3() {
+	c.t.Helper()
+	for {
+		l, err := c.br.ReadString('\n')
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			c.t.Fatalf("the connection is still open (%v)", err)
+		}
+		if err != nil {
+			return
+		}
+		c.t.Fatalf("got %q while waiting for the close", l)
+	}
+}
+
+// TestPOP3OAuth: XOAUTH2 and OAUTHBEARER over POP3 are routed by the
+// identity inside and relayed to Dovecot's oauth2 passdb, its error
+// challenge included.
+func TestPOP3OAuth(t *testing.T) {
+	testenv.Need(t, "dovecot")
+	url := oauthServer(t, map[string]string{"good-token": "alice@example.org"})
+	dir := readableDir(t)
+	conf := filepath.Join(dir, "oauth2.conf.ext")
+	os.WriteFile(conf, []byte(fmt.Sprintf("introspection_mode = post\nintrospection_url = %s\nusername_attribute = username\nactive_attribute = active\nactive_value = true\n", url)), 0o644)
+	d := testenv.StartDovecot(t, testenv.DovecotOptions{TrustedNetworks: "127.0.0.0/8", Protocols: []string{"pop3"}, Extra: fmt.Sprintf(`
+auth_mechanisms = plain login xoauth2 oauthbearer
+passdb {
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = %s
+}
+`, conf)})
+	ca := testenv.NewTestCA(t)
+	srv, err := NewServer(Options{Router: fixedRouter(dovecotLMTPBackend("d1", d)), Logger: zaptest.NewLogger(t),
+		TLS:          &tls.Config{Certificates: []tls.Certificate{ca.ServerCert}},
+		Capabilities: CapabilityOptions{AuthMechanisms: []string{"PLAIN", "XOAUTH2", "OAUTHBEARER"}},
+		Limits:       Limits{AuthFailureDelay: -1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &harness{srv: srv}
+	t.Cleanup(func() { srv.Close(); h.wg.Wait() })
+	addr := serveExtra(t, h, Listener{Protocol: routing.ProtocolPOP3, Mode: ImplicitTLS})
+	clientTLS := &tls.Config{RootCAs: ca.Pool, ServerName: "localhost"}
+	xo := b64("user=alice@example.org\x01auth=Bearer good-token\x01\x01")
+	ob := b64("n,a=alice@example.org,\x01host=localhost\x01port=995\x01auth=Bearer bad-token\x01\x01")
+	c := dialConv(t, addr, clientTLS)
+	c.expect("+OK")
+	c.send("CAPA\r\n")
+	c.expect("+OK")
+	if caps := strings.Join(capaLines(c), " "); !strings.Contains(caps, "SASL PLAIN XOAUTH2 OAUTHBEARER") {
+		t.Errorf("CAPA %q", caps)
+	}
+	c.send("AUTH XOAUTH2 " + xo + "\r\n")
+	c.expect("+OK")
+	c.send("STAT\r\n")
+	c.expect("+OK 0 0")
+
+	c = dialConv(t, addr, clientTLS)
+	c.expect("+OK")
+	c.send("AUTH OAUTHBEARER\r\n")
+	c.expect("+ ")
+	c.send(ob + "\r\n")
+	if l := c.line(); !strings.HasPrefix(l, "+ ") || len(l) < 10 {
+		t.Fatalf("got %q, want the backend's error challenge", l)
+	}
+	c.send("AQ==\r\n")
+	c.expect("-ERR [AUTH]")
+}
+
+// TestMasterUserPOP3AndSieve: with a master login configured, POP3 and
+// ManageSieve log in to Dovecot as the master user for the client, once
+// its password is verified.
+func TestMasterUserPOP3AndSieve(t *testing.T) {
+	testenv.Need(t, "dovecot")
+	dir := readableDir(t)
+	masters := filepath.Join(dir, "masters")
+	os.WriteFile(masters, []byte("imapgate:{PLAIN}master-secret\n"), 0o644)
+	e := newProtoEnvExtra(t, []string{"pop3", "sieve"}, fmt.Sprintf(`
+auth_master_user_separator = *
+passdb {
+  driver = passwd-file
+  master = yes
+  args = %s
+}
+`, masters), func(o *Options) {
+		o.Backend.Master = &MasterLogin{User: "imapgate", Password: "master-secret", Verifier: fixedVerifier{"alice@example.org": "client-side-secret"}}
+	})
+	const masterLine = "Master user logging in as alice@example.org"
+	plain := base64.StdEncoding.EncodeToString([]byte("\x00alice@example.org\x00client-side-secret"))
+	c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
+	c.expect("+OK")
+	c.send("USER alice@example.org\r\nPASS wrong\r\n")
+	c.expect("+OK")
+	c.expect("-ERR [AUTH]")
+	c.send("AUTH PLAIN " + plain + "\r\nSTAT\r\n")
+	c.expect("+OK")
+	c.expect("+OK 0 0")
+	s := dialConv(t, e.addrs["sieve"], nil)
+	readSieveResp(s)
+	s.send("STARTTLS\r\n")
+	s.expect("OK")
+	s.starttlsHandshake(e.clientTLS)
+	readSieveResp(s)
+	s.send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\nLISTSCRIPTS\r\n")
+	s.expect("OK")
+	if _, st := readSieveResp(s); !strings.HasPrefix(st, "OK") {
+		t.Fatalf("LISTSCRIPTS as master: %q", st)
+	}
+	waitFor(t, func() bool { return strings.Count(e.d.Log(), masterLine) == 2 })
+}

@@ -1,0 +1,255 @@
+package proxy
+
+import (
+	"bufio"
+	"encoding/base64"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/imapgate/imapgate/internal/testenv"
+)
+
+// These tests run imapgate's ManageSieve front end (sieve.go) in front of
+// a real Dovecot with dovecot-managesieved, with sieve-connect as the
+// client and scripted conversations.
+
+// TestSieveConnect uploads and lists a script with sieve-connect through
+// imapgate (STARTTLS, AUTHENTICATE PLAIN), and checks it is on the
+// user's backend.
+func TestSieveConnect(t *testing.T) {
+	testenv.Need(t, "sieve-connect")
+	e := newProtoEnv(t, []string{"sieve"}, nil)
+	host, port, _ := net.SplitHostPort(e.addrs["sieve"])
+	dir := t.TempDir()
+	script := filepath.Join(dir, "vacation.sieve")
+	if err := os.WriteFile(script, []byte("require \"fileinto\";\nif header :contains \"subject\" \"x\" { fileinto \"INBOX\"; }\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run := func(args ...string) string {
+		t.Helper()
+		base := []string{"--server", host, "--port", port, "--user", "alice@example.org", "--passwordfd", "0",
+			"--tlscafile", e.ca.CAFile, "--tlshostname", "localhost", "--authmech", "PLAIN"}
+		cmd := exec.Command(testenv.Bin("sieve-connect"), append(base, args...)...)
+		cmd.Stdin = strings.NewReader(e.d.Users["alice@example.org"] + "\n")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("sieve-connect %v: %v\n%s", args, err, out)
+		}
+		return string(out)
+	}
+	run("--upload", "--localsieve", script, "--remotesieve", "vac")
+	if out := run("--list"); !strings.Contains(out, "vac") {
+		t.Errorf("--list does not show the uploaded script:\n%s", out)
+	}
+	if _, err := os.Stat(filepath.Join(e.d.Dir, "mail", "alice@example.org", "sieve", "vac.sieve")); err != nil {
+		t.Errorf("script not on the backend: %v", err)
+	}
+}
+
+// readSieveResp reads one whole response (capability lines and the status).
+func readSieveResp(c *conv) (caps []string, status string) {
+	c.t.Helper()
+	for {
+		l := c.line()
+		if strings.HasPrefix(l, "OK") || strings.HasPrefix(l, "NO") || strings.HasPrefix(l, "BYE") {
+			return caps, l
+		}
+		caps = append(caps, l)
+	}
+}
+
+// TestSieveConversation: the greeting, STARTTLS with the capabilities
+// re-sent, the three forms of AUTHENTICATE, and the bad-input classes.
+func TestSieveConversation(t *testing.T) {
+	e := newProtoEnv(t, []string{"sieve"}, func(o *Options) { o.Limits.MaxBadCommands = 3 })
+	pass := e.d.Users["alice@example.org"]
+	plain := base64.StdEncoding.EncodeToString([]byte("\x00alice@example.org\x00" + pass))
+	startTLS := func(t *testing.T) *conv {
+		c := dialConv(t, e.addrs["sieve"], nil)
+		caps, st := readSieveResp(c)
+		joined := strings.Join(caps, " ")
+		if !strings.HasPrefix(st, "OK") || !strings.Contains(joined, `"STARTTLS"`) || !strings.Contains(joined, `"SASL" ""`) {
+			t.Fatalf("cleartext greeting %q %q", caps, st)
+		}
+		// Injection after STARTTLS: the pipelined command is dropped.
+		c.send("STARTTLS\r\nAUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
+		c.expect("OK")
+		c.starttlsHandshake(e.clientTLS)
+		caps, st = readSieveResp(c)
+		if joined := strings.Join(caps, " "); !strings.HasPrefix(st, "OK") || strings.Contains(joined, "STARTTLS") || !strings.Contains(joined, `"SASL" "PLAIN"`) {
+			t.Fatalf("capabilities after STARTTLS %q %q", caps, st)
+		}
+		return c
+	}
+	loggedIn := func(t *testing.T, c *conv) {
+		t.Helper()
+		c.expect("OK")
+		c.send("LISTSCRIPTS\r\n")
+		_, st := readSieveResp(c)
+		if !strings.HasPrefix(st, "OK") {
+			t.Fatalf("LISTSCRIPTS after login: %q", st)
+		}
+		c.send("LOGOUT\r\n")
+		c.expect("OK")
+	}
+	t.Run("quoted initial response", func(t *testing.T) {
+		c := startTLS(t)
+		c.send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
+		loggedIn(t, c)
+	})
+	t.Run("literal initial response", func(t *testing.T) {
+		c := startTLS(t)
+		c.send(fmt.Sprintf("AUTHENTICATE \"PLAIN\" {%d+}\r\n%s\r\n", len(plain), plain))
+		loggedIn(t, c)
+	})
+	t.Run("continuation, cancel, then noop and login", func(t *testing.T) {
+		c := startTLS(t)
+		c.send("AUTHENTICATE \"PLAIN\"\r\n")
+		c.expect(`""`)
+		c.send("*\r\n")
+		c.expect("NO")
+		c.send("NOOP \"tag1\"\r\n")
+		c.expect(`OK (TAG "tag1")`)
+		c.send("AUTHENTICATE \"PLAIN\"\r\n")
+		c.expect(`""`)
+		c.send("\"" + plain + "\"\r\n")
+		loggedIn(t, c)
+	})
+	t.Run("cleartext login refused", func(t *testing.T) {
+		c := dialConv(t, e.addrs["sieve"], nil)
+		readSieveResp(c)
+		c.send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
+		c.expect("NO (ENCRYPT-NEEDED)")
+	})
+	for _, tc := range []struct{ name, send, want string }{
+		{"long line", strings.Repeat("A", 10<<10) + "\r\n", `BYE "Line too long"`},
+		{"NUL", "NOOP \"a\x00\"\r\n", `BYE "NUL in command"`},
+		{"huge literal", "AUTHENTICATE \"PLAIN\" {999999999+}\r\n", `BYE "Literal too large"`},
+		{"IMAP on the ManageSieve port", "a1 LOGIN alice pass\r\n", `BYE "This is a ManageSieve server"`},
+		{"POP3 on the ManageSieve port", "USER alice\r\n", `BYE "This is a ManageSieve server"`},
+		{"TLS on the cleartext port", "\x16\x03\x01\x00\x05hello", `BYE "This port speaks cleartext`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := dialConv(t, e.addrs["sieve"], nil)
+			readSieveResp(c)
+			c.send(tc.send)
+			c.expect(tc.want)
+			c.expectClosedPOP3()
+		})
+	}
+	t.Run("too many bad commands", func(t *testing.T) {
+		c := dialConv(t, e.addrs["sieve"], nil)
+		readSieveResp(c)
+		c.send("PUTSCRIPT \"a\" \"b\"\r\n\"unterminated\r\nHAVESPACE\r\n")
+		c.expect("NO")
+		c.expect("NO")
+		c.expect("BYE")
+		c.expectClosedPOP3()
+	})
+	t.Run("XCLIENT gives Dovecot the client's address", func(t *testing.T) {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.4")}}
+		raw, err := d.Dial("tcp", e.addrs["sieve"])
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := &conv{t: t, c: raw, br: bufio.NewReader(raw)}
+		defer raw.Close()
+		readSieveResp(c)
+		c.send("STARTTLS\r\n")
+		c.expect("OK")
+		c.starttlsHandshake(e.clientTLS)
+		readSieveResp(c)
+		c.send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\nLOGOUT\r\n")
+		c.expect("OK")
+		c.expect("OK")
+		waitFor(t, func() bool { return strings.Contains(e.d.Log(), "rip=127.0.0.4") })
+	})
+	t.Run("eviction closes the session", func(t *testing.T) {
+		c := startTLS(t)
+		c.send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
+		c.expect("OK")
+		waitFor(t, func() bool { return len(e.srv.Sessions("alice@example.org", "")) == 1 })
+		if n := e.srv.EvictUser("alice@example.org", ""); n != 1 {
+			t.Fatalf("EvictUser closed %d sessions, want 1", n)
+		}
+		c.expect(`BYE (TRYLATER) "Your mailbox moved`)
+		c.expectClosedPOP3()
+	})
+	// Last: Dovecot penalises this client address for a while after it.
+	t.Run("wrong password", func(t *testing.T) {
+		c := startTLS(t)
+		bad := base64.StdEncoding.EncodeToString([]byte("\x00alice@example.org\x00wrong"))
+		c.send("AUTHENTICATE \"PLAIN\" \"" + bad + "\"\r\n")
+		c.expect(`NO "Authentication failed."`)
+	})
+}
+
+func TestReadSieveCommand(t *testing.T) {
+	lim := readLimits{maxLine: 1024, maxLiteral: 100, maxCommand: 400, maxArgs: 8}
+	for _, tc := range []struct {
+		in   string
+		want string // words joined by |, quoted ones in ""
+		err  string
+	}{
+		{"authenticate \"PLAIN\" \"abc\"\r\n", `AUTHENTICATE|"PLAIN"|"abc"`, ""},
+		{"AUTHENTICATE \"PLAIN\" {3+}\r\nabc\r\n", `AUTHENTICATE|"PLAIN"|"abc"`, ""},
+		{"AUTHENTICATE \"PLAIN\" {3}\r\nabc\r\n", `AUTHENTICATE|"PLAIN"|"abc"`, ""},
+		{"NOOP \"a\\\"b\\\\c\"\r\n", `NOOP|"a"b\c"`, ""},
+		{"\r\n", ``, ""},
+		{"NOOP \"open\r\n", "", "Unterminated"},
+		{"X {101+}\r\n", "", "Literal too large"},
+		{"X {1a}\r\n", "", "Bad literal size"},
+		{"X {3} y\r\n", "", "Bad literal"},
+		{"a b c d e f g h i j\r\n", "", "Too many arguments"},
+		{"X\x01Y\r\n", "", "Bad character"},
+	} {
+		args, err := readSieveCommand(bufio.NewReaderSize(strings.NewReader(tc.in), 1024), lim)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("%q: %v, want %q", tc.in, err, tc.err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%q: %v", tc.in, err)
+			continue
+		}
+		var words []string
+		for _, a := range args {
+			if a.quoted {
+				words = append(words, `"`+a.val+`"`)
+			} else {
+				words = append(words, a.val)
+			}
+		}
+		if got := strings.Join(words, "|"); got != tc.want {
+			t.Errorf("%q = %s, want %s", tc.in, got, tc.want)
+		}
+	}
+}
+
+func FuzzReadSieveCommand(f *testing.F) {
+	f.Add([]byte("AUTHENTICATE \"PLAIN\" {3+}\r\nabc\r\n"))
+	f.Add([]byte("NOOP \"a\\\"\"\r\n"))
+	f.Add([]byte("X {99999999999}\r\n"))
+	lim := readLimits{maxLine: 256, maxLiteral: 64, maxCommand: 512, maxArgs: 8}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		args, err := readSieveCommand(bufio.NewReaderSize(strings.NewReader(string(in)), 256), lim)
+		if err != nil {
+			return
+		}
+		if len(args) > lim.maxArgs+1 {
+			t.Fatalf("%d args over the limit", len(args))
+		}
+		for _, a := range args {
+			if len(a.val) > lim.maxCommand || strings.ContainsRune(a.val, 0) {
+				t.Fatalf("arg %q escapes the limits", a.val)
+			}
+		}
+	})
+}
