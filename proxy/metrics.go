@@ -26,7 +26,8 @@ type Metrics interface {
 	RouteLookup(d time.Duration, ok bool)
 	// LimitHit counts a limit being reached ("connections",
 	// "connections_per_ip", "line_length", "literal_size", "bad_commands",
-	// "auth_failures", "login_timeout", "preauth_idle").
+	// "auth_failures", "auth_failure_rate", "user_slowdown",
+	// "login_timeout", "preauth_idle").
 	LimitHit(limit string)
 }
 

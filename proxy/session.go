@@ -42,6 +42,9 @@ type session struct {
 	start  time.Time
 	raw    net.Conn // the accepted connection; closing it ends the client leg
 
+	// network is the client network the session counts for (limits).
+	network netip.Prefix
+
 	// Pre-auth only: dropped when the splice starts.
 	client    net.Conn // raw, or the TLS connection over it
 	r         *cmdReader
@@ -50,6 +53,9 @@ type session struct {
 	badCmds   int
 	authFails int
 	clientID  []string // the client's ID fields, name/value pairs
+	// loginStart is when the current login command arrived: its failure
+	// delay counts from there.
+	loginStart time.Time
 
 	// wmu serialises writes to the client: the session's own replies, the
 	// backend-to-client pump and a BYE from kick.
@@ -573,6 +579,7 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 	if cr.mech == "" {
 		cr.mech = "LOGIN"
 	}
+	s.loginStart = time.Now()
 	m := s.srv.o().Metrics
 	if !s.authAllowed() {
 		m.Login("refused", "privacy_required")
@@ -584,25 +591,35 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 	}
 	user := routing.NormalizeUser(cr.routingUser())
 	log := s.logger().With(zap.String("user", user), zap.String("mech", cr.mech))
-	now := time.Now()
-	netKey := clientNetwork(s.remote.Addr())
-	if !s.srv.limiters.Load().ip.allowed(netKey, now) || !s.srv.limiters.Load().user.allowed(user, now) {
-		// Refused before the backend is asked: guessing costs the
-		// backend nothing once a network or an account is over its limit.
-		m.LimitHit("auth_failure_rate")
-		m.Login("refused", "rate_limited")
-		log.Warn("login refused: too many recent failures", zap.String("network", netKey))
-		return s.loginRefused(ctx, tag, "LIMIT", "Too many failed logins, try again later")
-	}
-	s.setState(stateLogin)
-
 	// The login's context ends with the Not Authenticated state.
 	lctx, cancel := context.WithDeadline(ctx, s.deadline)
 	defer cancel()
+	// The failure limits (limits.go): tokens are taken before the backend
+	// is asked, so logins in flight cannot overdraw them.
+	att, err := s.srv.limiters.Load().begin(lctx, s.network, user)
+	if err != nil {
+		if !errors.Is(err, errLoginLimited) {
+			s.setReason("login_timeout")
+			return nil, true
+		}
+		// Refused before the backend is asked: guessing costs the
+		// backend nothing once a network is over its limit.
+		m.LimitHit("auth_failure_rate")
+		m.Login("refused", "rate_limited")
+		log.Warn("login refused: too many recent failures", zap.Stringer("network", s.network))
+		return s.loginRefused(ctx, tag, "LIMIT", "Too many failed logins, try again later")
+	}
+	if att.slowed() {
+		m.LimitHit("user_slowdown")
+		log.Info("login slowed: many recent failures for this user from unknown networks", zap.Stringer("network", s.network))
+	}
+	s.setState(stateLogin)
+
 	t0 := time.Now()
 	b, err := s.srv.o().Router.Route(lctx, user)
 	m.RouteLookup(time.Since(t0), err == nil)
 	if err != nil {
+		att.abandoned()
 		s.setState(statePreAuth)
 		m.Login("unavailable", "no_route")
 		log.Warn("login failed: no route", zap.Error(err))
@@ -631,8 +648,7 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 		var refused *backendRefusedError
 		switch {
 		case errors.As(err, &refused):
-			s.srv.limiters.Load().ip.fail(netKey, time.Now())
-			s.srv.limiters.Load().user.fail(user, time.Now())
+			att.failed()
 			m.Login("refused", "backend_no")
 			log.Info("login failed", zap.String("backend", b.ID), zap.String("reason", refused.Error()), zap.Int("failures", s.authFails+1))
 			code := refused.code
@@ -641,13 +657,16 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 			}
 			return s.loginRefused(ctx, tag, code, refused.text)
 		case errors.Is(err, errClientGone):
+			att.abandoned()
 			return nil, true
 		}
+		att.abandoned()
 		m.Login("unavailable", "backend_error")
 		log.Warn("login failed: backend unavailable", zap.String("backend", b.ID), zap.String("backend_addr", b.Addr), zap.Error(err))
 		return nil, !s.writeString(tag + " NO [UNAVAILABLE] The mail server is not reachable right now, try again later\r\n")
 	}
 
+	att.succeeded()
 	s.mu.Lock()
 	if s.closed { // kicked while logging in
 		s.mu.Unlock()
@@ -688,13 +707,19 @@ func (s *session) clientInfo() *clientInfo {
 	return &clientInfo{remote: s.remote, local: s.local, id: s.forwardedID()}
 }
 
-// failureDelay slows down password guessing on this connection.
+// failureDelay slows down password guessing on this connection: a failed
+// login is answered delay × failures after its command arrived, so the
+// time the backend took to say NO (its own penalty) counts towards it.
 func (s *session) failureDelay(ctx context.Context) {
 	d := s.srv.o().Limits.AuthFailureDelay
 	if d <= 0 {
 		return
 	}
-	t := time.NewTimer(d * time.Duration(s.authFails))
+	wait := time.Until(s.loginStart.Add(d * time.Duration(s.authFails)))
+	if wait <= 0 {
+		return
+	}
+	t := time.NewTimer(wait)
 	defer t.Stop()
 	select {
 	case <-t.C:

@@ -124,6 +124,10 @@ type Limits struct {
 	UserFailureBurst    int      `toml:"user_failure_burst"`
 	UserFailureRefill   Duration `toml:"user_failure_refill"`
 	FailureKeys         int      `toml:"failure_keys"`
+	UserSlowdown        Duration `toml:"user_slowdown"`
+	KnownNetworkTTL     Duration `toml:"known_network_ttl"`
+	IPv4Prefix          int      `toml:"ipv4_prefix"`
+	IPv6Prefix          int      `toml:"ipv6_prefix"`
 }
 
 // Timeouts bound protocol states; zero means the proxy's default.
@@ -133,6 +137,7 @@ type Timeouts struct {
 	Login          Duration `toml:"login"`
 	BackendConnect Duration `toml:"backend_connect"`
 	BackendLogin   Duration `toml:"backend_login"`
+	BackendAuth    Duration `toml:"backend_auth"`
 	HalfClose      Duration `toml:"half_close"`
 	Idle           Duration `toml:"idle"`
 }
@@ -419,6 +424,10 @@ func (c *Config) ProxyOptions() (proxy.Options, error) {
 			IPFailures:          proxy.RateLimit{Burst: c.Limits.IPFailureBurst, Refill: c.Limits.IPFailureRefill.D()},
 			UserFailures:        proxy.RateLimit{Burst: c.Limits.UserFailureBurst, Refill: c.Limits.UserFailureRefill.D()},
 			FailureKeys:         c.Limits.FailureKeys,
+			UserSlowdown:        c.Limits.UserSlowdown.D(),
+			KnownNetworkTTL:     c.Limits.KnownNetworkTTL.D(),
+			IPv4Prefix:          c.Limits.IPv4Prefix,
+			IPv6Prefix:          c.Limits.IPv6Prefix,
 		},
 		Timeouts: proxy.Timeouts{
 			TLSHandshake:   c.Timeouts.TLSHandshake.D(),
@@ -426,6 +435,7 @@ func (c *Config) ProxyOptions() (proxy.Options, error) {
 			Login:          c.Timeouts.Login.D(),
 			BackendConnect: c.Timeouts.BackendConnect.D(),
 			BackendLogin:   c.Timeouts.BackendLogin.D(),
+			BackendAuth:    c.Timeouts.BackendAuth.D(),
 			HalfClose:      c.Timeouts.HalfClose.D(),
 			Idle:           c.Timeouts.Idle.D(),
 		},
