@@ -110,13 +110,21 @@ type PasswordVerifier interface {
 // where said, a negative value means no limit.
 type Limits struct {
 	// MaxLineLength is the longest pre-auth command line in bytes, CRLF
-	// included. Zero means 8 KiB.
+	// included; a longer one gets a tagged BAD [TOOBIG] and the client
+	// goes on at its next line. Zero means 64 KiB: RFC 2971's largest ID
+	// (30 fields of 30 octets, values of 1,024) is a 31,807-byte line,
+	// 63.4 KiB with every character escaped; a SASL-IR PLAIN response is at
+	// most 1,024 bytes of base64 (RFC 4616: 255 octets each), an OAuth
+	// bearer token a few KiB. Memory beyond 4 KiB is held only while a
+	// long line is read.
 	MaxLineLength int
-	// MaxLiteralSize is the largest literal accepted before login. Zero
-	// means 16 KiB.
+	// MaxLiteralSize is the largest literal accepted before login (a
+	// LOGIN user or password, an ID value of at most 1,024). Zero means
+	// 16 KiB.
 	MaxLiteralSize int
 	// MaxCommandSize is the largest whole pre-auth command (lines and
-	// literals). Zero means 64 KiB.
+	// literals), and how far past the line limit a line is skipped before
+	// the client gets BYE instead. Zero means 128 KiB.
 	MaxCommandSize int
 	// MaxBadCommands is how many invalid or unknown commands a client may
 	// send before login until it gets BYE. Zero means 5.
@@ -257,9 +265,9 @@ func (o *Options) withDefaults() Options {
 		r.Greeting = "imapgate ready."
 	}
 	l := &r.Limits
-	def(&l.MaxLineLength, 8<<10)
+	def(&l.MaxLineLength, 64<<10)
 	def(&l.MaxLiteralSize, 16<<10)
-	def(&l.MaxCommandSize, 64<<10)
+	def(&l.MaxCommandSize, 128<<10)
 	def(&l.MaxBadCommands, 5)
 	def(&l.MaxAuthFailures, 3)
 	def(&l.AuthFailureDelay, 2*time.Second)

@@ -268,7 +268,7 @@ func (s *session) writeString(str string) bool { return s.write([]byte(str)) }
 func (s *session) newReader() {
 	lim := s.srv.o().Limits
 	s.r = &cmdReader{
-		br:   bufio.NewReaderSize(s.client, lim.MaxLineLength),
+		br:   bufio.NewReaderSize(s.client, cmdReaderBuffer),
 		cont: s,
 		lim: readLimits{
 			maxLine:    lim.MaxLineLength,
