@@ -208,6 +208,11 @@ func FuzzReadCommand(f *testing.F) {
 		`a LOGIN "a\"b" "c\\d"` + "\r\n",
 		"GET / HTTP/1.1\r\n",
 		"a ID (\"k\" {2}\r\nvv)\r\n",
+		// The grammar's corners: literal forms, tags, long lines.
+		"a LOGIN {+5}\r\n", "a LOGIN {5-}\r\nalice\r\n", "a LOGIN {4294967296}\r\n",
+		"a LOGIN {0}\r\n {0+}\r\n\r\n", "\xc3\xa4 NOOP\r\n", "a]b NOOP\r\n", "a+ LOGIN {5+}\r\nalice\r\n",
+		"a LOGIN " + strings.Repeat("x", 300) + "\r\nb NOOP\r\n",
+		"a LOGIN " + strings.Repeat("x", 300) + " {3+}\r\nabc\r\n",
 	} {
 		f.Add(s)
 	}
