@@ -294,7 +294,11 @@ func TestUserBucketChargedAndOneSlowedPerNetwork(t *testing.T) {
 	}
 	first := dialFrom(t, h.startTLSAddr, net.IPv4(127, 3, 0, 1))
 	first.send("a LOGIN alice@example.org alicepass\r\n")
-	<-slowed // it waits (an hour) before the backend is asked
+	select { // it waits (an hour) before the backend is asked
+	case <-slowed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a login from a fresh network was not slowed after the user's bucket emptied")
+	}
 	second := dialFrom(t, h.startTLSAddr, net.IPv4(127, 3, 0, 1))
 	second.send("b LOGIN alice@example.org alicepass\r\n")
 	second.expect("b NO [LIMIT]")
