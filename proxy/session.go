@@ -598,8 +598,9 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 	// is asked, so logins in flight cannot overdraw them.
 	att, err := s.srv.limiters.Load().begin(lctx, s.network, user)
 	if err != nil {
-		if !errors.Is(err, errLoginLimited) {
+		if !errors.Is(err, errLoginLimited) { // the wait outlived the login state
 			s.setReason("login_timeout")
+			s.writeString("* BYE Autologout; idle for too long\r\n")
 			return nil, true
 		}
 		// Refused before the backend is asked: guessing costs the
