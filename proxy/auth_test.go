@@ -237,21 +237,22 @@ func TestFailureLimiterBounded(t *testing.T) {
 	l := newFailureLimiter(1, time.Hour, 100)
 	now := time.Now()
 	for i := 0; i < 10000; i++ {
-		l.take(fmt.Sprint(i), now)
+		failNow(l, fmt.Sprint(i), now)
 		if n := l.size(); n > 100 {
 			t.Fatalf("after %d keys the limiter holds %d, bound 100", i+1, n)
 		}
 	}
-	if l.take("9999", now) {
+	if failNow(l, "9999", now) {
 		t.Error("a key over its burst has a token")
 	}
-	if !l.take("never-failed", now) {
+	if !failNow(l, "never-failed", now) {
 		t.Error("a fresh key is refused")
 	}
 	var nilLimiter *failureLimiter
-	nilLimiter.give("x", now)
-	if !nilLimiter.take("x", now) {
+	if b, _, ok := nilLimiter.reserve("x", now); !ok {
 		t.Error("a disabled limiter refuses")
+	} else {
+		nilLimiter.settle(b, now, true)
 	}
 }
 

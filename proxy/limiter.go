@@ -7,13 +7,17 @@ import (
 )
 
 // failureLimiter is a bounded set of token buckets of failed logins, one
-// per key (a client network, a user). A login takes a token before the
-// backend is asked and gives it back when it succeeds, so logins already
-// in flight cannot overdraw a bucket. Memory is bounded however many keys
-// attack: keys live in two generations of at most max/2 each, and the
-// older generation is dropped whole when the newer one fills (a cheap
-// approximation of least-recently-used). A key that is used is promoted
-// into the newer generation with its bucket as it was.
+// per key (a client network, a user). A login reserves a token before the
+// backend is asked, and settles it with the verdict: a failure spends it,
+// anything else leaves it. So logins in flight cannot overdraw a bucket
+// (tokens minus reservations never goes below zero), and a burst of
+// correct logins is never refused: when the tokens are only held by
+// logins in flight, the next one waits for one of them to settle. Memory
+// is bounded however many keys attack: keys live in two generations of at
+// most max/2 each, and the older generation is dropped whole when the
+// newer one fills (a cheap approximation of least-recently-used). A key
+// that is used is promoted into the newer generation with its bucket as
+// it was.
 type failureLimiter struct {
 	mu     sync.Mutex
 	burst  float64
@@ -26,8 +30,10 @@ type failureLimiter struct {
 // bucket holds the tokens of one key as of last. A key that is not
 // tracked has a full bucket.
 type bucket struct {
-	tokens float64
-	last   time.Time
+	tokens  float64
+	last    time.Time
+	pending int           // reserved by logins in flight
+	settled chan struct{} // closed (and replaced) when one of them settles
 }
 
 func newFailureLimiter(burst int, refill time.Duration, keys int) *failureLimiter {
@@ -53,37 +59,50 @@ func (l *failureLimiter) refilled(b *bucket, now time.Time) float64 {
 	return b.tokens
 }
 
-// take takes a token from key's bucket and reports whether there was one;
-// when there was none, nothing changes. A nil limiter always has tokens.
-func (l *failureLimiter) take(key string, now time.Time) bool {
+// reserve reserves a token of key's bucket for a login. It returns the
+// bucket to settle, or, when every token left is reserved by logins in
+// flight, a channel closed when one of them settles (try again then), or
+// neither when the bucket is empty: the login must not be tried. A nil
+// limiter always has tokens (and a nil bucket to settle).
+func (l *failureLimiter) reserve(key string, now time.Time) (b *bucket, wait <-chan struct{}, ok bool) {
 	if l == nil {
-		return true
+		return nil, nil, true
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	b := l.lookup(key)
+	b = l.lookup(key)
 	if b == nil {
-		l.insert(key, &bucket{tokens: l.burst - 1, last: now})
-		return true
+		b = &bucket{tokens: l.burst, last: now}
+		l.insert(key, b)
 	}
-	t := l.refilled(b, now)
-	if t < 1 {
-		return false
+	b.tokens, b.last = l.refilled(b, now), now
+	switch {
+	case b.tokens-float64(b.pending) >= 1:
+		b.pending++
+		return b, nil, true
+	case b.tokens >= 1:
+		if b.settled == nil {
+			b.settled = make(chan struct{})
+		}
+		return nil, b.settled, false
 	}
-	b.tokens, b.last = t-1, now
-	return true
+	return nil, nil, false
 }
 
-// give returns a token taken by take (the login succeeded, or never got
-// an answer about the credentials).
-func (l *failureLimiter) give(key string, now time.Time) {
-	if l == nil {
+// settle ends a reservation: failed spends its token.
+func (l *failureLimiter) settle(b *bucket, now time.Time, failed bool) {
+	if l == nil || b == nil {
 		return
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if b := l.lookup(key); b != nil {
-		b.tokens, b.last = min(l.burst, l.refilled(b, now)+1), now
+	b.pending--
+	if failed {
+		b.tokens, b.last = max(l.refilled(b, now)-1, 0), now
+	}
+	if b.settled != nil {
+		close(b.settled)
+		b.settled = nil
 	}
 }
 

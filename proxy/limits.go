@@ -21,8 +21,10 @@ import (
 //
 //   - Every client network (an IPv4 address, an IPv6 /64: Limits.IPv4Prefix
 //     and IPv6Prefix) has a bucket of failed logins, at any users. A login
-//     takes a token before the backend is asked; a network with no token
-//     left is refused (NO [LIMIT]) without asking the backend. This is what
+//     reserves a token before the backend is asked (failureLimiter); a
+//     network with no token left is refused (NO [LIMIT]) without asking
+//     the backend; one whose tokens are all reserved by logins in flight
+//     waits for one of them to settle. This is what
 //     caps guessing: each network gets IPFailures.Burst guesses, then one
 //     per IPFailures.Refill.
 //   - Every user has a bucket too, charged only by failures from networks
@@ -34,9 +36,10 @@ import (
 //     for the user at a time (others are refused at once). The real user
 //     from a known network is never slowed; from a fresh network it waits
 //     UserSlowdown once, then its network is known.
-//   - A success gives back the tokens its login took and makes the
-//     network known for the user; a login without a verdict on the
-//     credentials (backend unavailable, client gone) gives them back too.
+//   - A failure spends the tokens its login reserved; a success releases
+//     them and makes the network known for the user; a login without a
+//     verdict on the credentials (backend unavailable, client gone)
+//     releases them too.
 
 // errLoginLimited is begin's refusal: too many recent failures.
 var errLoginLimited = errors.New("too many failed logins, try again later")
@@ -78,13 +81,26 @@ func limiterConfig(l Limits) [7]any {
 // loginAttempt is one login between begin and its verdict.
 type loginAttempt struct {
 	l          *limiters
-	network    string
-	user       string
-	pair       string // user and network, for known and slowed
-	ipToken    bool
-	userToken  bool
+	pair       string  // user and network, for known and slowed
+	ip, user   *bucket // reservations, nil when none
 	slowedSlot bool
 	done       bool
+}
+
+// reserveWait reserves a token of key in lim, waiting while the tokens
+// left are held by logins in flight. ok=false: the bucket is empty.
+func reserveWait(ctx context.Context, lim *failureLimiter, key string, now func() time.Time) (b *bucket, ok bool, err error) {
+	for {
+		b, wait, ok := lim.reserve(key, now())
+		if ok || wait == nil {
+			return b, ok, nil
+		}
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return nil, false, ctx.Err()
+		}
+	}
 }
 
 // begin starts a login for user from network: it takes the tokens the
@@ -93,17 +109,25 @@ type loginAttempt struct {
 // errLoginLimited when the login must be refused without asking anyone.
 func (l *limiters) begin(ctx context.Context, network netip.Prefix, user string) (*loginAttempt, error) {
 	net := network.String()
-	a := &loginAttempt{l: l, network: net, user: user, pair: user + "\x00" + net}
-	now := l.now()
-	if !l.ip.take(net, now) {
+	a := &loginAttempt{l: l, pair: user + "\x00" + net}
+	ipb, ok, err := reserveWait(ctx, l.ip, net, l.now)
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
 		return nil, errLoginLimited
 	}
-	a.ipToken = true
-	if l.known.has(a.pair, now) {
+	a.ip = ipb
+	if l.known.has(a.pair, l.now()) {
 		return a, nil
 	}
-	if l.user.take(user, now) {
-		a.userToken = true
+	ub, ok, err := reserveWait(ctx, l.user, user, l.now)
+	if err != nil {
+		a.abandoned()
+		return nil, err
+	}
+	if ok {
+		a.user = ub
 		return a, nil
 	}
 	if l.slowdown <= 0 {
@@ -137,42 +161,32 @@ func (l *limiters) begin(ctx context.Context, network netip.Prefix, user string)
 // slowed reports whether the login waited out a slow-down.
 func (a *loginAttempt) slowed() bool { return a.slowedSlot }
 
-// succeeded records a successful login: its tokens go back and the
-// network becomes known for the user.
+// succeeded records a successful login: its reservations cost nothing
+// and the network becomes known for the user.
 func (a *loginAttempt) succeeded() {
-	if a.finish() {
+	if a.finish(false) {
 		a.l.known.add(a.pair, a.l.now())
-		a.refund()
 	}
 }
 
-// failed records credentials the backend refused: the tokens stay taken.
-func (a *loginAttempt) failed() { a.finish() }
+// failed records credentials the backend refused: the reserved tokens
+// are spent.
+func (a *loginAttempt) failed() { a.finish(true) }
 
 // abandoned records a login that got no verdict on its credentials (the
 // backend was unavailable, the client left): it costs nothing.
-func (a *loginAttempt) abandoned() {
-	if a.finish() {
-		a.refund()
-	}
-}
+func (a *loginAttempt) abandoned() { a.finish(false) }
 
-func (a *loginAttempt) refund() {
-	now := a.l.now()
-	if a.ipToken {
-		a.l.ip.give(a.network, now)
-	}
-	if a.userToken {
-		a.l.user.give(a.user, now)
-	}
-}
-
-// finish ends the attempt once; it reports whether this was the first call.
-func (a *loginAttempt) finish() bool {
+// finish settles the attempt's reservations once (failed spends them);
+// it reports whether this was the first call.
+func (a *loginAttempt) finish(failed bool) bool {
 	if a == nil || a.done {
 		return false
 	}
 	a.done = true
+	now := a.l.now()
+	a.l.ip.settle(a.ip, now, failed)
+	a.l.user.settle(a.user, now, failed)
 	if a.slowedSlot {
 		a.l.mu.Lock()
 		delete(a.l.slowed, a.pair)

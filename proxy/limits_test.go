@@ -34,39 +34,71 @@ func (m *limitCounter) hits(l string) int {
 	return m.limits[l]
 }
 
-func TestFailureLimiterRefillAndGive(t *testing.T) {
+// failNow records one failed login for key, as a login that reserved
+// and failed would; it reports whether the bucket had a token.
+func failNow(l *failureLimiter, key string, now time.Time) bool {
+	b, _, ok := l.reserve(key, now)
+	if ok {
+		l.settle(b, now, true)
+	}
+	return ok
+}
+
+func TestFailureLimiterRefill(t *testing.T) {
 	l := newFailureLimiter(2, time.Minute, 100)
 	t0 := time.Unix(1_000_000, 0)
 	for i, want := range []bool{true, true, false, false} {
-		if got := l.take("k", t0); got != want {
-			t.Fatalf("take %d at t0 = %v, want %v", i, got, want)
+		if got := failNow(l, "k", t0); got != want {
+			t.Fatalf("failure %d at t0: had a token = %v, want %v", i, got, want)
 		}
 	}
-	if l.take("k", t0.Add(59*time.Second)) {
+	if failNow(l, "k", t0.Add(59*time.Second)) {
 		t.Error("a token came back before one refill interval")
 	}
-	if !l.take("k", t0.Add(61*time.Second)) {
+	if !failNow(l, "k", t0.Add(61*time.Second)) {
 		t.Error("no token after one refill interval")
 	}
-	if l.take("k", t0.Add(62*time.Second)) {
+	if failNow(l, "k", t0.Add(62*time.Second)) {
 		t.Error("one refill interval gave more than one token")
 	}
 	// Refills stop at the burst, however long the key was quiet.
 	if got := l.tokens("k", t0.Add(24*time.Hour)); got != 2 {
 		t.Errorf("tokens after a day = %v, want the burst 2", got)
 	}
-	// give returns a token, never beyond the burst.
-	t1 := t0.Add(48 * time.Hour)
-	l.take("g", t1)
-	l.take("g", t1)
-	l.give("g", t1)
-	if got := l.tokens("g", t1); got != 1 {
-		t.Errorf("after two takes and a give: %v tokens, want 1", got)
+}
+
+// TestFailureLimiterReservations: tokens held by logins in flight make
+// the next login wait, not fail; a settled success costs nothing, a
+// settled failure one token; the bucket is never overdrawn.
+func TestFailureLimiterReservations(t *testing.T) {
+	l := newFailureLimiter(2, time.Hour, 100)
+	now := time.Unix(1_000_000, 0)
+	a, _, ok1 := l.reserve("k", now)
+	b, _, ok2 := l.reserve("k", now)
+	if !ok1 || !ok2 {
+		t.Fatal("two reservations with a burst of 2 refused")
 	}
-	l.give("g", t1)
-	l.give("g", t1)
-	if got := l.tokens("g", t1); got != 2 {
-		t.Errorf("gives beyond the burst: %v tokens, want 2", got)
+	_, wait, ok := l.reserve("k", now)
+	if ok || wait == nil {
+		t.Fatalf("third reservation: ok=%v wait=%v, want a wait", ok, wait != nil)
+	}
+	l.settle(a, now, false) // a success
+	select {
+	case <-wait:
+	default:
+		t.Fatal("a settled reservation did not wake the waiter")
+	}
+	c, _, ok := l.reserve("k", now)
+	if !ok {
+		t.Fatal("no token after a success released one")
+	}
+	l.settle(b, now, true)
+	l.settle(c, now, true)
+	if got := l.tokens("k", now); got != 0 {
+		t.Errorf("after two failures of 2: %v tokens", got)
+	}
+	if _, wait, ok := l.reserve("k", now); ok || wait != nil {
+		t.Error("an empty bucket with nothing in flight did not refuse")
 	}
 }
 
@@ -76,15 +108,15 @@ func TestFailureLimiterRefillAndGive(t *testing.T) {
 func TestFailureLimiterGenerations(t *testing.T) {
 	now := time.Unix(1_000_000, 0)
 	l := newFailureLimiter(1, time.Hour, 4) // generations of 2 keys
-	l.take("a", now)                        // a is empty now
-	l.take("b", now)
-	l.take("c", now) // rotation: old = {a, b}, cur = {c}
-	if l.take("a", now) {
+	failNow(l, "a", now)                    // a is empty now
+	failNow(l, "b", now)
+	failNow(l, "c", now) // rotation: old = {a, b}, cur = {c}
+	if failNow(l, "a", now) {
 		t.Fatal("a key in the old generation lost its bucket")
 	}
 	// That look-up promoted a: cur = {c, a}. Two more keys rotate twice.
-	l.take("d", now) // rotation: old = {c, a}, cur = {d}
-	if l.take("a", now) {
+	failNow(l, "d", now) // rotation: old = {c, a}, cur = {d}
+	if failNow(l, "a", now) {
 		t.Fatal("a promoted key lost its bucket at the next rotation")
 	}
 	// a promoted again: cur = {d, a}; b was dropped with its generation.
@@ -181,6 +213,27 @@ func TestFailureLimitsNotRaced(t *testing.T) {
 	c := dialFrom(t, h.startTLSAddr, net.IPv4(127, 0, 0, 1))
 	c.send("b LOGIN alice@example.org alicepass\r\n")
 	c.expect("b NO [LIMIT]")
+}
+
+// TestConcurrentCorrectLoginsNotLimited: many correct logins at once from
+// one network (an office behind NAT) are never refused, however small
+// the burst: they wait for each other's verdict instead.
+func TestConcurrentCorrectLoginsNotLimited(t *testing.T) {
+	h, _, _ := limitHarness(t, func(o *Options) {
+		o.Limits.IPFailures = RateLimit{Burst: 2, Refill: time.Hour}
+		o.Limits.UserFailures = RateLimit{Burst: 2, Refill: time.Hour}
+	})
+	const n = 40
+	convs := make([]*conv, n)
+	for i := range convs {
+		convs[i] = dialFrom(t, h.startTLSAddr, net.IPv4(127, 0, 0, 1))
+	}
+	for _, c := range convs {
+		c.send("a LOGIN alice@example.org alicepass\r\n")
+	}
+	for _, c := range convs {
+		c.expect("a OK")
+	}
 }
 
 // TestSuccessGivesTokensBack logs in right many times from one network
