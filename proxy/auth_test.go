@@ -174,9 +174,9 @@ func (r *countingRouter) Route(context.Context, string) (*routing.Backend, error
 }
 
 // TestPasswordSpray fails logins from many loopback addresses against many
-// users: each network and each user is cut off after its burst without the
-// backend being asked, the limiter's memory stays bounded, and a real user
-// from a fresh address still gets in.
+// users: each network is cut off after its burst without the backend being
+// asked (the user buckets only slow, see limits_test.go), the limiter's
+// memory stays bounded, and a real user from a fresh address still gets in.
 func TestPasswordSpray(t *testing.T) {
 	addr := startMemBackend(t)
 	r := &countingRouter{b: &routing.Backend{ID: "mem1", Addr: addr}}

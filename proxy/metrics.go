@@ -20,7 +20,8 @@ type Metrics interface {
 	// Login is called once per login attempt: result is "ok", "refused",
 	// "unavailable" or "error"; reason says more in a few fixed words.
 	Login(result, reason string)
-	// BackendLogin reports the dial and the login exchange's durations.
+	// BackendLogin reports the dial and the login exchange's durations;
+	// ok means the backend answered the credentials (a NO included).
 	BackendLogin(backend string, dial, login time.Duration, ok bool)
 	// RouteLookup reports how long the router took.
 	RouteLookup(d time.Duration, ok bool)

@@ -594,8 +594,8 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 	// The login's context ends with the Not Authenticated state.
 	lctx, cancel := context.WithDeadline(ctx, s.deadline)
 	defer cancel()
-	// The failure limits (limits.go): tokens are taken before the backend
-	// is asked, so logins in flight cannot overdraw them.
+	// The failure limits (limits.go): tokens are reserved before the
+	// backend is asked, so logins in flight cannot overdraw them.
 	att, err := s.srv.limiters.Load().begin(lctx, s.network, user)
 	if err != nil {
 		if !errors.Is(err, errLoginLimited) { // the wait outlived the login state
