@@ -9,7 +9,8 @@ import (
 )
 
 // This file is the password-guessing policy, shared by every front end
-// (IMAP here; POP3, ManageSieve and the like call the same three steps):
+// (IMAP here; POP3, ManageSieve and the like call the same three steps,
+// with the session's network from Server.network at accept):
 //
 //	att, err := s.limiters.Load().begin(ctx, network, user)
 //	if err != nil { ... }  // errLoginLimited: refuse at once, temporary
@@ -24,9 +25,9 @@ import (
 //     reserves a token before the backend is asked (failureLimiter); a
 //     network with no token left is refused (NO [LIMIT]) without asking
 //     the backend; one whose tokens are all reserved by logins in flight
-//     waits for one of them to settle. This is what
-//     caps guessing: each network gets IPFailures.Burst guesses, then one
-//     per IPFailures.Refill.
+//     waits for one of them to settle. This is what caps guessing: each
+//     network gets IPFailures.Burst guesses, then one per
+//     IPFailures.Refill.
 //   - Every user has a bucket too, charged only by failures from networks
 //     that have not logged in as that user lately (Limits.KnownNetworkTTL).
 //     An empty user bucket never refuses: refusing would hand any attacker
@@ -52,7 +53,7 @@ type limiters struct {
 	// slowed are the (user, network) pairs with a slowed login in flight.
 	mu     sync.Mutex
 	slowed map[string]struct{}
-	// now is time.Now; tests move the clock.
+	// now is time.Now, a seam for tests.
 	now func() time.Time
 	// onSlow, if set, is told when a login starts its slow-down (tests).
 	onSlow func()
