@@ -148,7 +148,7 @@ func TestLoadChurn(t *testing.T) {
 		t.Logf("warm-up: %d of %d sessions failed to open", failed, sessions)
 	}
 	closeAll()
-	warm := settle(t, metrics, idle["go_memstats_heap_inuse_bytes"])
+	warm := settle(t, metrics)
 	warmFDs := waitFDs(p, idleFDs+2, 30*time.Second)
 	t.Logf("idle after a warm-up round of %d sessions: %.0f goroutines, heap in use %.1f MiB, %d descriptors", sessions, warm["go_goroutines"], warm["go_memstats_heap_inuse_bytes"]/(1<<20), warmFDs)
 
@@ -255,7 +255,7 @@ func TestLoadChurn(t *testing.T) {
 	// Everything closes: nothing may be left.
 	closeAll()
 	endFDs := waitFDs(p, idleFDs+2, 30*time.Second)
-	end := settle(t, metrics, warm["go_memstats_heap_inuse_bytes"])
+	end := settle(t, metrics)
 	heapIdle := func(h float64) bool { return h <= 1.25*warm["go_memstats_heap_inuse_bytes"]+1<<20 }
 	endRSS, _ := p.RSS()
 	t.Logf("after: %.0f goroutines (idle %.0f), heap in use %.1f MiB (idle after warm-up %.1f, cold %.1f), RSS %.1f MiB, %d descriptors (idle %d)",
@@ -280,18 +280,21 @@ func TestLoadChurn(t *testing.T) {
 	}
 }
 
-// settle waits for the heap to stop shrinking (the runtime forces a
-// collection every two minutes when nothing allocates; scraping
-// allocates a little) or to reach floor, and returns the metrics then.
-func settle(t testing.TB, metrics func() map[string]float64, floor float64) map[string]float64 {
+// settle waits until the collector has run twice since it was called
+// (with nothing to allocate the runtime forces a cycle every two
+// minutes; scraping allocates a little), so that the heap shows what is
+// still live, and returns the metrics then.
+func settle(t testing.TB, metrics func() map[string]float64) map[string]float64 {
+	const gcs = "go_gc_duration_seconds_count"
 	m := metrics()
-	low, since := m["go_memstats_heap_inuse_bytes"], time.Now()
-	for deadline := time.Now().Add(150 * time.Second); time.Now().Before(deadline) && time.Since(since) < 20*time.Second && low > floor; {
-		time.Sleep(500 * time.Millisecond)
-		m = metrics()
-		if h := m["go_memstats_heap_inuse_bytes"]; h < low {
-			low, since = h, time.Now()
+	start := m[gcs]
+	for deadline := time.Now().Add(5 * time.Minute); m[gcs] < start+2; {
+		if time.Now().After(deadline) {
+			t.Errorf("the collector did not run twice in 5 minutes")
+			break
 		}
+		time.Sleep(time.Second)
+		m = metrics()
 	}
 	return m
 }
