@@ -48,6 +48,10 @@ func (e *backendRefusedError) Error() string {
 // maxBackendLine bounds one response line from a backend before login.
 const maxBackendLine = 16 << 10
 
+// backendReadBuffer is the size of the backend reader's buffer: a whole
+// line must fit into it, or ReadSlice fails before maxBackendLine.
+const backendReadBuffer = maxBackendLine
+
 // backendConn is the small IMAP client used until the splice starts.
 type backendConn struct {
 	conn   net.Conn
@@ -113,23 +117,28 @@ func (backendVerifier) VerifyPassword(context.Context, string, string) error {
 	return errors.New("proxy: VerifyOnBackend only works inside a Server")
 }
 
-// dialLogin connects to b and logs in with cr.
+// dialLogin connects to b and logs in with cr. Two deadlines apply: the
+// setup (connect, TLS, greeting, STARTTLS, CAPABILITY) is bounded by
+// Timeouts.BackendLogin, the answer to the credentials by BackendAuth (a
+// backend may take its time to say NO to a wrong password).
 func (s *Server) dialLogin(ctx context.Context, b *routing.Backend, cr *credentials, ci *clientInfo, relay relayFunc) (*backendLogin, error) {
 	t := s.o().Timeouts
 	deadline := time.Now().Add(t.BackendLogin)
-	ctx, cancel := context.WithDeadline(ctx, deadline)
+	sctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 
 	t0 := time.Now()
 	d := net.Dialer{Timeout: t.BackendConnect}
-	conn, err := d.DialContext(ctx, "tcp", b.Addr)
+	conn, err := d.DialContext(sctx, "tcp", b.Addr)
 	dialTook := time.Since(t0)
 	if err != nil {
 		s.o().Metrics.BackendLogin(b.ID, dialTook, 0, false)
 		return nil, fmt.Errorf("dial: %w", err)
 	}
-	bl, err := s.loginOn(ctx, conn, b, cr, ci, relay, deadline)
-	s.o().Metrics.BackendLogin(b.ID, dialTook, time.Since(t0)-dialTook, err == nil)
+	bl, err := s.loginOn(ctx, sctx, conn, b, cr, ci, relay, deadline)
+	// A NO to the credentials is an answer: the backend is up.
+	var refused *backendRefusedError
+	s.o().Metrics.BackendLogin(b.ID, dialTook, time.Since(t0)-dialTook, err == nil || errors.As(err, &refused))
 	if err != nil {
 		conn.Close()
 		return nil, err
@@ -156,12 +165,15 @@ func (s *Server) backendTLS(b *routing.Backend) *tls.Config {
 	return cfg
 }
 
-func (s *Server) loginOn(ctx context.Context, conn net.Conn, b *routing.Backend, cr *credentials, ci *clientInfo, relay relayFunc, deadline time.Time) (*backendLogin, error) {
+// loginOn logs in on conn. sctx (whose deadline is deadline) bounds the
+// setup; lctx, the session's login, bounds the rest together with
+// Timeouts.BackendAuth.
+func (s *Server) loginOn(lctx, sctx context.Context, conn net.Conn, b *routing.Backend, cr *credentials, ci *clientInfo, relay relayFunc, deadline time.Time) (*backendLogin, error) {
 	// The context's deadline covers the handshakes; the conn's deadline
 	// covers every read and write. A cancelled context closes the conn.
 	conn.SetDeadline(deadline)
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
+	stop := context.AfterFunc(sctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	defer func() { stop() }()
 
 	if v := b.ProxyProtocol; v == 1 || v == 2 {
 		if err := writeProxyHeader(conn, v, ci.remote, ci.local); err != nil {
@@ -171,12 +183,12 @@ func (s *Server) loginOn(ctx context.Context, conn net.Conn, b *routing.Backend,
 
 	if b.Security == routing.SecurityTLS {
 		tc := tls.Client(conn, s.backendTLS(b))
-		if err := tc.HandshakeContext(ctx); err != nil {
+		if err := tc.HandshakeContext(sctx); err != nil {
 			return nil, fmt.Errorf("TLS handshake: %w", err)
 		}
 		conn = tc
 	}
-	bc := &backendConn{conn: conn, br: bufio.NewReaderSize(conn, 4096)}
+	bc := &backendConn{conn: conn, br: bufio.NewReaderSize(conn, backendReadBuffer)}
 	greet, err := bc.readLine()
 	if err != nil {
 		return nil, fmt.Errorf("reading greeting: %w", err)
@@ -195,16 +207,16 @@ func (s *Server) loginOn(ctx context.Context, conn net.Conn, b *routing.Backend,
 			return nil, errors.New("backend does not offer STARTTLS")
 		}
 		if _, _, err := bc.simple("STARTTLS"); err != nil {
-			return nil, fmt.Errorf("STARTTLS: %w", err)
+			return nil, notAuth("STARTTLS", err)
 		}
 		// Bytes after the tagged OK were sent in cleartext and could be
 		// injected by anyone on the path: drop them with the reader.
 		tc := tls.Client(conn, s.backendTLS(b))
-		if err := tc.HandshakeContext(ctx); err != nil {
+		if err := tc.HandshakeContext(sctx); err != nil {
 			return nil, fmt.Errorf("STARTTLS handshake: %w", err)
 		}
 		conn = tc
-		bc = &backendConn{conn: conn, br: bufio.NewReaderSize(conn, 4096), n: bc.n}
+		bc = &backendConn{conn: conn, br: bufio.NewReaderSize(conn, backendReadBuffer), n: bc.n}
 		if caps, err = bc.capability(); err != nil {
 			return nil, err
 		}
@@ -215,6 +227,12 @@ func (s *Server) loginOn(ctx context.Context, conn net.Conn, b *routing.Backend,
 		// still lets the client log in), and this saves a round trip.
 		bc.queued = bc.nextTag() + " ID " + idList(ci.id) + "\r\n"
 	}
+
+	// From here on the backend answers the credentials: it may take its
+	// time over a wrong password, and that is not an outage.
+	stop()
+	conn.SetDeadline(time.Now().Add(s.o().Timeouts.BackendAuth))
+	stop = context.AfterFunc(lctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
 
 	var code string
 	saslIR := hasCap(caps, "SASL-IR")
@@ -245,6 +263,7 @@ func (s *Server) loginOn(ctx context.Context, conn net.Conn, b *routing.Backend,
 			return nil, err
 		}
 	}
+	stop()
 	conn.SetDeadline(time.Time{})
 	bl := &backendLogin{conn: conn, caps: caps}
 	if n := bc.br.Buffered(); n > 0 {
@@ -414,6 +433,18 @@ func sanitize(s string) string {
 	return strings.TrimSpace(string(b))
 }
 
+// notAuth turns the backend's NO or BAD to a command other than the login
+// into an unavailable backend: only the answer to the credentials is an
+// authentication failure (charged to the limits, its text shown to the
+// client). The refusal is described, not wrapped.
+func notAuth(cmd string, err error) error {
+	var refused *backendRefusedError
+	if errors.As(err, &refused) {
+		return fmt.Errorf("%s refused by the backend: %s", cmd, refused.Error())
+	}
+	return fmt.Errorf("%s: %w", cmd, err)
+}
+
 // simple sends a command without literals and waits for its result.
 func (bc *backendConn) simple(cmd string) (code, caps string, err error) {
 	tag := bc.nextTag()
@@ -426,7 +457,7 @@ func (bc *backendConn) simple(cmd string) (code, caps string, err error) {
 func (bc *backendConn) capability() (string, error) {
 	_, caps, err := bc.simple("CAPABILITY")
 	if err != nil {
-		return "", fmt.Errorf("CAPABILITY: %w", err)
+		return "", notAuth("CAPABILITY", err)
 	}
 	if caps == "" {
 		return "", errors.New("backend sent no capabilities")

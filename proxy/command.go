@@ -6,15 +6,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strconv"
 	"strings"
 )
 
 // This file is the pre-auth command reader: it turns the bytes a client
 // sends before login into commands, and never holds more than the limits
 // allow. It understands just enough IMAP syntax for the Not Authenticated
-// state: atoms, quoted strings, literals (synchronising, LITERAL+ and
-// LITERAL-) and parenthesised lists (for ID).
+// state: atoms, quoted strings, literals (synchronising, and LITERAL+ /
+// LITERAL-'s non-synchronising "{n+}") and parenthesised lists (for ID).
+// Its exact rules (tags, literal syntax, too-long lines) are in syntax.go.
 
 type tokKind uint8
 
@@ -87,40 +87,79 @@ type continuer interface {
 
 // cmdReader reads pre-auth commands from a bounded buffer.
 type cmdReader struct {
-	br   *bufio.Reader // its size is lim.maxLine
+	br   *bufio.Reader // cmdReaderBuffer bytes
 	cont continuer
 	lim  readLimits
+	acc  []byte // a line longer than br's buffer, gathered
 }
 
 // readLine returns the next line without its CRLF (a lone LF is accepted).
-// The slice is valid until the next read.
-func (r *cmdReader) readLine() ([]byte, error) {
-	line, err := r.br.ReadSlice('\n')
-	if errors.Is(err, bufio.ErrBufferFull) {
-		return nil, errLineTooLong
+// The slice is valid until the next read. A line over the limit is
+// skipped to its end and answered as tooLong says.
+func (r *cmdReader) readLine() ([]byte, error) { return r.readLineOf("") }
+
+// readLineOf is readLine for a line of the command tagged tag (after a
+// literal), or of a new command when tag is "".
+func (r *cmdReader) readLineOf(tag string) ([]byte, error) {
+	if cap(r.acc) > cmdReaderBuffer {
+		r.acc = nil // a long line's memory goes with it
 	}
-	if err != nil {
-		if errors.Is(err, io.EOF) && len(line) > 0 {
-			err = io.ErrUnexpectedEOF
+	r.acc = r.acc[:0]
+	for {
+		chunk, err := r.br.ReadSlice('\n')
+		if errors.Is(err, bufio.ErrBufferFull) {
+			if len(r.acc)+len(chunk) > r.lim.maxLine {
+				head := append(r.acc, chunk...)
+				read := len(head)
+				head = bytes.Clone(head[:min(len(head), tooLongHead)])
+				r.acc = nil
+				return nil, r.skipTooLong(head, read, tag, r.lim.maxCommand)
+			}
+			r.acc = append(r.acc, chunk...)
+			continue
 		}
-		return nil, err
+		if err != nil {
+			if errors.Is(err, io.EOF) && len(r.acc)+len(chunk) > 0 {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+		line := chunk
+		if len(r.acc) > 0 {
+			r.acc = append(r.acc, chunk...)
+			line = r.acc
+		}
+		if len(line) > r.lim.maxLine {
+			return nil, tooLong(line[:min(len(line), tooLongHead)], line[max(0, len(line)-16):], tag)
+		}
+		line = line[:len(line)-1]
+		if n := len(line); n > 0 && line[n-1] == '\r' {
+			line = line[:n-1]
+		}
+		return line, nil
 	}
-	line = line[:len(line)-1]
-	if n := len(line); n > 0 && line[n-1] == '\r' {
-		line = line[:n-1]
-	}
-	return line, nil
 }
 
 // readCommand reads one whole command, literals included. Protocol errors
 // come back as *protoError; anything else is a connection error.
 func (r *cmdReader) readCommand() (*command, error) {
+	var p lineParser
+	cmd, err := r.readCommandInto(&p)
+	if pe, ok := err.(*protoError); ok && !pe.fatal && endsWithNonSyncLiteral(p.b) {
+		// The line is refused, but the client sends the literal anyway:
+		// its bytes would be read as commands.
+		return nil, &protoError{code: pe.code, text: pe.text, fatal: true}
+	}
+	return cmd, err
+}
+
+func (r *cmdReader) readCommandInto(p *lineParser) (*command, error) {
 	line, err := r.readLine()
 	if err != nil {
 		return nil, err
 	}
 	total := len(line)
-	p := lineParser{b: line}
+	*p = lineParser{b: line}
 	if p.eol() {
 		return nil, badf("", "Empty command line")
 	}
@@ -165,7 +204,8 @@ func (r *cmdReader) readCommand() (*command, error) {
 		}
 		cmd.args = append(cmd.args, token{kind: tokLiteral, val: string(buf)})
 		total += lit.size
-		if line, err = r.readLine(); err != nil {
+		p.b, p.i = nil, 0 // its literal was read: it is no longer the line at fault
+		if line, err = r.readLineOf(tag); err != nil {
 			return nil, err
 		}
 		if total += len(line); total > r.lim.maxCommand {
@@ -227,7 +267,7 @@ func (p *lineParser) atom() (string, bool) {
 
 func (p *lineParser) tag() (string, bool) {
 	start := p.i
-	for p.i < len(p.b) && isAtomChar(p.b[p.i]) && p.b[p.i] != '+' {
+	for p.i < len(p.b) && isTagChar(p.b[p.i]) {
 		p.i++
 	}
 	if p.i == start || (p.i < len(p.b) && p.b[p.i] != ' ') {
@@ -339,19 +379,10 @@ func (p *lineParser) literal() (*literalSpec, error) {
 	if end < 0 {
 		return nil, syntaxError("Invalid literal")
 	}
-	spec := p.b[p.i+1 : p.i+end]
+	size, sync, ok := parseLiteralSpec(p.b[p.i+1 : p.i+end])
 	p.i += end + 1
-	sync := true
-	if n := len(spec); n > 0 && (spec[n-1] == '+' || spec[n-1] == '-') {
-		sync = false
-		spec = spec[:n-1]
-	}
-	if len(spec) == 0 || len(spec) > 10 {
-		return nil, syntaxError("Invalid literal size")
-	}
-	size, err := strconv.Atoi(string(spec))
-	if err != nil || size < 0 {
-		return nil, syntaxError("Invalid literal size")
+	if !ok {
+		return nil, syntaxError("Invalid literal: {digits} or {digits+}")
 	}
 	return &literalSpec{size: size, sync: sync}, nil
 }

@@ -18,7 +18,9 @@ func testLimits() readLimits {
 
 func newTestReader(in string, lim readLimits) (*cmdReader, *recContinuer) {
 	c := &recContinuer{}
-	return &cmdReader{br: bufio.NewReaderSize(strings.NewReader(in), lim.maxLine), cont: c, lim: lim}, c
+	// bufio's smallest buffer: every line longer than 16 bytes takes the
+	// path that gathers a line from several reads.
+	return &cmdReader{br: bufio.NewReaderSize(strings.NewReader(in), 16), cont: c, lim: lim}, c
 }
 
 func TestReadCommand(t *testing.T) {
@@ -42,7 +44,10 @@ func TestReadCommand(t *testing.T) {
 		{"empty quoted", `a LOGIN "" ""` + "\r\n", "a", "LOGIN", []token{q(""), q("")}, 0},
 		{"sync literal", "a LOGIN {5}\r\nalice {3}\r\np w\r\n", "a", "LOGIN", []token{lit("alice"), lit("p w")}, 2},
 		{"literal+", "a LOGIN {5+}\r\nalice {3+}\r\nx\r\n\r\n", "a", "LOGIN", []token{lit("alice"), lit("x\r\n")}, 0},
-		{"literal-", "a LOGIN alice {4-}\r\npass\r\n", "a", "LOGIN", []token{atom("alice"), lit("pass")}, 0},
+		{"literal at the size limit", "a LOGIN {64}\r\n" + strings.Repeat("p", 64) + " x\r\n", "a", "LOGIN", []token{lit(strings.Repeat("p", 64)), atom("x")}, 1},
+		{"zero literal", "a LOGIN {0}\r\n {0+}\r\n\r\n", "a", "LOGIN", []token{lit(""), lit("")}, 1},
+		{"tag with bracket", "a]1 NOOP\r\n", "a]1", "NOOP", nil, 0},
+		{"line at the limit", "a LOGIN " + strings.Repeat("u", 256-len("a LOGIN  p\r\n")) + " p\r\n", "a", "LOGIN", []token{atom(strings.Repeat("u", 256-len("a LOGIN  p\r\n"))), atom("p")}, 0},
 		{"utf-8 quoted", "a LOGIN carol \"pässwörd\"\r\n", "a", "LOGIN", []token{atom("carol"), q("pässwörd")}, 0},
 		{"brackets in atom", "a LOGIN user pass]word\r\n", "a", "LOGIN", []token{atom("user"), atom("pass]word")}, 0},
 		{"id list", `a ID ("name" "Thunderbird" "version" NIL)` + "\r\n", "a", "ID", []token{lp, q("name"), q("Thunderbird"), q("version"), atom("NIL"), rp}, 0},
@@ -105,7 +110,25 @@ func TestReadCommandErrors(t *testing.T) {
 		{"literal huge size", "a LOGIN {99999999999}\r\n", "a", "", false, nil, 0},
 		{"sync literal too big", "a LOGIN {65}\r\n", "a", "TOOBIG", false, nil, 0},
 		{"non-sync literal too big", "a LOGIN {65+}\r\n", "", "TOOBIG", true, nil, 0},
-		{"line too long", "a LOGIN " + long + "\r\n", "", "TOOBIG", true, nil, 0},
+		{"line too long", "a LOGIN " + long + "\r\n", "a", "TOOBIG", false, nil, 0},
+		{"line one byte too long", "a LOGIN " + strings.Repeat("u", 257-len("a LOGIN  p\r\n")) + " p\r\n", "a", "TOOBIG", false, nil, 0},
+		{"line too long, no tag", "a+ LOGIN " + long + "\r\n", "", "TOOBIG", true, nil, 0},
+		{"line too long, then a non-sync literal", "a LOGIN " + long + " {5+}\r\nalice\r\n", "", "TOOBIG", true, nil, 0},
+		{"line too long across literals", "a LOGIN {3}\r\nabc " + long + "\r\n", "a", "TOOBIG", false, nil, 1},
+		{"no line end within the command limit", "a LOGIN " + strings.Repeat(long, 3), "", "TOOBIG", true, nil, 0},
+		{"literal minus", "a LOGIN alice {4-}\r\n", "a", "", false, nil, 0},
+		{"literal plus first", "a LOGIN {+5}\r\n", "a", "", false, nil, 0},
+		{"literal negative", "a LOGIN {-5}\r\n", "a", "", false, nil, 0},
+		{"literal space", "a LOGIN { 5}\r\n", "a", "", false, nil, 0},
+		{"literal hex", "a LOGIN {0x5}\r\n", "a", "", false, nil, 0},
+		{"literal two plus", "a LOGIN {5++}\r\n", "a", "", false, nil, 0},
+		{"literal empty", "a LOGIN {}\r\n", "a", "", false, nil, 0},
+		{"literal only plus", "a LOGIN {+}\r\n", "a", "", false, nil, 0},
+		{"literal over 2^32", "a LOGIN {4294967296}\r\n", "a", "", false, nil, 0},
+		{"8-bit tag", "\xc3\xa4 NOOP\r\n", "", "", false, nil, 0},
+		{"control in tag", "a\x01 NOOP\r\n", "", "", false, nil, 0},
+		{"bad tag, non-sync literal follows", "a+b LOGIN {5+}\r\n", "", "", true, nil, 0},
+		{"bad argument, non-sync literal follows", "a LOGIN \"x {5+}\r\n", "", "", true, nil, 0},
 		{"too many args", "a X" + strings.Repeat(" a", 17) + "\r\n", "a", "TOOBIG", false, nil, 0},
 		{"eof mid line", "a NOOP", "", "", false, io.ErrUnexpectedEOF, 0},
 		{"eof in literal", "a LOGIN {5}\r\nab", "", "", false, io.ErrUnexpectedEOF, 1},
@@ -153,6 +176,29 @@ func TestReadCommandBadThenGood(t *testing.T) {
 	}
 }
 
+// TestReadCommandResyncAfterTooLong: a too-long line is answered and the
+// next command is read from the next line, however the long one was cut
+// into reads; a short line after a long one does not keep its memory.
+func TestReadCommandResyncAfterTooLong(t *testing.T) {
+	long := strings.Repeat("y", 400) // over the line limit, within the command limit
+	r, _ := newTestReader("a LOGIN "+long+"\r\nb NOOP\r\nc LOGIN {3}\r\nabc "+long+"\r\nd NOOP\r\n", testLimits())
+	for _, want := range []string{"a", "b", "c", "d"} {
+		cmd, err := r.readCommand()
+		var pe *protoError
+		switch {
+		case want == "b" || want == "d":
+			if err != nil || cmd.tag != want {
+				t.Fatalf("after a too-long line: %+v, %v; want %s NOOP", cmd, err, want)
+			}
+			if cap(r.acc) > cmdReaderBuffer {
+				t.Errorf("the reader keeps %d bytes after a long line", cap(r.acc))
+			}
+		case !errors.As(err, &pe) || pe.tag != want || pe.code != "TOOBIG" || pe.fatal:
+			t.Fatalf("too-long line %s: %v, want a tagged BAD [TOOBIG]", want, err)
+		}
+	}
+}
+
 func FuzzReadCommand(f *testing.F) {
 	for _, s := range []string{
 		"a LOGIN alice secret\r\n",
@@ -162,6 +208,11 @@ func FuzzReadCommand(f *testing.F) {
 		`a LOGIN "a\"b" "c\\d"` + "\r\n",
 		"GET / HTTP/1.1\r\n",
 		"a ID (\"k\" {2}\r\nvv)\r\n",
+		// The grammar's corners: literal forms, tags, long lines.
+		"a LOGIN {+5}\r\n", "a LOGIN {5-}\r\nalice\r\n", "a LOGIN {4294967296}\r\n",
+		"a LOGIN {0}\r\n {0+}\r\n\r\n", "\xc3\xa4 NOOP\r\n", "a]b NOOP\r\n", "a+ LOGIN {5+}\r\nalice\r\n",
+		"a LOGIN " + strings.Repeat("x", 300) + "\r\nb NOOP\r\n",
+		"a LOGIN " + strings.Repeat("x", 300) + " {3+}\r\nabc\r\n",
 	} {
 		f.Add(s)
 	}

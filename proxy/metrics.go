@@ -20,13 +20,15 @@ type Metrics interface {
 	// Login is called once per login attempt: result is "ok", "refused",
 	// "unavailable" or "error"; reason says more in a few fixed words.
 	Login(result, reason string)
-	// BackendLogin reports the dial and the login exchange's durations.
+	// BackendLogin reports the dial and the login exchange's durations;
+	// ok means the backend answered the credentials (a NO included).
 	BackendLogin(backend string, dial, login time.Duration, ok bool)
 	// RouteLookup reports how long the router took.
 	RouteLookup(d time.Duration, ok bool)
 	// LimitHit counts a limit being reached ("connections",
 	// "connections_per_ip", "line_length", "literal_size", "bad_commands",
-	// "auth_failures", "login_timeout", "preauth_idle").
+	// "auth_failures", "auth_failure_rate", "user_slowdown",
+	// "login_timeout", "preauth_idle").
 	LimitHit(limit string)
 }
 

@@ -113,13 +113,21 @@ type PasswordVerifier interface {
 // where said, a negative value means no limit.
 type Limits struct {
 	// MaxLineLength is the longest pre-auth command line in bytes, CRLF
-	// included. Zero means 8 KiB.
+	// included; a longer one gets a tagged BAD [TOOBIG] and the client
+	// goes on at its next line. Zero means 64 KiB: RFC 2971's largest ID
+	// (30 fields of 30 octets, values of 1,024) is a 31,807-byte line,
+	// 63.4 KiB with every character escaped; a SASL-IR PLAIN response is at
+	// most 1,024 bytes of base64 (RFC 4616: 255 octets each), an OAuth
+	// bearer token a few KiB. Memory beyond 4 KiB is held only while a
+	// long line is read.
 	MaxLineLength int
-	// MaxLiteralSize is the largest literal accepted before login. Zero
-	// means 16 KiB.
+	// MaxLiteralSize is the largest literal accepted before login (a
+	// LOGIN user or password, an ID value of at most 1,024). Zero means
+	// 16 KiB.
 	MaxLiteralSize int
 	// MaxCommandSize is the largest whole pre-auth command (lines and
-	// literals). Zero means 64 KiB.
+	// literals), and how far past the line limit a line is skipped before
+	// the client gets BYE instead. Zero means 128 KiB.
 	MaxCommandSize int
 	// MaxBadCommands is how many invalid or unknown commands a client may
 	// send before login until it gets BYE. Zero means 5.
@@ -127,26 +135,46 @@ type Limits struct {
 	// MaxAuthFailures is how many failed logins one connection may make
 	// before it gets BYE. Zero means 3.
 	MaxAuthFailures int
-	// AuthFailureDelay is the delay before answering a failed login; it
-	// grows with each failure on the connection (delay × failures). Zero
-	// means 2 s; negative means none (tests, trusted networks).
+	// AuthFailureDelay is how long a failed login takes at least before
+	// its NO, counted from the command: delay × the connection's failures.
+	// Time the backend already took to say NO counts towards it, so a
+	// backend's own penalty (Dovecot's) and this one do not add up: the
+	// client waits the longer of the two. Zero means 2 s; negative means
+	// none (tests, trusted networks).
 	AuthFailureDelay time.Duration
 	// MaxConnections is the most concurrent client connections. Zero or
 	// negative means no limit here (the binary derives one from the
 	// open-file limit).
 	MaxConnections int
 	// MaxConnectionsPerIP is the most concurrent connections from one
-	// client address. Zero means 100; negative means no limit.
+	// client network (see IPv4Prefix and IPv6Prefix). Zero means 100;
+	// negative means no limit.
 	MaxConnectionsPerIP int
-	// IPFailures limits failed logins per client network (an IPv4
-	// address, an IPv6 /64). Zero values mean a burst of 20 refilled one
-	// every 6 s.
+	// IPv4Prefix and IPv6Prefix are the prefix lengths of a client
+	// network, the unit every per-client limit counts in (connections,
+	// failed logins). Zero means 32 (an IPv4 address) and 64 (an IPv6
+	// /64: one host usually has a whole one).
+	IPv4Prefix, IPv6Prefix int
+	// IPFailures limits failed logins per client network, at any users:
+	// an empty bucket gets NO [LIMIT] without asking the backend. Zero
+	// values mean a burst of 20 refilled one every 6 s.
 	IPFailures RateLimit
-	// UserFailures limits failed logins per user name, from anywhere. Zero
-	// values mean a burst of 30 refilled one every 20 s. A user over the
-	// limit is refused even with the right password until it refills:
-	// that is the price of stopping a distributed guess at one account.
+	// UserFailures limits failed logins per user name from networks not
+	// known for the user (KnownNetworkTTL). An empty bucket never refuses
+	// (that would lock the real user out): it slows, see UserSlowdown.
+	// Zero values mean a burst of 30 refilled one every 20 s. The policy
+	// is described in limits.go and the README.
 	UserFailures RateLimit
+	// UserSlowdown is how long a login waits before the backend is asked
+	// when its user's bucket is empty and its network is not known for
+	// the user; each such network may have one slowed login per user at a
+	// time. Zero means 10 s; negative means no slow-down.
+	UserSlowdown time.Duration
+	// KnownNetworkTTL is how long a network that logged in as a user stays
+	// known for that user: its logins are neither charged to nor slowed by
+	// the user's bucket. Zero means 30 days; negative means no network is
+	// ever known.
+	KnownNetworkTTL time.Duration
 	// FailureKeys bounds how many networks and users the failure limits
 	// remember (each limit separately). Zero means 100,000.
 	FailureKeys int
@@ -173,9 +201,15 @@ type Timeouts struct {
 	Login time.Duration
 	// BackendConnect bounds the TCP connect to a backend. Zero means 5 s.
 	BackendConnect time.Duration
-	// BackendLogin bounds the whole backend exchange: TLS, greeting,
-	// STARTTLS, ID and login. Zero means 15 s.
+	// BackendLogin bounds the backend exchange before the credentials
+	// are sent: TLS, greeting, STARTTLS and CAPABILITY. Zero means 15 s.
 	BackendLogin time.Duration
+	// BackendAuth bounds the wait for the backend's answer to the login
+	// itself (LOGIN or AUTHENTICATE, and the CAPABILITY after it). A
+	// backend that delays a wrong password (Dovecot's auth penalty, up to
+	// 15 s plus its auth_failure_delay) is not down: this must be longer
+	// than any such delay. Zero means 60 s.
+	BackendAuth time.Duration
 	// HalfClose is how long the backend may go on answering after the
 	// client closed its half of the connection (a backend that closes
 	// ends the session at once). Zero means 10 s.
@@ -240,9 +274,9 @@ func (o *Options) withDefaults() Options {
 		r.Greeting = "imapgate ready."
 	}
 	l := &r.Limits
-	def(&l.MaxLineLength, 8<<10)
+	def(&l.MaxLineLength, 64<<10)
 	def(&l.MaxLiteralSize, 16<<10)
-	def(&l.MaxCommandSize, 64<<10)
+	def(&l.MaxCommandSize, 128<<10)
 	def(&l.MaxBadCommands, 5)
 	def(&l.MaxAuthFailures, 3)
 	def(&l.AuthFailureDelay, 2*time.Second)
@@ -252,6 +286,10 @@ func (o *Options) withDefaults() Options {
 	def(&l.UserFailures.Burst, 30)
 	def(&l.UserFailures.Refill, 20*time.Second)
 	def(&l.FailureKeys, 100_000)
+	def(&l.UserSlowdown, 10*time.Second)
+	def(&l.KnownNetworkTTL, 30*24*time.Hour)
+	def(&l.IPv4Prefix, 32)
+	def(&l.IPv6Prefix, 64)
 	if len(r.Capabilities.AuthMechanisms) == 0 {
 		r.Capabilities.AuthMechanisms = []string{"PLAIN", "LOGIN"}
 	}
@@ -261,6 +299,7 @@ func (o *Options) withDefaults() Options {
 	def(&t.Login, 3*time.Minute)
 	def(&t.BackendConnect, 5*time.Second)
 	def(&t.BackendLogin, 15*time.Second)
+	def(&t.BackendAuth, 60*time.Second)
 	def(&t.HalfClose, 10*time.Second)
 	return r
 }

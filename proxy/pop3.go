@@ -366,64 +366,27 @@ func (s *session) pop3Login(ctx context.Context, cr credentials) (*backendLogin,
 	}
 	user := routing.NormalizeUser(cr.routingUser())
 	log := s.logger().With(zap.String("user", user), zap.String("mech", cr.mech), zap.String("protocol", "pop3"))
-	now := time.Now()
-	netKey := clientNetwork(s.remote.Addr())
-	lim := s.srv.limiters.Load()
-	if !lim.ip.allowed(netKey, now) || !lim.user.allowed(user, now) {
-		m.LimitHit("auth_failure_rate")
-		m.Login("refused", "rate_limited")
-		log.Warn("login refused: too many recent failures", zap.String("network", netKey))
+	res := s.runLogin(ctx, &cr, user, log, func(lctx context.Context, b *routing.Backend) (*backendLogin, error) {
+		return s.srv.pop3LoginBackend(lctx, b, &cr, s.clientInfo(), s.pop3Relay)
+	})
+	switch res.end {
+	case loginExpired:
+		s.pop3Err("[SYS/TEMP] Autologout; idle for too long")
+		return nil, true
+	case loginLimited:
 		return s.pop3Refused(ctx, "[LOGIN-DELAY] Too many failed logins, try again later")
-	}
-	s.setState(stateLogin)
-	lctx, cancel := context.WithDeadline(ctx, s.deadline)
-	defer cancel()
-	t0 := time.Now()
-	b, err := s.srv.o().Router.Route(lctx, user)
-	m.RouteLookup(time.Since(t0), err == nil)
-	if err != nil {
-		s.setState(statePreAuth)
-		m.Login("unavailable", "no_route")
-		log.Warn("login failed: no route", zap.Error(err))
+	case loginNoRoute:
 		return nil, !s.pop3Err("[SYS/TEMP] No server is available for this account right now, try again later")
-	}
-	s.mu.Lock()
-	s.backend, s.user = b, user
-	s.mu.Unlock()
-	s.srv.index(s, user)
-
-	bl, err := s.srv.pop3LoginBackend(lctx, b, &cr, s.clientInfo(), s.pop3Relay)
-	if err == nil {
-		err = s.srv.commitRoute(lctx, user, b, bl.conn)
-	}
-	if err != nil {
-		s.srv.unindex(s, user)
-		s.mu.Lock()
-		s.backend, s.user = nil, ""
-		s.mu.Unlock()
-		s.setState(statePreAuth)
-		var refused *backendRefusedError
-		if errors.As(err, &refused) {
-			s.srv.limiters.Load().ip.fail(netKey, time.Now())
-			s.srv.limiters.Load().user.fail(user, time.Now())
-			m.Login("refused", "backend_no")
-			log.Info("login failed", zap.String("backend", b.ID), zap.String("reason", refused.Error()), zap.Int("failures", s.authFails+1))
-			return s.pop3Refused(ctx, "[AUTH] Authentication failed.")
-		}
-		m.Login("unavailable", "backend_error")
-		log.Warn("login failed: backend unavailable", zap.String("backend", b.ID), zap.String("backend_addr", b.POP3Addr), zap.Error(err))
+	case loginRefused:
+		return s.pop3Refused(ctx, "[AUTH] Authentication failed.")
+	case loginNotPlaced:
+		return nil, !s.pop3Err("[SYS/TEMP] Your account is moving, please try again")
+	case loginUnavailable:
 		return nil, !s.pop3Err("[SYS/TEMP] The mail server is not reachable right now, try again later")
-	}
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		bl.conn.Close()
+	case loginClientGone:
 		return nil, true
 	}
-	s.bconn = bl.conn
-	s.mu.Unlock()
-	m.Login("ok", strings.ToLower(cr.mech))
-	log.Info("login", zap.String("backend", b.ID), zap.Duration("took", time.Since(t0)))
+	bl := res.bl
 	if !s.writeString("+OK " + bl.caps + "\r\n") {
 		bl.conn.Close()
 		return nil, true

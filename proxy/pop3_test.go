@@ -294,8 +294,11 @@ func TestPOP3Conversation(t *testing.T) {
 // TestPOP3SharesFailureLimits: a password guessed over POP3 counts in
 // the same per-user bucket as IMAP logins.
 func TestPOP3SharesFailureLimits(t *testing.T) {
+	// The per-network bucket is the one that refuses (the per-user one
+	// only slows logins down, limits.go): a wrong password over POP3
+	// empties it for IMAP too.
 	e := newProtoEnv(t, []string{"pop3"}, func(o *Options) {
-		o.Limits.UserFailures = RateLimit{Burst: 1, Refill: time.Hour}
+		o.Limits.IPFailures = RateLimit{Burst: 1, Refill: time.Hour}
 	})
 	c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
 	c.expect("+OK")
@@ -304,7 +307,7 @@ func TestPOP3SharesFailureLimits(t *testing.T) {
 	c.expect("-ERR [AUTH]")
 	im := dialConv(t, e.addrs["imap"], e.clientTLS)
 	im.expect("* OK")
-	im.send("a LOGIN bob@example.org \"" + e.d.Users["bob@example.org"] + "\"\r\n")
+	im.send("a LOGIN alice@example.org \"" + e.d.Users["alice@example.org"] + "\"\r\n")
 	im.expect("a NO [LIMIT]")
 }
 

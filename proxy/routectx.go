@@ -15,7 +15,7 @@ func (s *session) routeContext(ctx context.Context, cr *credentials) context.Con
 	return routing.WithLogin(ctx, routing.Login{
 		Password: cr.pass,
 		Method:   strings.ToLower(cr.mech),
-		Protocol: "imap",
+		Protocol: s.lst.Protocol.String(),
 		Attempt:  s.authFails + 1,
 		Client:   s.remote.Addr(),
 	})

@@ -45,7 +45,7 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	sessions  map[*session]struct{}
 	byUser    map[string][]*session // routed sessions, for EvictUser
-	perIP     map[netip.Addr]int
+	perIP     map[netip.Prefix]int
 	active    sync.WaitGroup // sessions
 	idleCh    chan struct{}  // closed when sessions drops to zero during shutdown
 }
@@ -64,7 +64,7 @@ func NewServer(opts Options) (*Server, error) {
 		sessions:  make(map[*session]struct{}),
 		byUser:    make(map[string][]*session),
 		parkAfter: parkAfter,
-		perIP:     make(map[netip.Addr]int),
+		perIP:     make(map[netip.Prefix]int),
 	}
 	s.opts.Store(o)
 	s.limiters.Store(newLimiters(o.Limits))
@@ -85,6 +85,9 @@ func checkOptions(opts Options) (*Options, error) {
 			return nil, fmt.Errorf("proxy: unsupported SASL mechanism %q", mech)
 		}
 	}
+	if l := opts.Limits; l.IPv4Prefix < 0 || l.IPv4Prefix > 32 || l.IPv6Prefix < 0 || l.IPv6Prefix > 128 {
+		return nil, errors.New("proxy: Limits.IPv4Prefix must be 0-32 and IPv6Prefix 0-128")
+	}
 	o := opts.withDefaults()
 	return &o, nil
 }
@@ -101,7 +104,7 @@ func (s *Server) SetOptions(opts Options) error {
 		return err
 	}
 	old := s.opts.Swap(o)
-	if old.Limits.IPFailures != o.Limits.IPFailures || old.Limits.UserFailures != o.Limits.UserFailures || old.Limits.FailureKeys != o.Limits.FailureKeys {
+	if limiterConfig(old.Limits) != limiterConfig(o.Limits) {
 		s.limiters.Store(newLimiters(o.Limits))
 	}
 	return nil
@@ -109,18 +112,6 @@ func (s *Server) SetOptions(opts Options) error {
 
 // o returns the options in force.
 func (s *Server) o() *Options { return s.opts.Load() }
-
-// limiters are the failure limits, replaced together when they change.
-type limiters struct {
-	ip, user *failureLimiter // nil when off
-}
-
-func newLimiters(l Limits) *limiters {
-	return &limiters{
-		ip:   newFailureLimiter(l.IPFailures.Burst, l.IPFailures.Refill, l.FailureKeys),
-		user: newFailureLimiter(l.UserFailures.Burst, l.UserFailures.Refill, l.FailureKeys),
-	}
-}
 
 // Serve accepts clients on ln until it fails or the server shuts down,
 // when it returns ErrServerClosed. It owns ln and closes it.
@@ -197,7 +188,8 @@ func (s *Server) serveConn(c net.Conn, l *Listener) {
 			remote, local = src, dst
 		}
 	}
-	if reason := s.admit(remote.Addr()); reason != "" {
+	network := s.network(remote.Addr())
+	if reason := s.admit(network); reason != "" {
 		s.o().Metrics.LimitHit(reason)
 		s.log.Warn("connection refused", zap.String("client", remote.String()), zap.String("limit", reason))
 		if l.Mode == StartTLS {
@@ -208,6 +200,7 @@ func (s *Server) serveConn(c net.Conn, l *Listener) {
 		return
 	}
 	sess := newSession(s, c, l, remote, local)
+	sess.network = network
 	s.mu.Lock()
 	s.sessions[sess] = struct{}{}
 	s.mu.Unlock()
@@ -230,13 +223,12 @@ func (s *Server) endSession(sess *session) {
 	if u, _ := sess.routeKey(); u != "" {
 		s.unindex(sess, u)
 	}
-	remote := sess.remote
 	s.mu.Lock()
 	delete(s.sessions, sess)
-	if n := s.perIP[remote.Addr()] - 1; n > 0 {
-		s.perIP[remote.Addr()] = n
+	if n := s.perIP[sess.network] - 1; n > 0 {
+		s.perIP[sess.network] = n
 	} else {
-		delete(s.perIP, remote.Addr())
+		delete(s.perIP, sess.network)
 	}
 	if s.idleCh != nil && len(s.sessions) == 0 {
 		close(s.idleCh)
@@ -246,18 +238,25 @@ func (s *Server) endSession(sess *session) {
 	s.active.Done()
 }
 
-// admit counts a new connection, or says which limit refuses it.
-func (s *Server) admit(ip netip.Addr) string {
+// network is the client network a connection from a counts for.
+func (s *Server) network(a netip.Addr) netip.Prefix {
+	l := s.o().Limits
+	return networkOf(a, l.IPv4Prefix, l.IPv6Prefix)
+}
+
+// admit counts a new connection from network, or says which limit
+// refuses it.
+func (s *Server) admit(network netip.Prefix) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	lim := s.o().Limits
 	if lim.MaxConnections > 0 && len(s.sessions) >= lim.MaxConnections {
 		return "connections"
 	}
-	if lim.MaxConnectionsPerIP > 0 && s.perIP[ip] >= lim.MaxConnectionsPerIP {
+	if lim.MaxConnectionsPerIP > 0 && s.perIP[network] >= lim.MaxConnectionsPerIP {
 		return "connections_per_ip"
 	}
-	s.perIP[ip]++
+	s.perIP[network]++
 	s.active.Add(1)
 	return ""
 }

@@ -42,6 +42,9 @@ type session struct {
 	start  time.Time
 	raw    net.Conn // the accepted connection; closing it ends the client leg
 
+	// network is the client network the session counts for (limits).
+	network netip.Prefix
+
 	// Pre-auth only: dropped when the splice starts.
 	client    net.Conn // raw, or the TLS connection over it
 	r         *cmdReader
@@ -50,6 +53,9 @@ type session struct {
 	badCmds   int
 	authFails int
 	clientID  []string // the client's ID fields, name/value pairs
+	// loginStart is when the current login command arrived: its failure
+	// delay counts from there.
+	loginStart time.Time
 
 	// wmu serialises writes to the client: the session's own replies, the
 	// backend-to-client pump and a BYE from kick.
@@ -262,7 +268,7 @@ func (s *session) writeString(str string) bool { return s.write([]byte(str)) }
 func (s *session) newReader() {
 	lim := s.srv.o().Limits
 	s.r = &cmdReader{
-		br:   bufio.NewReaderSize(s.client, lim.MaxLineLength),
+		br:   bufio.NewReaderSize(s.client, cmdReaderBuffer),
 		cont: s,
 		lim: readLimits{
 			maxLine:    lim.MaxLineLength,
@@ -584,79 +590,31 @@ func (s *session) login(ctx context.Context, tag string, cr credentials) (*backe
 	}
 	user := routing.NormalizeUser(cr.routingUser())
 	log := s.logger().With(zap.String("user", user), zap.String("mech", cr.mech))
-	now := time.Now()
-	netKey := clientNetwork(s.remote.Addr())
-	if !s.srv.limiters.Load().ip.allowed(netKey, now) || !s.srv.limiters.Load().user.allowed(user, now) {
-		// Refused before the backend is asked: guessing costs the
-		// backend nothing once a network or an account is over its limit.
-		m.LimitHit("auth_failure_rate")
-		m.Login("refused", "rate_limited")
-		log.Warn("login refused: too many recent failures", zap.String("network", netKey))
+	res := s.runLogin(ctx, &cr, user, log, func(lctx context.Context, b *routing.Backend) (*backendLogin, error) {
+		return s.srv.loginBackend(lctx, b, &cr, s.clientInfo(), s.readContinuation)
+	})
+	switch res.end {
+	case loginExpired:
+		s.writeString("* BYE Autologout; idle for too long\r\n")
+		return nil, true
+	case loginLimited:
 		return s.loginRefused(ctx, tag, "LIMIT", "Too many failed logins, try again later")
-	}
-	s.setState(stateLogin)
-
-	// The login's context ends with the Not Authenticated state.
-	lctx, cancel := context.WithDeadline(ctx, s.deadline)
-	defer cancel()
-	t0 := time.Now()
-	b, err := s.srv.o().Router.Route(s.routeContext(lctx, &cr), user)
-	m.RouteLookup(time.Since(t0), err == nil)
-	if err != nil {
-		s.setState(statePreAuth)
-		m.Login("unavailable", "no_route")
-		log.Warn("login failed: no route", zap.Error(err))
+	case loginNoRoute:
 		return nil, !s.writeString(tag + " NO [UNAVAILABLE] No server is available for this account right now, try again later\r\n")
-	}
-	s.mu.Lock()
-	s.backend, s.user = b, user
-	s.mu.Unlock()
-	s.srv.index(s, user)
-
-	bl, err := s.srv.loginBackend(lctx, b, &cr, s.clientInfo(), s.readContinuation)
-	if err == nil {
-		err = s.srv.commitRoute(lctx, user, b, bl.conn)
-	}
-	if err != nil {
-		s.srv.unindex(s, user)
-		s.mu.Lock()
-		s.backend, s.user = nil, ""
-		s.mu.Unlock()
-		s.setState(statePreAuth)
-		var refused *backendRefusedError
-		switch {
-		case errors.As(err, &refused):
-			s.srv.limiters.Load().ip.fail(netKey, time.Now())
-			s.srv.limiters.Load().user.fail(user, time.Now())
-			m.Login("refused", "backend_no")
-			log.Info("login failed", zap.String("backend", b.ID), zap.String("reason", refused.Error()), zap.Int("failures", s.authFails+1))
-			code := refused.code
-			if code == "" {
-				code = "AUTHENTICATIONFAILED"
-			}
-			return s.loginRefused(ctx, tag, code, refused.text)
-		case errors.Is(err, errClientGone):
-			return nil, true
-		case errors.Is(err, errNotPlaced):
-			m.Login("unavailable", "not_placed")
-			log.Info("login refused: user placed elsewhere", zap.String("backend", b.ID), zap.Error(err))
-			return nil, !s.writeString(tag + " NO [UNAVAILABLE] Your account is moving, please try again\r\n")
+	case loginRefused:
+		code := res.refused.code
+		if code == "" {
+			code = "AUTHENTICATIONFAILED"
 		}
-		m.Login("unavailable", "backend_error")
-		log.Warn("login failed: backend unavailable", zap.String("backend", b.ID), zap.String("backend_addr", b.Addr), zap.Error(err))
+		return s.loginRefused(ctx, tag, code, res.refused.text)
+	case loginNotPlaced:
+		return nil, !s.writeString(tag + " NO [UNAVAILABLE] Your account is moving, please try again\r\n")
+	case loginUnavailable:
 		return nil, !s.writeString(tag + " NO [UNAVAILABLE] The mail server is not reachable right now, try again later\r\n")
-	}
-
-	s.mu.Lock()
-	if s.closed { // kicked while logging in
-		s.mu.Unlock()
-		bl.conn.Close()
+	case loginClientGone:
 		return nil, true
 	}
-	s.bconn = bl.conn
-	s.mu.Unlock()
-	m.Login("ok", strings.ToLower(cr.mech))
-	log.Info("login", zap.String("backend", b.ID), zap.Duration("took", time.Since(t0)))
+	bl := res.bl
 	if !s.writeString(tag + " OK [CAPABILITY " + bl.caps + "] Logged in\r\n") {
 		bl.conn.Close()
 		return nil, true
@@ -687,13 +645,19 @@ func (s *session) clientInfo() *clientInfo {
 	return &clientInfo{remote: s.remote, local: s.local, id: s.forwardedID()}
 }
 
-// failureDelay slows down password guessing on this connection.
+// failureDelay slows down password guessing on this connection: a failed
+// login is answered delay × failures after its command arrived, so the
+// time the backend took to say NO (its own penalty) counts towards it.
 func (s *session) failureDelay(ctx context.Context) {
 	d := s.srv.o().Limits.AuthFailureDelay
 	if d <= 0 {
 		return
 	}
-	t := time.NewTimer(d * time.Duration(s.authFails))
+	wait := time.Until(s.loginStart.Add(d * time.Duration(s.authFails)))
+	if wait <= 0 {
+		return
+	}
+	t := time.NewTimer(wait)
 	defer t.Stop()
 	select {
 	case <-t.C:

@@ -7,7 +7,6 @@ import (
 	"os"
 	"runtime/debug"
 	"strings"
-	"time"
 
 	"github.com/emersion/go-sasl"
 	"github.com/imapgate/imapgate/routing"
@@ -292,64 +291,27 @@ func (s *session) sieveLogin(ctx context.Context, cr credentials) (*backendLogin
 	}
 	user := routing.NormalizeUser(cr.routingUser())
 	log := s.logger().With(zap.String("user", user), zap.String("mech", cr.mech), zap.String("protocol", "sieve"))
-	now := time.Now()
-	netKey := clientNetwork(s.remote.Addr())
-	lim := s.srv.limiters.Load()
-	if !lim.ip.allowed(netKey, now) || !lim.user.allowed(user, now) {
-		m.LimitHit("auth_failure_rate")
-		m.Login("refused", "rate_limited")
-		log.Warn("login refused: too many recent failures", zap.String("network", netKey))
+	res := s.runLogin(ctx, &cr, user, log, func(lctx context.Context, b *routing.Backend) (*backendLogin, error) {
+		return s.srv.sieveLoginBackend(lctx, b, &cr, s.clientInfo())
+	})
+	switch res.end {
+	case loginExpired:
+		s.writeString(`BYE (TRYLATER) "Autologout; idle for too long"` + "\r\n")
+		return nil, true
+	case loginLimited:
 		return s.sieveRefused(ctx, "TRYLATER", "Too many failed logins, try again later")
-	}
-	s.setState(stateLogin)
-	lctx, cancel := context.WithDeadline(ctx, s.deadline)
-	defer cancel()
-	t0 := time.Now()
-	b, err := s.srv.o().Router.Route(lctx, user)
-	m.RouteLookup(time.Since(t0), err == nil)
-	if err != nil {
-		s.setState(statePreAuth)
-		m.Login("unavailable", "no_route")
-		log.Warn("login failed: no route", zap.Error(err))
+	case loginNoRoute:
 		return nil, !s.sieveNo("TRYLATER", "No server is available for this account right now, try again later")
-	}
-	s.mu.Lock()
-	s.backend, s.user = b, user
-	s.mu.Unlock()
-	s.srv.index(s, user)
-
-	bl, err := s.srv.sieveLoginBackend(lctx, b, &cr, s.clientInfo())
-	if err == nil {
-		err = s.srv.commitRoute(lctx, user, b, bl.conn)
-	}
-	if err != nil {
-		s.srv.unindex(s, user)
-		s.mu.Lock()
-		s.backend, s.user = nil, ""
-		s.mu.Unlock()
-		s.setState(statePreAuth)
-		var refused *backendRefusedError
-		if errors.As(err, &refused) {
-			s.srv.limiters.Load().ip.fail(netKey, time.Now())
-			s.srv.limiters.Load().user.fail(user, time.Now())
-			m.Login("refused", "backend_no")
-			log.Info("login failed", zap.String("backend", b.ID), zap.String("reason", refused.Error()), zap.Int("failures", s.authFails+1))
-			return s.sieveRefused(ctx, "", "Authentication failed.")
-		}
-		m.Login("unavailable", "backend_error")
-		log.Warn("login failed: backend unavailable", zap.String("backend", b.ID), zap.String("backend_addr", b.SieveAddr), zap.Error(err))
+	case loginRefused:
+		return s.sieveRefused(ctx, "", "Authentication failed.")
+	case loginNotPlaced:
+		return nil, !s.sieveNo("TRYLATER", "Your account is moving, please try again")
+	case loginUnavailable:
 		return nil, !s.sieveNo("TRYLATER", "The mail server is not reachable right now, try again later")
-	}
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		bl.conn.Close()
+	case loginClientGone:
 		return nil, true
 	}
-	s.bconn = bl.conn
-	s.mu.Unlock()
-	m.Login("ok", "plain")
-	log.Info("login", zap.String("backend", b.ID), zap.Duration("took", time.Since(t0)))
+	bl := res.bl
 	if !s.writeString(bl.caps + "\r\n") {
 		bl.conn.Close()
 		return nil, true

@@ -11,7 +11,7 @@ set -euo pipefail
 
 CONSUL_VERSION=1.13.9
 PEBBLE_VERSION=v2.10.3
-APT_PACKAGES=(dovecot-imapd dovecot-core haproxy openssl ca-certificates slapd ldap-utils chromium
+APT_PACKAGES=(dovecot-imapd dovecot-core haproxy openssl ca-certificates procps slapd ldap-utils chromium
 	dovecot-pop3d dovecot-lmtpd dovecot-managesieved postfix swaks fetchmail sieve-connect python3)
 
 CACHE="${IMAPGATE_CACHE:-$HOME/.cache/imapgate}"
@@ -67,7 +67,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 	fi
 	say apt "installed ${missing[*]} in $(elapsed "$t0")"
 fi
-for p in dovecot haproxy openssl slapd chromium; do
+for p in dovecot haproxy openssl ps slapd chromium; do
 	path=$(command -v "$p" || { [ -x "/usr/sbin/$p" ] && echo "/usr/sbin/$p"; } || true)
 	[ -n "$path" ] || die "$p not found after installing ${APT_PACKAGES[*]}"
 	how=found

@@ -36,8 +36,9 @@ import (
 // When http.admin_token is set every /admin/ request must carry
 // "Authorization: Bearer <token>". Requests that a browser could send on
 // a web page's behalf (an Origin header, Sec-Fetch-Site: cross-site) are
-// refused, so a loopback API without a token is not open to every page
-// the operator visits.
+// refused, and so are requests to a tokenless API whose Host is not its
+// address, localhost or one of http.hosts (DNS rebinding), so a loopback
+// API without a token is not open to every page the operator visits.
 
 // adminTimeout bounds how long drain and move wait for the cluster to
 // catch up.
@@ -79,7 +80,14 @@ func (a *app) adminAuth(next http.Handler) http.Handler {
 			writeError(w, errorf(http.StatusForbidden, "cross-origin requests to the admin API are refused"))
 			return
 		}
-		if token := a.cfg.Load().HTTP.AdminToken; token != "" {
+		token := a.cfg.Load().HTTP.AdminToken
+		if token == "" && !a.hostAllowed(r) {
+			// No token: the loopback listener is all that protects the
+			// API, and a rebinding DNS name would get a page past it.
+			writeError(w, errorf(http.StatusForbidden, "Host %q is not this admin API's (allowed: its address, localhost, http.hosts)", r.Host))
+			return
+		}
+		if token != "" {
 			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 			want := sha256.Sum256([]byte(token))
 			have := sha256.Sum256([]byte(got))

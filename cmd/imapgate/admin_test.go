@@ -81,13 +81,23 @@ grace = "2s"
 
 func startTestApp(t *testing.T) *testApp {
 	t.Helper()
+	return startTestAppWith(t, nil)
+}
+
+// startTestAppWith is startTestApp with edit applied to the config text.
+func startTestAppWith(t *testing.T, edit func(string) string) *testApp {
+	t.Helper()
 	// Registered first, so it runs after every other cleanup.
 	before := goleak.IgnoreCurrent()
 	t.Cleanup(func() { goleak.VerifyNone(t, before) })
 	b1 := opsBackend(t, "b1", testUsers)
 	b2 := opsBackend(t, "b2", testUsers)
 	path := filepath.Join(t.TempDir(), "imapgate.toml")
-	if err := os.WriteFile(path, []byte(testConfig(b1, b2, "")), 0o600); err != nil {
+	text := testConfig(b1, b2, "")
+	if edit != nil {
+		text = edit(text)
+	}
+	if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	cfg, err := config.Load(path)

@@ -100,6 +100,10 @@ func (a *app) doReload(ctx context.Context) reloadReport {
 		}
 	}
 	eff := effective(a.boot, next, consul, acme)
+	if err := a.checkInForce(eff); err != nil {
+		rep.Error = err.Error()
+		return rep
+	}
 
 	// Build everything new before swapping anything, so that a failure
 	// leaves the old configuration whole.

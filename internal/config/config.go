@@ -140,6 +140,10 @@ type Limits struct {
 	UserFailureBurst    int      `toml:"user_failure_burst"`
 	UserFailureRefill   Duration `toml:"user_failure_refill"`
 	FailureKeys         int      `toml:"failure_keys"`
+	UserSlowdown        Duration `toml:"user_slowdown"`
+	KnownNetworkTTL     Duration `toml:"known_network_ttl"`
+	IPv4Prefix          int      `toml:"ipv4_prefix"`
+	IPv6Prefix          int      `toml:"ipv6_prefix"`
 }
 
 // Timeouts bound protocol states; zero means the proxy's default.
@@ -149,6 +153,7 @@ type Timeouts struct {
 	Login          Duration `toml:"login"`
 	BackendConnect Duration `toml:"backend_connect"`
 	BackendLogin   Duration `toml:"backend_login"`
+	BackendAuth    Duration `toml:"backend_auth"`
 	HalfClose      Duration `toml:"half_close"`
 	Idle           Duration `toml:"idle"`
 }
@@ -227,6 +232,9 @@ type Register struct {
 type HTTP struct {
 	Addr       string `toml:"addr"`        // default "127.0.0.1:8080"; "" in the file keeps it, "off" disables
 	AdminToken string `toml:"admin_token"` // required when addr is not loopback
+	// Hosts are names besides localhost and IP addresses that requests to
+	// a tokenless admin API may carry in Host (DNS-rebinding defence).
+	Hosts []string `toml:"hosts"`
 }
 
 // Shutdown configures draining.
@@ -269,7 +277,7 @@ func Parse(text string) (*Config, error) {
 	var c Config
 	md, err := toml.Decode(text, &c)
 	if err != nil {
-		return nil, err
+		return nil, redactTOMLError(text, err)
 	}
 	if und := md.Undecoded(); len(und) > 0 {
 		keys := make([]string, len(und))
@@ -343,14 +351,30 @@ func (c *Config) Validate() error {
 		}
 	}
 	if a := c.HTTP.Addr; a != "" && a != "off" {
-		host, _, err := net.SplitHostPort(a)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("http.addr: %w", err))
-		} else if ip, err := netip.ParseAddr(host); (err != nil || !ip.IsLoopback()) && c.HTTP.AdminToken == "" {
-			errs = append(errs, errors.New("http.admin_token is required when http.addr is not a loopback address"))
+		if err := CheckAdminExposure(a, c.HTTP.AdminToken); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, h := range c.HTTP.Hosts {
+		if h == "" || strings.ContainsAny(h, ":/ ") {
+			errs = append(errs, fmt.Errorf("http.hosts: %q is not a host name (no port, no scheme)", h))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// CheckAdminExposure refuses an admin API listening on addr (host:port)
+// without a token unless addr is a loopback address. The binary checks the
+// address it actually bound, which a reload does not change.
+func CheckAdminExposure(addr, token string) error {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("http.addr: %w", err)
+	}
+	if ip, err := netip.ParseAddr(host); (err != nil || !ip.IsLoopback()) && token == "" {
+		return fmt.Errorf("http.admin_token is required when the admin API listens on %s, not a loopback address", addr)
+	}
+	return nil
 }
 
 // LogLevel parses log.level.
@@ -464,6 +488,10 @@ func (c *Config) ProxyOptions() (proxy.Options, error) {
 			IPFailures:          proxy.RateLimit{Burst: c.Limits.IPFailureBurst, Refill: c.Limits.IPFailureRefill.D()},
 			UserFailures:        proxy.RateLimit{Burst: c.Limits.UserFailureBurst, Refill: c.Limits.UserFailureRefill.D()},
 			FailureKeys:         c.Limits.FailureKeys,
+			UserSlowdown:        c.Limits.UserSlowdown.D(),
+			KnownNetworkTTL:     c.Limits.KnownNetworkTTL.D(),
+			IPv4Prefix:          c.Limits.IPv4Prefix,
+			IPv6Prefix:          c.Limits.IPv6Prefix,
 		},
 		Timeouts: proxy.Timeouts{
 			TLSHandshake:   c.Timeouts.TLSHandshake.D(),
@@ -471,6 +499,7 @@ func (c *Config) ProxyOptions() (proxy.Options, error) {
 			Login:          c.Timeouts.Login.D(),
 			BackendConnect: c.Timeouts.BackendConnect.D(),
 			BackendLogin:   c.Timeouts.BackendLogin.D(),
+			BackendAuth:    c.Timeouts.BackendAuth.D(),
 			HalfClose:      c.Timeouts.HalfClose.D(),
 			Idle:           c.Timeouts.Idle.D(),
 		},

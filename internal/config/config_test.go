@@ -137,7 +137,7 @@ func TestValidateErrors(t *testing.T) {
 		{"master bad form", base + "[backend.master]\nuser = \"m\"\npassword = \"p\"\nform = \"x\"\nverify = \"backend\"\n", "form"},
 		{"missing CA file", base + "[backend]\nca_file = \"/nonexistent/ca.pem\"\n", "CA file"},
 		{"short lines", base + "[limits]\nmax_line_length = 100\n", "max_line_length"},
-		{"bad duration", base + "[timeouts]\nlogin = \"soon\"\n", "soon"},
+		{"bad duration", base + "[timeouts]\nlogin = \"soon\"\n", "timeouts.login"},
 		{"exposed admin", base + "[http]\naddr = \"0.0.0.0:8080\"\n", "admin_token"},
 		{"renewal ratio", base + "[tls.acme]\nnames = [\"a.example\"]\nrenewal_window_ratio = 1.5\n", "renewal_window_ratio"},
 		{"bad log level", base + "[log]\nlevel = \"loud\"\n", "log.level"},
