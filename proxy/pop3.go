@@ -7,7 +7,6 @@ import (
 	"encoding/base64"
 	"errors"
 	"os"
-	"runtime/debug"
 	"slices"
 	"strings"
 	"time"
@@ -24,35 +23,8 @@ import (
 // (splice.go). The backend leg is pop3_backend.go. The session struct,
 // its limits, timeouts and kicks are session.go's.
 
-// servePOP3 is serve for a POP3 listener.
-func (s *session) servePOP3(ctx context.Context) (spliced bool) {
-	m := s.srv.o().Metrics
-	m.SessionState(s.lst.Name, "", "", statePreAuth)
-	defer func() {
-		if p := recover(); p != nil {
-			s.logger().Error("session panic", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
-			s.setReason("panic")
-			s.writeString("-ERR [SYS/TEMP] Internal error\r\n")
-			spliced = false
-		}
-	}()
-	if s.lst.Mode == ImplicitTLS {
-		if err := s.startTLS(ctx); err != nil {
-			s.setReason("tls_handshake")
-			s.logger().Debug("TLS handshake failed", zap.Error(err))
-			return false
-		}
-	}
-	s.newReader()
-	if !s.writeString("+OK " + s.srv.o().Greeting + "\r\n") {
-		return false
-	}
-	bl := s.pop3PreAuth(ctx)
-	if bl == nil {
-		return false
-	}
-	return s.splice(bl)
-}
+// pop3Greeting is the POP3 greeting.
+func pop3Greeting(s *session) string { return "+OK " + s.srv.o().Greeting + "\r\n" }
 
 // pop3Line reads one command line: bounded, CRLF stripped, no NUL.
 func (s *session) pop3Line() (string, error) {

@@ -30,13 +30,7 @@ func fuzzPreAuth(t *testing.T, p routing.Protocol, in []byte) {
 	go io.Copy(io.Discard, client)
 	l := &Listener{Protocol: p, Mode: StartTLS, InsecureAuth: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}}
 	sess := newSession(srv, server, l, netip.MustParseAddrPort("192.0.2.1:1"), netip.MustParseAddrPort("192.0.2.2:110"))
-	var spliced bool
-	if p == routing.ProtocolPOP3 {
-		spliced = sess.servePOP3(context.Background())
-	} else {
-		spliced = sess.serveSieve(context.Background())
-	}
-	if spliced {
+	if sess.serve(context.Background()) {
 		t.Fatal("spliced without a backend")
 	}
 	sess.finish()

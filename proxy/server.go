@@ -204,14 +204,7 @@ func (s *Server) serveConn(c net.Conn, l *Listener) {
 	s.mu.Lock()
 	s.sessions[sess] = struct{}{}
 	s.mu.Unlock()
-	serve := sess.serve // IMAP: session.go
-	switch l.Protocol {
-	case routing.ProtocolPOP3:
-		serve = sess.servePOP3 // pop3.go
-	case routing.ProtocolSieve:
-		serve = sess.serveSieve // sieve.go
-	}
-	if !serve(s.base) {
+	if !sess.serve(s.base) {
 		s.endSession(sess)
 	}
 	// Otherwise the session is spliced: its directions end it.

@@ -103,17 +103,19 @@ func (s *session) logger() *zap.Logger {
 	return s.srv.log.With(zap.String("session", s.id), zap.String("client", s.remote.String()), zap.String("listener", s.lst.Name))
 }
 
-// serve runs the session up to the splice. It reports whether the
-// splice took the session over (its directions then end it); otherwise
-// the session is over and the caller ends it.
+// serve runs the session up to the splice, in the listener's protocol
+// (frontEndFor, protocols.go). It reports whether the splice took the
+// session over (its directions then end it); otherwise the session is
+// over and the caller ends it.
 func (s *session) serve(ctx context.Context) (spliced bool) {
+	fe := frontEndFor(s.lst.Protocol)
 	m := s.srv.o().Metrics
 	m.SessionState(s.lst.Name, "", "", statePreAuth)
 	defer func() {
 		if p := recover(); p != nil {
 			s.logger().Error("session panic", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
 			s.setReason("panic")
-			s.writeString("* BYE [SERVERBUG] Internal error\r\n")
+			s.writeString(fe.panicLine)
 			spliced = false
 		}
 	}()
@@ -126,14 +128,28 @@ func (s *session) serve(ctx context.Context) (spliced bool) {
 		}
 	}
 	s.newReader()
-	if !s.writeString("* OK [CAPABILITY " + s.capabilities() + "] " + s.srv.o().Greeting + "\r\n") {
+	if !s.writeString(fe.greeting(s)) {
 		return false
 	}
-	bl, err := s.preAuth(ctx)
-	if err != nil || bl == nil {
+	bl := fe.preAuth(s, ctx)
+	if bl == nil {
 		return false
 	}
 	return s.splice(bl)
+}
+
+// imapPreAuth is the IMAP front end's Not Authenticated state.
+func imapPreAuth(s *session, ctx context.Context) *backendLogin {
+	bl, err := s.preAuth(ctx)
+	if err != nil {
+		return nil
+	}
+	return bl
+}
+
+// imapGreeting is the IMAP greeting, with the pre-auth capabilities.
+func imapGreeting(s *session) string {
+	return "* OK [CAPABILITY " + s.capabilities() + "] " + s.srv.o().Greeting + "\r\n"
 }
 
 // finish closes everything and logs the session's one summary line.

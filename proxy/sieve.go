@@ -5,7 +5,6 @@ import (
 	"encoding/base64"
 	"errors"
 	"os"
-	"runtime/debug"
 	"strings"
 
 	"github.com/emersion/go-sasl"
@@ -26,33 +25,9 @@ import (
 // default set.
 const sieveExtensions = "fileinto reject envelope encoded-character vacation subaddress comparator-i;ascii-numeric relational regex imap4flags copy include variables body enotify environment mailbox date index ihave duplicate mime foreverypart extracttext"
 
-// serveSieve is serve for a ManageSieve listener.
-func (s *session) serveSieve(ctx context.Context) (spliced bool) {
-	m := s.srv.o().Metrics
-	m.SessionState(s.lst.Name, "", "", statePreAuth)
-	defer func() {
-		if p := recover(); p != nil {
-			s.logger().Error("session panic", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
-			s.setReason("panic")
-			s.writeString(`BYE "Internal error"` + "\r\n")
-			spliced = false
-		}
-	}()
-	if s.lst.Mode == ImplicitTLS {
-		if err := s.startTLS(ctx); err != nil {
-			s.setReason("tls_handshake")
-			return false
-		}
-	}
-	s.newReader()
-	if !s.writeString(s.sieveCaps() + "OK " + sieveQuote(s.srv.o().Greeting) + "\r\n") {
-		return false
-	}
-	bl := s.sievePreAuth(ctx)
-	if bl == nil {
-		return false
-	}
-	return s.splice(bl)
+// sieveGreeting is the ManageSieve greeting: the capabilities, then OK.
+func sieveGreeting(s *session) string {
+	return s.sieveCaps() + "OK " + sieveQuote(s.srv.o().Greeting) + "\r\n"
 }
 
 // sieveCaps is the capability response for the session's state.
