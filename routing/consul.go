@@ -254,7 +254,9 @@ type overlayEntry struct {
 // NewConsul connects to Consul, loads the catalog and the KV prefix, and
 // starts watching both; it returns an error if Consul cannot be reached
 // within ctx, so a misconfigured imapgate fails at start rather than at
-// the first login. Call Close to stop the watches.
+// the first login, unless cfg.SnapshotFile holds a usable snapshot: then
+// it starts from it, degraded (SnapshotAge, consul_snapshot.go), and the
+// watches catch up when Consul answers. Call Close to stop the watches.
 func NewConsul(ctx context.Context, cfg ConsulConfig) (*Consul, error) {
 	if cfg.Service == "" {
 		return nil, errors.New("routing: consul: no service name configured")
