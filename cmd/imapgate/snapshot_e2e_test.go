@@ -16,11 +16,22 @@ import (
 	"github.com/imapgate/imapgate/internal/testenv"
 )
 
+// waitUntilSnap polls cond every 50ms until it holds or timeout passes.
+func waitUntilSnap(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	for end := time.Now().Add(timeout); !cond(); {
+		if time.Now().After(end) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // TestBinaryConsulSnapshot: the binary started with Consul up writes its
 // snapshot; restarted while Consul is down it starts from it (instead of
 // exiting, TestBinaryConsulUnreachable's case without a snapshot), routes
 // a known user to the same backend, and /readyz and the metrics say it is
-// degraded.
+// degraded; when Consul returns it catches up and registers.
 func TestBinaryConsulSnapshot(t *testing.T) {
 	consul := testenv.StartConsul(t)
 	cfg := api.DefaultConfig()
@@ -65,6 +76,10 @@ address = %q
 service = "imap"
 snapshot_file = %q
 snapshot_max_age = "1h"
+
+[consul.register]
+enable = true
+id = "snaptest"
 
 [limits]
 auth_failure_delay = "-1s"
@@ -121,6 +136,18 @@ grace = "1s"
 	}
 	if got := alice(); got != home {
 		t.Errorf("from the snapshot alice reached %s, want %s", got, home)
+	}
+
+	// Consul returns: the router catches up, /readyz says ready, and the
+	// registration that failed at start-up is made.
+	consul.Start(t)
+	waitUntilSnap(t, 30*time.Second, "/readyz to say ready", func() bool { return fetchText(t, readyz) == "ready\n" })
+	waitUntilSnap(t, 30*time.Second, "the registration", func() bool {
+		svcs, err := client.Agent().Services()
+		return err == nil && svcs["snaptest-imap"] != nil
+	})
+	if got := alice(); got != home {
+		t.Errorf("after Consul returned alice reached %s, want %s", got, home)
 	}
 	p2.signal(syscall.SIGTERM)
 	p2.wait(t, 30*time.Second)
