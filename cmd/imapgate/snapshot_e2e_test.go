@@ -127,6 +127,9 @@ grace = "1s"
 	if body := fetchText(t, readyz); !strings.HasPrefix(body, "degraded: serving from a snapshot of ") {
 		t.Errorf("/readyz serving from a snapshot: %q", body)
 	}
+	if page := fetchText(t, "http://"+httpAddr+"/"); !strings.Contains(page, "degraded: serving from a snapshot of ") {
+		t.Errorf("the status page does not say degraded:\n%.2000s", page)
+	}
 	metrics := fetchText(t, "http://"+httpAddr+"/metrics")
 	if v, ok := metricValue(metrics, "imapgate_consul_degraded"); !ok || v != 1 {
 		t.Errorf("imapgate_consul_degraded = %v (found %v), want 1", v, ok)
