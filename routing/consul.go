@@ -221,10 +221,12 @@ type Consul struct {
 
 	// snapAt is the time (unix ns) of the snapshot the router serves
 	// from, 0 once Consul confirmed the view; snapDirty is set when the
-	// view changed since the last write; snapWake wakes snapshotLoop.
-	snapAt    atomic.Int64
-	snapDirty atomic.Bool
-	snapWake  chan struct{}
+	// view changed since the last write (or the last write is older than
+	// snapshotRefresh); snapWake wakes snapshotLoop.
+	snapAt      atomic.Int64
+	snapDirty   atomic.Bool
+	snapFailing atomic.Bool // the last write failed: log once per streak
+	snapWake    chan struct{}
 
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup

@@ -312,8 +312,16 @@ func (c *Consul) writeSnapshot() {
 	if err != nil {
 		c.snapDirty.Store(true)
 		c.metrics.snapshotWrites.WithLabelValues("error").Inc()
-		c.log.Warn("cannot write the consul snapshot", zap.String("file", c.cfg.SnapshotFile), zap.Error(err))
+		if !c.snapFailing.Swap(true) {
+			c.log.Warn("cannot write the consul snapshot; retrying (a start without consul would use an older one, or none)",
+				zap.String("file", c.cfg.SnapshotFile), zap.Error(err))
+		} else {
+			c.log.Debug("cannot write the consul snapshot, again", zap.String("file", c.cfg.SnapshotFile), zap.Error(err))
+		}
 		return
+	}
+	if c.snapFailing.Swap(false) {
+		c.log.Info("consul snapshot written again", zap.String("file", c.cfg.SnapshotFile))
 	}
 	c.metrics.snapshotWrites.WithLabelValues("ok").Inc()
 	c.log.Debug("consul snapshot written", zap.String("file", c.cfg.SnapshotFile), zap.Int("bytes", len(data)))
@@ -345,6 +353,12 @@ func (c *Consul) snapshotLoop(ctx context.Context) {
 			return
 		case <-c.snapWake:
 		case <-retry.C: // a change seen while a watch was failing
+			if !last.IsZero() && time.Since(last) >= c.snapshotRefresh() {
+				// Nothing changed, but Consul still confirms the view:
+				// rewrite it, so that its time does not age past
+				// SnapshotMaxAge on an instance whose view is steady.
+				c.snapDirty.Store(true)
+			}
 		}
 		if !c.snapDirty.Load() {
 			continue
@@ -363,6 +377,12 @@ func (c *Consul) snapshotLoop(ctx context.Context) {
 			last = time.Now()
 		}
 	}
+}
+
+// snapshotRefresh is how often an unchanged view is written again: a
+// quarter of SnapshotMaxAge, at most an hour.
+func (c *Consul) snapshotRefresh() time.Duration {
+	return min(time.Hour, c.cfg.SnapshotMaxAge/4)
 }
 
 // readSnapshot reads and checks the snapshot file for a start without

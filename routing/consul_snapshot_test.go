@@ -337,3 +337,37 @@ func BenchmarkConsulSnapshot(b *testing.B) {
 		}
 	})
 }
+
+// TestConsulSnapshotRefresh: a view that does not change is still written
+// again (else a steady instance's snapshot would age past SnapshotMaxAge
+// while Consul confirms it), and a snapshot that cannot be written costs
+// routing nothing.
+func TestConsulSnapshotRefresh(t *testing.T) {
+	f := newFixture(t)
+	f.backend("imap1", nil)
+	path := filepath.Join(t.TempDir(), "snap.json")
+	r, _ := f.router(func(c *ConsulConfig) {
+		c.SnapshotFile = path
+		c.SnapshotInterval = 50 * time.Millisecond
+		c.SnapshotMaxAge = 400 * time.Millisecond // rewritten every 100ms
+	})
+	waitFor(t, 10*time.Second, "a first snapshot", func() bool { return readSnapshotFile(t, path) != nil })
+	first := readSnapshotFile(t, path).taken
+	waitFor(t, 5*time.Second, "the unchanged view to be written again", func() bool {
+		return readSnapshotFile(t, path).taken.After(first)
+	})
+	if r.SnapshotAge() != 0 {
+		t.Errorf("SnapshotAge %v with Consul up, want 0", r.SnapshotAge())
+	}
+
+	bad, _ := f.router(func(c *ConsulConfig) {
+		c.SnapshotFile = "/dev/null/snap.json"
+		c.SnapshotInterval = 50 * time.Millisecond
+	})
+	waitFor(t, 5*time.Second, "a failed write counted", func() bool {
+		return counterValue(t, bad.metrics.snapshotWrites.WithLabelValues("error")) > 0
+	})
+	if got := route(t, bad, "alice@example.org"); got != "imap1" {
+		t.Errorf("alice routed to %s", got)
+	}
+}
