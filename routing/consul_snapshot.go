@@ -30,7 +30,7 @@ import (
 // or while the router still serves from a snapshot, so the file's time
 // says how old its data is. Writes are atomic (a temporary file in the
 // same directory, fsync, rename) and at most one per SnapshotInterval,
-// plus one at Close.
+// plus one per snapshotRefresh while nothing changes, plus one at Close.
 
 const (
 	snapshotFormat  = "imapgate-consul-snapshot"
