@@ -107,6 +107,18 @@ type ConsulConfig struct {
 	// Zero means 100 per second; negative means no limit.
 	PlaceRate float64
 
+	// SnapshotFile is where the router keeps its last view confirmed by
+	// Consul (backends, placements, domains, drains), so that a start
+	// while Consul is unreachable can serve from it (see
+	// consul_snapshot.go). Empty means no snapshot: such a start fails.
+	SnapshotFile string
+	// SnapshotMaxAge is the oldest snapshot a start without Consul
+	// accepts. Zero means 24h.
+	SnapshotMaxAge time.Duration
+	// SnapshotInterval is the least time between two writes of the
+	// snapshot. Zero means 5s.
+	SnapshotInterval time.Duration
+
 	// Logger receives the router's log. Nil means no logging.
 	Logger *zap.Logger
 	// Registerer receives the router's metrics (imapgate_consul_*). Nil
@@ -131,6 +143,12 @@ func (cfg *ConsulConfig) defaults() {
 	}
 	if cfg.PlaceRate == 0 {
 		cfg.PlaceRate = 100
+	}
+	if cfg.SnapshotMaxAge <= 0 {
+		cfg.SnapshotMaxAge = 24 * time.Hour
+	}
+	if cfg.SnapshotInterval <= 0 {
+		cfg.SnapshotInterval = 5 * time.Second
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
@@ -201,6 +219,15 @@ type Consul struct {
 	evq    []evictJob
 	evWake chan struct{}
 
+	// snapAt is the time (unix ns) of the snapshot the router serves
+	// from, 0 once Consul confirmed the view; snapDirty is set when the
+	// view changed since the last write (or the last write is older than
+	// snapshotRefresh); snapWake wakes snapshotLoop.
+	snapAt      atomic.Int64
+	snapDirty   atomic.Bool
+	snapFailing atomic.Bool // the last write failed: log once per streak
+	snapWake    chan struct{}
+
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 	closeOnce sync.Once
@@ -229,7 +256,9 @@ type overlayEntry struct {
 // NewConsul connects to Consul, loads the catalog and the KV prefix, and
 // starts watching both; it returns an error if Consul cannot be reached
 // within ctx, so a misconfigured imapgate fails at start rather than at
-// the first login. Call Close to stop the watches.
+// the first login, unless cfg.SnapshotFile holds a usable snapshot: then
+// it starts from it, degraded (SnapshotAge, consul_snapshot.go), and the
+// watches catch up when Consul answers. Call Close to stop the watches.
 func NewConsul(ctx context.Context, cfg ConsulConfig) (*Consul, error) {
 	if cfg.Service == "" {
 		return nil, errors.New("routing: consul: no service name configured")
@@ -247,6 +276,7 @@ func NewConsul(ctx context.Context, cfg ConsulConfig) (*Consul, error) {
 		unrec:    map[string]unrecorded{},
 		changed:  make(chan struct{}, 1),
 		evWake:   make(chan struct{}, 1),
+		snapWake: make(chan struct{}, 1),
 	}
 	if c.client == nil {
 		client, tr, err := NewConsulClient(ConsulClientConfig{Address: cfg.Address, Token: cfg.Token, Datacenter: cfg.Datacenter})
@@ -266,11 +296,17 @@ func NewConsul(ctx context.Context, cfg ConsulConfig) (*Consul, error) {
 		}
 	}
 
-	if err := c.load(ctx); err != nil {
-		c.metrics.unregister(cfg.Registerer)
-		c.closeIdle()
-		return nil, fmt.Errorf("routing: consul at %s unreachable at start-up: %w", c.addr(), err)
+	catIdx, kvIdx, err := c.load(ctx)
+	if err != nil {
+		err = fmt.Errorf("routing: consul at %s unreachable at start-up: %w", c.addr(), err)
+		if serr := c.startFromSnapshot(err); serr != nil {
+			c.metrics.unregister(cfg.Registerer)
+			c.closeIdle()
+			return nil, serr
+		}
+		catIdx, kvIdx = 0, [kvKinds]uint64{}
 	}
+	c.startWatches(catIdx, kvIdx)
 	v := c.view.Load()
 	c.log.Info("consul router ready",
 		zap.Int("backends", len(v.routable)), zap.Int("placeable", v.def.len()),
@@ -278,22 +314,28 @@ func NewConsul(ctx context.Context, cfg ConsulConfig) (*Consul, error) {
 	return c, nil
 }
 
-// load reads the catalog and every KV sub-prefix once, then starts a
-// watch on each from where the read left off.
-func (c *Consul) load(ctx context.Context) error {
-	catIdx, err := c.fetchCatalog(ctx, 0)
-	if err != nil {
-		return err
+// load reads the catalog and every KV sub-prefix once and returns the
+// indexes the watches start from.
+func (c *Consul) load(ctx context.Context) (catIdx uint64, kvIdx [kvKinds]uint64, err error) {
+	if catIdx, err = c.fetchCatalog(ctx, 0); err != nil {
+		return 0, kvIdx, err
 	}
-	var kvIdx [kvKinds]uint64
 	for kind := range kvKinds {
 		if kvIdx[kind], err = c.fetchKV(ctx, kind, 0); err != nil {
-			return err
+			return 0, kvIdx, err
 		}
 	}
+	return catIdx, kvIdx, nil
+}
+
+// startWatches starts a watch on the catalog and each KV sub-prefix from
+// where the read left off (0: from scratch), and the router's other
+// loops.
+func (c *Consul) startWatches(catIdx uint64, kvIdx [kvKinds]uint64) {
 	wctx, cancel := context.WithCancel(context.Background())
 	c.cancel = cancel
-	c.wg.Add(4 + int(kvKinds))
+	c.wg.Add(5 + int(kvKinds))
+	go c.snapshotLoop(wctx)
 	go c.catalogLoop(wctx, catIdx)
 	go c.reconcileLoop(wctx)
 	go c.evictLoop(wctx)
@@ -301,7 +343,6 @@ func (c *Consul) load(ctx context.Context) error {
 		go c.kvLoop(wctx, kind, kvIdx[kind])
 	}
 	go c.graceLoop(wctx)
-	return nil
 }
 
 func (c *Consul) addr() string {
@@ -323,6 +364,9 @@ func (c *Consul) Close() error {
 	c.closeOnce.Do(func() {
 		c.cancel()
 		c.wg.Wait()
+		if c.snapDirty.Load() {
+			c.writeSnapshot()
+		}
 		c.metrics.unregister(c.cfg.Registerer)
 		c.closeIdle()
 	})

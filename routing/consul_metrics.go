@@ -15,6 +15,10 @@ type consulMetrics struct {
 	evictions   *prometheus.CounterVec
 	users       prometheus.Gauge
 	viewAge     prometheus.GaugeFunc
+	// snapshotAge and degraded: see consul_snapshot.go.
+	snapshotAge    prometheus.GaugeFunc
+	degraded       prometheus.GaugeFunc
+	snapshotWrites *prometheus.CounterVec
 }
 
 func newConsulMetrics(c *Consul) *consulMetrics {
@@ -43,11 +47,28 @@ func newConsulMetrics(c *Consul) *consulMetrics {
 			Name: "imapgate_consul_view_age_seconds",
 			Help: "How long the view may have been out of date: 0 while Consul is reachable.",
 		}, func() float64 { return c.ViewAge().Seconds() }),
+		snapshotAge: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imapgate_consul_snapshot_age_seconds",
+			Help: "Age of the snapshot the router serves from, having started while Consul was unreachable; 0 once Consul confirmed the view.",
+		}, func() float64 { return c.SnapshotAge().Seconds() }),
+		degraded: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imapgate_consul_degraded",
+			Help: "1 while the router serves from a snapshot (started without Consul): known users route as before, new placements are not recorded.",
+		}, func() float64 {
+			if c.SnapshotAge() > 0 {
+				return 1
+			}
+			return 0
+		}),
+		snapshotWrites: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imapgate_consul_snapshot_writes_total",
+			Help: "Writes of the router's snapshot file (consul.snapshot_file), by result: ok, error.",
+		}, []string{"result"}),
 	}
 }
 
 func (m *consulMetrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.watchErrors, m.stale, m.placements, m.evictions, m.users, m.viewAge}
+	return []prometheus.Collector{m.watchErrors, m.stale, m.placements, m.evictions, m.users, m.viewAge, m.snapshotAge, m.degraded, m.snapshotWrites}
 }
 
 func (m *consulMetrics) register(r prometheus.Registerer) error {

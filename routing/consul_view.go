@@ -83,6 +83,7 @@ func (c *Consul) buildView() {
 	}
 	c.view.Store(v)
 	c.viewChanged()
+	c.snapshotChanged()
 }
 
 // resolvePool turns a domain's pool spec, "tag:<tag>" or a comma list of

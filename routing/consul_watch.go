@@ -276,6 +276,7 @@ func (c *Consul) catalogLoop(ctx context.Context, index uint64) {
 			continue
 		}
 		backoff, index = retryMin, next
+		c.noteCaughtUp()
 	}
 }
 
@@ -300,6 +301,7 @@ func (c *Consul) kvLoop(ctx context.Context, kind kvKind, index uint64) {
 			continue
 		}
 		backoff, index = retryMin, next
+		c.noteCaughtUp()
 		if !sleepCtx(ctx, c.kvInterval(kind)-time.Since(start)) {
 			return
 		}

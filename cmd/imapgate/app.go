@@ -209,7 +209,13 @@ func (a *app) start(ctx context.Context, nofile uint64, lns []boundListener) (er
 	bgctx, cancel := context.WithCancel(context.Background())
 	a.stopBG = cancel
 	if err := a.register(ctx, specs); err != nil {
-		return err
+		if a.snapshotAge() == 0 {
+			return err
+		}
+		// Serving from the Consul snapshot: register once Consul is back.
+		a.log.Warn("consul registration failed; retrying in the background while serving from the snapshot", zap.Error(err))
+		a.bg.Add(1)
+		go func() { defer a.bg.Done(); a.registerLater(bgctx, specs) }()
 	}
 	if reg := a.reg1.Load(); reg != nil {
 		a.bg.Add(1)

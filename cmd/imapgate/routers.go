@@ -49,8 +49,11 @@ func (a *app) newRouter(ctx context.Context, cfg *config.Config, ev *lateEvictor
 			Evictor:    ev,
 			Grace:      cfg.Consul.Grace.D(),
 			PlaceRate:  cfg.Consul.PlaceRate,
-			Logger:     a.log.Named("consul"),
-			Registerer: a.reg,
+			// A start while Consul is unreachable serves from this.
+			SnapshotFile:   cfg.Consul.SnapshotPath(),
+			SnapshotMaxAge: cfg.Consul.SnapshotMaxAge.D(),
+			Logger:         a.log.Named("consul"),
+			Registerer:     a.reg,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("consul router: %w", err)

@@ -190,6 +190,8 @@ func (a *app) statusData(ctx context.Context, user string) *statusPage {
 	switch {
 	case a.draining.Load():
 		p.State = "draining"
+	case a.isReady() && a.snapshotAge() > 0:
+		p.State = "degraded: serving from a snapshot of " + fmtDuration(a.snapshotAge()) // degraded.go
 	case a.isReady():
 		p.State = "ready"
 	default:

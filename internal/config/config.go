@@ -215,7 +215,10 @@ type Consul struct {
 	Prefix     string   `toml:"prefix"`
 	Grace      Duration `toml:"grace"`
 	PlaceRate  float64  `toml:"place_rate"`
-	Register   Register `toml:"register"`
+	// SnapshotFile and SnapshotMaxAge: see consul_snapshot.go.
+	SnapshotFile   string   `toml:"snapshot_file"`
+	SnapshotMaxAge Duration `toml:"snapshot_max_age"`
+	Register       Register `toml:"register"`
 }
 
 // Register configures imapgate's own service registration.
