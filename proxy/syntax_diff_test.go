@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"strings"
 	"sync"
@@ -99,7 +100,11 @@ func (ref *goimapRef) login(tb testing.TB, in string) (user, pass string, ok boo
 	if _, err := br.ReadString('\n'); err != nil {
 		tb.Fatalf("go-imap greeting: %v", err)
 	}
-	go func() { client.Write([]byte(in)) }()
+	wrote := make(chan struct{})
+	go func() {
+		defer close(wrote)
+		client.Write([]byte(in))
+	}()
 	for {
 		l, err := br.ReadString('\n')
 		if err != nil {
@@ -112,6 +117,13 @@ func (ref *goimapRef) login(tb testing.TB, in string) (user, pass string, ok boo
 			break
 		}
 	}
+	// End the exchange as go-imap expects, with a LOGOUT and its close,
+	// never by cutting the pipe in the middle of it: go-imap v2 beta.8 can
+	// leave its encoder locked when a write fails, and that connection's
+	// goroutine then never ends (goleak saw it).
+	<-wrote
+	go client.Write([]byte("z LOGOUT\r\n"))
+	io.Copy(io.Discard, br) // until go-imap closes, or the deadline
 	ref.mu.Lock()
 	defer ref.mu.Unlock()
 	for s, v := range ref.got {
