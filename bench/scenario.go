@@ -323,6 +323,7 @@ func runLogin(ctx context.Context, o Options) (Result, error) {
 		lat     []time.Duration
 		tlsInfo string
 		done    atomic.Int64
+		resumed atomic.Int64
 		wg      sync.WaitGroup
 	)
 	b := newBudget(o.Count, o.Duration)
@@ -345,6 +346,9 @@ func runLogin(ctx context.Context, o Options) (Result, error) {
 				}
 				mine = append(mine, time.Since(t0))
 				done.Add(1)
+				if st.DidResume {
+					resumed.Add(1)
+				}
 				if i == w {
 					mu.Lock()
 					tlsInfo = tlsDesc(st)
@@ -364,6 +368,10 @@ func runLogin(ctx context.Context, o Options) (Result, error) {
 	r.Errors, r.FirstError = e.n.Load(), e.first
 	r.Latency = summarise(lat)
 	r.TLS = tlsInfo
+	if n := resumed.Load(); n > 0 {
+		// A client with a session cache: say how many logins resumed.
+		r.TLS = fmt.Sprintf("%s, %.0f%% resumed", tlsInfo, 100*float64(n)/max(r.Amount, 1))
+	}
 	return r, nil
 }
 

@@ -286,7 +286,7 @@ func (s *session) startTLS(ctx context.Context) error {
 	if s.srv.o().TLS == nil {
 		return errors.New("no TLS configuration")
 	}
-	tc := tls.Server(s.raw, s.srv.o().TLS)
+	tc := tls.Server(wrapForSplice(s.raw), s.srv.o().TLS)
 	hctx, cancel := context.WithTimeout(ctx, s.srv.o().Timeouts.TLSHandshake)
 	defer cancel()
 	if err := tc.HandshakeContext(hctx); err != nil {

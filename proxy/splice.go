@@ -54,6 +54,13 @@ type direction struct {
 	parked  atomic.Bool // registered with the parker, no goroutine running
 	parkID  uint64      // the parker's key; 0 until first parked
 	fd      int         // src's descriptor, for the parker
+
+	// The non-blocking path (nbsplice.go): set when src can be read
+	// without blocking, a plain TCP socket or a tls.Conn over an nbConn.
+	nb       *nbReader
+	nbc      *nbConn   // src's nbConn when src is TLS
+	lastData time.Time // when bytes last moved, for parkAfter
+	armed    time.Time // src's read deadline as last set
 }
 
 func newDirection(name string, src, dst net.Conn, counter *atomic.Int64, idle time.Duration) *direction {
@@ -62,6 +69,9 @@ func newDirection(name string, src, dst net.Conn, counter *atomic.Int64, idle ti
 	if tc, ok := src.(*tls.Conn); ok {
 		d.srcTLS = tc
 		under = tc.NetConn()
+		if nc, ok := under.(*nbConn); ok && nc.nb != nil {
+			d.nb, d.nbc = nc.nb, nc
+		}
 	}
 	if sc, ok := under.(syscall.Conn); ok {
 		d.srcRaw, _ = sc.SyscallConn()
@@ -72,6 +82,9 @@ func newDirection(name string, src, dst net.Conn, counter *atomic.Int64, idle ti
 	_, srcTCP := src.(*net.TCPConn)
 	_, dstTCP := dst.(*net.TCPConn)
 	d.tcpSplice = srcTCP && dstTCP && canSplice
+	if srcTCP && !d.tcpSplice {
+		d.nb = newNBReader(src)
+	}
 	return d
 }
 
@@ -90,6 +103,10 @@ func (d *direction) loop() {
 			d.sess.directionDone()
 		}
 	}()
+	if d.nb != nil {
+		d.loopNB()
+		return
+	}
 	for {
 		err := d.step()
 		if errors.Is(err, errIdle) {

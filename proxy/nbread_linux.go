@@ -1,0 +1,133 @@
+package proxy
+
+import (
+	"io"
+	"net"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// nbReader reads a socket without ever blocking, for a spliced direction
+// that does its own waiting. It makes the two system calls per wake-up a
+// copy needs (the read, the write on the other leg) and no more:
+//
+//   - a read that returns less than it was offered means the socket's
+//     queue was empty at that moment, so the next read is not tried
+//     (drained): the direction goes straight to the runtime's poller. The
+//     poller is edge-triggered, so bytes that arrive after the short read
+//     wake it; at worst a wake-up finds nothing and costs one EAGAIN;
+//   - waiting on the poller is RawConn.Read with a function that asks for
+//     the wait before touching the socket, so no peek is made.
+//
+// Only the goroutine that runs the direction uses it.
+type nbReader struct {
+	rc      syscall.RawConn
+	drained bool // the last read emptied the socket's queue
+}
+
+// errWouldBlock is what a non-blocking read returns when nothing is
+// queued. crypto/tls treats it as temporary (it keeps a partial record and
+// does not make the error sticky), so a tls.Conn over an nbConn can be
+// read without blocking too.
+var errWouldBlock error = wouldBlock{}
+
+type wouldBlock struct{}
+
+func (wouldBlock) Error() string   { return "read would block" }
+func (wouldBlock) Timeout() bool   { return true }
+func (wouldBlock) Temporary() bool { return true }
+
+var _ net.Error = wouldBlock{}
+
+func newNBReader(c net.Conn) *nbReader {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return &nbReader{rc: rc}
+}
+
+// read reads what is queued, errWouldBlock if nothing is, io.EOF at the end.
+func (r *nbReader) read(p []byte) (int, error) {
+	if r.drained {
+		return 0, errWouldBlock
+	}
+	var (
+		n     int
+		errno error
+	)
+	err := r.rc.Control(func(fd uintptr) {
+		for {
+			n, errno = unix.Read(int(fd), p)
+			if errno != unix.EINTR {
+				return
+			}
+		}
+	})
+	switch {
+	case err != nil:
+		return 0, err // closed
+	case errno == unix.EAGAIN:
+		r.drained = true
+		return 0, errWouldBlock
+	case errno != nil:
+		return 0, os.NewSyscallError("read", errno)
+	case n == 0 && len(p) > 0:
+		return 0, io.EOF
+	}
+	if n < len(p) {
+		r.drained = true
+	}
+	return n, nil
+}
+
+// wait blocks on the runtime's poller until the socket is readable (or
+// its read deadline passes, or it is closed), without a system call.
+func (r *nbReader) wait() error {
+	asked := false
+	err := r.rc.Read(func(uintptr) bool {
+		if !asked {
+			asked = true
+			return false // wait first: the last read found the queue empty
+		}
+		return true
+	})
+	r.drained = false
+	return err
+}
+
+// nbConn is the client's TCP connection under its tls.Conn. Until the
+// splice it reads as a *net.TCPConn does; once a direction switches it to
+// non-blocking, tls.Conn.Read returns errWouldBlock instead of waiting.
+type nbConn struct {
+	*net.TCPConn
+	nb       *nbReader
+	nonblock bool // set once, by the splice, before its direction reads
+}
+
+// wrapForSplice returns c wrapped so that the splice can read the TLS
+// connection over it without blocking, or c itself if it is not TCP.
+func wrapForSplice(c net.Conn) net.Conn {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return c
+	}
+	nb := newNBReader(tc)
+	if nb == nil {
+		return c
+	}
+	return &nbConn{TCPConn: tc, nb: nb}
+}
+
+func (c *nbConn) Read(p []byte) (int, error) {
+	if c.nonblock {
+		return c.nb.read(p)
+	}
+	return c.TCPConn.Read(p)
+}

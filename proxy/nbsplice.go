@@ -1,0 +1,117 @@
+package proxy
+
+import (
+	"errors"
+	"os"
+	"time"
+)
+
+// The non-blocking splice path, taken by a direction whose source is a
+// plain TCP socket copied into TLS (the backend leg) or a TLS connection
+// over an nbConn (the client leg of a TLS listener). Per wake-up it makes
+// the read and the write and nothing else: no peek before reading, no
+// SIOCINQ, no read deadline set and cleared around each wait (the
+// parkAfter deadline is re-armed at most about once per parkAfter), and no
+// drain of tls.Conn's buffered records under a past deadline (a
+// non-blocking tls.Conn.Read serves them first). The buffer is borrowed
+// from the pool only while bytes move.
+
+// loopNB is loop for a direction with an nbReader.
+func (d *direction) loopNB() {
+	if d.nbc != nil {
+		d.nbc.nonblock = true
+	}
+	d.nb.drained = false // started by the parker, or for the first time: try a read
+	d.lastData = time.Now()
+	for {
+		err := d.copyNB()
+		if errors.Is(err, errWouldBlock) {
+			err = d.awaitNB()
+			if errors.Is(err, errParked) {
+				return
+			}
+		}
+		if err != nil {
+			d.sess.directionEnded(d, err)
+			d.sess.directionDone()
+			return
+		}
+	}
+}
+
+// copyNB copies until the source would block (errWouldBlock), ends or
+// fails.
+func (d *direction) copyNB() error {
+	var bp *[]byte
+	defer func() {
+		if bp != nil {
+			copyBufs.Put(bp)
+		}
+	}()
+	for {
+		if bp == nil {
+			bp = copyBufs.Get().(*[]byte)
+		}
+		var (
+			n   int
+			err error
+		)
+		if d.srcTLS != nil {
+			n, err = d.srcTLS.Read(*bp)
+		} else {
+			n, err = d.nb.read(*bp)
+		}
+		if n > 0 {
+			if werr := d.write((*bp)[:n]); werr != nil {
+				return werr
+			}
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// awaitNB waits for the source to become readable: on the runtime's
+// poller while the conversation goes on, parked once it has been quiet
+// for parkAfter (errParked: the goroutine must return).
+func (d *direction) awaitNB() error {
+	p := d.sess.srv.parker.Load()
+	if p == nil || d.fd < 0 {
+		if d.idle > 0 {
+			d.src.SetReadDeadline(time.Now().Add(d.idle))
+		}
+		return d.nb.wait()
+	}
+	after := d.sess.srv.parkAfter
+	if now := time.Now(); d.armed.Sub(now) < after/2 {
+		// The deadline is (nearly) due while the session is busy: push it
+		// out once for the next half of the window.
+		d.arm(now.Add(after))
+	}
+	for {
+		err := d.nb.wait()
+		if err == nil {
+			d.lastData = time.Now()
+			return nil
+		}
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			return err
+		}
+		if time.Since(d.lastData) < after {
+			// Bytes moved since the deadline was armed: not idle yet.
+			d.arm(d.lastData.Add(after))
+			continue
+		}
+		if p.park(d) {
+			return errParked
+		}
+		d.arm(time.Time{})
+		return d.nb.wait()
+	}
+}
+
+func (d *direction) arm(t time.Time) {
+	d.armed = t
+	d.src.SetReadDeadline(t)
+}
