@@ -87,6 +87,10 @@ func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger) (*app, err
 	a.setTLS(mgr)
 	a.closers = append(a.closers, func() { a.tlsMgr.Load().Close() })
 	a.tlsProxy = &stdtls.Config{GetConfigForClient: a.tlsForClient}
+	if err := a.startTicketKeys(ctx, cfg); err != nil {
+		a.close()
+		return nil, err
+	}
 
 	switch cfg.Routing.Router {
 	case "", "static":

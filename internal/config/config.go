@@ -71,6 +71,21 @@ type TLS struct {
 	MinVersion   string     `toml:"min_version"`
 	CipherSuites []string   `toml:"cipher_suites"`
 	ACME         ACME       `toml:"acme"`
+	// SessionTickets shares TLS session ticket keys across a fleet.
+	SessionTickets SessionTickets `toml:"session_tickets"`
+}
+
+// SessionTickets configures where the fleet's TLS session ticket keys
+// live, so that a client resumes on any instance. Store is "" (auto:
+// Consul KV when the Consul router or ACME storage is configured, else
+// the file if File is set, else each instance its own keys), "consul",
+// "file" or "off" (each instance its own keys, as crypto/tls rotates them).
+type SessionTickets struct {
+	Store     string   `toml:"store"`
+	File      string   `toml:"file"`       // store = "file": a JSON file, mode 0600
+	ConsulKey string   `toml:"consul_key"` // default "imapgate/tls/session-ticket-keys"
+	Rotation  Duration `toml:"rotation"`   // how long a key seals tickets; default 6h
+	Keep      int      `toml:"keep"`       // keys that open tickets; default 4
 }
 
 // CertFile is a certificate and its key in PEM files.
