@@ -34,6 +34,7 @@ type Server struct {
 	stopOnce   sync.Once
 	parkAfter  time.Duration // parkAfter, shorter in tests
 	limiters   atomic.Pointer[limiters]
+	pool       *backendPool // Options.Backend.Pool's connections
 
 	closing atomic.Bool
 	// base is cancelled by Close: it ends every session's blocking work.
@@ -64,6 +65,7 @@ func NewServer(opts Options) (*Server, error) {
 		byUser:    make(map[string][]*session),
 		parkAfter: parkAfter,
 		perIP:     make(map[netip.Addr]int),
+		pool:      newBackendPool(),
 	}
 	s.opts.Store(o)
 	s.limiters.Store(newLimiters(o.Limits))
@@ -413,6 +415,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	case <-done:
 		s.active.Wait()
 		s.stopParker()
+		s.pool.close()
 		return nil
 	case <-ctx.Done():
 	}
@@ -451,6 +454,7 @@ func (s *Server) Close() error {
 		<-waited
 	}
 	s.stopParker()
+	s.pool.close()
 	return nil
 }
 

@@ -158,6 +158,12 @@ type BackendDefaults struct {
 	CAFile             string  `toml:"ca_file"`
 	InsecureSkipVerify bool    `toml:"insecure_skip_verify"`
 	Master             *Master `toml:"master"`
+	// Pool keeps this many greeted connections ready per backend, so a
+	// login skips the connect and the greeting (each used once, for one
+	// user). Zero, the default, means none. Not for PROXY-protocol or
+	// implicit-TLS backends.
+	Pool       int      `toml:"pool"`
+	PoolMaxAge Duration `toml:"pool_max_age"` // how long one may wait unused; default 30s
 }
 
 // Master configures master-user logins to the backends.
@@ -446,6 +452,10 @@ func (c *Config) ProxyOptions() (proxy.Options, error) {
 		},
 	}
 	o.Backend.NoForwardID = c.Backend.NoForwardID
+	if c.Backend.Pool < 0 {
+		return o, errors.New("backend.pool must not be negative")
+	}
+	o.Backend.Pool = proxy.PoolOptions{Size: c.Backend.Pool, MaxAge: c.Backend.PoolMaxAge.D()}
 	if c.Limits.MaxLineLength != 0 && c.Limits.MaxLineLength < 1024 {
 		return o, errors.New("limits.max_line_length must be at least 1024")
 	}
