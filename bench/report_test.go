@@ -31,6 +31,10 @@ import (
 //	IMAPGATE_BENCH_REV       build imapgate from this git revision instead of the working tree
 //	IMAPGATE_BENCH_BASE      also build this git revision and run it as the
 //	                         target "imapgate@REV": before and after in one run
+//	IMAPGATE_BENCH_ENV       environment for the imapgate process under test,
+//	                         space-separated (e.g. "GOGC=50 GOMEMLIMIT=150MiB")
+//	IMAPGATE_BENCH_POOL      backend.pool of the extra login-only column
+//	                         "imapgate+pool" (4; 0 for no such column)
 //	IMAPGATE_BENCH_ONLY      a comma-separated subset of login, login-x25519,
 //	                         login-resume, fetch, noop, idle, idle-append
 //	                         (empty: all), for focused runs while iterating
@@ -81,6 +85,14 @@ func TestBenchmarkReport(t *testing.T) {
 		baseBin, c = buildImapgate(t, bdir, rev)
 		baseName = "imapgate@" + c[:min(7, len(c))]
 	}
+	env := strings.Fields(os.Getenv("IMAPGATE_BENCH_ENV"))
+	pool := 4
+	if v := os.Getenv("IMAPGATE_BENCH_POOL"); v == "0" {
+		pool = 0
+	} else if v != "" {
+		pool = envInt(t, "IMAPGATE_BENCH_POOL", 4)
+	}
+	poolName := fmt.Sprintf("imapgate+pool%d", pool)
 	withNginx := haveNginxMail()
 	if !withNginx {
 		t.Logf("nginx or %s missing: no nginx column (scripts/install-test-deps.sh installs them)", nginxMailModule)
@@ -93,7 +105,7 @@ func TestBenchmarkReport(t *testing.T) {
 	}
 	// start starts the proxies, in the order of the columns.
 	start := func() []target {
-		ig := startImapgate(t, dir, bin, d)
+		ig := startImapgateWith(t, dir, bin, d, "", env)
 		ts := []target{{"imapgate", ig.addr, ig}}
 		if baseBin != "" {
 			b := startImapgate(t, filepath.Join(dir, "base"), baseBin, d)
@@ -108,13 +120,36 @@ func TestBenchmarkReport(t *testing.T) {
 		return ts
 	}
 	targets := append(start(), target{"direct", d.TLSAddr, nil})
+	// The pool only changes logins: its column has login rows alone.
+	var (
+		loginTargets []target
+		poolSrv      *server
+	)
+	if pool > 0 {
+		pdir := filepath.Join(dir, "pool")
+		if err := os.Mkdir(pdir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		pg := startImapgateWith(t, pdir, bin, d, fmt.Sprintf("\n[backend]\npool = %d\n", pool), env)
+		poolSrv = pg
+		loginTargets = append(loginTargets, targets[0], target{poolName, pg.addr, pg})
+		loginTargets = append(loginTargets, targets[1:]...)
+	} else {
+		loginTargets = targets
+	}
 	var names []string
-	for _, tg := range targets {
+	for _, tg := range loginTargets {
 		names = append(names, tg.name)
 	}
 	setup := []string{
 		"One Dovecot (internal/testenv, plus `imap_hibernate_timeout = 2s` and limits for 10,000 sessions), ECDSA P-256 certificate; users bench0…bench199.",
 		"**imapgate**: `bin/imapgate -config imapgate.toml` built from this commit; implicit TLS listener, Dovecot's cleartext port as backend (`security = \"none\"`), `max_connections_per_ip = -1`, logging at the default level (info, JSON) to a file; GOMAXPROCS default (2).",
+	}
+	if len(env) > 0 {
+		setup = append(setup, fmt.Sprintf("imapgate's environment: `%s`.", strings.Join(env, " ")))
+	}
+	if pool > 0 {
+		setup = append(setup, fmt.Sprintf("**%s**: imapgate with `[backend] pool = %d` (greeted backend connections kept ready), login rows only.", poolName, pool))
 	}
 	if baseName != "" {
 		setup = append(setup, fmt.Sprintf("**%s**: the same configuration, built from that commit (the \"before\" of this run).", baseName))
@@ -175,21 +210,24 @@ func TestBenchmarkReport(t *testing.T) {
 	// Dovecot fall back to X25519), then with X25519 alone, like for like,
 	// then resuming with a session ticket as mail clients do on reconnect.
 	if want("login") {
-		for _, tg := range targets {
+		for _, tg := range loginTargets {
 			add(run("login", tg, nil), "login")
 		}
 	}
 	if want("login-x25519") {
-		for _, tg := range targets {
+		for _, tg := range loginTargets {
 			add(run("login", tg, func(o *Options) { o.Dialer.TLS.CurvePreferences = []tls.CurveID{tls.X25519} }), "login (X25519 only)")
 		}
 	}
 	if want("login-resume") {
-		for _, tg := range targets {
+		for _, tg := range loginTargets {
 			add(run("login", tg, func(o *Options) {
 				o.Dialer.TLS.ClientSessionCache = tls.NewLRUClientSessionCache(64)
 			}), "login (resumed)")
 		}
+	}
+	if poolSrv != nil {
+		poolSrv.stop(t) // its pooled connections would sit in Dovecot
 	}
 	if want("fetch") {
 		for _, tg := range targets {
