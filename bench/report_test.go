@@ -35,6 +35,8 @@ import (
 //	                         space-separated (e.g. "GOGC=50 GOMEMLIMIT=150MiB")
 //	IMAPGATE_BENCH_POOL      backend.pool of the extra login-only column
 //	                         "imapgate+pool" (4; 0 for no such column)
+//	IMAPGATE_BENCH_TARGETS   the columns besides imapgate (and the base):
+//	                         any of haproxy, nginx, direct, pool (all when empty)
 //	IMAPGATE_BENCH_ONLY      a comma-separated subset of login, login-x25519,
 //	                         login-resume, fetch, noop, idle, idle-append
 //	                         (empty: all), for focused runs while iterating
@@ -103,6 +105,14 @@ func TestBenchmarkReport(t *testing.T) {
 		addr string
 		srv  *server // nil for direct
 	}
+	// IMAPGATE_BENCH_TARGETS narrows the columns for focused runs.
+	cols := map[string]bool{}
+	for _, n := range strings.Split(os.Getenv("IMAPGATE_BENCH_TARGETS"), ",") {
+		if n = strings.TrimSpace(n); n != "" {
+			cols[n] = true
+		}
+	}
+	use := func(n string) bool { return len(cols) == 0 || cols[n] }
 	// start starts the proxies, in the order of the columns.
 	start := func() []target {
 		ig := startImapgateWith(t, dir, bin, d, "", env)
@@ -111,21 +121,26 @@ func TestBenchmarkReport(t *testing.T) {
 			b := startImapgate(t, filepath.Join(dir, "base"), baseBin, d)
 			ts = append(ts, target{baseName, b.addr, b})
 		}
-		hp := startHAProxy(t, dir, d)
-		ts = append(ts, target{"haproxy", hp.addr, hp})
-		if withNginx {
+		if use("haproxy") {
+			hp := startHAProxy(t, dir, d)
+			ts = append(ts, target{"haproxy", hp.addr, hp})
+		}
+		if withNginx && use("nginx") {
 			ng := startNginx(t, dir, d)
 			ts = append(ts, target{"nginx", ng.addr, ng})
 		}
 		return ts
 	}
-	targets := append(start(), target{"direct", d.TLSAddr, nil})
+	targets := start()
+	if use("direct") {
+		targets = append(targets, target{"direct", d.TLSAddr, nil})
+	}
 	// The pool only changes logins: its column has login rows alone.
 	var (
 		loginTargets []target
 		poolSrv      *server
 	)
-	if pool > 0 {
+	if pool > 0 && use("pool") {
 		pdir := filepath.Join(dir, "pool")
 		if err := os.Mkdir(pdir, 0o755); err != nil {
 			t.Fatal(err)

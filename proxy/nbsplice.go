@@ -1,7 +1,10 @@
 package proxy
 
 import (
+	"context"
+	"crypto/tls"
 	"errors"
+	"net"
 	"os"
 	"time"
 )
@@ -114,4 +117,23 @@ func (d *direction) awaitNB() error {
 func (d *direction) arm(t time.Time) {
 	d.armed = t
 	d.src.SetReadDeadline(t)
+}
+
+// handshakeBy runs tc's handshake within timeout and until ctx is done,
+// through raw's deadline. HandshakeContext would do the same with one
+// more goroutine per handshake (crypto/tls watches the context in its
+// own); context.AfterFunc starts none unless ctx is cancelled.
+func handshakeBy(ctx context.Context, tc *tls.Conn, raw net.Conn, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	raw.SetDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { raw.SetDeadline(time.Unix(1, 0)) })
+	err := tc.Handshake()
+	if !stop() && err != nil {
+		err = errors.Join(err, ctx.Err()) // cancelled: say so, as HandshakeContext does
+	}
+	raw.SetDeadline(time.Time{})
+	return err
 }

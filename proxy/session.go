@@ -287,9 +287,7 @@ func (s *session) startTLS(ctx context.Context) error {
 		return errors.New("no TLS configuration")
 	}
 	tc := tls.Server(wrapForSplice(s.raw), s.srv.o().TLS)
-	hctx, cancel := context.WithTimeout(ctx, s.srv.o().Timeouts.TLSHandshake)
-	defer cancel()
-	if err := tc.HandshakeContext(hctx); err != nil {
+	if err := handshakeBy(ctx, tc, s.raw, s.srv.o().Timeouts.TLSHandshake); err != nil {
 		return err
 	}
 	if tc.ConnectionState().NegotiatedProtocol == "acme-tls/1" {
