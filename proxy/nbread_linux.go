@@ -41,16 +41,18 @@ func (wouldBlock) Temporary() bool { return true }
 
 var _ net.Error = wouldBlock{}
 
-func newNBReader(c net.Conn) *nbReader {
+// initNB sets r up to read c; false if c has no socket to read.
+func (r *nbReader) init(c net.Conn) bool {
 	sc, ok := c.(syscall.Conn)
 	if !ok {
-		return nil
+		return false
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
-		return nil
+		return false
 	}
-	return &nbReader{rc: rc}
+	r.rc = rc
+	return true
 }
 
 // read reads what is queued, errWouldBlock if nothing is, io.EOF at the end.
@@ -107,7 +109,7 @@ func (r *nbReader) wait() error {
 // non-blocking, tls.Conn.Read returns errWouldBlock instead of waiting.
 type nbConn struct {
 	*net.TCPConn
-	nb       *nbReader
+	nb       nbReader
 	nonblock bool // set once, by the splice, before its direction reads
 }
 
@@ -118,11 +120,11 @@ func wrapForSplice(c net.Conn) net.Conn {
 	if !ok {
 		return c
 	}
-	nb := newNBReader(tc)
-	if nb == nil {
+	nc := &nbConn{TCPConn: tc}
+	if !nc.nb.init(tc) {
 		return c
 	}
-	return &nbConn{TCPConn: tc, nb: nb}
+	return nc
 }
 
 func (c *nbConn) Read(p []byte) (int, error) {

@@ -25,7 +25,7 @@ func (d *direction) loopNB() {
 		d.nbc.nonblock = true
 	}
 	d.nb.drained = false // started by the parker, or for the first time: try a read
-	d.lastData = time.Now()
+	d.lastData = mono()
 	for {
 		err := d.copyNB()
 		if errors.Is(err, errWouldBlock) {
@@ -87,37 +87,45 @@ func (d *direction) awaitNB() error {
 		return d.nb.wait()
 	}
 	after := d.sess.srv.parkAfter
-	if now := time.Now(); d.armed.Sub(now) < after/2 {
+	if now := mono(); d.armed-now < after/2 {
 		// The deadline is (nearly) due while the session is busy: push it
 		// out once for the next half of the window.
-		d.arm(now.Add(after))
+		d.arm(now + after)
 	}
 	for {
 		err := d.nb.wait()
 		if err == nil {
-			d.lastData = time.Now()
+			d.lastData = mono()
 			return nil
 		}
 		if !errors.Is(err, os.ErrDeadlineExceeded) {
 			return err
 		}
-		if time.Since(d.lastData) < after {
+		if mono()-d.lastData < after {
 			// Bytes moved since the deadline was armed: not idle yet.
-			d.arm(d.lastData.Add(after))
+			d.arm(d.lastData + after)
 			continue
 		}
 		if p.park(d) {
 			return errParked
 		}
-		d.arm(time.Time{})
+		d.armed = 0
+		d.src.SetReadDeadline(time.Time{})
 		return d.nb.wait()
 	}
 }
 
-func (d *direction) arm(t time.Time) {
+// arm sets src's read deadline to t (since monoStart).
+func (d *direction) arm(t time.Duration) {
 	d.armed = t
-	d.src.SetReadDeadline(t)
+	d.src.SetReadDeadline(monoStart.Add(t))
 }
+
+// monoStart and mono give a monotonic clock in 8 bytes, where a
+// time.Time would take 24 in every direction.
+var monoStart = time.Now()
+
+func mono() time.Duration { return time.Since(monoStart) }
 
 // handshakeBy runs tc's handshake within timeout and until ctx is done,
 // through raw's deadline. HandshakeContext would do the same with one

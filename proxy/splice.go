@@ -57,10 +57,11 @@ type direction struct {
 
 	// The non-blocking path (nbsplice.go): set when src can be read
 	// without blocking, a plain TCP socket or a tls.Conn over an nbConn.
-	nb       *nbReader
-	nbc      *nbConn   // src's nbConn when src is TLS
-	lastData time.Time // when bytes last moved, for parkAfter
-	armed    time.Time // src's read deadline as last set
+	nb       *nbReader     // nil: the path of step and await
+	nbc      *nbConn       // src's nbConn when src is TLS
+	nbOwn    nbReader      // nb when src is plain TCP
+	lastData time.Duration // when bytes last moved (since monoStart), for parkAfter
+	armed    time.Duration // src's read deadline as last set (since monoStart)
 }
 
 func newDirection(name string, src, dst net.Conn, counter *atomic.Int64, idle time.Duration) *direction {
@@ -69,8 +70,8 @@ func newDirection(name string, src, dst net.Conn, counter *atomic.Int64, idle ti
 	if tc, ok := src.(*tls.Conn); ok {
 		d.srcTLS = tc
 		under = tc.NetConn()
-		if nc, ok := under.(*nbConn); ok && nc.nb != nil {
-			d.nb, d.nbc = nc.nb, nc
+		if nc, ok := under.(*nbConn); ok {
+			d.nb, d.nbc = &nc.nb, nc
 		}
 	}
 	if sc, ok := under.(syscall.Conn); ok {
@@ -82,8 +83,8 @@ func newDirection(name string, src, dst net.Conn, counter *atomic.Int64, idle ti
 	_, srcTCP := src.(*net.TCPConn)
 	_, dstTCP := dst.(*net.TCPConn)
 	d.tcpSplice = srcTCP && dstTCP && canSplice
-	if srcTCP && !d.tcpSplice {
-		d.nb = newNBReader(src)
+	if srcTCP && !d.tcpSplice && d.nbOwn.init(src) {
+		d.nb = &d.nbOwn
 	}
 	return d
 }
