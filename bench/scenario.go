@@ -125,7 +125,7 @@ type IdleOptions struct {
 	// before the hold: the profile harness takes its snapshots here.
 	Ready func(open int)
 	// Append, if positive, makes each session APPEND a message of this
-	// many bytes to its INBOX before IDLE, as a client that just saved a
+	// many bytes to its SentMailbox before IDLE, as a client that just saved a
 	// sent message does: a proxy that keeps the buffers a big upload grew
 	// shows it here.
 	Append int
@@ -418,6 +418,8 @@ func loggedIn(ctx context.Context, d Dialer, cr Credential, mailbox string) (*Co
 const (
 	BigMailbox   = "bench-big"
 	SmallMailbox = "bench-small"
+	// SentMailbox receives the idle scenario's APPENDs.
+	SentMailbox = "bench-sent"
 )
 
 func (f *FetchOptions) defaults() {
@@ -742,7 +744,17 @@ func runIdle(ctx context.Context, o Options) (Result, error) {
 			for i := range jobs {
 				c, _, err := loggedIn(ctx, o.Dialer, o.Users[i%len(o.Users)], "INBOX")
 				if err == nil && appendMsg != nil {
-					if err = c.Append("INBOX", appendMsg); err != nil {
+					// To a Sent folder, as a client saving a sent message
+					// does: an APPEND to INBOX would wake every other
+					// session of the user IDLE there (and, in Dovecot,
+					// unhibernate them all at once).
+					if _, cerr := c.Command("CREATE " + SentMailbox); cerr != nil && !errors.As(cerr, new(*StatusError)) {
+						err = cerr
+					}
+					if err == nil {
+						err = c.Append(SentMailbox, appendMsg)
+					}
+					if err != nil {
 						c.Close()
 					}
 				}
