@@ -226,7 +226,7 @@ func reloadClass(key string, consul, acme bool) keyClass {
 		return false
 	}
 	switch {
-	case under("log.format", "listen", "consul", "http.addr", "tls.acme", "routing.router"):
+	case under("log.format", "listen", "consul", "http.addr", "tls.acme", "tls.session_tickets", "routing.router"):
 		return classRestart
 	case acme && under("tls"):
 		return classRestart
@@ -248,6 +248,7 @@ func effective(boot, next *config.Config, consul, acme bool) *config.Config {
 	e.Consul = boot.Consul
 	e.HTTP.Addr = boot.HTTP.Addr
 	e.TLS.ACME = boot.TLS.ACME
+	e.TLS.SessionTickets = boot.TLS.SessionTickets
 	e.Routing.Router = boot.Routing.Router
 	if acme {
 		e.TLS = boot.TLS
