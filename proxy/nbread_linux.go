@@ -10,21 +10,21 @@ import (
 )
 
 // nbReader reads a socket without ever blocking, for a spliced direction
-// that does its own waiting. It makes the two system calls per wake-up a
-// copy needs (the read, the write on the other leg) and no more:
+// that does its own waiting. Per wake-up it makes the read and the write
+// a copy needs, and one peek before the goroutine parks again:
 //
 //   - a read that returns less than it was offered means the socket's
 //     queue was empty at that moment, so the next read is not tried
-//     (drained): the direction goes straight to the runtime's poller. The
-//     poller is edge-triggered, so bytes that arrive after the short read
-//     wake it; at worst a wake-up finds nothing and costs one EAGAIN;
-//   - waiting on the poller is RawConn.Read with a function that asks for
-//     the wait before touching the socket, so no peek is made.
+//     (drained): the direction goes to wait, whose one-byte peek is the
+//     only other system call before the goroutine parks;
+//   - nothing is peeked before a read, no SIOCINQ is asked, and no
+//     buffer is held while waiting.
 //
 // Only the goroutine that runs the direction uses it.
 type nbReader struct {
 	rc      syscall.RawConn
-	drained bool // the last read emptied the socket's queue
+	drained bool    // the last read emptied the socket's queue
+	one     [1]byte // wait's peek, here so that it does not escape per call
 }
 
 // errWouldBlock is what a non-blocking read returns when nothing is
@@ -90,15 +90,30 @@ func (r *nbReader) read(p []byte) (int, error) {
 }
 
 // wait blocks on the runtime's poller until the socket is readable (or
-// its read deadline passes, or it is closed), without a system call.
+// its read deadline passes, or it is closed).
+//
+// RawConn.Read clears the poller's readiness before it calls its
+// function (as every Read does before its read(2)), so bytes that arrived
+// since this reader's last read would wake nobody: the function's first
+// call looks for them with a one-byte MSG_PEEK, the one system call a
+// wait costs. Only when that finds nothing does the goroutine park.
 func (r *nbReader) wait() error {
-	asked := false
-	err := r.rc.Read(func(uintptr) bool {
-		if !asked {
-			asked = true
-			return false // wait first: the last read found the queue empty
+	looked := false
+	err := r.rc.Read(func(fd uintptr) bool {
+		if looked {
+			return true // woken by the poller
 		}
-		return true
+		looked = true
+		for {
+			_, _, errno := unix.Recvfrom(int(fd), r.one[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+			switch errno {
+			case unix.EINTR:
+				continue
+			case unix.EAGAIN:
+				return false // nothing queued: park until the poller says
+			}
+			return true // bytes, EOF or an error: the next read sees which
+		}
 	})
 	r.drained = false
 	return err

@@ -12,10 +12,11 @@ import (
 // The non-blocking splice path, taken by a direction whose source is a
 // plain TCP socket copied into TLS (the backend leg) or a TLS connection
 // over an nbConn (the client leg of a TLS listener). Per wake-up it makes
-// the read and the write and nothing else: no peek before reading, no
-// SIOCINQ, no read deadline set and cleared around each wait (the
-// parkAfter deadline is re-armed at most about once per parkAfter), and no
-// drain of tls.Conn's buffered records under a past deadline (a
+// the read, the write and one peek before parking (nbReader.wait), where
+// the path of step and await made five or six calls: no peek before
+// reading, no SIOCINQ, no read deadline set and cleared around each wait
+// (the parkAfter deadline is re-armed at most about once per parkAfter),
+// and no drain of tls.Conn's buffered records under a past deadline (a
 // non-blocking tls.Conn.Read serves them first). The buffer is borrowed
 // from the pool only while bytes move.
 
