@@ -26,6 +26,8 @@ import (
 //	IMAPGATE_BENCH_DURATION  length of login and of each fetch half (20s)
 //	IMAPGATE_BENCH_WORKERS   concurrent login clients (8)
 //	IMAPGATE_BENCH_NOOPS     NOOP round trips (20000)
+//	IMAPGATE_BENCH_ROUNDS    rounds the login and fetch scenarios are split
+//	                         into, each visiting every target in turn (3)
 //	IMAPGATE_BENCH_APPEND    the upload of idle-append in bytes (65536)
 //	IMAPGATE_BENCH_OUT       file to write ("../BENCHMARKS.md"; "-" for none)
 //	IMAPGATE_BENCH_REV       build imapgate from this git revision instead of the working tree
@@ -53,6 +55,7 @@ func TestBenchmarkReport(t *testing.T) {
 	duration := envDuration(t, "IMAPGATE_BENCH_DURATION", 20*time.Second)
 	workers := envInt(t, "IMAPGATE_BENCH_WORKERS", 8)
 	noops := envInt(t, "IMAPGATE_BENCH_NOOPS", 20000)
+	rounds := envInt(t, "IMAPGATE_BENCH_ROUNDS", 3)
 	appendSize := envInt(t, "IMAPGATE_BENCH_APPEND", 65536)
 	only := map[string]bool{}
 	for _, sc := range strings.Split(os.Getenv("IMAPGATE_BENCH_ONLY"), ",") {
@@ -175,7 +178,7 @@ func TestBenchmarkReport(t *testing.T) {
 	}
 	setup = append(setup,
 		"**direct**: the load generator talks TLS to Dovecot's own imaps port (no proxy, so no proxy CPU or RSS).",
-		fmt.Sprintf("NOOP: %d round trips per target on one session each, in %d rounds that visit the targets in turn.", noops, noopRounds),
+		fmt.Sprintf("NOOP: %d round trips per target on one session each, in %d rounds that visit the targets in turn; logins and fetches likewise in %d rounds of %v each (per fetch half), merged (total CPU over total operations).", noops, noopRounds, rounds, duration/time.Duration(rounds)),
 		"Load generator in the test process (raw IMAP over crypto/tls). Every login is a full handshake except in `login (resumed)`, where the workers share a client session cache and resume with the server's TLS 1.3 ticket (psk_dhe_ke: the key exchange is still done, the certificate and its signature are not). Proxy CPU = utime+stime from /proc/PID/stat across the scenario, divided by logins, MiB (bytes read by the client after TLS, 2^20) or round trips. The machine is shared: rates move between runs, CPU per operation much less.",
 	)
 	rep := &Report{
@@ -183,8 +186,8 @@ func TestBenchmarkReport(t *testing.T) {
 		Targets: names,
 		Commands: []string{
 			"make bench   # = IMAPGATE_BENCH=1 go test -run '^TestBenchmarkReport$' -count=1 -timeout 60m -v ./bench",
-			fmt.Sprintf("# this run: IMAPGATE_BENCH_SESSIONS=%d IMAPGATE_BENCH_RATE=%d IMAPGATE_BENCH_DURATION=%v IMAPGATE_BENCH_WORKERS=%d IMAPGATE_BENCH_NOOPS=%d IMAPGATE_BENCH_BASE=%q IMAPGATE_BENCH_ONLY=%q",
-				sessions, rate, duration, workers, noops, os.Getenv("IMAPGATE_BENCH_BASE"), os.Getenv("IMAPGATE_BENCH_ONLY")),
+			fmt.Sprintf("# this run: IMAPGATE_BENCH_SESSIONS=%d IMAPGATE_BENCH_RATE=%d IMAPGATE_BENCH_DURATION=%v IMAPGATE_BENCH_WORKERS=%d IMAPGATE_BENCH_NOOPS=%d IMAPGATE_BENCH_ROUNDS=%d IMAPGATE_BENCH_BASE=%q IMAPGATE_BENCH_ONLY=%q",
+				sessions, rate, duration, workers, noops, rounds, os.Getenv("IMAPGATE_BENCH_BASE"), os.Getenv("IMAPGATE_BENCH_ONLY")),
 			"# one scenario by hand against a running proxy, e.g.:",
 			"go run ./cmd/imapgate-bench -addr 127.0.0.1:PORT -ca ca.pem -user 'bench%d' -users 200 -pass benchpass -scenario login -workers 8 -duration 20s -pid PID",
 		},
@@ -220,34 +223,55 @@ func TestBenchmarkReport(t *testing.T) {
 		}
 	}
 
+	// inRounds runs a scenario in rounds that visit every target in turn,
+	// each round a share of the duration, and adds the merged results: a
+	// machine whose load changes during the run then weighs on every
+	// target alike.
+	inRounds := func(tgs []target, scenario string, mod func(*Options), rename string) {
+		by := map[string][]Result{}
+		var order []string
+		for range rounds {
+			for _, tg := range tgs {
+				for _, r := range run(scenario, tg, func(o *Options) {
+					if mod != nil {
+						mod(o)
+					}
+					o.Duration = duration / time.Duration(rounds)
+				}) {
+					k := tg.name + "\x00" + r.Scenario
+					if _, ok := by[k]; !ok {
+						order = append(order, k)
+					}
+					by[k] = append(by[k], r)
+				}
+			}
+		}
+		for _, k := range order {
+			m := Merge(by[k])
+			t.Logf("merged: %s", Describe(m))
+			add([]Result{m}, rename)
+		}
+	}
 	// Logins with Go's default key exchange (X25519MLKEM768 where the
 	// server has it: imapgate does, HAProxy's OpenSSL 3.0, nginx and
 	// Dovecot fall back to X25519), then with X25519 alone, like for like,
 	// then resuming with a session ticket as mail clients do on reconnect.
 	if want("login") {
-		for _, tg := range loginTargets {
-			add(run("login", tg, nil), "login")
-		}
+		inRounds(loginTargets, "login", nil, "login")
 	}
 	if want("login-x25519") {
-		for _, tg := range loginTargets {
-			add(run("login", tg, func(o *Options) { o.Dialer.TLS.CurvePreferences = []tls.CurveID{tls.X25519} }), "login (X25519 only)")
-		}
+		inRounds(loginTargets, "login", func(o *Options) { o.Dialer.TLS.CurvePreferences = []tls.CurveID{tls.X25519} }, "login (X25519 only)")
 	}
 	if want("login-resume") {
-		for _, tg := range loginTargets {
-			add(run("login", tg, func(o *Options) {
-				o.Dialer.TLS.ClientSessionCache = tls.NewLRUClientSessionCache(64)
-			}), "login (resumed)")
-		}
+		inRounds(loginTargets, "login", func(o *Options) {
+			o.Dialer.TLS.ClientSessionCache = tls.NewLRUClientSessionCache(64)
+		}, "login (resumed)")
 	}
 	if poolSrv != nil {
 		poolSrv.stop(t) // its pooled connections would sit in Dovecot
 	}
 	if want("fetch") {
-		for _, tg := range targets {
-			add(run("fetch", tg, func(o *Options) { o.Workers = 1 }), "")
-		}
+		inRounds(targets, "fetch", func(o *Options) { o.Workers = 1 }, "")
 	}
 	// NOOP latency is the figure the machine's noise moves most: the
 	// round trips are spread over rounds that visit every target in turn.

@@ -366,7 +366,8 @@ func runLogin(ctx context.Context, o Options) (Result, error) {
 		return r, err
 	}
 	r.Errors, r.FirstError = e.n.Load(), e.first
-	r.Latency = summarise(lat)
+	r.samples = lat
+	r.Latency = summarise(slices.Clone(lat))
 	r.TLS = tlsInfo
 	if n := resumed.Load(); n > 0 {
 		// A client with a session cache: say how many logins resumed.
