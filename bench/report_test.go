@@ -178,7 +178,7 @@ func TestBenchmarkReport(t *testing.T) {
 	}
 	setup = append(setup,
 		"**direct**: the load generator talks TLS to Dovecot's own imaps port (no proxy, so no proxy CPU or RSS).",
-		fmt.Sprintf("NOOP: %d round trips per target on one session each, in %d rounds that visit the targets in turn; logins and fetches likewise in %d rounds of %v each (per fetch half), merged (total CPU over total operations).", noops, noopRounds, rounds, (duration / time.Duration(rounds)).Round(100*time.Millisecond)),
+		fmt.Sprintf("NOOP: %d round trips per target on one session each, in %d rounds that visit the targets in turn; logins and fetches likewise in %d rounds of %v each (per fetch half), merged (total CPU over total operations).", noops, noopRounds, rounds, (duration/time.Duration(rounds)).Round(100*time.Millisecond)),
 		"Load generator in the test process (raw IMAP over crypto/tls). Every login is a full handshake except in `login (resumed)`, where the workers share a client session cache and resume with the server's TLS 1.3 ticket (psk_dhe_ke: the key exchange is still done, the certificate and its signature are not). Proxy CPU = utime+stime from /proc/PID/stat across the scenario, divided by logins, MiB (bytes read by the client after TLS, 2^20) or round trips. The machine is shared: rates move between runs, CPU per operation much less.",
 	)
 	rep := &Report{
