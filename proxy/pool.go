@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -46,6 +47,7 @@ type backendPool struct {
 	idle    map[string][]*pooled // by backend address
 	filling map[string]int       // dials under way, by address
 	closed  bool
+	swept   time.Time      // when stale connections of every backend were last closed
 	wg      sync.WaitGroup // fill goroutines
 }
 
@@ -58,7 +60,7 @@ func poolable(b *routing.Backend) bool {
 	return b.ProxyProtocol == 0 && b.Security != routing.SecurityTLS
 }
 
-// take returns a greeted connection to b wrapped so that its greeting is
+// poolTake returns a greeted connection to b wrapped so that its greeting is
 // read first, or nil; either way it tops the pool up in the background.
 func (s *Server) poolTake(b *routing.Backend) net.Conn {
 	po := s.o().Backend.Pool
@@ -79,29 +81,40 @@ func (s *Server) poolTake(b *routing.Backend) net.Conn {
 		p.mu.Unlock()
 		return nil
 	}
-	list := p.idle[b.Addr]
-	for len(list) > 0 {
-		e := list[len(list)-1] // the newest
-		list = list[:len(list)-1]
-		if time.Since(e.born) < maxAge {
-			got = e
-			break
-		}
-		stale = append(stale, e)
-	}
-	// Whatever is left is older still.
-	for _, e := range list {
-		if time.Since(e.born) >= maxAge {
-			stale = append(stale, e)
-		}
-	}
+	// The newest fresh connection is taken; stale ones are closed.
 	var keep []*pooled
-	for _, e := range list {
-		if time.Since(e.born) < maxAge {
+	for _, e := range slices.Backward(p.idle[b.Addr]) {
+		switch {
+		case time.Since(e.born) >= maxAge:
+			stale = append(stale, e)
+		case got == nil:
+			got = e
+		default:
 			keep = append(keep, e)
 		}
 	}
+	slices.Reverse(keep) // oldest first again
 	p.idle[b.Addr] = keep
+	if now := time.Now(); now.Sub(p.swept) >= maxAge {
+		// Backends no longer routed to (drained, gone from Consul) are
+		// never taken from again: their connections are closed here.
+		p.swept = now
+		for addr, list := range p.idle {
+			var fresh []*pooled
+			for _, e := range list {
+				if now.Sub(e.born) < maxAge {
+					fresh = append(fresh, e)
+				} else {
+					stale = append(stale, e)
+				}
+			}
+			if len(fresh) == 0 {
+				delete(p.idle, addr)
+			} else {
+				p.idle[addr] = fresh
+			}
+		}
+	}
 	missing := po.Size - len(keep) - p.filling[b.Addr]
 	p.filling[b.Addr] += max(missing, 0)
 	p.wg.Add(max(missing, 0))

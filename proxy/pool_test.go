@@ -1,6 +1,9 @@
 package proxy
 
 import (
+	"errors"
+	"net"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -91,6 +94,36 @@ func TestBackendPoolSkipsProxyProtocolAndTLS(t *testing.T) {
 	} {
 		if poolable(b) {
 			t.Errorf("backend %s is pooled", b.ID)
+		}
+	}
+}
+
+// TestDovecotBackendPoolStale: connections that waited longer than MaxAge
+// are closed, not used; the login dials.
+func TestDovecotBackendPoolStale(t *testing.T) {
+	d := startDovecot(t)
+	b := dovecotBackend(d, routing.SecurityNone)
+	h := newHarness(t, fixedRouter(b), func(o *Options) { o.Backend.Pool = PoolOptions{Size: 2, MaxAge: time.Nanosecond} })
+	user, pass := "alice@example.org", d.Users["alice@example.org"]
+	poolLogin(t, h, user, pass)
+	waitPool(t, h.srv, b.Addr, 2)
+	h.srv.pool.mu.Lock()
+	old := slices.Clone(h.srv.pool.idle[b.Addr])
+	h.srv.pool.mu.Unlock()
+	// Logged in and still spliced: a stale connection it had used would be
+	// open now.
+	c, err := imapclient.DialTLS(h.tlsAddr, &imapclient.Options{TLSConfig: h.clientTLS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login(user, pass).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range old {
+		e.conn.SetReadDeadline(time.Now().Add(time.Second)) // an open one must not hang the test
+		if _, err := e.conn.Read(make([]byte, 1)); !errors.Is(err, net.ErrClosed) {
+			t.Errorf("a stale pooled connection is still open (read: %v)", err)
 		}
 	}
 }
