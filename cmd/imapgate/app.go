@@ -236,7 +236,7 @@ func (a *app) start(ctx context.Context, nofile uint64, lns []boundListener) (er
 	}
 	popts.Router = a.router
 	popts.TLS = a.tlsProxy
-	popts.Logger = a.log.Named("proxy")
+	popts.Logger = a.log.Named(proxyLoggerName)
 	popts.Metrics = a.metrics
 	if popts.Limits.MaxConnections == 0 && nofile > 200 {
 		// Two descriptors a session, and room for the rest of the process.

@@ -53,13 +53,18 @@ func newLogger(cfg *config.Config) (*zap.Logger, error) {
 	return bufferedLogger(zc, format == "console")
 }
 
-// Log output is buffered: at a few hundred logins a second, two write(2)
-// calls per session (its login line and its end line) were a tenth of a
-// login's CPU. Lines reach the file within logFlushInterval, at once from
-// Warn up, and at exit (main's log.Sync).
+// The proxy's session lines are buffered: at a few hundred logins a
+// second, two write(2) calls per session (its login line and its end
+// line) were a tenth of a login's CPU. They reach the file within
+// logFlushInterval, and at exit (main's log.Sync); every other line (start,
+// reload, shutdown, drain: rare, and what operators and tests wait for)
+// and everything from Warn up is written at once.
 const (
 	logBufferSize    = 64 << 10
 	logFlushInterval = 250 * time.Millisecond
+	// proxyLoggerName names the logger whose lines are buffered: the one
+	// handed to the proxy (app.go).
+	proxyLoggerName = "proxy"
 )
 
 // bufferedLogger builds what zc.Build would, with the output behind a
@@ -83,8 +88,9 @@ func bufferedLogger(zc zap.Config, console bool) (*zap.Logger, error) {
 	return zap.New(&levelCore{Core: core, level: zc.Level}, zap.ErrorOutput(errOut), zap.AddCaller()), nil
 }
 
-// flushCore writes a line from Warn up through to the file at once: what
-// goes wrong must not wait in a buffer (or be lost with a crash).
+// flushCore writes through at once every line but the proxy's session
+// lines below Warn: what goes wrong must not wait in a buffer (or be lost
+// with a crash), nor what an operator watches for.
 type flushCore struct {
 	zapcore.Core
 	ws zapcore.WriteSyncer
@@ -103,7 +109,7 @@ func (c *flushCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.Ch
 
 func (c *flushCore) Write(e zapcore.Entry, f []zapcore.Field) error {
 	err := c.Core.Write(e, f)
-	if e.Level >= zapcore.WarnLevel {
+	if e.Level >= zapcore.WarnLevel || e.LoggerName != proxyLoggerName {
 		c.ws.Sync()
 	}
 	return err
