@@ -107,6 +107,10 @@ func (d *direction) awaitNB() error {
 			d.arm(d.lastData + after)
 			continue
 		}
+		if d.srcTLS != nil {
+			// Idle for parkAfter: what crypto/tls's reads grew goes back.
+			releaseTLSBuffers(d.srcTLS)
+		}
 		if p.park(d) {
 			return errParked
 		}
