@@ -30,6 +30,15 @@ import (
 // pipe it uses is also only held while bytes flow. Without a parker (not
 // Linux, or Timeouts.Idle set) a direction waits on its socket in a
 // goroutine instead, still without a buffer.
+//
+// A direction whose source is the client's TLS connection (over an
+// nbConn, as the listeners make it) or a plain backend socket copied into
+// TLS takes the non-blocking path of nbsplice.go: three system calls per
+// wake-up, and crypto/tls's empty read buffers given back when it parks
+// (tlsrelease.go). The others (both legs plain TCP; a TLS backend leg) take
+// step and await below. A front end that reuses the splice gets the
+// non-blocking path by wrapping its accepted connection with
+// wrapForSplice before tls.Server.
 
 // copyBufSize holds two full TLS records.
 const copyBufSize = 32 << 10
