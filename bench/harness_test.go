@@ -108,6 +108,13 @@ func (s *server) stop(t testing.TB) {
 // greets over TLS.
 func startServer(t *testing.T, name, addr, logFile string, ca *testenv.TestCA, argv ...string) *server {
 	t.Helper()
+	return startServerEnv(t, name, addr, logFile, ca, nil, argv...)
+}
+
+// startServerEnv is startServer with env added to the process's
+// environment.
+func startServerEnv(t *testing.T, name, addr, logFile string, ca *testenv.TestCA, env []string, argv ...string) *server {
+	t.Helper()
 	out, err := os.Create(logFile)
 	if err != nil {
 		t.Fatal(err)
@@ -115,6 +122,9 @@ func startServer(t *testing.T, name, addr, logFile string, ca *testenv.TestCA, a
 	defer out.Close()
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = out, out
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	// If the test binary dies (timeout, SIGQUIT), the proxy goes with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	if err := cmd.Start(); err != nil {
@@ -205,13 +215,19 @@ addr = "off"
 }
 
 func startImapgate(t *testing.T, dir, bin string, d *testenv.Dovecot) *server {
+	return startImapgateWith(t, dir, bin, d, "", nil)
+}
+
+// startImapgateWith is startImapgate with extra configuration appended
+// and extra environment variables (e.g. GOGC) for the process.
+func startImapgateWith(t *testing.T, dir, bin string, d *testenv.Dovecot, extra string, env []string) *server {
 	t.Helper()
 	addr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
 	conf := filepath.Join(dir, "imapgate.toml")
-	if err := os.WriteFile(conf, []byte(imapgateConfig(addr, d.Addr, d.CA.ServerCertFile, d.CA.ServerKeyFile)), 0o644); err != nil {
+	if err := os.WriteFile(conf, []byte(imapgateConfig(addr, d.Addr, d.CA.ServerCertFile, d.CA.ServerKeyFile)+extra), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return startServer(t, "imapgate", addr, filepath.Join(dir, "imapgate.log"), d.CA, bin, "-config", conf)
+	return startServerEnv(t, "imapgate", addr, filepath.Join(dir, "imapgate.log"), d.CA, env, bin, "-config", conf)
 }
 
 // haproxyConfig is HAProxy as an L4 TLS terminator: mode tcp, TLS on the

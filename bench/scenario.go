@@ -125,7 +125,7 @@ type IdleOptions struct {
 	// before the hold: the profile harness takes its snapshots here.
 	Ready func(open int)
 	// Append, if positive, makes each session APPEND a message of this
-	// many bytes to its INBOX before IDLE, as a client that just saved a
+	// many bytes to its SentMailbox before IDLE, as a client that just saved a
 	// sent message does: a proxy that keeps the buffers a big upload grew
 	// shows it here.
 	Append int
@@ -323,6 +323,7 @@ func runLogin(ctx context.Context, o Options) (Result, error) {
 		lat     []time.Duration
 		tlsInfo string
 		done    atomic.Int64
+		resumed atomic.Int64
 		wg      sync.WaitGroup
 	)
 	b := newBudget(o.Count, o.Duration)
@@ -345,6 +346,9 @@ func runLogin(ctx context.Context, o Options) (Result, error) {
 				}
 				mine = append(mine, time.Since(t0))
 				done.Add(1)
+				if st.DidResume {
+					resumed.Add(1)
+				}
 				if i == w {
 					mu.Lock()
 					tlsInfo = tlsDesc(st)
@@ -362,8 +366,13 @@ func runLogin(ctx context.Context, o Options) (Result, error) {
 		return r, err
 	}
 	r.Errors, r.FirstError = e.n.Load(), e.first
-	r.Latency = summarise(lat)
+	r.samples = lat
+	r.Latency = summarise(slices.Clone(lat))
 	r.TLS = tlsInfo
+	if n := resumed.Load(); n > 0 {
+		// A client with a session cache: say how many logins resumed.
+		r.TLS = fmt.Sprintf("%s, %.0f%% resumed", tlsInfo, 100*float64(n)/max(r.Amount, 1))
+	}
 	return r, nil
 }
 
@@ -410,6 +419,8 @@ func loggedIn(ctx context.Context, d Dialer, cr Credential, mailbox string) (*Co
 const (
 	BigMailbox   = "bench-big"
 	SmallMailbox = "bench-small"
+	// SentMailbox receives the idle scenario's APPENDs.
+	SentMailbox = "bench-sent"
 )
 
 func (f *FetchOptions) defaults() {
@@ -734,7 +745,17 @@ func runIdle(ctx context.Context, o Options) (Result, error) {
 			for i := range jobs {
 				c, _, err := loggedIn(ctx, o.Dialer, o.Users[i%len(o.Users)], "INBOX")
 				if err == nil && appendMsg != nil {
-					if err = c.Append("INBOX", appendMsg); err != nil {
+					// To a Sent folder, as a client saving a sent message
+					// does: an APPEND to INBOX would wake every other
+					// session of the user IDLE there (and, in Dovecot,
+					// unhibernate them all at once).
+					if _, cerr := c.Command("CREATE " + SentMailbox); cerr != nil && !errors.As(cerr, new(*StatusError)) {
+						err = cerr
+					}
+					if err == nil {
+						err = c.Append(SentMailbox, appendMsg)
+					}
+					if err != nil {
 						c.Close()
 					}
 				}

@@ -128,6 +128,26 @@ func (s *Server) dialLogin(ctx context.Context, b *routing.Backend, cr *credenti
 	defer cancel()
 
 	t0 := time.Now()
+	if pc := s.poolTake(b); pc != nil {
+		// Greeted already (pool.go): no connect, no greeting to wait for.
+		// A failure that is not the backend's answer (it dropped the
+		// waiting connection) is tried again on a fresh one, unless the
+		// client already took part in the exchange (a relayed OAuth).
+		bl, err := s.loginOn(ctx, sctx, pc, b, cr, ci, relay, deadline)
+		var refused *backendRefusedError
+		if err == nil || cr.oauth != nil || errors.As(err, &refused) {
+			// A NO to the credentials is an answer: the backend is up.
+			s.o().Metrics.BackendLogin(b.ID, 0, time.Since(t0), err == nil || refused != nil)
+			if err != nil {
+				pc.Close()
+				return nil, err
+			}
+			bl.conn = unwrapGreeted(bl.conn)
+			return bl, nil
+		}
+		// The backend dropped the waiting connection: dial a fresh one.
+		pc.Close()
+	}
 	d := net.Dialer{Timeout: t.BackendConnect}
 	conn, err := d.DialContext(sctx, "tcp", b.Addr)
 	dialTook := time.Since(t0)

@@ -74,6 +74,9 @@ type BackendOptions struct {
 	// user on behalf of the client, after Master.Verifier accepted the
 	// client's password. OAuth logins are still relayed as they are.
 	Master *MasterLogin
+	// Pool keeps greeted connections ready per backend (pool.go). The
+	// zero value means none: every login connects.
+	Pool PoolOptions
 }
 
 // MasterForm is how a master login names the user it acts for.

@@ -34,7 +34,8 @@ type Server struct {
 	stopOnce   sync.Once
 	parkAfter  time.Duration // parkAfter, shorter in tests
 	limiters   atomic.Pointer[limiters]
-	lmtp       lmtpFront // the LMTP front end, if an LMTP listener is served
+	lmtp       lmtpFront    // the LMTP front end, if an LMTP listener is served
+	pool       *backendPool // Options.Backend.Pool's connections
 
 	closing atomic.Bool
 	// base is cancelled by Close: it ends every session's blocking work.
@@ -65,6 +66,7 @@ func NewServer(opts Options) (*Server, error) {
 		byUser:    make(map[string][]*session),
 		parkAfter: parkAfter,
 		perIP:     make(map[netip.Prefix]int),
+		pool:      newBackendPool(),
 	}
 	s.opts.Store(o)
 	s.limiters.Store(newLimiters(o.Limits))
@@ -415,6 +417,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	case <-done:
 		s.active.Wait()
 		s.stopParker()
+		s.pool.close()
 		return nil
 	case <-ctx.Done():
 	}
@@ -454,6 +457,7 @@ func (s *Server) Close() error {
 		<-waited
 	}
 	s.stopParker()
+	s.pool.close()
 	return nil
 }
 

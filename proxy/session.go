@@ -308,10 +308,8 @@ func (s *session) startTLS(ctx context.Context) error {
 	if s.srv.o().TLS == nil {
 		return errors.New("no TLS configuration")
 	}
-	tc := tls.Server(s.raw, s.srv.o().TLS)
-	hctx, cancel := context.WithTimeout(ctx, s.srv.o().Timeouts.TLSHandshake)
-	defer cancel()
-	if err := tc.HandshakeContext(hctx); err != nil {
+	tc := tls.Server(wrapForSplice(s.raw), s.srv.o().TLS)
+	if err := handshakeBy(ctx, tc, s.raw, s.srv.o().Timeouts.TLSHandshake); err != nil {
 		return err
 	}
 	if tc.ConnectionState().NegotiatedProtocol == "acme-tls/1" {

@@ -30,6 +30,15 @@ import (
 // pipe it uses is also only held while bytes flow. Without a parker (not
 // Linux, or Timeouts.Idle set) a direction waits on its socket in a
 // goroutine instead, still without a buffer.
+//
+// A direction whose source is the client's TLS connection (over an
+// nbConn, as the listeners make it) or a plain backend socket copied into
+// TLS takes the non-blocking path of nbsplice.go: three system calls per
+// wake-up, and crypto/tls's empty read buffers given back when it parks
+// (tlsrelease.go). The others (both legs plain TCP; a TLS backend leg) take
+// step and await below. A front end that reuses the splice gets the
+// non-blocking path by wrapping its accepted connection with
+// wrapForSplice before tls.Server.
 
 // copyBufSize holds two full TLS records.
 const copyBufSize = 32 << 10
@@ -54,6 +63,14 @@ type direction struct {
 	parked  atomic.Bool // registered with the parker, no goroutine running
 	parkID  uint64      // the parker's key; 0 until first parked
 	fd      int         // src's descriptor, for the parker
+
+	// The non-blocking path (nbsplice.go): set when src can be read
+	// without blocking, a plain TCP socket or a tls.Conn over an nbConn.
+	nb       *nbReader     // nil: the path of step and await
+	nbc      *nbConn       // src's nbConn when src is TLS
+	nbOwn    nbReader      // nb when src is plain TCP
+	lastData time.Duration // when bytes last moved (since monoStart), for parkAfter
+	armed    time.Duration // src's read deadline as last set (since monoStart)
 }
 
 func newDirection(name string, src, dst net.Conn, counter *atomic.Int64, idle time.Duration) *direction {
@@ -62,6 +79,9 @@ func newDirection(name string, src, dst net.Conn, counter *atomic.Int64, idle ti
 	if tc, ok := src.(*tls.Conn); ok {
 		d.srcTLS = tc
 		under = tc.NetConn()
+		if nc, ok := under.(*nbConn); ok {
+			d.nb, d.nbc = &nc.nb, nc
+		}
 	}
 	if sc, ok := under.(syscall.Conn); ok {
 		d.srcRaw, _ = sc.SyscallConn()
@@ -72,6 +92,9 @@ func newDirection(name string, src, dst net.Conn, counter *atomic.Int64, idle ti
 	_, srcTCP := src.(*net.TCPConn)
 	_, dstTCP := dst.(*net.TCPConn)
 	d.tcpSplice = srcTCP && dstTCP && canSplice
+	if srcTCP && !d.tcpSplice && d.nbOwn.init(src) {
+		d.nb = &d.nbOwn
+	}
 	return d
 }
 
@@ -90,6 +113,10 @@ func (d *direction) loop() {
 			d.sess.directionDone()
 		}
 	}()
+	if d.nb != nil {
+		d.loopNB()
+		return
+	}
 	for {
 		err := d.step()
 		if errors.Is(err, errIdle) {

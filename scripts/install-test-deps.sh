@@ -12,7 +12,7 @@ set -euo pipefail
 CONSUL_VERSION=1.13.9
 PEBBLE_VERSION=v2.10.3
 APT_PACKAGES=(dovecot-imapd dovecot-core haproxy openssl ca-certificates procps slapd ldap-utils chromium
-	dovecot-pop3d dovecot-lmtpd dovecot-managesieved postfix swaks fetchmail sieve-connect python3)
+	dovecot-pop3d dovecot-lmtpd dovecot-managesieved postfix swaks fetchmail sieve-connect python3 nginx libnginx-mod-mail)
 
 CACHE="${IMAPGATE_CACHE:-$HOME/.cache/imapgate}"
 BIN="$CACHE/bin"
@@ -67,7 +67,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 	fi
 	say apt "installed ${missing[*]} in $(elapsed "$t0")"
 fi
-for p in dovecot haproxy openssl ps slapd chromium; do
+for p in dovecot haproxy openssl ps slapd chromium nginx; do
 	path=$(command -v "$p" || { [ -x "/usr/sbin/$p" ] && echo "/usr/sbin/$p"; } || true)
 	[ -n "$path" ] || die "$p not found after installing ${APT_PACKAGES[*]}"
 	how=found
@@ -109,6 +109,7 @@ stop_service haproxy /run/haproxy.pid
 stop_service slapd /run/slapd/slapd.pid
 # Tests start their own Postfix with its own config and queue directory.
 stop_service postfix /var/spool/postfix/pid/master.pid
+stop_service nginx /run/nginx.pid
 if command -v ss >/dev/null 2>&1 && ss -Htln 'sport = :143 or sport = :993' | grep -q .; then
 	warn "something still listens on port 143 or 993 (not needed by the tests, but check: ss -tlnp)"
 fi

@@ -27,6 +27,11 @@
 // fails the handshake. The one exception is "acme-tls/1", accepted only
 // from a CA validating a TLS-ALPN-01 challenge that is pending right now.
 //
+// Session resumption across a fleet: TicketKeys (tickets.go) keeps a
+// Config's session ticket keys in a store every instance reads (Consul KV
+// or a file) and rotates them, so a client that resumes on another
+// instance behind the balancer skips the certificate and its signature.
+//
 // Expiry is reported for monitoring (Manager.Expiry, a Prometheus gauge)
 // and logged as a warning when a certificate nears its end without having
 // been renewed (expiry.go).

@@ -80,6 +80,10 @@ func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger) (*app, err
 	a.setTLS(mgr)
 	a.closers = append(a.closers, func() { a.tlsMgr.Load().Close() })
 	a.tlsProxy = &stdtls.Config{GetConfigForClient: a.tlsForClient}
+	if err := a.startTicketKeys(ctx, cfg); err != nil {
+		a.close()
+		return nil, err
+	}
 
 	r, err := a.newRouter(ctx, cfg, a.evictor)
 	if err != nil {
@@ -176,7 +180,7 @@ func (a *app) start(ctx context.Context, nofile uint64, lns []boundListener) (er
 	}
 	popts.Router = a.router
 	popts.TLS = a.tlsProxy
-	popts.Logger = a.log.Named("proxy")
+	popts.Logger = a.log.Named(proxyLoggerName)
 	popts.Metrics = a.metrics
 	if popts.Limits.MaxConnections == 0 && nofile > 200 {
 		// Two descriptors a session, and room for the rest of the process.

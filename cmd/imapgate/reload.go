@@ -213,7 +213,7 @@ func reloadClass(key string, consul, acme bool) keyClass {
 		return false
 	}
 	switch {
-	case under("log.format", "listen", "consul", "http.addr", "tls.acme", "routing.router", "routing.http", "routing.ldap", "routing.directory", "lmtp"):
+	case under("log.format", "listen", "consul", "http.addr", "tls.acme", "tls.session_tickets", "routing.router", "routing.http", "routing.ldap", "routing.directory", "lmtp"):
 		return classRestart
 	case acme && under("tls"):
 		return classRestart
@@ -235,6 +235,7 @@ func effective(boot, next *config.Config, consul, acme bool) *config.Config {
 	e.Consul = boot.Consul
 	e.HTTP.Addr = boot.HTTP.Addr
 	e.TLS.ACME = boot.TLS.ACME
+	e.TLS.SessionTickets = boot.TLS.SessionTickets
 	e.Routing.Router = boot.Routing.Router
 	e.LMTP = boot.LMTP // the LMTP front end is built once
 	if acme {

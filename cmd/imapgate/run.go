@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/imapgate/imapgate/internal/config"
 	igtls "github.com/imapgate/imapgate/tls"
@@ -48,9 +50,69 @@ func newLogger(cfg *config.Config) (*zap.Logger, error) {
 	}
 	zc.Level = zap.NewAtomicLevelAt(lvl)
 	zc.DisableStacktrace = true
-	return zc.Build(zap.WrapCore(func(c zapcore.Core) zapcore.Core {
-		return &levelCore{Core: c, level: zc.Level}
-	}))
+	return bufferedLogger(zc, format == "console")
+}
+
+// The proxy's session lines are buffered: at a few hundred logins a
+// second, two write(2) calls per session (its login line and its end
+// line) were a tenth of a login's CPU. They reach the file within
+// logFlushInterval, and at exit (main's log.Sync); every other line (start,
+// reload, shutdown, drain: rare, and what operators and tests wait for)
+// and everything from Warn up is written at once.
+const (
+	logBufferSize    = 64 << 10
+	logFlushInterval = 250 * time.Millisecond
+	// proxyLoggerName names the logger whose lines are buffered: the one
+	// handed to the proxy (app.go).
+	proxyLoggerName = "proxy"
+)
+
+// bufferedLogger builds what zc.Build would, with the output behind a
+// zapcore.BufferedWriteSyncer.
+func bufferedLogger(zc zap.Config, console bool) (*zap.Logger, error) {
+	out, _, err := zap.Open(zc.OutputPaths...)
+	if err != nil {
+		return nil, err
+	}
+	errOut, _, err := zap.Open(zc.ErrorOutputPaths...)
+	if err != nil {
+		return nil, err
+	}
+	enc := zapcore.NewJSONEncoder(zc.EncoderConfig)
+	if console {
+		enc = zapcore.NewConsoleEncoder(zc.EncoderConfig)
+	}
+	// Flushing is not fsync(2): zap never synced a line before Error.
+	ws := &zapcore.BufferedWriteSyncer{WS: zapcore.AddSync(struct{ io.Writer }{out}), Size: logBufferSize, FlushInterval: logFlushInterval}
+	core := &flushCore{Core: zapcore.NewCore(enc, ws, zc.Level), ws: ws}
+	return zap.New(&levelCore{Core: core, level: zc.Level}, zap.ErrorOutput(errOut), zap.AddCaller()), nil
+}
+
+// flushCore writes through at once every line but the proxy's session
+// lines below Warn: what goes wrong must not wait in a buffer (or be lost
+// with a crash), nor what an operator watches for.
+type flushCore struct {
+	zapcore.Core
+	ws zapcore.WriteSyncer
+}
+
+func (c *flushCore) With(f []zapcore.Field) zapcore.Core {
+	return &flushCore{Core: c.Core.With(f), ws: c.ws}
+}
+
+func (c *flushCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
+	if c.Enabled(e.Level) {
+		return ce.AddCore(e, c)
+	}
+	return ce
+}
+
+func (c *flushCore) Write(e zapcore.Entry, f []zapcore.Field) error {
+	err := c.Core.Write(e, f)
+	if e.Level >= zapcore.WarnLevel || e.LoggerName != proxyLoggerName {
+		c.ws.Sync()
+	}
+	return err
 }
 
 // levelCore carries the logger's AtomicLevel so that a reload can change

@@ -87,6 +87,21 @@ type TLS struct {
 	MinVersion   string     `toml:"min_version"`
 	CipherSuites []string   `toml:"cipher_suites"`
 	ACME         ACME       `toml:"acme"`
+	// SessionTickets shares TLS session ticket keys across a fleet.
+	SessionTickets SessionTickets `toml:"session_tickets"`
+}
+
+// SessionTickets configures where the fleet's TLS session ticket keys
+// live, so that a client resumes on any instance. Store is "" (auto:
+// Consul KV when the Consul router or ACME storage is configured, else
+// the file if File is set, else each instance its own keys), "consul",
+// "file" or "off" (each instance its own keys, as crypto/tls rotates them).
+type SessionTickets struct {
+	Store     string   `toml:"store"`
+	File      string   `toml:"file"`       // store = "file": a JSON file, mode 0600
+	ConsulKey string   `toml:"consul_key"` // default "imapgate/tls/session-ticket-keys"
+	Rotation  Duration `toml:"rotation"`   // how long a key seals tickets; default 6h
+	Keep      int      `toml:"keep"`       // keys that open tickets; default 4
 }
 
 // CertFile is a certificate and its key in PEM files.
@@ -164,6 +179,12 @@ type BackendDefaults struct {
 	CAFile             string  `toml:"ca_file"`
 	InsecureSkipVerify bool    `toml:"insecure_skip_verify"`
 	Master             *Master `toml:"master"`
+	// Pool keeps this many greeted connections ready per backend, so a
+	// login skips the connect and the greeting (each used once, for one
+	// user). Zero, the default, means none. Not for PROXY-protocol or
+	// implicit-TLS backends.
+	Pool       int      `toml:"pool"`
+	PoolMaxAge Duration `toml:"pool_max_age"` // how long one may wait unused; default 30s
 }
 
 // Master configures master-user logins to the backends.
@@ -517,6 +538,10 @@ func (c *Config) ProxyOptions() (proxy.Options, error) {
 		CommandTimeout:     c.LMTP.CommandTimeout.D(),
 		BackendTimeout:     c.LMTP.BackendTimeout.D(),
 	}
+	if c.Backend.Pool < 0 {
+		return o, errors.New("backend.pool must not be negative")
+	}
+	o.Backend.Pool = proxy.PoolOptions{Size: c.Backend.Pool, MaxAge: c.Backend.PoolMaxAge.D()}
 	if c.Limits.MaxLineLength != 0 && c.Limits.MaxLineLength < 1024 {
 		return o, errors.New("limits.max_line_length must be at least 1024")
 	}

@@ -103,7 +103,7 @@ func Bin(name string) string {
 			candidates = append(candidates, p)
 		}
 		candidates = append(candidates, filepath.Join(cache, "consul-"+ConsulVersion), pathOnly)
-	case "dovecot", "doveadm", "haproxy", "postfix", "sendmail", "slapd", "slapadd", "ldapmodify":
+	case "dovecot", "doveadm", "haproxy", "nginx", "postfix", "sendmail", "slapd", "slapadd", "ldapmodify":
 		candidates = append(candidates, pathOnly, "/usr/sbin", "/usr/bin")
 	default:
 		candidates = append(candidates, filepath.Join(cache, name), pathOnly)

@@ -1,0 +1,150 @@
+package proxy
+
+import (
+	"io"
+	"net"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// nbReader reads a socket without ever blocking, for a spliced direction
+// that does its own waiting. Per wake-up it makes the read and the write
+// a copy needs, and one peek before the goroutine parks again:
+//
+//   - a read that returns less than it was offered means the socket's
+//     queue was empty at that moment, so the next read is not tried
+//     (drained): the direction goes to wait, whose one-byte peek is the
+//     only other system call before the goroutine parks;
+//   - nothing is peeked before a read, no SIOCINQ is asked, and no
+//     buffer is held while waiting.
+//
+// Only the goroutine that runs the direction uses it.
+type nbReader struct {
+	rc      syscall.RawConn
+	drained bool    // the last read emptied the socket's queue
+	one     [1]byte // wait's peek, here so that it does not escape per call
+}
+
+// errWouldBlock is what a non-blocking read returns when nothing is
+// queued. crypto/tls treats it as temporary (it keeps a partial record and
+// does not make the error sticky), so a tls.Conn over an nbConn can be
+// read without blocking too.
+var errWouldBlock error = wouldBlock{}
+
+type wouldBlock struct{}
+
+func (wouldBlock) Error() string   { return "read would block" }
+func (wouldBlock) Timeout() bool   { return true }
+func (wouldBlock) Temporary() bool { return true }
+
+var _ net.Error = wouldBlock{}
+
+// initNB sets r up to read c; false if c has no socket to read.
+func (r *nbReader) init(c net.Conn) bool {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	r.rc = rc
+	return true
+}
+
+// read reads what is queued, errWouldBlock if nothing is, io.EOF at the end.
+func (r *nbReader) read(p []byte) (int, error) {
+	if r.drained {
+		return 0, errWouldBlock
+	}
+	var (
+		n     int
+		errno error
+	)
+	err := r.rc.Control(func(fd uintptr) {
+		for {
+			n, errno = unix.Read(int(fd), p)
+			if errno != unix.EINTR {
+				return
+			}
+		}
+	})
+	switch {
+	case err != nil:
+		return 0, err // closed
+	case errno == unix.EAGAIN:
+		r.drained = true
+		return 0, errWouldBlock
+	case errno != nil:
+		return 0, os.NewSyscallError("read", errno)
+	case n == 0 && len(p) > 0:
+		return 0, io.EOF
+	}
+	if n < len(p) {
+		r.drained = true
+	}
+	return n, nil
+}
+
+// wait blocks on the runtime's poller until the socket is readable (or
+// its read deadline passes, or it is closed).
+//
+// RawConn.Read clears the poller's readiness before it calls its
+// function (as every Read does before its read(2)), so bytes that arrived
+// since this reader's last read would wake nobody: the function's first
+// call looks for them with a one-byte MSG_PEEK, the one system call a
+// wait costs. Only when that finds nothing does the goroutine park.
+func (r *nbReader) wait() error {
+	looked := false
+	err := r.rc.Read(func(fd uintptr) bool {
+		if looked {
+			return true // woken by the poller
+		}
+		looked = true
+		for {
+			_, _, errno := unix.Recvfrom(int(fd), r.one[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+			switch errno {
+			case unix.EINTR:
+				continue
+			case unix.EAGAIN:
+				return false // nothing queued: park until the poller says
+			}
+			return true // bytes, EOF or an error: the next read sees which
+		}
+	})
+	r.drained = false
+	return err
+}
+
+// nbConn is the client's TCP connection under its tls.Conn. Until the
+// splice it reads as a *net.TCPConn does; once a direction switches it to
+// non-blocking, tls.Conn.Read returns errWouldBlock instead of waiting.
+type nbConn struct {
+	*net.TCPConn
+	nb       nbReader
+	nonblock bool // set once, by the splice, before its direction reads
+}
+
+// wrapForSplice returns c wrapped so that the splice can read the TLS
+// connection over it without blocking, or c itself if it is not TCP.
+func wrapForSplice(c net.Conn) net.Conn {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return c
+	}
+	nc := &nbConn{TCPConn: tc}
+	if !nc.nb.init(tc) {
+		return c
+	}
+	return nc
+}
+
+func (c *nbConn) Read(p []byte) (int, error) {
+	if c.nonblock {
+		return c.nb.read(p)
+	}
+	return c.TCPConn.Read(p)
+}
