@@ -140,6 +140,13 @@ func (c *conv) send(s string) {
 	}
 }
 
+// sendCut writes s to a server that may answer and hang up before it has
+// read all of it (a line over every limit): a failed write is then no
+// failure, the answer the test expects next is what counts.
+func (c *conv) sendCut(s string) {
+	c.c.Write([]byte(s))
+}
+
 func (c *conv) line() string {
 	c.t.Helper()
 	l, err := c.br.ReadString('\n')

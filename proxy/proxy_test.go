@@ -202,7 +202,7 @@ func TestBadInput(t *testing.T) {
 		c.expect("a BAD [TOOBIG]")
 		c.send("b NOOP\r\n") // in step again at the next line
 		c.expect("b OK")
-		c.send("c LOGIN " + strings.Repeat("x", 200_000) + "\r\n")
+		c.sendCut("c LOGIN " + strings.Repeat("x", 200_000) + "\r\n")
 		c.expect("* BYE [TOOBIG]")
 		c.expectClosed()
 	})
