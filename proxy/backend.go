@@ -148,15 +148,24 @@ func (s *Server) dialLogin(ctx context.Context, b *routing.Backend, cr *credenti
 		// The backend dropped the waiting connection: dial a fresh one.
 		pc.Close()
 	}
-	d := net.Dialer{Timeout: t.BackendConnect}
-	conn, err := d.DialContext(sctx, "tcp", b.Addr)
+	return s.dialThen(sctx, b, b.Addr, t0, func(conn net.Conn) (*backendLogin, error) {
+		return s.loginOn(ctx, sctx, conn, b, cr, ci, relay, deadline)
+	})
+}
+
+// dialThen connects to addr, b's server for one protocol, within ctx and
+// Timeouts.BackendConnect, and logs in on the connection with login. It
+// reports the backend login to the metrics (a NO to the credentials is an
+// answer: the backend is up) and closes the connection if login fails.
+func (s *Server) dialThen(ctx context.Context, b *routing.Backend, addr string, t0 time.Time, login func(net.Conn) (*backendLogin, error)) (*backendLogin, error) {
+	d := net.Dialer{Timeout: s.o().Timeouts.BackendConnect}
+	conn, err := d.DialContext(ctx, "tcp", addr)
 	dialTook := time.Since(t0)
 	if err != nil {
 		s.o().Metrics.BackendLogin(b.ID, dialTook, 0, false)
 		return nil, fmt.Errorf("dial: %w", err)
 	}
-	bl, err := s.loginOn(ctx, sctx, conn, b, cr, ci, relay, deadline)
-	// A NO to the credentials is an answer: the backend is up.
+	bl, err := login(conn)
 	var refused *backendRefusedError
 	s.o().Metrics.BackendLogin(b.ID, dialTook, time.Since(t0)-dialTook, err == nil || errors.As(err, &refused))
 	if err != nil {

@@ -232,19 +232,7 @@ func (s *session) pop3STLS(ctx context.Context) bool {
 	if !s.writeString("+OK Begin TLS negotiation now\r\n") {
 		return false
 	}
-	// Bytes pipelined after STLS came in cleartext (CVE-2011-0411): they
-	// go with the old reader.
-	if n := s.r.br.Buffered(); n > 0 {
-		s.logger().Warn("discarding bytes pipelined after STLS", zap.Int("bytes", n))
-	}
-	s.r = nil
-	if err := s.startTLS(ctx); err != nil {
-		s.setReason("tls_handshake")
-		s.logger().Debug("STLS handshake failed", zap.Error(err))
-		return false
-	}
-	s.newReader()
-	return true
+	return s.upgradeTLS(ctx, "STLS")
 }
 
 // pop3Auth runs AUTH (RFC 5034): PLAIN and LOGIN, with or without an

@@ -36,21 +36,9 @@ func (s *Server) pop3LoginBackend(ctx context.Context, b *routing.Backend, cr *c
 	deadline := time.Now().Add(t.BackendLogin)
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
-	t0 := time.Now()
-	d := net.Dialer{Timeout: t.BackendConnect}
-	conn, err := d.DialContext(ctx, "tcp", b.POP3Addr)
-	dialTook := time.Since(t0)
-	if err != nil {
-		s.o().Metrics.BackendLogin(b.ID, dialTook, 0, false)
-		return nil, fmt.Errorf("dial: %w", err)
-	}
-	bl, err := s.pop3LoginOn(ctx, conn, b, cr, ci, relay, deadline)
-	s.o().Metrics.BackendLogin(b.ID, dialTook, time.Since(t0)-dialTook, err == nil)
-	if err != nil {
-		conn.Close()
-		return nil, err
-	}
-	return bl, nil
+	return s.dialThen(ctx, b, b.POP3Addr, time.Now(), func(conn net.Conn) (*backendLogin, error) {
+		return s.pop3LoginOn(ctx, conn, b, cr, ci, relay, deadline)
+	})
 }
 
 // pop3Conn is the small POP3 client used until the splice.

@@ -521,16 +521,22 @@ func (s *session) cmdStartTLS(ctx context.Context, cmd *command) bool {
 	if !s.writeString(cmd.tag + " OK Begin TLS negotiation now\r\n") {
 		return false
 	}
-	// Whatever the client pipelined after STARTTLS arrived in cleartext and
-	// could have been injected by anyone on the path (CVE-2011-0411): it
-	// is thrown away with the old reader, never read as commands.
+	return s.upgradeTLS(ctx, "STARTTLS")
+}
+
+// upgradeTLS turns the client leg into TLS after the protocol's STARTTLS
+// (IMAP STARTTLS, POP3 STLS, ManageSieve STARTTLS) was answered.
+// Whatever the client pipelined after the command arrived in cleartext
+// and could have been injected by anyone on the path (CVE-2011-0411): it
+// is thrown away with the old reader, never read as commands.
+func (s *session) upgradeTLS(ctx context.Context, command string) bool {
 	if n := s.r.br.Buffered(); n > 0 {
-		s.logger().Warn("discarding bytes pipelined after STARTTLS", zap.Int("bytes", n))
+		s.logger().Warn("discarding bytes pipelined after "+command, zap.Int("bytes", n))
 	}
 	s.r = nil
 	if err := s.startTLS(ctx); err != nil {
 		s.setReason("tls_handshake")
-		s.logger().Debug("STARTTLS handshake failed", zap.Error(err))
+		s.logger().Debug(command+" handshake failed", zap.Error(err))
 		return false
 	}
 	s.newReader()

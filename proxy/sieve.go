@@ -198,17 +198,9 @@ func (s *session) sieveStartTLS(ctx context.Context) bool {
 	if !s.writeString(`OK "Begin TLS negotiation now."` + "\r\n") {
 		return false
 	}
-	// Bytes pipelined after STARTTLS arrived in cleartext (CVE-2011-0411):
-	// thrown away with the old reader.
-	if n := s.r.br.Buffered(); n > 0 {
-		s.logger().Warn("discarding bytes pipelined after STARTTLS", zap.Int("bytes", n))
-	}
-	s.r = nil
-	if err := s.startTLS(ctx); err != nil {
-		s.setReason("tls_handshake")
+	if !s.upgradeTLS(ctx, "STARTTLS") {
 		return false
 	}
-	s.newReader()
 	// RFC 5804 2.2: the capabilities again, unasked, then OK.
 	return s.writeString(s.sieveCaps() + `OK "TLS negotiation successful."` + "\r\n")
 }

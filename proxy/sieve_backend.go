@@ -35,21 +35,9 @@ func (s *Server) sieveLoginBackend(ctx context.Context, b *routing.Backend, cr *
 	deadline := time.Now().Add(t.BackendLogin)
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
-	t0 := time.Now()
-	d := net.Dialer{Timeout: t.BackendConnect}
-	conn, err := d.DialContext(ctx, "tcp", b.SieveAddr)
-	dialTook := time.Since(t0)
-	if err != nil {
-		s.o().Metrics.BackendLogin(b.ID, dialTook, 0, false)
-		return nil, fmt.Errorf("dial: %w", err)
-	}
-	bl, err := s.sieveLoginOn(ctx, conn, b, cr, ci, deadline)
-	s.o().Metrics.BackendLogin(b.ID, dialTook, time.Since(t0)-dialTook, err == nil)
-	if err != nil {
-		conn.Close()
-		return nil, err
-	}
-	return bl, nil
+	return s.dialThen(ctx, b, b.SieveAddr, time.Now(), func(conn net.Conn) (*backendLogin, error) {
+		return s.sieveLoginOn(ctx, conn, b, cr, ci, deadline)
+	})
 }
 
 // masterCredentials returns what to log in to a POP3 or ManageSieve
