@@ -83,19 +83,10 @@ func (s *Server) serveLMTP(ln net.Listener, l Listener) error {
 		ln.Close()
 		return err
 	}
-	s.mu.Lock()
-	if s.closing.Load() {
-		s.mu.Unlock()
-		ln.Close()
+	if !s.track(ln) {
 		return ErrServerClosed
 	}
-	s.listeners[ln] = struct{}{}
-	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		delete(s.listeners, ln)
-		s.mu.Unlock()
-	}()
+	defer s.untrack(ln)
 	err = srv.Serve(ln, lmtp.Listener{Name: l.Name, AllowFrom: l.AllowFrom, TLS: l.Mode == ImplicitTLS})
 	if s.closing.Load() {
 		return ErrServerClosed

@@ -128,20 +128,10 @@ func (s *Server) Serve(ln net.Listener, l Listener) error {
 		ln.Close()
 		return errors.New("proxy: implicit-TLS listener needs Options.TLS")
 	}
-	s.mu.Lock()
-	if s.closing.Load() {
-		s.mu.Unlock()
-		ln.Close()
+	if !s.track(ln) {
 		return ErrServerClosed
 	}
-	s.listeners[ln] = struct{}{}
-	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		delete(s.listeners, ln)
-		s.mu.Unlock()
-		ln.Close()
-	}()
+	defer s.untrack(ln)
 
 	var backoff time.Duration
 	for {
@@ -164,6 +154,27 @@ func (s *Server) Serve(ln net.Listener, l Listener) error {
 		backoff = 0
 		go s.serveConn(c, &l)
 	}
+}
+
+// track registers a listener, so that Shutdown and Close close it. It
+// reports false (and closes ln) if the server is already closing.
+func (s *Server) track(ln net.Listener) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing.Load() {
+		ln.Close()
+		return false
+	}
+	s.listeners[ln] = struct{}{}
+	return true
+}
+
+// untrack forgets a listener tracked by track and closes it.
+func (s *Server) untrack(ln net.Listener) {
+	s.mu.Lock()
+	delete(s.listeners, ln)
+	s.mu.Unlock()
+	ln.Close()
 }
 
 // isTemporary reports accept errors worth retrying (EMFILE, ENFILE,
