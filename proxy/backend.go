@@ -175,6 +175,25 @@ func (s *Server) dialThen(ctx context.Context, b *routing.Backend, addr string, 
 	return bl, nil
 }
 
+// backendPrologue starts every protocol's backend leg: the PROXY header
+// b asks for, then, for implicit TLS, the handshake. It returns the
+// connection to speak the protocol on.
+func (s *Server) backendPrologue(ctx context.Context, conn net.Conn, b *routing.Backend, ci *clientInfo) (net.Conn, error) {
+	if v := b.ProxyProtocol; v == 1 || v == 2 {
+		if err := writeProxyHeader(conn, v, ci.remote, ci.local); err != nil {
+			return nil, fmt.Errorf("PROXY header: %w", err)
+		}
+	}
+	if b.Security != routing.SecurityTLS {
+		return conn, nil
+	}
+	tc := tls.Client(conn, s.backendTLS(b))
+	if err := tc.HandshakeContext(ctx); err != nil {
+		return nil, fmt.Errorf("TLS handshake: %w", err)
+	}
+	return tc, nil
+}
+
 func (s *Server) backendTLS(b *routing.Backend) *tls.Config {
 	cfg := b.TLS
 	if cfg == nil {
@@ -204,18 +223,9 @@ func (s *Server) loginOn(lctx, sctx context.Context, conn net.Conn, b *routing.B
 	stop := context.AfterFunc(sctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
 	defer func() { stop() }()
 
-	if v := b.ProxyProtocol; v == 1 || v == 2 {
-		if err := writeProxyHeader(conn, v, ci.remote, ci.local); err != nil {
-			return nil, fmt.Errorf("PROXY header: %w", err)
-		}
-	}
-
-	if b.Security == routing.SecurityTLS {
-		tc := tls.Client(conn, s.backendTLS(b))
-		if err := tc.HandshakeContext(sctx); err != nil {
-			return nil, fmt.Errorf("TLS handshake: %w", err)
-		}
-		conn = tc
+	conn, err := s.backendPrologue(sctx, conn, b, ci)
+	if err != nil {
+		return nil, err
 	}
 	bc := &backendConn{conn: conn, br: bufio.NewReaderSize(conn, backendReadBuffer)}
 	greet, err := bc.readLine()

@@ -118,17 +118,9 @@ func (s *Server) sieveLoginOn(ctx context.Context, conn net.Conn, b *routing.Bac
 	conn.SetDeadline(deadline)
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
-	if v := b.ProxyProtocol; v == 1 || v == 2 {
-		if err := writeProxyHeader(conn, v, ci.remote, ci.local); err != nil {
-			return nil, fmt.Errorf("PROXY header: %w", err)
-		}
-	}
-	if b.Security == routing.SecurityTLS {
-		tc := tls.Client(conn, s.backendTLS(b))
-		if err := tc.HandshakeContext(ctx); err != nil {
-			return nil, fmt.Errorf("TLS handshake: %w", err)
-		}
-		conn = tc
+	conn, err := s.backendPrologue(ctx, conn, b, ci)
+	if err != nil {
+		return nil, err
 	}
 	br := bufio.NewReaderSize(conn, 4096)
 	caps, st, err := sieveResponse(br)
