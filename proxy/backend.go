@@ -219,8 +219,11 @@ func (s *Server) backendTLS(b *routing.Backend) *tls.Config {
 func (s *Server) loginOn(lctx, sctx context.Context, conn net.Conn, b *routing.Backend, cr *credentials, ci *clientInfo, relay relayFunc, deadline time.Time) (*backendLogin, error) {
 	// The context's deadline covers the handshakes; the conn's deadline
 	// covers every read and write. A cancelled context closes the conn.
-	conn.SetDeadline(deadline)
-	stop := context.AfterFunc(sctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	// The cancel functions use the TCP connection itself: conn becomes
+	// the TLS one below, and they run on another goroutine.
+	raw := conn
+	raw.SetDeadline(deadline)
+	stop := context.AfterFunc(sctx, func() { raw.SetDeadline(time.Unix(1, 0)) })
 	defer func() { stop() }()
 
 	conn, err := s.backendPrologue(sctx, conn, b, ci)
@@ -271,7 +274,7 @@ func (s *Server) loginOn(lctx, sctx context.Context, conn net.Conn, b *routing.B
 	// time over a wrong password, and that is not an outage.
 	stop()
 	conn.SetDeadline(time.Now().Add(s.o().Timeouts.BackendAuth))
-	stop = context.AfterFunc(lctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	stop = context.AfterFunc(lctx, func() { raw.SetDeadline(time.Unix(1, 0)) })
 
 	var code string
 	saslIR := hasCap(caps, "SASL-IR")

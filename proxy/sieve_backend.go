@@ -115,8 +115,11 @@ func sieveStatus(st []sieveArg) error {
 }
 
 func (s *Server) sieveLoginOn(ctx context.Context, conn net.Conn, b *routing.Backend, cr *credentials, ci *clientInfo, deadline time.Time) (*backendLogin, error) {
-	conn.SetDeadline(deadline)
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	// The cancel function uses the TCP connection itself: conn becomes
+	// the TLS one below, and it runs on another goroutine.
+	raw := conn
+	raw.SetDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { raw.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	conn, err := s.backendPrologue(ctx, conn, b, ci)
 	if err != nil {
