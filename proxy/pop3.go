@@ -9,7 +9,6 @@ import (
 	"os"
 	"slices"
 	"strings"
-	"time"
 
 	"github.com/emersion/go-sasl"
 	"github.com/imapgate/imapgate/routing"
@@ -163,13 +162,7 @@ func isNotPOP3(name, arg string) bool {
 
 func (s *session) endPOP3ReadError(err error) {
 	if errors.Is(err, os.ErrDeadlineExceeded) {
-		if time.Now().Before(s.deadline) {
-			s.srv.o().Metrics.LimitHit("preauth_idle")
-			s.setReason("preauth_idle")
-		} else {
-			s.srv.o().Metrics.LimitHit("login_timeout")
-			s.setReason("login_timeout")
-		}
+		s.timedOut()
 		s.writeString("-ERR Autologout; idle for too long\r\n")
 		return
 	}

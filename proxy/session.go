@@ -419,17 +419,23 @@ func (s *session) preAuth(ctx context.Context) (*backendLogin, error) {
 	}
 }
 
+// timedOut records why a pre-auth read timed out, in every protocol: the
+// wait for the next command (preauth_idle), or the whole Not
+// Authenticated state (login_timeout). The caller says goodbye.
+func (s *session) timedOut() {
+	reason := "preauth_idle"
+	if !time.Now().Before(s.deadline) {
+		reason = "login_timeout"
+	}
+	s.srv.o().Metrics.LimitHit(reason)
+	s.setReason(reason)
+}
+
 // endOnReadError records why reading a command failed.
 func (s *session) endOnReadError(err error) {
 	switch {
 	case errors.Is(err, os.ErrDeadlineExceeded):
-		if time.Now().Before(s.deadline) {
-			s.srv.o().Metrics.LimitHit("preauth_idle")
-			s.setReason("preauth_idle")
-		} else {
-			s.srv.o().Metrics.LimitHit("login_timeout")
-			s.setReason("login_timeout")
-		}
+		s.timedOut()
 		s.writeString("* BYE Autologout; idle for too long\r\n")
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed):
 		s.setReason("client_closed")

@@ -112,8 +112,7 @@ func (s *session) sievePreAuth(ctx context.Context) *backendLogin {
 			first = false
 			continue
 		case errors.Is(err, os.ErrDeadlineExceeded):
-			s.setReason("preauth_idle")
-			s.srv.o().Metrics.LimitHit("preauth_idle")
+			s.timedOut()
 			s.writeString(`BYE "Autologout; idle for too long"` + "\r\n")
 			return nil
 		case err != nil:
