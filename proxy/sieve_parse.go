@@ -66,7 +66,10 @@ func readSieveCommand(br *bufio.Reader, lim readLimits) ([]sieveArg, error) {
 		}
 		if lit < 0 {
 			if len(args) > 0 && !args[0].quoted {
-				args[0].val = strings.ToUpper(args[0].val)
+				// Bytes, not runes: strings.ToUpper would turn each
+				// invalid UTF-8 byte into three and let a name past the
+				// limits (found by FuzzReadSieveCommand).
+				args[0].val = upperASCII(args[0].val)
 			}
 			return args, nil
 		}
@@ -148,4 +151,16 @@ func sieveQuote(s string) string {
 		return "{" + strconv.Itoa(len(s)) + "+}\r\n" + s
 	}
 	return `"` + strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(s) + `"`
+}
+
+// upperASCII upper-cases the ASCII letters of s and leaves every other
+// byte as it is, so the result is never longer than s.
+func upperASCII(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if 'a' <= c && c <= 'z' {
+			b[i] = c - 'a' + 'A'
+		}
+	}
+	return string(b)
 }
