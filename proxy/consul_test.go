@@ -21,6 +21,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imapgate/imapgate/routing/consul"
+
 	"github.com/hashicorp/consul/api"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
@@ -143,11 +145,11 @@ func (e *consulEnv) join(t testing.TB, id string) {
 	}
 	host, port := consulHostPort(t, addr)
 	meta := map[string]string{
-		routing.MetaWeight:   spec.weight,
-		routing.MetaSecurity: spec.sec.String(),
+		consul.MetaWeight:   spec.weight,
+		consul.MetaSecurity: spec.sec.String(),
 	}
 	if spec.sec != routing.SecurityNone {
-		meta[routing.MetaTLSServerName] = "localhost" // the test CA's name
+		meta[consul.MetaTLSServerName] = "localhost" // the test CA's name
 	}
 	err := e.api.Agent().ServiceRegister(&api.AgentServiceRegistration{
 		ID: id, Name: consulService, Address: host, Port: port, Meta: meta,
@@ -192,9 +194,9 @@ func (e *consulEnv) kvBackend(t testing.TB, user string) string {
 }
 
 // gate is one imapgate instance: a proxy.Server whose router is its own
-// routing.Consul, and which that router evicts through.
+// consul.Consul, and which that router evicts through.
 type gate struct {
-	r   *routing.Consul
+	r   *consul.Consul
 	h   *harness
 	reg *prometheus.Registry
 }
@@ -219,11 +221,11 @@ func (l *lateEvictor) EvictBackend(id string) int {
 
 // gate starts an imapgate instance. Cleanup closes the server, then the
 // router.
-func (e *consulEnv) gate(t testing.TB, mod func(*routing.ConsulConfig), srvMod func(*Options)) *gate {
+func (e *consulEnv) gate(t testing.TB, mod func(*consul.ConsulConfig), srvMod func(*Options)) *gate {
 	t.Helper()
 	ev := &lateEvictor{}
 	g := &gate{reg: prometheus.NewRegistry()}
-	cfg := routing.ConsulConfig{
+	cfg := consul.ConsulConfig{
 		Address:    e.consul.HTTPAddr,
 		Service:    consulService,
 		BackendTLS: e.backendTLS,
@@ -237,7 +239,7 @@ func (e *consulEnv) gate(t testing.TB, mod func(*routing.ConsulConfig), srvMod f
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	r, err := routing.NewConsul(ctx, cfg)
+	r, err := consul.NewConsul(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,13 +266,13 @@ func (g *gate) waitPlaceable(t testing.TB, ids ...string) {
 	})
 }
 
-func (g *gate) backend(id string) routing.BackendState {
+func (g *gate) backend(id string) consul.BackendState {
 	for _, b := range g.r.States() {
 		if b.ID == id {
 			return b
 		}
 	}
-	return routing.BackendState{}
+	return consul.BackendState{}
 }
 
 // counter reads one of the router's counters.
@@ -533,7 +535,7 @@ func testConsulPinnedUser(t *testing.T, e *consulEnv) {
 	early, late := consulUser("pinned", 0), consulUser("pinned", 1)
 	pin := func(user string) string {
 		to := otherDovecot(staticPick(t, user))
-		if _, err := e.api.KV().Put(&api.KVPair{Key: "imapgate/users/" + user, Value: []byte(to), Flags: routing.FlagPinned}, nil); err != nil {
+		if _, err := e.api.KV().Put(&api.KVPair{Key: "imapgate/users/" + user, Value: []byte(to), Flags: consul.FlagPinned}, nil); err != nil {
 			t.Fatal(err)
 		}
 		return to
@@ -557,7 +559,7 @@ func testConsulPinnedUser(t *testing.T, e *consulEnv) {
 	waitDovecotLog(t, e.dovecots[earlyTo], "Login: user=<"+early+">")
 	// imapgate did not overwrite the pins.
 	for u, to := range map[string]string{early: earlyTo, late: lateTo} {
-		if p := e.kv(t, u); p == nil || string(p.Value) != to || p.Flags != routing.FlagPinned {
+		if p := e.kv(t, u); p == nil || string(p.Value) != to || p.Flags != consul.FlagPinned {
 			t.Errorf("%s's entry after login: %+v", u, p)
 		}
 	}
@@ -797,7 +799,7 @@ func testConsulPinChangeKicks(t *testing.T, e *consulEnv) {
 }
 
 func testConsulOutage(t *testing.T, e *consulEnv) {
-	g := e.gate(t, func(c *routing.ConsulConfig) {
+	g := e.gate(t, func(c *consul.ConsulConfig) {
 		c.Grace = 5 * time.Second
 		c.PlaceTimeout = 500 * time.Millisecond
 	}, nil)
@@ -867,7 +869,7 @@ func testConsulOutage(t *testing.T, e *consulEnv) {
 
 func testConsulBackendFails(t *testing.T, e *consulEnv) {
 	const grace = 2 * time.Second
-	g := e.gate(t, func(c *routing.ConsulConfig) { c.Grace = grace }, nil)
+	g := e.gate(t, func(c *consul.ConsulConfig) { c.Grace = grace }, nil)
 	e.mu.Lock()
 	all := slices.Sorted(maps.Keys(e.joined))
 	e.mu.Unlock()
@@ -883,7 +885,7 @@ func testConsulBackendFails(t *testing.T, e *consulEnv) {
 		on[s.backend] = append(on[s.backend], s)
 	}
 	pinned := consulUser("fail-pinned", 0)
-	if _, err := e.api.KV().Put(&api.KVPair{Key: "imapgate/users/" + pinned, Value: []byte("dovecot1"), Flags: routing.FlagPinned}, nil); err != nil {
+	if _, err := e.api.KV().Put(&api.KVPair{Key: "imapgate/users/" + pinned, Value: []byte("dovecot1"), Flags: consul.FlagPinned}, nil); err != nil {
 		t.Fatal(err)
 	}
 
@@ -978,7 +980,7 @@ func BenchmarkConsulLogin(b *testing.B) {
 	e := startConsulEnv(b, []backendSpec{{"dovecot1", "1", routing.SecurityNone}, {"dovecot2", "1", routing.SecurityNone}})
 	e.join(b, "dovecot1")
 	e.join(b, "dovecot2")
-	g := e.gate(b, func(c *routing.ConsulConfig) { c.Logger = nil }, func(o *Options) { o.Logger = zap.NewNop() })
+	g := e.gate(b, func(c *consul.ConsulConfig) { c.Logger = nil }, func(o *Options) { o.Logger = zap.NewNop() })
 	users := consulFamily("bench", 16)
 	for _, u := range users {
 		g.landsOn(b, u)

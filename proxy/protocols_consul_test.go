@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imapgate/imapgate/routing/consul"
+
 	"github.com/hashicorp/consul/api"
 	"github.com/imapgate/imapgate/internal/testenv"
 	"github.com/imapgate/imapgate/routing"
@@ -22,9 +24,9 @@ import (
 // sessions and sends the next delivery to the new backend.
 func TestConsulMoveAllProtocols(t *testing.T) {
 	testenv.Need(t, "dovecot", "consul")
-	consul := testenv.StartConsul(t)
+	cs := testenv.StartConsul(t)
 	cfg := api.DefaultConfig()
-	cfg.Address = consul.HTTPAddr
+	cfg.Address = cs.HTTPAddr
 	client, err := api.NewClient(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -39,9 +41,9 @@ func TestConsulMoveAllProtocols(t *testing.T) {
 		err := client.Agent().ServiceRegister(&api.AgentServiceRegistration{
 			ID: id, Name: "imap", Address: host, Port: pn,
 			Meta: map[string]string{
-				routing.MetaPOP3Port:  port(d.POP3Addr),
-				routing.MetaSievePort: port(d.SieveAddr),
-				routing.MetaLMTPPort:  port(d.LMTPAddr),
+				consul.MetaPOP3Port:  port(d.POP3Addr),
+				consul.MetaSievePort: port(d.SieveAddr),
+				consul.MetaLMTPPort:  port(d.LMTPAddr),
 			},
 			Check: &api.AgentServiceCheck{TCP: d.Addr, Interval: "1s", Timeout: "500ms"},
 		})
@@ -53,8 +55,8 @@ func TestConsulMoveAllProtocols(t *testing.T) {
 	ev := &lateEvictor{}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	r, err := routing.NewConsul(ctx, routing.ConsulConfig{
-		Address: consul.HTTPAddr, Service: "imap", Evictor: ev, MoveHold: hold,
+	r, err := consul.NewConsul(ctx, consul.ConsulConfig{
+		Address: cs.HTTPAddr, Service: "imap", Evictor: ev, MoveHold: hold,
 		RetryMax: 500 * time.Millisecond, Logger: zaptest.NewLogger(t).Named("router"),
 	})
 	if err != nil {

@@ -58,19 +58,19 @@ type hrwNode struct {
 	weight  float64 // >= 1
 }
 
-// rendezvous is an immutable pool of backends to hash users over. Building
+// Pool is an immutable pool of backends to hash users over. Building
 // one sorts and precomputes; pick allocates nothing.
-type rendezvous struct {
+type Pool struct {
 	nodes []hrwNode
 	// uniform is true when every weight is equal, so the score is monotonic
 	// in the raw hash and pick can skip the logarithm.
 	uniform bool
 }
 
-// newRendezvous builds a pool over backends (duplicates by ID are
+// NewPool builds a pool over backends (duplicates by ID are
 // dropped). Weight zero or negative counts as 1.
-func newRendezvous(backends []*Backend) *rendezvous {
-	r := &rendezvous{uniform: true}
+func NewPool(backends []*Backend) *Pool {
+	r := &Pool{uniform: true}
 	seen := make(map[string]bool, len(backends))
 	for _, b := range backends {
 		if b == nil || seen[b.ID] {
@@ -97,8 +97,8 @@ func weightOf(b *Backend) int {
 	return b.Weight
 }
 
-// len reports the number of candidates.
-func (r *rendezvous) len() int {
+// Len reports the number of candidates.
+func (r *Pool) Len() int {
 	if r == nil {
 		return 0
 	}
@@ -107,8 +107,8 @@ func (r *rendezvous) len() int {
 
 // pick returns the backend with the highest score for the user whose
 // userKey is uk, or nil if the pool is empty.
-func (r *rendezvous) pick(uk uint64) *Backend {
-	if r.len() == 0 {
+func (r *Pool) pick(uk uint64) *Backend {
+	if r.Len() == 0 {
 		return nil
 	}
 	best := -1
@@ -138,3 +138,9 @@ func score(h uint64, w float64) float64 {
 	u := (float64(h>>11) + 0.5) / (1 << 53)
 	return -w / math.Log(u)
 }
+
+// Pick returns the backend with the highest score for the normalized user
+// name, or nil if the pool is empty. Every router that hashes (the static
+// table, Consul, the directory routers' fallback) picks through it, so a
+// user hashes to the same backend whichever router asks.
+func (r *Pool) Pick(user string) *Backend { return r.pick(userKey(user)) }

@@ -9,8 +9,10 @@
 //     file plus rendezvous hashing over a default pool. It is the embedded
 //     default and needs no other service. The binary runs it as a Table
 //     (table.go), which adds reloads and the operator's drains and moves.
-//   - Consul (consul.go): backends from the Consul catalog, per-user
-//     placements in Consul KV, so every imapgate instance agrees.
+//   - Consul (subpackage consul): backends from the Consul catalog,
+//     per-user placements in Consul KV, so every imapgate instance agrees.
+//     It lives apart so that this package, and the proxy that imports it,
+//     pull in neither Consul's API nor Prometheus.
 //   - HTTP (http.go): asks a service speaking nginx's auth_http protocol.
 //   - LDAP (ldap.go): reads the backend host from the user's directory
 //     entry, as Dovecot's proxy does. Both cache answers (directory.go).

@@ -30,8 +30,8 @@ type StaticConfig struct {
 // to each other. It is safe for concurrent use and never blocks.
 type Static struct {
 	users   map[string]*Backend
-	domains map[string]*rendezvous
-	def     *rendezvous
+	domains map[string]*Pool
+	def     *Pool
 }
 
 var _ Router = (*Static)(nil)
@@ -64,7 +64,7 @@ func NewStatic(cfg StaticConfig) (*Static, error) {
 	}
 	s := &Static{
 		users:   make(map[string]*Backend, len(cfg.Users)),
-		domains: make(map[string]*rendezvous, len(cfg.Domains)),
+		domains: make(map[string]*Pool, len(cfg.Domains)),
 	}
 	for user, id := range cfg.Users {
 		key := NormalizeUser(user)
@@ -99,7 +99,7 @@ func NewStatic(cfg StaticConfig) (*Static, error) {
 		for _, b := range cfg.Backends {
 			all = append(all, b)
 		}
-		s.def = newRendezvous(all)
+		s.def = NewPool(all)
 	} else {
 		p, err := staticPool(cfg.Backends, cfg.Default)
 		if err != nil {
@@ -111,7 +111,7 @@ func NewStatic(cfg StaticConfig) (*Static, error) {
 }
 
 // staticPool resolves a list of backend IDs.
-func staticPool(backends map[string]*Backend, ids []string) (*rendezvous, error) {
+func staticPool(backends map[string]*Backend, ids []string) (*Pool, error) {
 	if len(ids) == 0 {
 		return nil, errors.New("empty pool")
 	}
@@ -126,7 +126,7 @@ func staticPool(backends map[string]*Backend, ids []string) (*rendezvous, error)
 		}
 		pool = append(pool, b)
 	}
-	return newRendezvous(pool), nil
+	return NewPool(pool), nil
 }
 
 // Route returns user's backend: their pin, else a hash over their domain's
@@ -154,5 +154,5 @@ func (s *Static) Route(_ context.Context, user string) (*Backend, error) {
 
 // String describes s for logs.
 func (s *Static) String() string {
-	return fmt.Sprintf("static(%d pins, %d domain pools, default pool of %d)", len(s.users), len(s.domains), s.def.len())
+	return fmt.Sprintf("static(%d pins, %d domain pools, default pool of %d)", len(s.users), len(s.domains), s.def.Len())
 }

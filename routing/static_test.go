@@ -198,7 +198,7 @@ func TestRendezvousTieBreak(t *testing.T) {
 	// produce on purpose, so simulated with duplicate keys) go to the
 	// smallest ID.
 	a, b := &Backend{ID: "a"}, &Backend{ID: "b"}
-	r := newRendezvous([]*Backend{b, a})
+	r := NewPool([]*Backend{b, a})
 	r.nodes[1].key = r.nodes[0].key
 	if got := r.pick(42); got != a {
 		t.Errorf("tie went to %s, want a", got.ID)
@@ -207,7 +207,7 @@ func TestRendezvousTieBreak(t *testing.T) {
 	if got := r.pick(42); got != a {
 		t.Errorf("weighted tie went to %s, want a", got.ID)
 	}
-	if newRendezvous(nil).pick(1) != nil {
+	if NewPool(nil).pick(1) != nil {
 		t.Error("empty pool picked something")
 	}
 }

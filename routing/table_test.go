@@ -5,71 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"sync"
 	"testing"
+
+	"github.com/imapgate/imapgate/routing/routingtest"
 )
-
-// sessionBook is an Evictor that holds sessions (user → backend IDs) the
-// way the proxy's Server does, so that tests see what is left after the
-// router's evictions.
-type sessionBook struct {
-	mu       sync.Mutex
-	sessions map[string][]string
-}
-
-func newSessionBook() *sessionBook { return &sessionBook{sessions: map[string][]string{}} }
-
-func (b *sessionBook) add(user, backend string) {
-	b.mu.Lock()
-	b.sessions[user] = append(b.sessions[user], backend)
-	b.mu.Unlock()
-}
-
-func (b *sessionBook) on(user string) []string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return slices.Sorted(slices.Values(b.sessions[user]))
-}
-
-func (b *sessionBook) EvictUser(user, keep string) int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	var left []string
-	n := 0
-	for _, id := range b.sessions[user] {
-		if keep != "" && id == keep {
-			left = append(left, id)
-		} else {
-			n++
-		}
-	}
-	b.sessions[user] = left
-	return n
-}
-
-func (b *sessionBook) EvictBackend(id string) int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	n := 0
-	for u, ids := range b.sessions {
-		left := slices.DeleteFunc(slices.Clone(ids), func(x string) bool { return x == id })
-		n += len(ids) - len(left)
-		b.sessions[u] = left
-	}
-	return n
-}
-
-func (b *sessionBook) RoutedUsers() []string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	var out []string
-	for u, ids := range b.sessions {
-		if len(ids) > 0 {
-			out = append(out, u)
-		}
-	}
-	return out
-}
 
 // usersOn finds n users whose hash over cfg's default pool is id.
 func usersOn(t *testing.T, tb *Table, id string, n int) []string {
@@ -91,7 +30,7 @@ func usersOn(t *testing.T, tb *Table, id string, n int) []string {
 // the undrain must close those sessions, or new logins go home while the
 // old sessions stay on the fallback.
 func TestTableDrainAndUndrainEvict(t *testing.T) {
-	book := newSessionBook()
+	book := routingtest.NewSessionBook()
 	tb, err := NewTable(StaticConfig{Backends: backends("a", "b", "c")}, book, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -99,26 +38,26 @@ func TestTableDrainAndUndrainEvict(t *testing.T) {
 	ctx := context.Background()
 	users := usersOn(t, tb, "a", 20)
 	for _, u := range users {
-		book.add(u, "a")
+		book.Add(u, "a")
 	}
 	if err := tb.SetDrain(ctx, "a", true); err != nil {
 		t.Fatal(err)
 	}
 	for _, u := range users {
-		if got := book.on(u); len(got) != 0 {
+		if got := book.On(u); len(got) != 0 {
 			t.Fatalf("%s still has sessions on %v after a was drained", u, got)
 		}
 		b, _ := tb.Route(ctx, u)
 		if b.ID == "a" {
 			t.Fatalf("%s routed to drained a", u)
 		}
-		book.add(u, b.ID) // the client reconnects
+		book.Add(u, b.ID) // the client reconnects
 	}
 	if err := tb.SetDrain(ctx, "a", false); err != nil {
 		t.Fatal(err)
 	}
 	for _, u := range users {
-		if got := book.on(u); len(got) != 0 {
+		if got := book.On(u); len(got) != 0 {
 			t.Fatalf("%s still has sessions on %v after a was undrained: new logins go to a", u, got)
 		}
 		if b, _ := tb.Route(ctx, u); b.ID != "a" {
@@ -139,7 +78,7 @@ func TestTableDrainAndUndrainEvict(t *testing.T) {
 // landed on the new backend (the old scan visited that one first, marked
 // the user done and left the others).
 func TestTableReloadEvictsEveryMisroutedSession(t *testing.T) {
-	book := newSessionBook()
+	book := routingtest.NewSessionBook()
 	cfg := StaticConfig{Backends: backends("a", "b")}
 	tb, err := NewTable(cfg, book, nil)
 	if err != nil {
@@ -148,32 +87,32 @@ func TestTableReloadEvictsEveryMisroutedSession(t *testing.T) {
 	ctx := context.Background()
 	const user = "mover@example.org"
 	for range 5 {
-		book.add(user, "a")
+		book.Add(user, "a")
 	}
-	book.add(user, "b") // a login that routed by the new table during the reload
+	book.Add(user, "b") // a login that routed by the new table during the reload
 	next := StaticConfig{Backends: cfg.Backends, Users: map[string]string{user: "b"}}
 	n, err := tb.SetConfig(ctx, next)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := book.on(user); !slices.Equal(got, []string{"b"}) || n != 5 {
+	if got := book.On(user); !slices.Equal(got, []string{"b"}) || n != 5 {
 		t.Fatalf("after the reload %s has sessions on %v (%d closed), want only b", user, got, n)
 	}
 }
 
 func TestTableMoveAndWhere(t *testing.T) {
-	book := newSessionBook()
+	book := routingtest.NewSessionBook()
 	tb, err := NewTable(StaticConfig{Backends: backends("a", "b"), Users: map[string]string{"pinned@x": "a"}}, book, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
 	u := usersOn(t, tb, "a", 1)[0]
-	book.add(u, "a")
+	book.Add(u, "a")
 	if err := tb.Move(ctx, u, "b"); err != nil {
 		t.Fatal(err)
 	}
-	if got := book.on(u); len(got) != 0 {
+	if got := book.On(u); len(got) != 0 {
 		t.Errorf("after the move %s has sessions on %v", u, got)
 	}
 	p, err := tb.Where(ctx, u)

@@ -16,12 +16,12 @@ import (
 	"sync"
 	"time"
 
+	"github.com/imapgate/imapgate/routing/consul"
+
 	"github.com/caddyserver/certmagic"
 	"github.com/hashicorp/consul/api"
 	"github.com/mholt/acmez/v3"
 	"go.uber.org/zap"
-
-	"github.com/imapgate/imapgate/routing"
 )
 
 // ALPNACMETLS is the ALPN protocol of the TLS-ALPN-01 challenge (RFC 8737).
@@ -496,7 +496,7 @@ func newStorage(cfg StorageConfig, log *zap.Logger) (certmagic.Storage, error) {
 		client := c.Client
 		if client == nil {
 			var err error
-			client, _, err = routing.NewConsulClient(routing.ConsulClientConfig{
+			client, _, err = consul.NewConsulClient(consul.ConsulClientConfig{
 				Address: c.Address, Token: c.Token, Datacenter: c.Datacenter,
 			})
 			if err != nil {

@@ -12,9 +12,10 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/imapgate/imapgate/routing/consul"
+
 	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/proxy"
-	"github.com/imapgate/imapgate/routing"
 	igtls "github.com/imapgate/imapgate/tls"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
@@ -58,7 +59,7 @@ type app struct {
 	serveWG  sync.WaitGroup
 	serveErr chan error
 
-	reg1 atomic.Pointer[routing.Registration] // nil when not registered
+	reg1 atomic.Pointer[consul.Registration] // nil when not registered
 
 	reloadMu sync.Mutex // one reload at a time
 	bg       sync.WaitGroup
@@ -308,8 +309,8 @@ func (a *app) register(ctx context.Context, specs []config.ListenerSpec) error {
 	if check == "" && a.httpAddr != nil {
 		check = "http://" + a.httpAddr.String() + "/readyz"
 	}
-	reg := routing.RegisterConfig{Name: name, ID: id, Address: rc.Address, Ports: ports, Tags: rc.Tags, CheckHTTP: check}
-	r, err := routing.NewRegistration(ctx, client, reg, a.log.Named("consul"))
+	reg := consul.RegisterConfig{Name: name, ID: id, Address: rc.Address, Ports: ports, Tags: rc.Tags, CheckHTTP: check}
+	r, err := consul.NewRegistration(ctx, client, reg, a.log.Named("consul"))
 	if err != nil {
 		return fmt.Errorf("consul registration: %w", err)
 	}

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"sync/atomic"
 
+	"github.com/imapgate/imapgate/routing/consul"
+
 	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/proxy"
 	"github.com/imapgate/imapgate/routing"
@@ -38,7 +40,7 @@ func (a *app) newRouter(ctx context.Context, cfg *config.Config, ev *lateEvictor
 		if err != nil {
 			return nil, err
 		}
-		c, err := routing.NewConsul(ctx, routing.ConsulConfig{
+		c, err := consul.NewConsul(ctx, consul.ConsulConfig{
 			Address:    cfg.Consul.Address,
 			Token:      cfg.Consul.Token,
 			Datacenter: cfg.Consul.Datacenter,

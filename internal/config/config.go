@@ -26,6 +26,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/imapgate/imapgate/routing/consul"
+
 	"github.com/BurntSushi/toml"
 	"github.com/hashicorp/consul/api"
 	"github.com/imapgate/imapgate/proxy"
@@ -711,7 +713,7 @@ func (c *Config) BackendTLS() (*tls.Config, error) {
 // ConsulClient builds a Consul API client from [consul] over the
 // CONSUL_HTTP_* environment.
 func (c *Config) ConsulClient() (*api.Client, error) {
-	client, _, err := routing.NewConsulClient(routing.ConsulClientConfig{
+	client, _, err := consul.NewConsulClient(consul.ConsulClientConfig{
 		Address: c.Consul.Address, Token: c.Consul.Token, Datacenter: c.Consul.Datacenter,
 	})
 	return client, err

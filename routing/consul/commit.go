@@ -1,4 +1,4 @@
-package routing
+package consul
 
 import (
 	"context"
@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/imapgate/imapgate/routing"
 	"go.uber.org/zap"
 )
 
@@ -42,10 +43,10 @@ type unrecorded struct {
 // Commit records that b accepted user's login and returns the backend the
 // user must be served by: b, or the winner of a placement race (the
 // caller drops b). It implements Committer.
-func (c *Consul) Commit(ctx context.Context, user string, b *Backend) (*Backend, error) {
-	key := NormalizeUser(user)
+func (c *Consul) Commit(ctx context.Context, user string, b *routing.Backend) (*routing.Backend, error) {
+	key := routing.NormalizeUser(user)
 	if key == "" || b == nil {
-		return nil, fmt.Errorf("%w: nothing to commit", ErrNoBackend)
+		return nil, fmt.Errorf("%w: nothing to commit", routing.ErrNoBackend)
 	}
 	v := c.view.Load()
 	a, ok := c.lookup(v, key)
@@ -58,11 +59,11 @@ func (c *Consul) Commit(ctx context.Context, user string, b *Backend) (*Backend,
 			return rb, nil
 		}
 		if a.pinned() {
-			return nil, fmt.Errorf("%w: user is pinned to unavailable backend %q", ErrNoBackend, a.backend)
+			return nil, fmt.Errorf("%w: user is pinned to unavailable backend %q", routing.ErrNoBackend, a.backend)
 		}
 	}
 	if v.routable[b.ID] == nil {
-		return nil, fmt.Errorf("%w: backend %q is gone", ErrNoBackend, b.ID)
+		return nil, fmt.Errorf("%w: backend %q is gone", routing.ErrNoBackend, b.ID)
 	}
 	if c.limit != nil && !c.limit.Allow() {
 		c.metrics.placements.WithLabelValues("ratelimited").Inc()
@@ -79,11 +80,11 @@ func (c *Consul) Commit(ctx context.Context, user string, b *Backend) (*Backend,
 
 // record writes user → b with check-and-set over the entry's ModifyIndex
 // over (0: no entry). If another instance won, its choice is returned.
-func (c *Consul) record(ctx context.Context, user string, b *Backend, over uint64) (*Backend, error) {
+func (c *Consul) record(ctx context.Context, user string, b *routing.Backend, over uint64) (*routing.Backend, error) {
 	for range 3 {
 		res, winner, err := c.cas(ctx, user, b.ID, over)
 		if err != nil && ctx.Err() != nil {
-			return nil, fmt.Errorf("%w: %w", ErrNoBackend, ctx.Err())
+			return nil, fmt.Errorf("%w: %w", routing.ErrNoBackend, ctx.Err())
 		}
 		switch res {
 		case casWriteFailed:
@@ -94,7 +95,7 @@ func (c *Consul) record(ctx context.Context, user string, b *Backend, over uint6
 		case casReadFailed:
 			// Lost the race and cannot read the winner: refusing is the
 			// only way not to split the user over two backends.
-			return nil, fmt.Errorf("%w: placement race lost and winner unreadable: %w", ErrNoBackend, err)
+			return nil, fmt.Errorf("%w: placement race lost and winner unreadable: %w", routing.ErrNoBackend, err)
 		case casWon:
 			c.remember(user, b.ID, over+1)
 			c.forgetUnrecorded(user, "")
@@ -116,20 +117,20 @@ func (c *Consul) record(ctx context.Context, user string, b *Backend, over uint6
 			return wb, nil
 		}
 		if winner.Flags&FlagPinned != 0 {
-			return nil, fmt.Errorf("%w: user is pinned to unavailable backend %q", ErrNoBackend, id)
+			return nil, fmt.Errorf("%w: user is pinned to unavailable backend %q", routing.ErrNoBackend, id)
 		}
 		over = winner.ModifyIndex
 	}
-	return nil, fmt.Errorf("%w: placement did not settle", ErrNoBackend)
+	return nil, fmt.Errorf("%w: placement did not settle", routing.ErrNoBackend)
 }
 
 // serveUnrecorded keeps a route that could not be written, so that it is
 // retried and evicted if Route's answer moves away from it.
-func (c *Consul) serveUnrecorded(user string, b *Backend) (*Backend, error) {
+func (c *Consul) serveUnrecorded(user string, b *routing.Backend) (*routing.Backend, error) {
 	c.umu.Lock()
 	defer c.umu.Unlock()
 	if _, ok := c.unrec[user]; !ok && len(c.unrec) >= maxUnrecorded {
-		return nil, fmt.Errorf("%w: too many placements waiting to be recorded", ErrNoBackend)
+		return nil, fmt.Errorf("%w: too many placements waiting to be recorded", routing.ErrNoBackend)
 	}
 	c.unrec[user] = unrecorded{backend: b.ID, at: time.Now()}
 	return b, nil

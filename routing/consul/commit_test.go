@@ -1,4 +1,4 @@
-package routing
+package consul
 
 import (
 	"context"
@@ -11,10 +11,12 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/imapgate/imapgate/routing"
+	"github.com/imapgate/imapgate/routing/routingtest"
 )
 
 // commit is Route + Commit, failing the test on an error.
-func commit(t testing.TB, r *Consul, user string, b *Backend) string {
+func commit(t testing.TB, r *Consul, user string, b *routing.Backend) string {
 	t.Helper()
 	got, err := r.Commit(context.Background(), user, b)
 	if err != nil {
@@ -160,7 +162,7 @@ func TestConsulDeleteEvicts(t *testing.T) {
 	r, ev := f.router()
 	waitFor(t, 5*time.Second, "both placeable", placeable(r, "imap1", "imap2"))
 	const user = "forgotten@example.org"
-	hash := r.view.Load().def.pick(userKey(user)).ID
+	hash := r.view.Load().def.Pick(user).ID
 	other := map[string]string{"imap1": "imap2", "imap2": "imap1"}[hash]
 	f.kvPut("imapgate/users/"+user, other, 0)
 	waitFor(t, 5*time.Second, "entry in view", func() bool { return route(t, r, user) == other })
@@ -275,19 +277,19 @@ func TestConsulDeletedEntryWithSessionIsRecordedAgain(t *testing.T) {
 	f := newFixture(t)
 	f.backend("imap1", nil)
 	f.backend("imap2", nil)
-	book := newSessionBook()
+	book := routingtest.NewSessionBook()
 	r, _ := f.router(func(c *ConsulConfig) { c.Evictor = book })
 	waitFor(t, 5*time.Second, "both placeable", placeable(r, "imap1", "imap2"))
 	const user = "kept@example.org"
-	hash := r.view.Load().def.pick(userKey(user)).ID
+	hash := r.view.Load().def.Pick(user).ID
 	f.kvPut("imapgate/users/"+user, hash, 0)
 	waitFor(t, 5*time.Second, "entry in view", func() bool { return route(t, r, user) == hash })
-	book.add(user, hash)
+	book.Add(user, hash)
 	if _, err := f.api.KV().Delete("imapgate/users/"+user, nil); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, 10*time.Second, "the entry to be written again", func() bool { return f.kvGet("imapgate/users/"+user) == hash })
-	if got := book.on(user); !slices.Equal(got, []string{hash}) {
+	if got := book.On(user); !slices.Equal(got, []string{hash}) {
 		t.Errorf("sessions after the delete: %v", got)
 	}
 }
@@ -317,7 +319,7 @@ func TestConsulOperator(t *testing.T) {
 	if p, _ = r.Where(ctx, user); p.Backend != dest || !p.Pinned || !strings.HasPrefix(p.Reason, "pinned in consul KV") {
 		t.Errorf("Where after a move: %+v", p)
 	}
-	if err := r.Move(ctx, user, "nope"); !errors.Is(err, ErrUnknownBackend) {
+	if err := r.Move(ctx, user, "nope"); !errors.Is(err, routing.ErrUnknownBackend) {
 		t.Errorf("Move to an unknown backend: %v", err)
 	}
 
@@ -335,7 +337,7 @@ func TestConsulOperator(t *testing.T) {
 	if err := r.SetDrain(ctx, "imap1", false); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.SetDrain(ctx, "nope", true); !errors.Is(err, ErrUnknownBackend) {
+	if err := r.SetDrain(ctx, "nope", true); !errors.Is(err, routing.ErrUnknownBackend) {
 		t.Errorf("drain of an unknown backend: %v", err)
 	}
 }

@@ -1,4 +1,4 @@
-package routing
+package consul
 
 import (
 	"context"
@@ -7,17 +7,18 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/imapgate/imapgate/routing"
 )
 
-var _ Operator = (*Consul)(nil)
+var _ routing.Operator = (*Consul)(nil)
 
 // Backends returns every backend the router knows, sorted by ID. It
 // implements Operator.
-func (c *Consul) Backends(context.Context) []BackendStatus {
+func (c *Consul) Backends(context.Context) []routing.BackendStatus {
 	states := c.States()
-	out := make([]BackendStatus, 0, len(states))
+	out := make([]routing.BackendStatus, 0, len(states))
 	for _, s := range states {
-		out = append(out, BackendStatus{
+		out = append(out, routing.BackendStatus{
 			ID: s.ID, Addr: s.Addr, Security: s.Security, Weight: max(s.Weight, 1),
 			Health: s.Health, Up: backendUp(s.Health, s.Gone), Drain: s.Drain, Placeable: s.Placeable,
 			Users: s.Users, DownSince: s.DownSince, Tags: s.Tags,
@@ -41,7 +42,7 @@ func (c *Consul) drainKey(id string) string { return c.cfg.Prefix + "/drain/" + 
 // Operator.
 func (c *Consul) SetDrain(ctx context.Context, id string, on bool) error {
 	if !c.known(id) {
-		return fmt.Errorf("%w %q", ErrUnknownBackend, id)
+		return fmt.Errorf("%w %q", routing.ErrUnknownBackend, id)
 	}
 	kv := c.client.KV()
 	var err error
@@ -67,7 +68,7 @@ func (c *Consul) SetDrain(ctx context.Context, id string, on bool) error {
 // them there; every instance closes the user's sessions elsewhere when
 // its watch sees the pin. It implements Operator.
 func (c *Consul) Move(ctx context.Context, user, id string) error {
-	key := NormalizeUser(user)
+	key := routing.NormalizeUser(user)
 	for _, b := range c.Backends(ctx) {
 		if b.ID == id && !b.Up {
 			return fmt.Errorf("routing: backend %q is %s: refusing to move a user there", id, b.Health)
@@ -87,19 +88,19 @@ func (c *Consul) Move(ctx context.Context, user, id string) error {
 }
 
 // Where says where user lives and why. It implements Operator.
-func (c *Consul) Where(_ context.Context, user string) (Placement, error) {
-	key := NormalizeUser(user)
+func (c *Consul) Where(_ context.Context, user string) (routing.Placement, error) {
+	key := routing.NormalizeUser(user)
 	if key == "" {
-		return Placement{}, errors.New("routing: where: empty user name")
+		return routing.Placement{}, errors.New("routing: where: empty user name")
 	}
 	v := c.view.Load()
-	p := Placement{User: key, Pool: "default pool"}
-	if d := Domain(key); d != "" {
+	p := routing.Placement{User: key, Pool: "default pool"}
+	if d := routing.Domain(key); d != "" {
 		if _, ok := v.domains[d]; ok {
 			p.Pool = "pool of domain " + d
 		}
 	}
-	if h := v.poolFor(key).pick(userKey(key)); h != nil {
+	if h := v.poolFor(key).Pick(key); h != nil {
 		p.Hash = h.ID
 	}
 	if e, ok := c.unrecordedRoutes()[key]; ok {

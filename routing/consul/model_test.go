@@ -1,4 +1,4 @@
-package routing_test
+package consul_test
 
 // The model test attacks the routing invariant — a user is never served
 // by two backends at once, and every imapgate instance agrees where each
@@ -41,6 +41,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/imapgate/imapgate/routing/consul"
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
@@ -630,7 +632,7 @@ func TestModelConsul(t *testing.T) {
 			rate = 1 // place_rate exhaustion: most placements here wait to be recorded
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		r, err := routing.NewConsul(ctx, routing.ConsulConfig{
+		r, err := consul.NewConsul(ctx, consul.ConsulConfig{
 			Address: m.consul.HTTPAddr, Service: modelService, Evictor: ev,
 			Grace: modelGrace, RetryMax: 300 * time.Millisecond, PlaceTimeout: 500 * time.Millisecond,
 			PlaceRate: rate, Logger: zap.NewNop(),
@@ -696,7 +698,7 @@ func TestModelConsul(t *testing.T) {
 			u, b := pick(m.rng, m.users), pick(m.rng, m.backends)
 			flags := uint64(0)
 			if m.rng.IntN(3) == 0 {
-				flags = routing.FlagPinned
+				flags = consul.FlagPinned
 			}
 			m.note("kv put %s %s flags=%d", u, b.id, flags)
 			m.count("kv puts")
@@ -718,7 +720,7 @@ func TestModelConsul(t *testing.T) {
 		{2, func() { // unpin
 			u := pick(m.rng, m.users)
 			m.note("unpin %s", u)
-			if err := m.gates[0].r.(*routing.Consul).Unpin(ctx, u); err != nil {
+			if err := m.gates[0].r.(*consul.Consul).Unpin(ctx, u); err != nil {
 				m.fail("unpin: %v", err)
 			}
 		}},

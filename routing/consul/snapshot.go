@@ -1,4 +1,4 @@
-package routing
+package consul
 
 import (
 	"bytes"
@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/imapgate/imapgate/routing"
 	"go.uber.org/zap"
 )
 
@@ -142,7 +143,7 @@ func decodeSnapshot(data []byte, tmpl *tls.Config) (*snapshotState, error) {
 		s.states[b.ID] = st
 	}
 	for i, u := range f.Users {
-		key := NormalizeUser(u.User)
+		key := routing.NormalizeUser(u.User)
 		if key == "" || key != u.User || strings.TrimSpace(u.Backend) == "" {
 			return nil, fmt.Errorf("snapshot user %d: bad user %q or backend %q", i, u.User, u.Backend)
 		}
@@ -152,7 +153,7 @@ func decodeSnapshot(data []byte, tmpl *tls.Config) (*snapshotState, error) {
 		s.users[key] = assignment{backend: u.Backend, flags: u.Flags, index: u.Index}
 	}
 	for d, spec := range f.Domains {
-		if d == "" || NormalizeUser(d) != d {
+		if d == "" || routing.NormalizeUser(d) != d {
 			return nil, fmt.Errorf("snapshot domain %q is not normalised", d)
 		}
 		s.domains[d] = spec
@@ -166,7 +167,7 @@ func decodeSnapshot(data []byte, tmpl *tls.Config) (*snapshotState, error) {
 	return s, nil
 }
 
-func (sb snapshotBackend) backend(tmpl *tls.Config) (*Backend, error) {
+func (sb snapshotBackend) backend(tmpl *tls.Config) (*routing.Backend, error) {
 	if sb.ID == "" {
 		return nil, errors.New("no ID")
 	}
@@ -177,11 +178,11 @@ func (sb snapshotBackend) backend(tmpl *tls.Config) (*Backend, error) {
 	if n, err := strconv.Atoi(port); err != nil || n <= 0 || n > 65535 {
 		return nil, fmt.Errorf("%q: bad port in %q", sb.ID, sb.Addr)
 	}
-	sec, err := ParseSecurity(sb.Security)
+	sec, err := routing.ParseSecurity(sb.Security)
 	if err != nil {
 		return nil, fmt.Errorf("%q: %w", sb.ID, err)
 	}
-	lsec, err := ParseSecurity(sb.LMTPSecurity)
+	lsec, err := routing.ParseSecurity(sb.LMTPSecurity)
 	if err != nil {
 		return nil, fmt.Errorf("%q: lmtp: %w", sb.ID, err)
 	}
@@ -199,11 +200,11 @@ func (sb snapshotBackend) backend(tmpl *tls.Config) (*Backend, error) {
 			return nil, fmt.Errorf("%q: bad address %q", sb.ID, a)
 		}
 	}
-	b := &Backend{
+	b := &routing.Backend{
 		ID: sb.ID, Addr: sb.Addr, Security: sec, Weight: sb.Weight, ProxyProtocol: sb.ProxyProtocol,
 		POP3Addr: sb.POP3Addr, SieveAddr: sb.SieveAddr, LMTPAddr: sb.LMTPAddr, LMTPSecurity: lsec,
 	}
-	if sec != SecurityNone {
+	if sec != routing.SecurityNone {
 		// As backendFromEntry: the template's copy with the name, or a
 		// bare config only when the name is not the address's host.
 		name := sb.TLSServerName
@@ -236,7 +237,7 @@ func (c *Consul) encodeSnapshot(taken time.Time) ([]byte, error) {
 			POP3Addr: b.POP3Addr, SieveAddr: b.SieveAddr, LMTPAddr: b.LMTPAddr,
 			Tags: slices.Clone(s.tags), Health: s.health, MetaDrain: s.metaDrain, DownSince: s.downSince, Gone: s.gone,
 		}
-		if b.LMTPSecurity != SecurityNone {
+		if b.LMTPSecurity != routing.SecurityNone {
 			sb.LMTPSecurity = b.LMTPSecurity.String()
 		}
 		if b.TLS != nil {

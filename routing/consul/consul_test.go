@@ -1,4 +1,4 @@
-package routing
+package consul
 
 import (
 	"context"
@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/imapgate/imapgate/internal/testenv"
+	"github.com/imapgate/imapgate/routing"
 )
 
 // These tests run a real Consul server (testenv.StartConsul) and register
@@ -233,7 +234,7 @@ func placeable(r *Consul, ids ...string) func() bool {
 
 // route is a successful login: Route, then Commit if the router records
 // placements. It returns the backend the user is served by.
-func route(t testing.TB, r Router, user string) string {
+func route(t testing.TB, r routing.Router, user string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -241,7 +242,7 @@ func route(t testing.TB, r Router, user string) string {
 	if err != nil {
 		t.Fatalf("Route(%q): %v", user, err)
 	}
-	if cm, ok := r.(Committer); ok {
+	if cm, ok := r.(routing.Committer); ok {
 		if b, err = cm.Commit(ctx, user, b); err != nil {
 			t.Fatalf("Commit(%q): %v", user, err)
 		}
@@ -264,7 +265,7 @@ func TestConsulPinnedUser(t *testing.T) {
 		t.Errorf("placed bob routed to %s", got)
 	}
 	b, _ := r.Route(context.Background(), "alice@example.org")
-	if b.Security != SecurityStartTLS || b.Weight != 5 || b.ProxyProtocol != 2 || b.Addr == "" {
+	if b.Security != routing.SecurityStartTLS || b.Weight != 5 || b.ProxyProtocol != 2 || b.Addr == "" {
 		t.Errorf("meta not applied: %+v", b)
 	}
 	if !r.Ready() || r.ViewAge() != 0 {
@@ -392,7 +393,7 @@ func TestConsulPlaceLosesRace(t *testing.T) {
 	f.backend("imap2", nil)
 	r, _ := f.router()
 	const user = "late@example.org"
-	mine := r.view.Load().def.pick(userKey(user)).ID
+	mine := r.view.Load().def.Pick(user).ID
 	other := map[string]string{"imap1": "imap2", "imap2": "imap1"}[mine]
 	f.kvPut("imapgate/users/"+user, other, 0)
 	b, err := r.record(context.Background(), user, r.view.Load().routable[mine], 0)
@@ -476,7 +477,7 @@ func TestConsulBackendGoneAfterGrace(t *testing.T) {
 			t.Errorf("%s re-placed, but KV says %q", u, got)
 		}
 	}
-	if _, err := r.Route(context.Background(), pinned); !errors.Is(err, ErrNoBackend) {
+	if _, err := r.Route(context.Background(), pinned); !errors.Is(err, routing.ErrNoBackend) {
 		t.Errorf("user pinned to a gone backend: err = %v, want ErrNoBackend", err)
 	}
 }
@@ -542,7 +543,7 @@ func TestConsulDrainAndDomains(t *testing.T) {
 	// spill into the default pool.
 	f.kvPut("imapgate/drain/imap2", "true", 0)
 	waitFor(t, 5*time.Second, "imap2 drained", placeable(r, "imap1"))
-	if _, err := r.Route(context.Background(), "new@b.example"); !errors.Is(err, ErrNoBackend) {
+	if _, err := r.Route(context.Background(), "new@b.example"); !errors.Is(err, routing.ErrNoBackend) {
 		t.Errorf("domain pool fully drained: err = %v, want ErrNoBackend", err)
 	}
 	for _, b := range r.States() {
@@ -681,7 +682,7 @@ func TestConsulMoveHold(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
-	if _, err := r.Route(ctx, user); !errors.Is(err, ErrNoBackend) {
+	if _, err := r.Route(ctx, user); !errors.Is(err, routing.ErrNoBackend) {
 		t.Errorf("Route during the hold with a short context: %v, want ErrNoBackend", err)
 	}
 	if got := route(t, r, user); got != dest {

@@ -1,4 +1,4 @@
-package routing
+package consul
 
 import (
 	"context"
@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/imapgate/imapgate/routing"
 	"go.uber.org/zap"
 )
 
@@ -225,7 +226,7 @@ func (c *Consul) evictUsers(ev []kvEviction) {
 				here = c.routedHere()
 			}
 			if here[e.user] {
-				c.serveUnrecorded(e.user, &Backend{ID: e.keep})
+				c.serveUnrecorded(e.user, &routing.Backend{ID: e.keep})
 			}
 		}
 		if e.deleted && e.keep != "" && !e.moved {
@@ -245,7 +246,7 @@ func (c *Consul) evictUsers(ev []kvEviction) {
 // routedHere returns the users the Evictor has sessions of (nil if it
 // cannot list them).
 func (c *Consul) routedHere() map[string]bool {
-	l, ok := c.cfg.Evictor.(UserLister)
+	l, ok := c.cfg.Evictor.(routing.UserLister)
 	if !ok {
 		return map[string]bool{}
 	}

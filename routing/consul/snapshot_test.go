@@ -1,4 +1,4 @@
-package routing
+package consul
 
 import (
 	"context"
@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/imapgate/imapgate/routing"
 	"go.uber.org/zap/zaptest"
 )
 
@@ -251,7 +252,7 @@ func TestDecodeSnapshot(t *testing.T) {
 					t.Fatal(err)
 				}
 				b := s.states["imap2"].b
-				if b.Security != SecurityTLS || b.TLS == nil || b.TLS.ServerName != "mail.example.org" || b.Weight != 2 {
+				if b.Security != routing.SecurityTLS || b.TLS == nil || b.TLS.ServerName != "mail.example.org" || b.Weight != 2 {
 					t.Errorf("imap2 restored as %+v", b)
 				}
 				if a := s.users["alice@example.org"]; a.backend != "imap1" || a.index != 7 {
@@ -311,7 +312,7 @@ func BenchmarkConsulSnapshot(b *testing.B) {
 	c := &Consul{cfg: ConsulConfig{Service: testService, Prefix: "imapgate"}, states: map[string]*backendState{}}
 	for i := range 10 {
 		id := fmt.Sprintf("imap%d", i)
-		c.states[id] = &backendState{b: &Backend{ID: id, Addr: fmt.Sprintf("10.0.0.%d:143", i+1), Weight: 1}, health: api.HealthPassing}
+		c.states[id] = &backendState{b: &routing.Backend{ID: id, Addr: fmt.Sprintf("10.0.0.%d:143", i+1), Weight: 1}, health: api.HealthPassing}
 	}
 	c.kvUsers = make(map[string]assignment, users)
 	for i := range users {

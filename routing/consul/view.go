@@ -1,4 +1,4 @@
-package routing
+package consul
 
 import (
 	"crypto/tls"
@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/imapgate/imapgate/routing"
 	"go.uber.org/zap"
 )
 
@@ -19,19 +20,19 @@ type consulView struct {
 	// routable are the backends a known user may be sent to: every
 	// backend in the catalog (or recently in it) that has not been down
 	// for longer than the grace.
-	routable map[string]*Backend
+	routable map[string]*routing.Backend
 	// def is the pool new users are placed over: passing, not draining.
-	def *rendezvous
+	def *routing.Pool
 	// domains are the per-domain pools, already filtered like def.
-	domains map[string]*rendezvous
+	domains map[string]*routing.Pool
 	users   map[string]assignment
 }
 
 // poolFor returns the pool to place user over: their domain's if it has
 // one (even if empty: a tenant's users never spill into the default pool),
 // else the default.
-func (v *consulView) poolFor(user string) *rendezvous {
-	if d := Domain(user); d != "" {
+func (v *consulView) poolFor(user string) *routing.Pool {
+	if d := routing.Domain(user); d != "" {
 		if p, ok := v.domains[d]; ok {
 			return p
 		}
@@ -41,7 +42,7 @@ func (v *consulView) poolFor(user string) *rendezvous {
 
 // backendState is what the router tracks about one service instance.
 type backendState struct {
-	b         *Backend
+	b         *routing.Backend
 	tags      []string
 	health    string // api.HealthPassing... or healthAbsent
 	metaDrain bool
@@ -63,11 +64,11 @@ func (s *backendState) placeable(drain bool) bool {
 // held.
 func (c *Consul) buildView() {
 	v := &consulView{
-		routable: make(map[string]*Backend, len(c.states)),
-		domains:  make(map[string]*rendezvous, len(c.kvDomain)),
+		routable: make(map[string]*routing.Backend, len(c.states)),
+		domains:  make(map[string]*routing.Pool, len(c.kvDomain)),
 		users:    c.kvUsers,
 	}
-	var placeable []*Backend
+	var placeable []*routing.Backend
 	for id, s := range c.states {
 		if s.gone {
 			continue
@@ -77,9 +78,9 @@ func (c *Consul) buildView() {
 			placeable = append(placeable, s.b)
 		}
 	}
-	v.def = newRendezvous(placeable)
+	v.def = routing.NewPool(placeable)
 	for domain, spec := range c.kvDomain {
-		v.domains[domain] = newRendezvous(c.resolvePool(spec, placeable))
+		v.domains[domain] = routing.NewPool(c.resolvePool(spec, placeable))
 	}
 	c.view.Store(v)
 	c.viewChanged()
@@ -88,8 +89,8 @@ func (c *Consul) buildView() {
 
 // resolvePool turns a domain's pool spec, "tag:<tag>" or a comma list of
 // service IDs, into the placeable backends it names.
-func (c *Consul) resolvePool(spec string, placeable []*Backend) []*Backend {
-	var out []*Backend
+func (c *Consul) resolvePool(spec string, placeable []*routing.Backend) []*routing.Backend {
+	var out []*routing.Backend
 	if tag, ok := strings.CutPrefix(spec, "tag:"); ok {
 		tag = strings.TrimSpace(tag)
 		for _, b := range placeable {
@@ -203,7 +204,7 @@ func (c *Consul) expireGrace(now time.Time) []string {
 // backendFromEntry reads a catalog entry's address and Meta. Instances
 // with an unusable Meta are skipped (and logged): guessing a security mode
 // could send passwords in the clear.
-func (c *Consul) backendFromEntry(e *api.ServiceEntry) (*Backend, bool) {
+func (c *Consul) backendFromEntry(e *api.ServiceEntry) (*routing.Backend, bool) {
 	svc := e.Service
 	host := svc.Address
 	if host == "" && e.Node != nil {
@@ -213,7 +214,7 @@ func (c *Consul) backendFromEntry(e *api.ServiceEntry) (*Backend, bool) {
 		c.log.Warn("backend has no address or port; skipped", zap.String("backend", svc.ID))
 		return nil, false
 	}
-	b := &Backend{ID: svc.ID, Addr: net.JoinHostPort(host, strconv.Itoa(svc.Port)), Weight: 1}
+	b := &routing.Backend{ID: svc.ID, Addr: net.JoinHostPort(host, strconv.Itoa(svc.Port)), Weight: 1}
 	if w := svc.Meta[MetaWeight]; w != "" {
 		n, err := strconv.Atoi(w)
 		if err != nil || n < 1 {
@@ -222,7 +223,7 @@ func (c *Consul) backendFromEntry(e *api.ServiceEntry) (*Backend, bool) {
 			b.Weight = n
 		}
 	}
-	sec, err := ParseSecurity(svc.Meta[MetaSecurity])
+	sec, err := routing.ParseSecurity(svc.Meta[MetaSecurity])
 	if err != nil {
 		c.log.Error("bad "+MetaSecurity+" in service meta; backend skipped", zap.String("backend", svc.ID), zap.Error(err))
 		return nil, false
@@ -240,7 +241,7 @@ func (c *Consul) backendFromEntry(e *api.ServiceEntry) (*Backend, bool) {
 			zap.String("backend", svc.ID), zap.String("value", pp))
 		return nil, false
 	}
-	if sec != SecurityNone {
+	if sec != routing.SecurityNone {
 		name := svc.Meta[MetaTLSServerName]
 		if name == "" {
 			name = host
@@ -255,7 +256,7 @@ func (c *Consul) backendFromEntry(e *api.ServiceEntry) (*Backend, bool) {
 	return b, true
 }
 
-func sameBackend(a, b *Backend) bool {
+func sameBackend(a, b *routing.Backend) bool {
 	return a.ID == b.ID && a.Addr == b.Addr && a.Security == b.Security && a.Weight == b.Weight &&
 		a.ProxyProtocol == b.ProxyProtocol && sameProtocolAddrs(a, b) &&
 		(a.TLS == nil) == (b.TLS == nil) && (a.TLS == nil || a.TLS.ServerName == b.TLS.ServerName)
@@ -322,7 +323,7 @@ func (c *Consul) applyKV(kind kvKind, pairs api.KVPairs, initial bool) []kvEvict
 	switch kind {
 	case kvDomains:
 		domains := map[string]string{}
-		c.entries(kind, pairs, func(name, val string, _ *api.KVPair) { domains[NormalizeUser(name)] = val })
+		c.entries(kind, pairs, func(name, val string, _ *api.KVPair) { domains[routing.NormalizeUser(name)] = val })
 		c.kvDomain = domains
 		c.buildView()
 		return nil
@@ -336,7 +337,7 @@ func (c *Consul) applyKV(kind kvKind, pairs api.KVPairs, initial bool) []kvEvict
 	users := make(map[string]assignment, max(len(pairs), len(c.kvUsers)))
 	c.entries(kind, pairs, func(name, val string, p *api.KVPair) {
 		if val != "" {
-			users[NormalizeUser(name)] = assignment{backend: val, flags: p.Flags, index: p.ModifyIndex}
+			users[routing.NormalizeUser(name)] = assignment{backend: val, flags: p.Flags, index: p.ModifyIndex}
 		}
 	})
 	old := c.kvUsers
@@ -357,7 +358,7 @@ func (c *Consul) applyKV(kind kvKind, pairs api.KVPairs, initial bool) []kvEvict
 		if _, ok := users[u]; ok {
 			continue
 		}
-		if b := v.poolFor(u).pick(userKey(u)); b == nil {
+		if b := v.poolFor(u).Pick(u); b == nil {
 			ev = append(ev, kvEviction{u, "", true, true})
 		} else {
 			ev = append(ev, kvEviction{u, b.ID, b.ID != o.backend, true})

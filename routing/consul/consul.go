@@ -1,4 +1,4 @@
-package routing
+package consul
 
 import (
 	"context"
@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/imapgate/imapgate/routing"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"golang.org/x/time/rate"
@@ -78,7 +79,7 @@ type ConsulConfig struct {
 
 	// Evictor closes sessions when a user moves or a backend is gone. If
 	// nil, nothing is closed and the moves are only logged.
-	Evictor Evictor
+	Evictor routing.Evictor
 	// MoveHold holds a moved user's new logins for this long after the
 	// move reaches this instance (their old sessions are closed at that
 	// moment), so that the old backend has finished writing before the new
@@ -234,8 +235,8 @@ type Consul struct {
 }
 
 var (
-	_ Router    = (*Consul)(nil)
-	_ Committer = (*Consul)(nil)
+	_ routing.Router    = (*Consul)(nil)
+	_ routing.Committer = (*Consul)(nil)
 )
 
 // assignment is one user's entry in KV.
@@ -309,7 +310,7 @@ func NewConsul(ctx context.Context, cfg ConsulConfig) (*Consul, error) {
 	c.startWatches(catIdx, kvIdx)
 	v := c.view.Load()
 	c.log.Info("consul router ready",
-		zap.Int("backends", len(v.routable)), zap.Int("placeable", v.def.len()),
+		zap.Int("backends", len(v.routable)), zap.Int("placeable", v.def.Len()),
 		zap.Int("users", len(v.users)), zap.String("prefix", cfg.Prefix))
 	return c, nil
 }
@@ -387,10 +388,10 @@ func (c *Consul) userPath(user string) string { return c.cfg.Prefix + "/users/" 
 // gets ErrNoBackend). A user without an entry is placed by hashing over
 // their pool. The answer depends only on the shared view (KV, catalog,
 // drains, domains), so every instance with the same view agrees.
-func (c *Consul) Route(ctx context.Context, user string) (*Backend, error) {
-	key := NormalizeUser(user)
+func (c *Consul) Route(ctx context.Context, user string) (*routing.Backend, error) {
+	key := routing.NormalizeUser(user)
 	if key == "" {
-		return nil, fmt.Errorf("%w: empty user name", ErrNoBackend)
+		return nil, fmt.Errorf("%w: empty user name", routing.ErrNoBackend)
 	}
 	if c.holdN.Load() > 0 {
 		if err := c.waitHold(ctx, key); err != nil {
@@ -406,20 +407,20 @@ func (c *Consul) Route(ctx context.Context, user string) (*Backend, error) {
 
 // answer is Route's decision for a normalised user in view v, with the
 // user's entry (ok false: none).
-func (c *Consul) answer(v *consulView, user string) (*Backend, assignment, error) {
+func (c *Consul) answer(v *consulView, user string) (*routing.Backend, assignment, error) {
 	a, ok := c.lookup(v, user)
 	if ok {
 		if b := v.routable[a.backend]; b != nil {
 			return b, a, nil
 		}
 		if a.pinned() {
-			return nil, a, fmt.Errorf("%w: user is pinned to unavailable backend %q", ErrNoBackend, a.backend)
+			return nil, a, fmt.Errorf("%w: user is pinned to unavailable backend %q", routing.ErrNoBackend, a.backend)
 		}
 	}
-	if b := v.poolFor(user).pick(userKey(user)); b != nil {
+	if b := v.poolFor(user).Pick(user); b != nil {
 		return b, a, nil
 	}
-	return nil, a, fmt.Errorf("%w: no passing backend to place the user on", ErrNoBackend)
+	return nil, a, fmt.Errorf("%w: no passing backend to place the user on", routing.ErrNoBackend)
 }
 
 // waitHold waits until a move hold on user ends, or ctx does.
@@ -433,7 +434,7 @@ func (c *Consul) waitHold(ctx context.Context, user string) error {
 		return nil
 	}
 	if !sleepCtx(ctx, d) {
-		return fmt.Errorf("%w: user is moving: %w", ErrNoBackend, context.Cause(ctx))
+		return fmt.Errorf("%w: user is moving: %w", routing.ErrNoBackend, context.Cause(ctx))
 	}
 	return nil
 }
@@ -498,7 +499,7 @@ func (c *Consul) remember(user, id string, minIdx uint64) {
 // (normally within a second). backendID must be a service ID the router
 // knows.
 func (c *Consul) Pin(ctx context.Context, user, backendID string) error {
-	key := NormalizeUser(user)
+	key := routing.NormalizeUser(user)
 	if key == "" {
 		return errors.New("routing: pin: empty user name")
 	}
@@ -506,7 +507,7 @@ func (c *Consul) Pin(ctx context.Context, user, backendID string) error {
 	_, known := c.states[backendID]
 	c.mu.Unlock()
 	if !known {
-		return fmt.Errorf("%w %q (pinning %q)", ErrUnknownBackend, backendID, key)
+		return fmt.Errorf("%w %q (pinning %q)", routing.ErrUnknownBackend, backendID, key)
 	}
 	_, err := c.client.KV().Put(&api.KVPair{Key: c.userPath(key), Value: []byte(backendID), Flags: FlagPinned},
 		(&api.WriteOptions{}).WithContext(ctx))
@@ -522,7 +523,7 @@ func (c *Consul) Pin(ctx context.Context, user, backendID string) error {
 // user if their backend goes away. Unpinning a user without a pin is not
 // an error.
 func (c *Consul) Unpin(ctx context.Context, user string) error {
-	key := NormalizeUser(user)
+	key := routing.NormalizeUser(user)
 	if key == "" {
 		return errors.New("routing: unpin: empty user name")
 	}
@@ -551,7 +552,7 @@ func (c *Consul) Unpin(ctx context.Context, user string) error {
 // BackendState is a backend as the Consul router sees it, for the admin
 // API.
 type BackendState struct {
-	*Backend
+	*routing.Backend
 	// Health is Consul's aggregated check status: "passing", "warning",
 	// "critical", "maintenance", or "absent" once it left the catalog.
 	Health string
