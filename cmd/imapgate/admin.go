@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/proxy"
 	"github.com/imapgate/imapgate/routing"
 	"go.uber.org/zap"
@@ -209,7 +210,7 @@ func (a *app) backends(sessions bool) []backendInfo {
 	return out
 }
 
-func (a *app) routerName() string { return a.kind }
+func (a *app) routerName() string { return a.kind.String() }
 
 func (a *app) handleBackends(w http.ResponseWriter, _ *http.Request) {
 	bs := a.backends(true)
@@ -387,7 +388,7 @@ func (a *app) handleDrain(on bool) http.HandlerFunc {
 		action = "undrain"
 	}
 	scope, note := "cluster", ""
-	if a.kind == "static" {
+	if a.kind == config.RouterStatic {
 		scope, note = "instance", "the static router's drains are per instance and lost on restart: drain every instance"
 	}
 	return func(w http.ResponseWriter, r *http.Request) {

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -43,7 +42,7 @@ type app struct {
 	tlsProxy  *stdtls.Config                // what the proxy holds: forwards to tlsServer
 
 	router  placement // the rules live in package routing
-	kind    string    // "static" or "consul"
+	kind    config.RouterKind
 	evictor *lateEvictor
 	srv     *proxy.Server
 	popts   proxy.Options // as given to srv: reload keeps its Router, TLS, Logger, Metrics and derived limits
@@ -91,7 +90,7 @@ func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger) (*app, err
 		a.close()
 		return nil, err
 	}
-	a.router, a.kind = r, routerKind(cfg)
+	a.router, a.kind = r, cfg.Routing.Router
 	log.Info("routing", zap.String("router", fmt.Sprint(a.router)))
 	return a, nil
 }
@@ -101,7 +100,7 @@ func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger) (*app, err
 // expiry of whichever manager is in force (see tlsExpiryCollector), since
 // a reload may replace the manager.
 func (a *app) newTLSManager(ctx context.Context, cfg *config.Config) (*igtls.Manager, error) {
-	mgr, err := igtls.New(ctx, tlsConfig(cfg, cfg.Consul.Address), a.log.Named("tls"))
+	mgr, err := igtls.New(ctx, cfg.TLSOptions(), a.log.Named("tls"))
 	if err != nil {
 		return nil, fmt.Errorf("tls: %w", err)
 	}
@@ -127,15 +126,6 @@ func (a *app) tlsForClient(hello *stdtls.ClientHelloInfo) (*stdtls.Config, error
 		}
 	}
 	return c, nil
-}
-
-func consulStorage(cfg *config.Config, addr string) igtls.ConsulStorageConfig {
-	return igtls.ConsulStorageConfig{
-		Address:    addr,
-		Token:      cfg.Consul.Token,
-		Datacenter: cfg.Consul.Datacenter,
-		Prefix:     cfg.TLS.ACME.ConsulPrefix,
-	}
 }
 
 // close releases everything newApp and start opened, last first.
@@ -239,21 +229,9 @@ func (a *app) serve(ln net.Listener, sp config.ListenerSpec) {
 	}
 }
 
-// httpListenAddr is the address of the HTTP listener, "" if off.
-func httpListenAddr(cfg *config.Config) string {
-	switch addr := cfg.HTTP.Addr; addr {
-	case "off":
-		return ""
-	case "":
-		return "127.0.0.1:8080"
-	default:
-		return addr
-	}
-}
-
 // startHTTP serves health, metrics and the admin API.
 func (a *app) startHTTP(ctx context.Context) error {
-	addr := httpListenAddr(a.cfg.Load())
+	addr := a.cfg.Load().HTTP.ListenAddr()
 	if addr == "" {
 		return nil
 	}
@@ -278,44 +256,20 @@ func (a *app) startHTTP(ctx context.Context) error {
 // register announces this instance in Consul when configured.
 func (a *app) register(ctx context.Context, specs []config.ListenerSpec) error {
 	cfg := a.cfg.Load()
-	rc := cfg.Consul.Register
-	if !rc.Enable {
+	reg, ok := cfg.Registration(specs, a.lnAddrs, a.httpAddr)
+	if !ok {
 		return nil
 	}
 	client, err := cfg.ConsulClient()
 	if err != nil {
 		return err
 	}
-	ports := map[string]int{}
-	for i, sp := range specs {
-		// The port actually bound: ":0" in tests.
-		n := a.lnAddrs[i].(*net.TCPAddr).Port
-		name := registrationName(sp) // protocols.go
-		if _, dup := ports[name]; dup {
-			name = sp.Listener.Name
-		}
-		ports[name] = n
-	}
-	host, _ := os.Hostname()
-	id := rc.ID
-	if id == "" {
-		id = "imapgate-" + host
-	}
-	name := rc.Name
-	if name == "" {
-		name = "imapgate"
-	}
-	check := rc.CheckHTTP
-	if check == "" && a.httpAddr != nil {
-		check = "http://" + a.httpAddr.String() + "/readyz"
-	}
-	reg := consul.RegisterConfig{Name: name, ID: id, Address: rc.Address, Ports: ports, Tags: rc.Tags, CheckHTTP: check}
 	r, err := consul.NewRegistration(ctx, client, reg, a.log.Named("consul"))
 	if err != nil {
 		return fmt.Errorf("consul registration: %w", err)
 	}
 	a.reg1.Store(r)
-	a.log.Info("registered in consul", zap.String("service", name), zap.String("id", id))
+	a.log.Info("registered in consul", zap.String("service", reg.Name), zap.String("id", reg.ID))
 	return nil
 }
 

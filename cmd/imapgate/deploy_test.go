@@ -252,6 +252,8 @@ func fieldByTag(t reflect.Type, name string) (reflect.StructField, bool) {
 	return reflect.StructField{}, false
 }
 
+var durationType = reflect.TypeFor[config.Duration]()
+
 // configKeys lists every leaf key of the schema, maps as "*".
 func configKeys(out *[]string, prefix string, t reflect.Type) {
 	join := func(k string) string {

@@ -33,7 +33,7 @@ var (
 func (a *app) newDirectoryRouter(cfg *config.Config, ev routing.Evictor) (directoryRouter, error) {
 	var r directoryRouter
 	switch cfg.Routing.Router {
-	case "http":
+	case config.RouterHTTP:
 		hc, err := cfg.HTTPRouterConfig()
 		if err != nil {
 			return nil, fmt.Errorf("http router: %w", err)
@@ -42,7 +42,7 @@ func (a *app) newDirectoryRouter(cfg *config.Config, ev routing.Evictor) (direct
 		if r, err = routing.NewHTTP(hc); err != nil {
 			return nil, fmt.Errorf("http router: %w", err)
 		}
-	case "ldap":
+	case config.RouterLDAP:
 		lc, err := cfg.LDAPRouterConfig()
 		if err != nil {
 			return nil, fmt.Errorf("ldap router: %w", err)
@@ -52,7 +52,7 @@ func (a *app) newDirectoryRouter(cfg *config.Config, ev routing.Evictor) (direct
 			return nil, fmt.Errorf("ldap router: %w", err)
 		}
 	default:
-		return nil, fmt.Errorf("routing.router %q is not a directory router", cfg.Routing.Router)
+		return nil, fmt.Errorf("routing.router %v is not a directory router", cfg.Routing.Router)
 	}
 	a.closers = append(a.closers, r.Close)
 	a.reg.MustRegister(directoryMetrics(r)...)

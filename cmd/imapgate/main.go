@@ -26,6 +26,7 @@ import (
 	"strings"
 
 	"github.com/imapgate/imapgate/internal/config"
+	"go.uber.org/zap"
 )
 
 func main() {
@@ -122,7 +123,7 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 	}
 	defer log.Sync()
 	if err := run(context.Background(), cfg, f, demo, log); err != nil {
-		log.Error("imapgate stopped", errField(err))
+		log.Error("imapgate stopped", zap.Error(err))
 		return 1
 	}
 	return 0
@@ -187,7 +188,9 @@ func (f *flags) load() (cfg *config.Config, demo bool, err error) {
 		cfg.Log.Level = f.logLevel
 	}
 	if f.logFormat != "" {
-		cfg.Log.Format = f.logFormat
+		if err := cfg.Log.Format.UnmarshalText([]byte(f.logFormat)); err != nil {
+			return nil, false, fmt.Errorf("-log-format: %w", err)
+		}
 	}
 	if f.httpAddr != "" {
 		cfg.HTTP.Addr = f.httpAddr

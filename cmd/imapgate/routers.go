@@ -25,7 +25,7 @@ type placement interface {
 // router decides are in the wrong place.
 func (a *app) newRouter(ctx context.Context, cfg *config.Config, ev *lateEvictor) (placement, error) {
 	switch cfg.Routing.Router {
-	case "", "static":
+	case config.RouterStatic:
 		sc, err := cfg.StaticConfig()
 		if err != nil {
 			return nil, err
@@ -35,46 +35,22 @@ func (a *app) newRouter(ctx context.Context, cfg *config.Config, ev *lateEvictor
 			return nil, fmt.Errorf("routing: %w", err)
 		}
 		return t, nil
-	case "consul":
-		bt, err := cfg.BackendTLS()
+	case config.RouterConsul:
+		cc, err := cfg.ConsulRouter()
 		if err != nil {
 			return nil, err
 		}
-		c, err := consul.NewConsul(ctx, consul.ConsulConfig{
-			Address:    cfg.Consul.Address,
-			Token:      cfg.Consul.Token,
-			Datacenter: cfg.Consul.Datacenter,
-			Service:    cfg.Consul.Service,
-			Tag:        cfg.Consul.Tag,
-			Prefix:     cfg.Consul.Prefix,
-			BackendTLS: bt,
-			Evictor:    ev,
-			Grace:      cfg.Consul.Grace.D(),
-			PlaceRate:  cfg.Consul.PlaceRate,
-			// A start while Consul is unreachable serves from this.
-			SnapshotFile:   cfg.Consul.SnapshotPath(),
-			SnapshotMaxAge: cfg.Consul.SnapshotMaxAge.D(),
-			Logger:         a.log.Named("consul"),
-			Registerer:     a.reg,
-		})
+		cc.Evictor, cc.Logger, cc.Registerer = ev, a.log.Named("consul"), a.reg
+		c, err := consul.NewConsul(ctx, cc)
 		if err != nil {
 			return nil, fmt.Errorf("consul router: %w", err)
 		}
 		a.closers = append(a.closers, func() { c.Close() })
 		return c, nil
-	case "http", "ldap":
+	case config.RouterHTTP, config.RouterLDAP:
 		return a.newDirectoryRouter(cfg, ev)
 	}
-	return nil, fmt.Errorf("routing.router: unknown router %q", cfg.Routing.Router)
-}
-
-// routerKind is the configured router's name: "static", "consul",
-// "http" or "ldap".
-func routerKind(cfg *config.Config) string {
-	if cfg.Routing.Router == "" {
-		return "static"
-	}
-	return cfg.Routing.Router
+	return nil, fmt.Errorf("routing.router: unknown router %v", cfg.Routing.Router)
 }
 
 // lateEvictor lets the router, built before the proxy, evict sessions of

@@ -12,13 +12,10 @@ import (
 	"time"
 
 	"github.com/imapgate/imapgate/internal/config"
-	igtls "github.com/imapgate/imapgate/tls"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/sys/unix"
 )
-
-func errField(err error) zap.Field { return zap.Error(err) }
 
 // newLogger builds the process logger: JSON for machines, console on a
 // terminal, as log.format says.
@@ -32,14 +29,14 @@ func newLogger(cfg *config.Config) (*zap.Logger, error) {
 		return nil, err
 	}
 	format := cfg.Log.Format
-	if format == "" || format == "auto" {
-		format = "json"
+	if format == config.LogAuto {
+		format = config.LogJSON
 		if fi, err := os.Stderr.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
-			format = "console"
+			format = config.LogConsole
 		}
 	}
 	var zc zap.Config
-	if format == "console" {
+	if format == config.LogConsole {
 		zc = zap.NewDevelopmentConfig()
 		zc.Development = false
 		zc.EncoderConfig.EncodeLevel = zapcore.CapitalColorLevelEncoder
@@ -50,7 +47,7 @@ func newLogger(cfg *config.Config) (*zap.Logger, error) {
 	}
 	zc.Level = zap.NewAtomicLevelAt(lvl)
 	zc.DisableStacktrace = true
-	return bufferedLogger(zc, format == "console")
+	return bufferedLogger(zc, format == config.LogConsole)
 }
 
 // The proxy's session lines are buffered: at a few hundred logins a
@@ -205,42 +202,6 @@ func closeListeners(lns []boundListener) {
 	for _, bl := range lns {
 		bl.ln.Close()
 	}
-}
-
-// tlsConfig maps the file's [tls] section onto the tls package.
-func tlsConfig(cfg *config.Config, consulAddr string) igtls.Config {
-	t := cfg.TLS
-	c := igtls.Config{
-		SelfSigned:   igtls.SelfSignedConfig{Names: t.SelfSigned, Disable: t.NoSelfSigned},
-		MinVersion:   t.MinVersion,
-		CipherSuites: t.CipherSuites,
-	}
-	for _, cf := range t.Certificates {
-		c.Certificates = append(c.Certificates, igtls.CertFile{CertFile: cf.Cert, KeyFile: cf.Key})
-	}
-	a := t.ACME
-	if len(a.Names) > 0 || len(a.OnDemandAllow) > 0 {
-		c.ACME = igtls.ACMEConfig{
-			Names:               a.Names,
-			DirectoryURL:        a.Directory,
-			Email:               a.Email,
-			CARootFile:          a.CARoot,
-			HTTP01:              igtls.HTTP01Config{Disable: a.NoHTTP01, Addr: a.HTTP01Addr},
-			TLSALPN01:           igtls.TLSALPN01Config{Disable: a.NoTLSALPN01, Port: a.TLSALPN01Port},
-			DisableOCSPStapling: a.NoOCSPStapling,
-			Storage:             igtls.StorageConfig{Dir: a.StorageDir},
-			RenewalWindowRatio:  a.RenewalWindowRatio,
-			RenewCheckInterval:  a.RenewCheckInterval.D(),
-		}
-		if len(a.OnDemandAllow) > 0 {
-			c.ACME.OnDemand = &igtls.OnDemandConfig{Allow: a.OnDemandAllow}
-		}
-		if a.Storage == "consul" {
-			c.ACME.Storage.Kind = igtls.StorageConsul
-			c.ACME.Storage.Consul = consulStorage(cfg, consulAddr)
-		}
-	}
-	return c
 }
 
 // run starts imapgate and blocks until a signal stops it. SIGHUP reloads

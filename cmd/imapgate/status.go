@@ -179,10 +179,7 @@ func (a *app) statusData(ctx context.Context, user string) *statusPage {
 	cfg := a.cfg.Load()
 	p := &statusPage{
 		Version: currentVersion(), Started: started, Uptime: fmtDuration(time.Since(started)), Now: time.Now(),
-		Router: cfg.Routing.Router, Refresh: int(statusRefresh / time.Second), Query: user,
-	}
-	if p.Router == "" {
-		p.Router = "static"
+		Router: cfg.Routing.Router.String(), Refresh: int(statusRefresh / time.Second), Query: user,
 	}
 	if r := a.routerInForce(); r != nil {
 		p.RouterIs = fmt.Sprint(r)

@@ -8,6 +8,8 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+
+	"github.com/imapgate/imapgate/internal/config"
 )
 
 // TestVersionCommand builds the binary with the link-time values the
@@ -66,8 +68,8 @@ func grepLines(s, sub string) string {
 // cleartext login, ACME state in the package's state directory.
 func TestDebianConffile(t *testing.T) {
 	cfg := checkTOML(t, filepath.Join(deployDir, "debian", "imapgate.toml"))
-	if cfg.Routing.Router != "static" || cfg.Consul.Register.Enable {
-		t.Errorf("router %q, consul registration %v: want the static router, no Consul", cfg.Routing.Router, cfg.Consul.Register.Enable)
+	if cfg.Routing.Router != config.RouterStatic || cfg.Consul.Register.Enable {
+		t.Errorf("router %v, consul registration %v: want the static router, no Consul", cfg.Routing.Router, cfg.Consul.Register.Enable)
 	}
 	if cfg.HTTP.Addr != "127.0.0.1:8080" {
 		t.Errorf("http.addr %q, want loopback", cfg.HTTP.Addr)

@@ -35,26 +35,33 @@ import (
 )
 
 // Config is the whole configuration file.
+//
+// The reload tag of each field says what a reload (SIGHUP, POST
+// /admin/reload) does with a change to it; a field without one follows
+// the section it is in. See reload.go for the words: live applies at
+// once, restart keeps the start-up value until a restart, and a
+// condition (acme=, external=) changes that while ACME is in use or the
+// router's table comes from outside the file.
 type Config struct {
-	Log      Log                `toml:"log"`
-	Listen   []Listen           `toml:"listen"`
-	TLS      TLS                `toml:"tls"`
-	PreAuth  PreAuth            `toml:"preauth"`
-	Limits   Limits             `toml:"limits"`
-	Timeouts Timeouts           `toml:"timeouts"`
-	Backend  BackendDefaults    `toml:"backend"`
-	Backends map[string]Backend `toml:"backends"`
-	Routing  Routing            `toml:"routing"`
-	Consul   Consul             `toml:"consul"`
-	HTTP     HTTP               `toml:"http"`
-	Shutdown Shutdown           `toml:"shutdown"`
-	LMTP     LMTP               `toml:"lmtp"`
+	Log      Log                `toml:"log" reload:"live"`
+	Listen   []Listen           `toml:"listen" reload:"restart"` // bound once
+	TLS      TLS                `toml:"tls" reload:"live,acme=restart"`
+	PreAuth  PreAuth            `toml:"preauth" reload:"live"`
+	Limits   Limits             `toml:"limits" reload:"live"`
+	Timeouts Timeouts           `toml:"timeouts" reload:"live"`
+	Backend  BackendDefaults    `toml:"backend" reload:"live,external=restart"` // the Consul router holds its TLS template
+	Backends map[string]Backend `toml:"backends" reload:"live,external=ignored"`
+	Routing  Routing            `toml:"routing" reload:"live,external=ignored"`
+	Consul   Consul             `toml:"consul" reload:"restart"` // the router and the registration take it once
+	HTTP     HTTP               `toml:"http" reload:"live"`
+	Shutdown Shutdown           `toml:"shutdown" reload:"live"`
+	LMTP     LMTP               `toml:"lmtp" reload:"restart"` // the LMTP front end is built once
 }
 
 // Log configures logging.
 type Log struct {
-	Level  string `toml:"level"`  // debug, info (default), warn, error
-	Format string `toml:"format"` // auto (default: console on a terminal, else JSON), json, console
+	Level  string    `toml:"level"`                   // debug, info (default), warn, error
+	Format LogFormat `toml:"format" reload:"restart"` // auto (default: console on a terminal, else JSON), json, console
 }
 
 // Listen is one client listener.
@@ -88,9 +95,9 @@ type TLS struct {
 	NoSelfSigned bool       `toml:"no_self_signed"`
 	MinVersion   string     `toml:"min_version"`
 	CipherSuites []string   `toml:"cipher_suites"`
-	ACME         ACME       `toml:"acme"`
+	ACME         ACME       `toml:"acme" reload:"restart"` // its challenge listeners start once
 	// SessionTickets shares TLS session ticket keys across a fleet.
-	SessionTickets SessionTickets `toml:"session_tickets"`
+	SessionTickets SessionTickets `toml:"session_tickets" reload:"restart"`
 }
 
 // SessionTickets configures where the fleet's TLS session ticket keys
@@ -99,11 +106,11 @@ type TLS struct {
 // the file if File is set, else each instance its own keys), "consul",
 // "file" or "off" (each instance its own keys, as crypto/tls rotates them).
 type SessionTickets struct {
-	Store     string   `toml:"store"`
-	File      string   `toml:"file"`       // store = "file": a JSON file, mode 0600
-	ConsulKey string   `toml:"consul_key"` // default "imapgate/tls/session-ticket-keys"
-	Rotation  Duration `toml:"rotation"`   // how long a key seals tickets; default 6h
-	Keep      int      `toml:"keep"`       // keys that open tickets; default 4
+	Store     TicketStore `toml:"store"`
+	File      string      `toml:"file"`       // store = "file": a JSON file, mode 0600
+	ConsulKey string      `toml:"consul_key"` // default "imapgate/tls/session-ticket-keys"
+	Rotation  Duration    `toml:"rotation"`   // how long a key seals tickets; default 6h
+	Keep      int         `toml:"keep"`       // keys that open tickets; default 4
 }
 
 // CertFile is a certificate and its key in PEM files.
@@ -114,19 +121,19 @@ type CertFile struct {
 
 // ACME configures certificates from an ACME CA.
 type ACME struct {
-	Names          []string `toml:"names"`
-	Directory      string   `toml:"directory"`
-	Email          string   `toml:"email"`
-	CARoot         string   `toml:"ca_root"`
-	HTTP01Addr     string   `toml:"http01_addr"`
-	NoHTTP01       bool     `toml:"no_http01"`
-	TLSALPN01Port  int      `toml:"tls_alpn01_port"`
-	NoTLSALPN01    bool     `toml:"no_tls_alpn01"`
-	OnDemandAllow  []string `toml:"on_demand_allow"`
-	Storage        string   `toml:"storage"` // "file" (default) or "consul"
-	StorageDir     string   `toml:"storage_dir"`
-	ConsulPrefix   string   `toml:"consul_prefix"`
-	NoOCSPStapling bool     `toml:"no_ocsp_stapling"`
+	Names          []string    `toml:"names"`
+	Directory      string      `toml:"directory"`
+	Email          string      `toml:"email"`
+	CARoot         string      `toml:"ca_root"`
+	HTTP01Addr     string      `toml:"http01_addr"`
+	NoHTTP01       bool        `toml:"no_http01"`
+	TLSALPN01Port  int         `toml:"tls_alpn01_port"`
+	NoTLSALPN01    bool        `toml:"no_tls_alpn01"`
+	OnDemandAllow  []string    `toml:"on_demand_allow"`
+	Storage        ACMEStorage `toml:"storage"` // "file" (default) or "consul"
+	StorageDir     string      `toml:"storage_dir"`
+	ConsulPrefix   string      `toml:"consul_prefix"`
+	NoOCSPStapling bool        `toml:"no_ocsp_stapling"`
 
 	// Renewal timing; zero means the tls package's default.
 	RenewalWindowRatio float64  `toml:"renewal_window_ratio"` // lifetime fraction left when renewal starts, 0 < r < 1; default 1/3
@@ -218,14 +225,14 @@ type Backend struct {
 
 // Routing chooses and configures the router.
 type Routing struct {
-	Router  string              `toml:"router"` // "static" (default), "consul", "http" or "ldap"
+	Router  RouterKind          `toml:"router" reload:"restart"` // "static" (default), "consul", "http" or "ldap"
 	Users   map[string]string   `toml:"users"`
 	Domains map[string][]string `toml:"domains"`
 	Default []string            `toml:"default"`
 	// The directory routers (directory.go).
-	HTTP      RoutingHTTP      `toml:"http"`
-	LDAP      RoutingLDAP      `toml:"ldap"`
-	Directory RoutingDirectory `toml:"directory"`
+	HTTP      RoutingHTTP      `toml:"http" reload:"restart"`
+	LDAP      RoutingLDAP      `toml:"ldap" reload:"restart"`
+	Directory RoutingDirectory `toml:"directory" reload:"restart"`
 }
 
 // Consul configures the Consul router, registration and ACME storage.
@@ -238,6 +245,7 @@ type Consul struct {
 	Prefix     string   `toml:"prefix"`
 	Grace      Duration `toml:"grace"`
 	PlaceRate  float64  `toml:"place_rate"`
+	MoveHold   Duration `toml:"move_hold"` // a moved user's logins wait this long; default 0
 	// SnapshotFile and SnapshotMaxAge: see consul_snapshot.go.
 	SnapshotFile   string   `toml:"snapshot_file"`
 	SnapshotMaxAge Duration `toml:"snapshot_max_age"`
@@ -256,8 +264,8 @@ type Register struct {
 
 // HTTP configures the metrics, health and admin listener.
 type HTTP struct {
-	Addr       string `toml:"addr"`        // default "127.0.0.1:8080"; "" in the file keeps it, "off" disables
-	AdminToken string `toml:"admin_token"` // required when addr is not loopback
+	Addr       string `toml:"addr" reload:"restart"` // default "127.0.0.1:8080"; "" in the file keeps it, "off" disables
+	AdminToken string `toml:"admin_token"`           // required when addr is not loopback
 	// Hosts are names besides localhost and IP addresses that requests to
 	// a tokenless admin API may carry in Host (DNS-rebinding defence).
 	Hosts []string `toml:"hosts"`
@@ -329,44 +337,29 @@ func (c *Config) Validate() error {
 	}
 	if o, err := c.ProxyOptions(); err != nil {
 		errs = append(errs, err)
-	} else {
+	} else if err := o.Validate(); err != nil {
 		// The proxy checks the rest of its options (mechanisms, master).
-		o.Router = routing.RouterFunc(nil)
-		if _, err := proxy.NewServer(o); err != nil {
-			errs = append(errs, err)
-		}
+		errs = append(errs, err)
 	}
 	switch c.Routing.Router {
-	case "", "static":
+	case RouterStatic:
 		if _, err := c.StaticRouter(); err != nil {
 			errs = append(errs, err)
 		}
-	case "consul":
+	case RouterConsul:
 		if c.Consul.Service == "" {
 			errs = append(errs, errors.New("consul.service is required with routing.router = \"consul\""))
 		}
-		if _, err := c.backendTLS(c.Backend.CAFile, "", c.Backend.InsecureSkipVerify); err != nil {
+		if _, err := c.BackendTLS(); err != nil {
 			errs = append(errs, err)
 		}
-	case "http", "ldap":
+	case RouterHTTP, RouterLDAP:
 		if err := c.validateDirectory(); err != nil {
 			errs = append(errs, err)
 		}
-	default:
-		errs = append(errs, fmt.Errorf("routing.router: unknown router %q (want \"static\", \"consul\", \"http\" or \"ldap\")", c.Routing.Router))
 	}
 	if _, err := c.LogLevel(); err != nil {
 		errs = append(errs, err)
-	}
-	switch c.Log.Format {
-	case "", "auto", "json", "console":
-	default:
-		errs = append(errs, fmt.Errorf("log.format: unknown format %q", c.Log.Format))
-	}
-	switch c.TLS.ACME.Storage {
-	case "", "file", "consul":
-	default:
-		errs = append(errs, fmt.Errorf("tls.acme.storage: unknown storage %q (want \"file\" or \"consul\")", c.TLS.ACME.Storage))
 	}
 	if r := c.TLS.ACME.RenewalWindowRatio; r < 0 || r >= 1 {
 		errs = append(errs, fmt.Errorf("tls.acme.renewal_window_ratio %v: want a fraction between 0 and 1", r))
