@@ -13,8 +13,10 @@ import (
 
 	"github.com/imapgate/imapgate/routing/consul"
 
+	"github.com/imapgate/imapgate/internal/admin"
 	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/proxy"
+	"github.com/imapgate/imapgate/routing"
 	igtls "github.com/imapgate/imapgate/tls"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
@@ -35,7 +37,7 @@ type app struct {
 	cfg  atomic.Pointer[config.Config] // in force
 
 	reg     *prometheus.Registry
-	metrics *promMetrics
+	metrics *admin.Metrics
 
 	tlsMgr    atomic.Pointer[igtls.Manager]
 	tlsServer atomic.Pointer[stdtls.Config] // tlsMgr's ServerConfig
@@ -71,7 +73,17 @@ func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger) (*app, err
 		force: make(chan struct{})}
 	a.level = levelOf(log)
 	a.cfg.Store(cfg)
-	a.metrics = newMetrics(a.reg, a)
+	a.metrics = admin.NewMetrics(a.reg, admin.MetricsOptions{
+		Ready:        a.Ready,
+		Certificates: a.certificates,
+		Backends: func(ctx context.Context) []routing.BackendStatus {
+			if a.router == nil { // not built yet
+				return nil
+			}
+			return a.router.Backends(ctx)
+		},
+		Version: currentVersion(),
+	})
 
 	mgr, err := a.newTLSManager(ctx, cfg)
 	if err != nil {
@@ -128,6 +140,14 @@ func (a *app) tlsForClient(hello *stdtls.ClientHelloInfo) (*stdtls.Config, error
 	return c, nil
 }
 
+// certificates are the certificates of the manager in force.
+func (a *app) certificates() []igtls.CertExpiry {
+	if mgr := a.tlsMgr.Load(); mgr != nil {
+		return mgr.Expiry()
+	}
+	return nil
+}
+
 // close releases everything newApp and start opened, last first.
 func (a *app) close() {
 	if a.stopBG != nil {
@@ -140,9 +160,9 @@ func (a *app) close() {
 	a.closers = nil
 }
 
-// isReady reports whether this instance should get traffic: listeners
+// Ready reports whether this instance should get traffic: listeners
 // up, not draining, and a router with a usable view.
-func (a *app) isReady() bool {
+func (a *app) Ready() bool {
 	if !a.ready.Load() || a.draining.Load() {
 		return false
 	}
@@ -151,6 +171,9 @@ func (a *app) isReady() bool {
 	}
 	return true
 }
+
+// Draining reports whether the shutdown has begun.
+func (a *app) Draining() bool { return a.draining.Load() }
 
 // start builds the proxy, opens the listeners, the HTTP server and the
 // Consul registration. Errors leave nothing running but what close
@@ -240,7 +263,7 @@ func (a *app) startHTTP(ctx context.Context) error {
 		return fmt.Errorf("http listener %s: %w", addr, err)
 	}
 	a.httpAddr = ln.Addr()
-	a.http = &http.Server{Handler: a.handler(), ReadHeaderTimeout: 10 * time.Second}
+	a.http = &http.Server{Handler: a.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
 	a.log.Info("http listening", zap.String("addr", ln.Addr().String()))
 	done := make(chan struct{})
 	go func() {
@@ -251,6 +274,37 @@ func (a *app) startHTTP(ctx context.Context) error {
 	}()
 	a.closers = append(a.closers, func() { a.http.Close(); <-done })
 	return nil
+}
+
+// adminHandler serves health, metrics, the admin API and the status page
+// of the app.
+func (a *app) adminHandler() http.Handler {
+	cfg := a.cfg.Load()
+	var lns []admin.Listener
+	if specs, err := cfg.Listeners(); err == nil { // validated
+		for i, sp := range specs {
+			lns = append(lns, admin.Listener{Name: sp.Listener.Name, Addr: a.lnAddrs[i].String(), Mode: sp.Listener.Mode.String()})
+		}
+	}
+	return admin.New(admin.Options{
+		Sessions:       a.srv,
+		Router:         a.router,
+		RouterKind:     a.kind.String(),
+		InstanceDrains: a.kind == config.RouterStatic,
+		Instance:       a,
+		Access: func() admin.Access {
+			h := a.cfg.Load().HTTP
+			return admin.Access{Token: h.AdminToken, Hosts: h.Hosts}
+		},
+		Addr:         a.httpAddr,
+		Listeners:    lns,
+		Certificates: a.certificates,
+		Gatherer:     a.reg,
+		Metrics:      a.metrics,
+		Version:      currentVersion(),
+		Started:      started,
+		Logger:       a.log,
+	})
 }
 
 // register announces this instance in Consul when configured.

@@ -9,25 +9,18 @@ import (
 )
 
 // A Consul router that started while Consul was unreachable serves from
-// its snapshot (routing/consul_snapshot.go) until Consul is back: the
+// its snapshot (routing/consul/snapshot.go) until Consul is back: the
 // instance is ready (known users route as before) but degraded, which
-// /readyz says in its body and imapgate_consul_degraded in a metric.
+// /readyz says in its body (internal/admin) and imapgate_consul_degraded
+// in a metric. Its registration waits for Consul too.
 
 // snapshotAge is how old the snapshot the router serves from is; zero
 // when it is not serving from one.
 func (a *app) snapshotAge() time.Duration {
-	if r, ok := a.routerInForce().(interface{ SnapshotAge() time.Duration }); ok {
+	if r, ok := a.router.(interface{ SnapshotAge() time.Duration }); ok {
 		return r.SnapshotAge()
 	}
 	return 0
-}
-
-// readyText is /readyz's body when it answers 200.
-func (a *app) readyText() string {
-	if age := a.snapshotAge(); age > 0 {
-		return "degraded: serving from a snapshot of " + fmtDuration(age) + " (consul unreachable since start-up; new placements are not recorded)\n"
-	}
-	return "ready\n"
 }
 
 // registerLater registers the instance in Consul once Consul answers,

@@ -336,7 +336,7 @@ func TestDeployConsulAndGrafana(t *testing.T) {
 	}
 	ta := startTestApp(t)
 	descs := make(chan *prometheus.Desc, 1000)
-	for _, c := range ta.metrics.all {
+	for _, c := range ta.metrics.Collectors() {
 		c.Describe(descs)
 	}
 	close(descs)

@@ -26,6 +26,7 @@ import (
 	"strings"
 
 	"github.com/imapgate/imapgate/internal/config"
+	"github.com/imapgate/imapgate/internal/ctl"
 	"go.uber.org/zap"
 )
 
@@ -92,7 +93,7 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 			}
 			return check(args[1], stdout, stderr)
 		case "ctl":
-			return ctl(args[1:], stdout, stderr)
+			return ctl.Main(args[1:], stdout, stderr)
 		case "version":
 			return printVersion(stdout)
 		}

@@ -2,8 +2,10 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"reflect"
 
+	"github.com/imapgate/imapgate/internal/adminapi"
 	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/proxy"
 	"github.com/imapgate/imapgate/routing"
@@ -12,39 +14,18 @@ import (
 	"go.uber.org/zap/zapcore"
 )
 
-// reloadReport says what a reload did, for the log and the admin API.
-type reloadReport struct {
-	// Result is "applied" or "refused".
-	Result string `json:"result"`
-	// Error is why the new configuration was refused.
-	Error string `json:"error,omitempty"`
-	// Applied are the changed keys now in force.
-	Applied []string `json:"applied"`
-	// Restart are keys that differ from what the process started with and
-	// that only a restart applies; their old values stay in force.
-	Restart []string `json:"restart"`
-	// Ignored are changed keys the running router does not use.
-	Ignored []string `json:"ignored,omitempty"`
-	// Certificates is "reloaded" (files re-read) or "replaced" (a new
-	// [tls] section is in force).
-	Certificates string `json:"certificates"`
-	// Evicted counts sessions closed because their user now routes to
-	// another backend.
-	Evicted int `json:"evicted"`
-}
-
 // reload re-reads the configuration file (when started with -config) and
 // the certificates, applies what can change live and reports the rest. A
 // file that does not parse or validate, or a new [tls] section whose
 // certificates cannot be loaded, is refused as a whole: the running
 // configuration stays, and so do the sessions.
-func (a *app) reload(ctx context.Context) reloadReport {
+func (a *app) Reload(ctx context.Context) adminapi.ReloadReport {
 	a.reloadMu.Lock()
 	defer a.reloadMu.Unlock()
 	rep := a.doReload(ctx)
-	a.metrics.reload(rep.Result)
+	a.metrics.Reloaded(rep.Result)
 	switch {
-	case rep.Result != "applied":
+	case rep.Result != adminapi.Applied:
 		a.log.Error("reload refused, the running configuration stays", zap.String("error", rep.Error))
 	default:
 		fields := []zap.Field{zap.Strings("applied", rep.Applied), zap.String("certificates", rep.Certificates)}
@@ -62,8 +43,8 @@ func (a *app) reload(ctx context.Context) reloadReport {
 	return rep
 }
 
-func (a *app) doReload(ctx context.Context) reloadReport {
-	rep := reloadReport{Result: "refused", Applied: []string{}, Restart: []string{}}
+func (a *app) doReload(ctx context.Context) adminapi.ReloadReport {
+	rep := adminapi.ReloadReport{Result: "refused", Applied: []string{}, Restart: []string{}}
 	old := a.cfg.Load()
 	if a.flags == nil || a.flags.config == "" {
 		// Flags or the demo: nothing to re-read but the certificates.
@@ -71,7 +52,7 @@ func (a *app) doReload(ctx context.Context) reloadReport {
 			rep.Error = "certificates: " + err.Error()
 			return rep
 		}
-		rep.Result, rep.Certificates = "applied", "reloaded"
+		rep.Result, rep.Certificates = adminapi.Applied, "reloaded"
 		return rep
 	}
 	next, _, err := a.flags.load()
@@ -161,11 +142,27 @@ func (a *app) doReload(ctx context.Context) reloadReport {
 		}
 	}
 	a.cfg.Store(eff)
-	rep.Result = "applied"
+	rep.Result = adminapi.Applied
 	return rep
 }
 
 // tableRouter is a router whose table a reload replaces (routing.Table).
 type tableRouter interface {
 	SetConfig(ctx context.Context, cfg routing.StaticConfig) (evicted int, err error)
+}
+
+// checkInForce validates eff, the configuration a reload would put in
+// force, as a whole (keys that need a restart keep their start-up values
+// in it) and against the admin listener actually bound: a reload cannot
+// leave a non-loopback admin API without a token.
+func (a *app) checkInForce(eff *config.Config) error {
+	if err := eff.Validate(); err != nil {
+		return fmt.Errorf("the configuration in force after this reload would be invalid: %w", err)
+	}
+	if a.httpAddr != nil {
+		if err := config.CheckAdminExposure(a.httpAddr.String(), eff.HTTP.AdminToken); err != nil {
+			return fmt.Errorf("refused: the admin API stays bound to %s until a restart: %w", a.httpAddr, err)
+		}
+	}
+	return nil
 }

@@ -258,7 +258,7 @@ func run(ctx context.Context, cfg *config.Config, f *flags, demo bool, log *zap.
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
 				a.notify.reloading()
-				a.reload(context.Background())
+				a.Reload(context.Background())
 				a.notify.ready("serving")
 				continue
 			}

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/imapgate/imapgate/internal/adminapi"
 	"github.com/imapgate/imapgate/internal/config"
 )
 
@@ -40,11 +41,11 @@ func TestVersionInMetricsAndAdmin(t *testing.T) {
 		t.Errorf("imapgate_build_info{version=%q,commit=%q} = %v, %v; metrics:\n%s", v.Version, v.Commit, got, ok, grepLines(m, "build_info"))
 	}
 	code, body := ta.request(t, "GET", "/admin/version", testToken, nil)
-	var r versionReply
+	var r adminapi.VersionReply
 	if err := json.Unmarshal([]byte(body), &r); code != 200 || err != nil {
 		t.Fatalf("GET /admin/version: %d %v\n%s", code, err, body)
 	}
-	if r.Version != v.Version || r.Commit != v.Commit || r.GoVersion != runtime.Version() || r.UptimeSeconds <= 0 {
+	if r.Version.Version != v.Version || r.Commit != v.Commit || r.GoVersion != runtime.Version() || r.UptimeSeconds <= 0 {
 		t.Errorf("GET /admin/version = %+v, want %+v and an uptime", r, v)
 	}
 	if code, _ := ta.request(t, "GET", "/admin/version", "", nil); code != 401 {
