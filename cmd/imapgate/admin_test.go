@@ -110,9 +110,9 @@ func startTestAppWith(t *testing.T, edit func(string) string) *testApp {
 		t.Fatal(err)
 	}
 	lvl := zap.NewAtomicLevelAt(zapcore.InfoLevel)
-	log := zap.New(&levelCore{Core: zaptest.NewLogger(t, zaptest.Level(zapcore.WarnLevel)).Core(), level: lvl})
+	log := zaptest.NewLogger(t, zaptest.Level(zapcore.WarnLevel))
 	ctx := context.Background()
-	a, err := newApp(ctx, cfg, log)
+	a, err := newApp(ctx, cfg, log, &lvl)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,6 +15,8 @@ import (
 
 	"github.com/imapgate/imapgate/internal/admin"
 	"github.com/imapgate/imapgate/internal/config"
+	"github.com/imapgate/imapgate/internal/logging"
+	"github.com/imapgate/imapgate/internal/sdnotify"
 	"github.com/imapgate/imapgate/proxy"
 	"github.com/imapgate/imapgate/routing"
 	igtls "github.com/imapgate/imapgate/tls"
@@ -28,7 +30,7 @@ import (
 // start-up.
 type app struct {
 	log   *zap.Logger
-	level *zap.AtomicLevel // nil if the logger was not built by newLogger
+	level *zap.AtomicLevel // log's: a reload sets it
 	flags *flags           // nil in tests; reload needs flags.config
 	// boot is the configuration the process started with: keys that only
 	// a restart applies are compared against it, so a reload keeps
@@ -52,7 +54,7 @@ type app struct {
 	ready    atomic.Bool
 	draining atomic.Bool
 	force    chan struct{} // closed to cut a drain short
-	notify   *notifier
+	notify   *sdnotify.Notifier
 
 	http     *http.Server
 	httpAddr net.Addr   // nil if off
@@ -68,10 +70,9 @@ type app struct {
 	closers  []func()
 }
 
-func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger) (*app, error) {
-	a := &app{log: log, boot: cfg, reg: prometheus.NewRegistry(), evictor: &lateEvictor{}, notify: &notifier{},
+func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger, level *zap.AtomicLevel) (*app, error) {
+	a := &app{log: log, level: level, boot: cfg, reg: prometheus.NewRegistry(), evictor: &lateEvictor{},
 		force: make(chan struct{})}
-	a.level = levelOf(log)
 	a.cfg.Store(cfg)
 	a.metrics = admin.NewMetrics(a.reg, admin.MetricsOptions{
 		Ready:        a.Ready,
@@ -194,7 +195,7 @@ func (a *app) start(ctx context.Context, nofile uint64, lns []boundListener) (er
 	}
 	popts.Router = a.router
 	popts.TLS = a.tlsProxy
-	popts.Logger = a.log.Named(proxyLoggerName)
+	popts.Logger = a.log.Named(logging.Proxy)
 	popts.Metrics = a.metrics
 	if popts.Limits.MaxConnections == 0 && nofile > 200 {
 		// Two descriptors a session, and room for the rest of the process.
@@ -240,7 +241,7 @@ func (a *app) start(ctx context.Context, nofile uint64, lns []boundListener) (er
 		go func() { defer a.bg.Done(); reg.Keep(bgctx, 5*time.Second) }()
 	}
 	a.bg.Add(1)
-	go func() { defer a.bg.Done(); a.notify.runWatchdog(bgctx) }()
+	go func() { defer a.bg.Done(); a.notify.RunWatchdog(bgctx) }()
 	a.ready.Store(true)
 	return nil
 }

@@ -44,9 +44,10 @@ func startDirectoryApp(t *testing.T, router, extra string) (*testApp, string, st
 	if err != nil {
 		t.Fatal(err)
 	}
-	log := zap.New(&levelCore{Core: zaptest.NewLogger(t, zaptest.Level(zapcore.WarnLevel)).Core(), level: zap.NewAtomicLevelAt(zapcore.InfoLevel)})
+	log := zaptest.NewLogger(t, zaptest.Level(zapcore.WarnLevel))
+	lvl := zap.NewAtomicLevelAt(zapcore.InfoLevel)
 	ctx := context.Background()
-	a, err := newApp(ctx, cfg, log)
+	a, err := newApp(ctx, cfg, log, &lvl)
 	if err != nil {
 		t.Fatal(err)
 	}

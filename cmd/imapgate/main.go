@@ -117,13 +117,13 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "imapgate:", err)
 		return 2
 	}
-	log, err := newLogger(cfg)
+	log, level, err := newLogger(cfg)
 	if err != nil {
 		fmt.Fprintln(stderr, "imapgate:", err)
 		return 2
 	}
 	defer log.Sync()
-	if err := run(context.Background(), cfg, f, demo, log); err != nil {
+	if err := run(context.Background(), cfg, f, demo, log, level); err != nil {
 		log.Error("imapgate stopped", zap.Error(err))
 		return 1
 	}

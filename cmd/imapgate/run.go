@@ -4,139 +4,36 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/signal"
 	"syscall"
-	"time"
 
 	"github.com/imapgate/imapgate/internal/config"
+	"github.com/imapgate/imapgate/internal/logging"
+	"github.com/imapgate/imapgate/internal/sdnotify"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/sys/unix"
 )
 
-// newLogger builds the process logger: JSON for machines, console on a
-// terminal, as log.format says.
-func newLogger(cfg *config.Config) (*zap.Logger, error) {
+// newLogger builds the process logger as [log] says: JSON for machines,
+// console on a terminal.
+func newLogger(cfg *config.Config) (*zap.Logger, *zap.AtomicLevel, error) {
 	level, err := cfg.LogLevel()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	lvl, err := zapcore.ParseLevel(level)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	format := cfg.Log.Format
-	if format == config.LogAuto {
-		format = config.LogJSON
-		if fi, err := os.Stderr.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
-			format = config.LogConsole
-		}
+	console := cfg.Log.Format == config.LogConsole
+	if cfg.Log.Format == config.LogAuto {
+		fi, err := os.Stderr.Stat()
+		console = err == nil && fi.Mode()&os.ModeCharDevice != 0
 	}
-	var zc zap.Config
-	if format == config.LogConsole {
-		zc = zap.NewDevelopmentConfig()
-		zc.Development = false
-		zc.EncoderConfig.EncodeLevel = zapcore.CapitalColorLevelEncoder
-	} else {
-		zc = zap.NewProductionConfig()
-		zc.EncoderConfig.EncodeTime = zapcore.ISO8601TimeEncoder
-		zc.Sampling = nil // every session's end line matters
-	}
-	zc.Level = zap.NewAtomicLevelAt(lvl)
-	zc.DisableStacktrace = true
-	return bufferedLogger(zc, format == config.LogConsole)
-}
-
-// The proxy's session lines are buffered: at a few hundred logins a
-// second, two write(2) calls per session (its login line and its end
-// line) were a tenth of a login's CPU. They reach the file within
-// logFlushInterval, and at exit (main's log.Sync); every other line (start,
-// reload, shutdown, drain: rare, and what operators and tests wait for)
-// and everything from Warn up is written at once.
-const (
-	logBufferSize    = 64 << 10
-	logFlushInterval = 250 * time.Millisecond
-	// proxyLoggerName names the logger whose lines are buffered: the one
-	// handed to the proxy (app.go).
-	proxyLoggerName = "proxy"
-)
-
-// bufferedLogger builds what zc.Build would, with the output behind a
-// zapcore.BufferedWriteSyncer.
-func bufferedLogger(zc zap.Config, console bool) (*zap.Logger, error) {
-	out, _, err := zap.Open(zc.OutputPaths...)
-	if err != nil {
-		return nil, err
-	}
-	errOut, _, err := zap.Open(zc.ErrorOutputPaths...)
-	if err != nil {
-		return nil, err
-	}
-	enc := zapcore.NewJSONEncoder(zc.EncoderConfig)
-	if console {
-		enc = zapcore.NewConsoleEncoder(zc.EncoderConfig)
-	}
-	// Flushing is not fsync(2): zap never synced a line before Error.
-	ws := &zapcore.BufferedWriteSyncer{WS: zapcore.AddSync(struct{ io.Writer }{out}), Size: logBufferSize, FlushInterval: logFlushInterval}
-	core := &flushCore{Core: zapcore.NewCore(enc, ws, zc.Level), ws: ws}
-	return zap.New(&levelCore{Core: core, level: zc.Level}, zap.ErrorOutput(errOut), zap.AddCaller()), nil
-}
-
-// flushCore writes through at once every line but the proxy's session
-// lines below Warn: what goes wrong must not wait in a buffer (or be lost
-// with a crash), nor what an operator watches for.
-type flushCore struct {
-	zapcore.Core
-	ws zapcore.WriteSyncer
-}
-
-func (c *flushCore) With(f []zapcore.Field) zapcore.Core {
-	return &flushCore{Core: c.Core.With(f), ws: c.ws}
-}
-
-func (c *flushCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
-	if c.Enabled(e.Level) {
-		return ce.AddCore(e, c)
-	}
-	return ce
-}
-
-func (c *flushCore) Write(e zapcore.Entry, f []zapcore.Field) error {
-	err := c.Core.Write(e, f)
-	if e.Level >= zapcore.WarnLevel || e.LoggerName != proxyLoggerName {
-		c.ws.Sync()
-	}
-	return err
-}
-
-// levelCore carries the logger's AtomicLevel so that a reload can change
-// the level of the logger it was handed (there is no global logger to
-// reach for). It filters nothing itself: the wrapped core already uses
-// the same AtomicLevel.
-type levelCore struct {
-	zapcore.Core
-	level zap.AtomicLevel
-}
-
-func (c *levelCore) With(f []zapcore.Field) zapcore.Core {
-	return &levelCore{Core: c.Core.With(f), level: c.level}
-}
-
-// Check must be forwarded explicitly: the embedded core's Check would add
-// itself, not the wrapper, to the entry.
-func (c *levelCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
-	return c.Core.Check(e, ce)
-}
-
-// levelOf returns the level of a logger built by newLogger, else nil.
-func levelOf(log *zap.Logger) *zap.AtomicLevel {
-	if c, ok := log.Core().(*levelCore); ok {
-		return &c.level
-	}
-	return nil
+	return logging.New(lvl, console)
 }
 
 // raiseOpenFileLimit raises the soft RLIMIT_NOFILE to the hard one: every
@@ -206,7 +103,7 @@ func closeListeners(lns []boundListener) {
 
 // run starts imapgate and blocks until a signal stops it. SIGHUP reloads
 // the configuration file and the certificates; SIGTERM and SIGINT drain.
-func run(ctx context.Context, cfg *config.Config, f *flags, demo bool, log *zap.Logger) error {
+func run(ctx context.Context, cfg *config.Config, f *flags, demo bool, log *zap.Logger, level *zap.AtomicLevel) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	nofile := raiseOpenFileLimit(log)
@@ -234,18 +131,18 @@ func run(ctx context.Context, cfg *config.Config, f *flags, demo bool, log *zap.
 	if err != nil {
 		return err
 	}
-	a, err := newApp(ctx, cfg, log)
+	a, err := newApp(ctx, cfg, log, level)
 	if err != nil {
 		closeListeners(lns)
 		return err
 	}
 	defer a.close()
 	a.flags = f
-	a.notify = newNotifier(os.Getenv)
+	a.notify = sdnotify.New(os.Getenv)
 	if err := a.start(ctx, nofile, lns); err != nil {
 		return err
 	}
-	if err := a.notify.ready("serving"); err != nil {
+	if err := a.notify.Ready("serving"); err != nil {
 		log.Warn("cannot tell systemd we are ready", zap.Error(err))
 	}
 
@@ -257,13 +154,13 @@ func run(ctx context.Context, cfg *config.Config, f *flags, demo bool, log *zap.
 			return err
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
-				a.notify.reloading()
+				a.notify.Reloading()
 				a.Reload(context.Background())
-				a.notify.ready("serving")
+				a.notify.Ready("serving")
 				continue
 			}
 			log.Info("shutting down", zap.String("signal", sig.String()))
-			a.notify.stopping("draining")
+			a.notify.Stopping("draining")
 			done := make(chan struct{})
 			go a.forceOnSecondSignal(sigs, done)
 			a.shutdown()
