@@ -26,8 +26,8 @@ import (
 
 // app holds the running pieces of one imapgate process. What SIGHUP may
 // replace sits behind an atomic pointer (the config in force, the TLS
-// manager) or a swappable wrapper (the router); the rest is fixed at
-// start-up.
+// manager) or is replaced in place (the proxy's options, the static
+// router's table: reload.go); the rest is fixed at start-up.
 type app struct {
 	log   *zap.Logger
 	level *zap.AtomicLevel // log's: a reload sets it
@@ -110,8 +110,8 @@ func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger, level *zap
 
 // newTLSManager builds a certificate manager for cfg's [tls]. Its expiry
 // gauge is not registered by the manager itself: the app exports the
-// expiry of whichever manager is in force (see tlsExpiryCollector), since
-// a reload may replace the manager.
+// expiry of whichever manager is in force (certificates), since a reload
+// may replace the manager.
 func (a *app) newTLSManager(ctx context.Context, cfg *config.Config) (*igtls.Manager, error) {
 	mgr, err := igtls.New(ctx, cfg.TLSOptions(), a.log.Named("tls"))
 	if err != nil {
@@ -228,7 +228,7 @@ func (a *app) start(ctx context.Context, nofile uint64, lns []boundListener) (er
 	bgctx, cancel := context.WithCancel(context.Background())
 	a.stopBG = cancel
 	if err := a.register(ctx, specs); err != nil {
-		if a.snapshotAge() == 0 {
+		if r, ok := a.router.(interface{ SnapshotAge() time.Duration }); !ok || r.SnapshotAge() == 0 {
 			return err
 		}
 		// Serving from the Consul snapshot: register once Consul is back.
@@ -306,40 +306,4 @@ func (a *app) adminHandler() http.Handler {
 		Started:      started,
 		Logger:       a.log,
 	})
-}
-
-// register announces this instance in Consul when configured.
-func (a *app) register(ctx context.Context, specs []config.ListenerSpec) error {
-	cfg := a.cfg.Load()
-	reg, ok := cfg.Registration(specs, a.lnAddrs, a.httpAddr)
-	if !ok {
-		return nil
-	}
-	client, err := cfg.ConsulClient()
-	if err != nil {
-		return err
-	}
-	r, err := consul.NewRegistration(ctx, client, reg, a.log.Named("consul"))
-	if err != nil {
-		return fmt.Errorf("consul registration: %w", err)
-	}
-	a.reg1.Store(r)
-	a.log.Info("registered in consul", zap.String("service", reg.Name), zap.String("id", reg.ID))
-	return nil
-}
-
-// deregister removes the Consul registration, once; the keep-alive stops
-// with it (a draining instance must stay out of the catalog).
-func (a *app) deregister() {
-	r := a.reg1.Swap(nil)
-	if r == nil {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := r.Deregister(ctx); err != nil {
-		a.log.Warn("consul deregistration failed", zap.Error(err))
-		return
-	}
-	a.log.Info("deregistered from consul")
 }
