@@ -13,18 +13,21 @@ import (
 // spelling again. The zero value of each kind is its default, and ""
 // in the file means the default too.
 
-// parseKind returns the index of s in names (case-insensitive, "" is 0).
-func parseKind(what string, names []string, b []byte) (int, error) {
+// parseKind sets *k to the index of b in names (case-insensitive; "" is
+// the zero value).
+func parseKind[K ~uint8](k *K, what string, names []string, b []byte) error {
 	s := strings.ToLower(strings.TrimSpace(string(b)))
 	if s == "" {
-		return 0, nil
+		*k = 0
+		return nil
 	}
 	for i, n := range names {
 		if s == n {
-			return i, nil
+			*k = K(i)
+			return nil
 		}
 	}
-	return 0, fmt.Errorf("unknown %s %q (want %s)", what, s, strings.Join(names, ", "))
+	return fmt.Errorf("unknown %s %q (want %s)", what, s, strings.Join(names, ", "))
 }
 
 func kindName(names []string, i int) string {
@@ -54,11 +57,7 @@ var routerNames = []string{"static", "consul", "http", "ldap"}
 func (k RouterKind) String() string { return kindName(routerNames, int(k)) }
 
 // UnmarshalText implements encoding.TextUnmarshaler.
-func (k *RouterKind) UnmarshalText(b []byte) error {
-	i, err := parseKind("router", routerNames, b)
-	*k = RouterKind(i)
-	return err
-}
+func (k *RouterKind) UnmarshalText(b []byte) error { return parseKind(k, "router", routerNames, b) }
 
 // External reports whether the router's table comes from outside the
 // file (Consul or a directory), so that [backends] and [routing] are not
@@ -85,11 +84,7 @@ var logFormatNames = []string{"auto", "json", "console"}
 func (f LogFormat) String() string { return kindName(logFormatNames, int(f)) }
 
 // UnmarshalText implements encoding.TextUnmarshaler.
-func (f *LogFormat) UnmarshalText(b []byte) error {
-	i, err := parseKind("log format", logFormatNames, b)
-	*f = LogFormat(i)
-	return err
-}
+func (f *LogFormat) UnmarshalText(b []byte) error { return parseKind(f, "log format", logFormatNames, b) }
 
 // ACMEStorage is tls.acme.storage: where ACME data lives.
 type ACMEStorage uint8
@@ -106,11 +101,7 @@ var storageNames = []string{"file", "consul"}
 func (s ACMEStorage) String() string { return kindName(storageNames, int(s)) }
 
 // UnmarshalText implements encoding.TextUnmarshaler.
-func (s *ACMEStorage) UnmarshalText(b []byte) error {
-	i, err := parseKind("storage", storageNames, b)
-	*s = ACMEStorage(i)
-	return err
-}
+func (s *ACMEStorage) UnmarshalText(b []byte) error { return parseKind(s, "storage", storageNames, b) }
 
 // kind is the tls package's spelling of s.
 func (s ACMEStorage) kind() igtls.StorageKind {
@@ -141,8 +132,4 @@ var ticketStoreNames = []string{"auto", "consul", "file", "off"}
 func (s TicketStore) String() string { return kindName(ticketStoreNames, int(s)) }
 
 // UnmarshalText implements encoding.TextUnmarshaler.
-func (s *TicketStore) UnmarshalText(b []byte) error {
-	i, err := parseKind("store", ticketStoreNames, b)
-	*s = TicketStore(i)
-	return err
-}
+func (s *TicketStore) UnmarshalText(b []byte) error { return parseKind(s, "store", ticketStoreNames, b) }
