@@ -48,7 +48,7 @@ type MetricsOptions struct {
 	// Certificates are the certificates served now (a reload may replace
 	// the tls.Manager, and two managers cannot register one metric).
 	Certificates func() []igtls.CertExpiry
-	// Backends are the router's backends; nil before the router exists.
+	// Backends are the router's backends (none before the router exists).
 	Backends func(ctx context.Context) []routing.BackendStatus
 	// Version labels imapgate_build_info.
 	Version adminapi.Version

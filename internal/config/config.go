@@ -1,16 +1,29 @@
 // Package config reads imapgate's configuration file (TOML) and turns it
-// into the option structs of the proxy, routing and tls packages.
+// into the option structs of the proxy, routing, routing/consul and tls
+// packages, and it owns the rules of a reload.
 //
 // The file format is documented key by key in the README and in the
 // annotated example deploy/imapgate.toml; this package is the single
 // place that knows it. Unknown keys are errors, so a typo never silently
-// falls back to a default.
+// falls back to a default; enumerated values (routing.router, log.format,
+// tls.acme.storage, tls.session_tickets.store) are typed kinds parsed at
+// load (kinds.go).
+//
+// Each package's options come from one method: ProxyOptions, Listeners,
+// StaticConfig, HTTPRouterConfig and LDAPRouterConfig (directory.go),
+// ConsulRouter and Registration (consul.go), TLSOptions and TicketKeys
+// (tls.go); the defaults the binary applies are in defaults.go. What a
+// reload does with each key is the reload tag beside its field, and
+// PlanReload (reload.go) reads them.
 //
 // Typical use:
 //
 //	cfg, err := config.Load("/etc/imapgate/imapgate.toml")
 //	if err != nil { ... }          // names the file, line and key
 //	if err := cfg.Validate(); err != nil { ... }
+//	popts, err := cfg.ProxyOptions()
+//	...
+//	plan := config.PlanReload(boot, inForce, next) // on SIGHUP
 package config
 
 import (
