@@ -84,7 +84,9 @@ var logFormatNames = []string{"auto", "json", "console"}
 func (f LogFormat) String() string { return kindName(logFormatNames, int(f)) }
 
 // UnmarshalText implements encoding.TextUnmarshaler.
-func (f *LogFormat) UnmarshalText(b []byte) error { return parseKind(f, "log format", logFormatNames, b) }
+func (f *LogFormat) UnmarshalText(b []byte) error {
+	return parseKind(f, "log format", logFormatNames, b)
+}
 
 // ACMEStorage is tls.acme.storage: where ACME data lives.
 type ACMEStorage uint8
@@ -132,4 +134,6 @@ var ticketStoreNames = []string{"auto", "consul", "file", "off"}
 func (s TicketStore) String() string { return kindName(ticketStoreNames, int(s)) }
 
 // UnmarshalText implements encoding.TextUnmarshaler.
-func (s *TicketStore) UnmarshalText(b []byte) error { return parseKind(s, "store", ticketStoreNames, b) }
+func (s *TicketStore) UnmarshalText(b []byte) error {
+	return parseKind(s, "store", ticketStoreNames, b)
+}
