@@ -156,12 +156,7 @@ func (f *flags) load() (cfg *config.Config, demo bool, err error) {
 			return nil, false, err
 		}
 	case f.backend != "":
-		cfg = &config.Config{
-			Backends: map[string]config.Backend{"backend": {Addr: f.backend, Security: f.backendSecurity, CAFile: f.backendCA}},
-		}
-		if f.listenTLS == "" && f.listenStartTLS == "" {
-			f.listenTLS, f.listenStartTLS = "[::]:993", "[::]:143"
-		}
+		cfg = config.SingleBackend(f.backend, f.backendSecurity, f.backendCA)
 	default:
 		cfg, err = config.Parse(demoConfig)
 		if err != nil {
@@ -169,32 +164,10 @@ func (f *flags) load() (cfg *config.Config, demo bool, err error) {
 		}
 		demo = true
 	}
-	if f.listenTLS != "" || f.listenStartTLS != "" {
-		cfg.Listen = nil
-		for a := range strings.SplitSeq(f.listenTLS, ",") {
-			if a = strings.TrimSpace(a); a != "" {
-				cfg.Listen = append(cfg.Listen, config.Listen{Addr: a, Mode: "tls"})
-			}
-		}
-		for a := range strings.SplitSeq(f.listenStartTLS, ",") {
-			if a = strings.TrimSpace(a); a != "" {
-				cfg.Listen = append(cfg.Listen, config.Listen{Addr: a, Mode: "starttls"})
-			}
-		}
-	}
-	if f.cert != "" || f.key != "" {
-		cfg.TLS.Certificates = []config.CertFile{{Cert: f.cert, Key: f.key}}
-	}
-	if f.logLevel != "" {
-		cfg.Log.Level = f.logLevel
-	}
-	if f.logFormat != "" {
-		if err := cfg.Log.Format.UnmarshalText([]byte(f.logFormat)); err != nil {
-			return nil, false, fmt.Errorf("-log-format: %w", err)
-		}
-	}
-	if f.httpAddr != "" {
-		cfg.HTTP.Addr = f.httpAddr
+	o := config.Overrides{ListenTLS: f.listenTLS, ListenStartTLS: f.listenStartTLS, Cert: f.cert, Key: f.key,
+		LogLevel: f.logLevel, LogFormat: f.logFormat, HTTPAddr: f.httpAddr}
+	if err := o.Apply(cfg); err != nil {
+		return nil, false, err
 	}
 	if demo {
 		// The demo's backends are filled in when they start.
