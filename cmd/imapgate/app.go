@@ -46,7 +46,6 @@ type app struct {
 	tlsProxy  *stdtls.Config                // what the proxy holds: forwards to tlsServer
 
 	router  placement // the rules live in package routing
-	kind    config.RouterKind
 	evictor *lateEvictor
 	srv     *proxy.Server
 	popts   proxy.Options // as given to srv: reload keeps its Router, TLS, Logger, Metrics and derived limits
@@ -103,7 +102,7 @@ func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger, level *zap
 		a.close()
 		return nil, err
 	}
-	a.router, a.kind = r, cfg.Routing.Router
+	a.router = r
 	log.Info("routing", zap.String("router", fmt.Sprint(a.router)))
 	return a, nil
 }
@@ -222,7 +221,7 @@ func (a *app) start(ctx context.Context, nofile uint64, lns []boundListener) (er
 		a.serveWG.Add(1)
 		go a.serve(ln, sp)
 	}
-	if err := a.startHTTP(ctx); err != nil {
+	if err := a.startHTTP(ctx, specs); err != nil {
 		return err
 	}
 	bgctx, cancel := context.WithCancel(context.Background())
@@ -253,8 +252,8 @@ func (a *app) serve(ln net.Listener, sp config.ListenerSpec) {
 	}
 }
 
-// startHTTP serves health, metrics and the admin API.
-func (a *app) startHTTP(ctx context.Context) error {
+// startHTTP serves health, metrics, the admin API and the status page.
+func (a *app) startHTTP(ctx context.Context, specs []config.ListenerSpec) error {
 	addr := a.cfg.Load().HTTP.ListenAddr()
 	if addr == "" {
 		return nil
@@ -264,7 +263,7 @@ func (a *app) startHTTP(ctx context.Context) error {
 		return fmt.Errorf("http listener %s: %w", addr, err)
 	}
 	a.httpAddr = ln.Addr()
-	a.http = &http.Server{Handler: a.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
+	a.http = &http.Server{Handler: a.adminHandler(specs), ReadHeaderTimeout: 10 * time.Second}
 	a.log.Info("http listening", zap.String("addr", ln.Addr().String()))
 	done := make(chan struct{})
 	go func() {
@@ -277,21 +276,19 @@ func (a *app) startHTTP(ctx context.Context) error {
 	return nil
 }
 
-// adminHandler serves health, metrics, the admin API and the status page
-// of the app.
-func (a *app) adminHandler() http.Handler {
-	cfg := a.cfg.Load()
-	var lns []admin.Listener
-	if specs, err := cfg.Listeners(); err == nil { // validated
-		for i, sp := range specs {
-			lns = append(lns, admin.Listener{Name: sp.Listener.Name, Addr: a.lnAddrs[i].String(), Mode: sp.Listener.Mode.String()})
-		}
+// adminHandler is the HTTP listener's handler (internal/admin), over
+// this app's proxy, router and listeners (specs, bound at lnAddrs).
+func (a *app) adminHandler(specs []config.ListenerSpec) http.Handler {
+	lns := make([]admin.Listener, len(specs))
+	for i, sp := range specs {
+		lns[i] = admin.Listener{Name: sp.Listener.Name, Addr: a.lnAddrs[i].String(), Mode: sp.Listener.Mode.String()}
 	}
+	kind := a.boot.Routing.Router // restart-only
 	return admin.New(admin.Options{
 		Sessions:       a.srv,
 		Router:         a.router,
-		RouterKind:     a.kind.String(),
-		InstanceDrains: a.kind == config.RouterStatic,
+		RouterKind:     kind.String(),
+		InstanceDrains: kind == config.RouterStatic,
 		Instance:       a,
 		Access: func() admin.Access {
 			h := a.cfg.Load().HTTP

@@ -44,7 +44,7 @@ func (a *app) Reload(ctx context.Context) adminapi.ReloadReport {
 }
 
 func (a *app) doReload(ctx context.Context) adminapi.ReloadReport {
-	rep := adminapi.ReloadReport{Result: "refused", Applied: []string{}, Restart: []string{}}
+	rep := adminapi.ReloadReport{Result: adminapi.Refused, Applied: []string{}, Restart: []string{}}
 	old := a.cfg.Load()
 	if a.flags == nil || a.flags.config == "" {
 		// Flags or the demo: nothing to re-read but the certificates.

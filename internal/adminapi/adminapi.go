@@ -150,8 +150,11 @@ type ReloadReport struct {
 	Evicted int `json:"evicted"`
 }
 
-// Applied is ReloadReport.Result of a reload that went through.
-const Applied = "applied"
+// ReloadReport.Result: the reload went through, or nothing changed.
+const (
+	Applied = "applied"
+	Refused = "refused"
+)
 
 // Version says which imapgate this is.
 type Version struct {
