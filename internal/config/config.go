@@ -673,29 +673,27 @@ func (c *Config) StaticConfig() (routing.StaticConfig, error) {
 		}
 		sc.Backends[name] = rb
 	}
-	// Two keys that normalise alike would each win at random on every
-	// load: refuse them (sorted, so the message is stable).
-	seen := map[string]string{}
-	for _, u := range slices.Sorted(maps.Keys(c.Routing.Users)) {
-		key := routing.NormalizeUser(u)
-		if prev, dup := seen[key]; dup {
-			errs = append(errs, fmt.Errorf("routing.users: %q and %q are the same user %q; keep one", prev, u, key))
-			continue
-		}
-		seen[key] = u
-		sc.Users[key] = c.Routing.Users[u]
-	}
-	seen = map[string]string{}
-	for _, d := range slices.Sorted(maps.Keys(c.Routing.Domains)) {
-		key := routing.NormalizeUser(d)
-		if prev, dup := seen[key]; dup {
-			errs = append(errs, fmt.Errorf("routing.domains: %q and %q are the same domain %q; keep one", prev, d, key))
-			continue
-		}
-		seen[key] = d
-		sc.Domains[key] = c.Routing.Domains[d]
-	}
+	errs = append(errs, normalizeKeys(sc.Users, c.Routing.Users, "routing.users", "user")...)
+	errs = append(errs, normalizeKeys(sc.Domains, c.Routing.Domains, "routing.domains", "domain")...)
 	return sc, errors.Join(errs...)
+}
+
+// normalizeKeys copies from into to under normalised keys. Two keys that
+// normalise alike would each win at random on every load: they are
+// refused (sorted, so the message is stable).
+func normalizeKeys[V any](to, from map[string]V, key, what string) []error {
+	var errs []error
+	seen := map[string]string{}
+	for _, k := range slices.Sorted(maps.Keys(from)) {
+		n := routing.NormalizeUser(k)
+		if prev, dup := seen[n]; dup {
+			errs = append(errs, fmt.Errorf("%s: %q and %q are the same %s %q; keep one", key, prev, k, what, n))
+			continue
+		}
+		seen[n] = k
+		to[n] = from[k]
+	}
+	return errs
 }
 
 // StaticRouter builds the static router.
