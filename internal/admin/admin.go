@@ -102,8 +102,8 @@ func (s *Server) handleKick(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, adminapi.KickReply{User: user, Closed: n})
 }
 
-// backends lists the router's backends; with sessions, counts this
-// instance's spliced sessions on each (a pass over every session).
+// backends lists the router's backends and counts this instance's
+// spliced sessions on each (a pass over every session).
 func (s *Server) backends(ctx context.Context) []adminapi.Backend {
 	out := []adminapi.Backend{}
 	for _, b := range s.o.Router.Backends(ctx) {
