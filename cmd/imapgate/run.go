@@ -17,90 +17,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// newLogger builds the process logger as [log] says: JSON for machines,
-// console on a terminal.
-func newLogger(cfg *config.Config) (*zap.Logger, *zap.AtomicLevel, error) {
-	level, err := cfg.LogLevel()
-	if err != nil {
-		return nil, nil, err
-	}
-	lvl, err := zapcore.ParseLevel(level)
-	if err != nil {
-		return nil, nil, err
-	}
-	console := cfg.Log.Format == config.LogConsole
-	if cfg.Log.Format == config.LogAuto {
-		fi, err := os.Stderr.Stat()
-		console = err == nil && fi.Mode()&os.ModeCharDevice != 0
-	}
-	return logging.New(lvl, console)
-}
-
-// raiseOpenFileLimit raises the soft RLIMIT_NOFILE to the hard one: every
-// proxied session holds two descriptors. It returns the limit in force.
-func raiseOpenFileLimit(log *zap.Logger) uint64 {
-	var rl unix.Rlimit
-	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
-		log.Warn("cannot read the open-file limit", zap.Error(err))
-		return 0
-	}
-	if rl.Cur < rl.Max {
-		old := rl.Cur
-		rl.Cur = rl.Max
-		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
-			log.Warn("cannot raise the open-file limit", zap.Uint64("soft", old), zap.Uint64("hard", rl.Max), zap.Error(err))
-			return old
-		}
-		log.Info("raised the open-file limit", zap.Uint64("from", old), zap.Uint64("to", rl.Cur))
-	} else {
-		log.Info("open-file limit", zap.Uint64("limit", rl.Cur))
-	}
-	return rl.Cur
-}
-
-// listen opens a TCP listener with SO_REUSEPORT, so that a new imapgate
-// can bind the same ports while an old one drains (zero-downtime upgrade).
-func listen(ctx context.Context, addr string) (net.Listener, error) {
-	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
-		var serr error
-		err := c.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
-		})
-		return errors.Join(err, serr)
-	}}
-	return lc.Listen(ctx, "tcp", addr)
-}
-
-// boundListener is an IMAP listener opened before the rest starts.
-type boundListener struct {
-	spec config.ListenerSpec
-	ln   net.Listener
-}
-
-// bindListeners opens every [[listen]] address.
-func bindListeners(ctx context.Context, cfg *config.Config) ([]boundListener, error) {
-	specs, err := cfg.Listeners()
-	if err != nil {
-		return nil, err
-	}
-	var out []boundListener
-	for _, sp := range specs {
-		ln, err := listen(ctx, sp.Addr)
-		if err != nil {
-			closeListeners(out)
-			return nil, fmt.Errorf("listen %s: %w", sp.Addr, err)
-		}
-		out = append(out, boundListener{spec: sp, ln: ln})
-	}
-	return out, nil
-}
-
-func closeListeners(lns []boundListener) {
-	for _, bl := range lns {
-		bl.ln.Close()
-	}
-}
-
 // run starts imapgate and blocks until a signal stops it. SIGHUP reloads
 // the configuration file and the certificates; SIGTERM and SIGINT drain.
 func run(ctx context.Context, cfg *config.Config, f *flags, demo bool, log *zap.Logger, level *zap.AtomicLevel) error {
@@ -186,5 +102,89 @@ func (a *app) forceOnSecondSignal(sigs <-chan os.Signal, done <-chan struct{}) {
 			close(a.force)
 			return
 		}
+	}
+}
+
+// newLogger builds the process logger as [log] says: JSON for machines,
+// console on a terminal.
+func newLogger(cfg *config.Config) (*zap.Logger, *zap.AtomicLevel, error) {
+	level, err := cfg.LogLevel()
+	if err != nil {
+		return nil, nil, err
+	}
+	lvl, err := zapcore.ParseLevel(level)
+	if err != nil {
+		return nil, nil, err
+	}
+	console := cfg.Log.Format == config.LogConsole
+	if cfg.Log.Format == config.LogAuto {
+		fi, err := os.Stderr.Stat()
+		console = err == nil && fi.Mode()&os.ModeCharDevice != 0
+	}
+	return logging.New(lvl, console)
+}
+
+// raiseOpenFileLimit raises the soft RLIMIT_NOFILE to the hard one: every
+// proxied session holds two descriptors. It returns the limit in force.
+func raiseOpenFileLimit(log *zap.Logger) uint64 {
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
+		log.Warn("cannot read the open-file limit", zap.Error(err))
+		return 0
+	}
+	if rl.Cur < rl.Max {
+		old := rl.Cur
+		rl.Cur = rl.Max
+		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
+			log.Warn("cannot raise the open-file limit", zap.Uint64("soft", old), zap.Uint64("hard", rl.Max), zap.Error(err))
+			return old
+		}
+		log.Info("raised the open-file limit", zap.Uint64("from", old), zap.Uint64("to", rl.Cur))
+	} else {
+		log.Info("open-file limit", zap.Uint64("limit", rl.Cur))
+	}
+	return rl.Cur
+}
+
+// listen opens a TCP listener with SO_REUSEPORT, so that a new imapgate
+// can bind the same ports while an old one drains (zero-downtime upgrade).
+func listen(ctx context.Context, addr string) (net.Listener, error) {
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		})
+		return errors.Join(err, serr)
+	}}
+	return lc.Listen(ctx, "tcp", addr)
+}
+
+// boundListener is an IMAP listener opened before the rest starts.
+type boundListener struct {
+	spec config.ListenerSpec
+	ln   net.Listener
+}
+
+// bindListeners opens every [[listen]] address.
+func bindListeners(ctx context.Context, cfg *config.Config) ([]boundListener, error) {
+	specs, err := cfg.Listeners()
+	if err != nil {
+		return nil, err
+	}
+	var out []boundListener
+	for _, sp := range specs {
+		ln, err := listen(ctx, sp.Addr)
+		if err != nil {
+			closeListeners(out)
+			return nil, fmt.Errorf("listen %s: %w", sp.Addr, err)
+		}
+		out = append(out, boundListener{spec: sp, ln: ln})
+	}
+	return out, nil
+}
+
+func closeListeners(lns []boundListener) {
+	for _, bl := range lns {
+		bl.ln.Close()
 	}
 }
