@@ -62,10 +62,15 @@ func New(level zapcore.Level, console bool) (*zap.Logger, *zap.AtomicLevel, erro
 	if console {
 		enc = zapcore.NewConsoleEncoder(zc.EncoderConfig)
 	}
+	return build(enc, out, zc.Level, zap.ErrorOutput(errOut), zap.AddCaller()), &zc.Level, nil
+}
+
+// build is the logger over out, its proxy lines buffered.
+func build(enc zapcore.Encoder, out io.Writer, level zap.AtomicLevel, opts ...zap.Option) *zap.Logger {
 	// Flushing is not fsync(2): zap never synced a line before Error.
 	ws := &zapcore.BufferedWriteSyncer{WS: zapcore.AddSync(struct{ io.Writer }{out}), Size: bufferSize, FlushInterval: flushInterval}
-	core := &flushCore{Core: zapcore.NewCore(enc, ws, zc.Level), ws: ws}
-	return zap.New(core, zap.ErrorOutput(errOut), zap.AddCaller()), &zc.Level, nil
+	core := &flushCore{Core: zapcore.NewCore(enc, ws, level), ws: ws}
+	return zap.New(core, opts...)
 }
 
 // flushCore writes through at once every line but the proxy's session
