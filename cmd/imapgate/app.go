@@ -61,7 +61,7 @@ type app struct {
 	serveWG  sync.WaitGroup
 	serveErr chan error
 
-	reg1 atomic.Pointer[consul.Registration] // nil when not registered
+	registration atomic.Pointer[consul.Registration] // nil when not registered
 
 	reloadMu sync.Mutex // one reload at a time
 	bg       sync.WaitGroup
@@ -235,7 +235,7 @@ func (a *app) start(ctx context.Context, nofile uint64, lns []boundListener) (er
 		a.bg.Add(1)
 		go func() { defer a.bg.Done(); a.registerLater(bgctx, specs) }()
 	}
-	if reg := a.reg1.Load(); reg != nil {
+	if reg := a.registration.Load(); reg != nil {
 		a.bg.Add(1)
 		go func() { defer a.bg.Done(); reg.Keep(bgctx, 5*time.Second) }()
 	}

@@ -31,7 +31,7 @@ func (a *app) register(ctx context.Context, specs []config.ListenerSpec) error {
 	if err != nil {
 		return fmt.Errorf("consul registration: %w", err)
 	}
-	a.reg1.Store(r)
+	a.registration.Store(r)
 	a.log.Info("registered in consul", zap.String("service", reg.Name), zap.String("id", reg.ID))
 	return nil
 }
@@ -39,7 +39,7 @@ func (a *app) register(ctx context.Context, specs []config.ListenerSpec) error {
 // deregister removes the Consul registration, once; the keep-alive stops
 // with it (a draining instance must stay out of the catalog).
 func (a *app) deregister() {
-	r := a.reg1.Swap(nil)
+	r := a.registration.Swap(nil)
 	if r == nil {
 		return
 	}
@@ -75,7 +75,7 @@ func (a *app) registerLater(ctx context.Context, specs []config.ListenerSpec) {
 			a.deregister()
 			return
 		}
-		if reg := a.reg1.Load(); reg != nil {
+		if reg := a.registration.Load(); reg != nil {
 			reg.Keep(ctx, 5*time.Second)
 		}
 		return
