@@ -187,3 +187,24 @@ router = "consul"
 		t.Error("PlanReload changed its argument")
 	}
 }
+
+// TestPlanReloadTLS: [tls] is live until ACME is in use (in the old or
+// the new file); then the whole section keeps its start-up value.
+func TestPlanReloadTLS(t *testing.T) {
+	boot, _ := Parse("[tls]\nmin_version = \"1.2\"\n")
+	live, _ := Parse("[tls]\nmin_version = \"1.3\"\n")
+	acme, _ := Parse("[tls]\nmin_version = \"1.3\"\n[tls.acme]\nnames = [\"mail.example\"]\n")
+	p := PlanReload(boot, boot, live)
+	if p.InForce.TLS.MinVersion != "1.3" || !slices.Equal(p.Applied, []string{"tls.min_version"}) || len(p.Restart) != 0 {
+		t.Errorf("without ACME: %+v", p)
+	}
+	p = PlanReload(boot, boot, acme)
+	if p.InForce.TLS.MinVersion != "1.2" || p.InForce.TLS.UsesACME() || len(p.Applied) != 0 ||
+		!slices.Equal(p.Restart, []string{"tls.acme.names", "tls.min_version"}) {
+		t.Errorf("with ACME in the new file: applied %q restart %q, in force %+v", p.Applied, p.Restart, p.InForce.TLS)
+	}
+	// Back to the start-up file: nothing left to restart for.
+	if p := PlanReload(boot, p.InForce, boot); len(p.Restart) != 0 || len(p.Applied) != 0 {
+		t.Errorf("back to the start-up file: %+v", p)
+	}
+}
