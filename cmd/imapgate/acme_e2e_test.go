@@ -329,7 +329,7 @@ consul_prefix = "fleet/acme"
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := tlsConfig(cfg, cfg.Consul.Address).ACME
+	a := cfg.TLSOptions().ACME
 	if a.RenewalWindowRatio != 0.25 || a.RenewCheckInterval != 90*time.Second {
 		t.Errorf("renewal: ratio %v, interval %v", a.RenewalWindowRatio, a.RenewCheckInterval)
 	}

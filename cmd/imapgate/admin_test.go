@@ -16,8 +16,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imapgate/imapgate/internal/adminapi"
 	"github.com/imapgate/imapgate/internal/config"
-	"github.com/imapgate/imapgate/proxy"
+	"github.com/imapgate/imapgate/internal/ctl"
+	"github.com/imapgate/imapgate/routing"
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -108,9 +110,9 @@ func startTestAppWith(t *testing.T, edit func(string) string) *testApp {
 		t.Fatal(err)
 	}
 	lvl := zap.NewAtomicLevelAt(zapcore.InfoLevel)
-	log := zap.New(&levelCore{Core: zaptest.NewLogger(t, zaptest.Level(zapcore.WarnLevel)).Core(), level: lvl})
+	log := zaptest.NewLogger(t, zaptest.Level(zapcore.WarnLevel))
 	ctx := context.Background()
-	a, err := newApp(ctx, cfg, log)
+	a, err := newApp(ctx, cfg, log, &lvl)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,7 +148,7 @@ func (ta *testApp) home(t *testing.T, user string) (*opsClient, string) {
 // output.
 func (ta *testApp) ctl(args ...string) (int, string, string) {
 	var out, errb bytes.Buffer
-	code := ctl(append([]string{"-addr", ta.admin, "-token", testToken}, args...), &out, &errb)
+	code := ctl.Main(append([]string{"-addr", ta.admin, "-token", testToken}, args...), &out, &errb)
 	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
 	return code, out.String(), errb.String()
 }
@@ -204,19 +206,19 @@ func TestAdminSessionsAndKick(t *testing.T) {
 	alice, aliceHome := ta.home(t, "alice@example.org")
 	_, bobHome := ta.home(t, "bob@example.org")
 
-	var all sessionsReply
+	var all adminapi.SessionsReply
 	getJSON(t, ta.admin+"/admin/sessions", testToken, &all)
 	if all.Count != 2 {
 		t.Fatalf("%d sessions, want 2: %+v", all.Count, all)
 	}
-	var r sessionsReply
+	var r adminapi.SessionsReply
 	getJSON(t, ta.admin+"/admin/sessions?user=Alice@Example.org", testToken, &r)
 	if r.Count != 1 || r.Sessions[0].User != "alice@example.org" || r.Sessions[0].Backend != aliceHome || r.Sessions[0].State != "spliced" {
 		t.Fatalf("filter by user: %+v", r)
 	}
 	getJSON(t, ta.admin+"/admin/sessions?backend="+bobHome, testToken, &r)
-	if !slices.ContainsFunc(r.Sessions, func(s proxy.SessionInfo) bool { return s.User == "bob@example.org" }) ||
-		slices.ContainsFunc(r.Sessions, func(s proxy.SessionInfo) bool { return s.Backend != bobHome }) {
+	if !slices.ContainsFunc(r.Sessions, func(s adminapi.Session) bool { return s.User == "bob@example.org" }) ||
+		slices.ContainsFunc(r.Sessions, func(s adminapi.Session) bool { return s.Backend != bobHome }) {
 		t.Fatalf("filter by backend %s: %+v", bobHome, r)
 	}
 	getJSON(t, ta.admin+"/admin/sessions?user=nobody", testToken, &r)
@@ -230,7 +232,7 @@ func TestAdminSessionsAndKick(t *testing.T) {
 	}
 
 	code, out, stderr = ta.ctl("-json", "kick", "alice@example.org")
-	var k kickReply
+	var k adminapi.KickReply
 	if code != 0 || json.Unmarshal([]byte(out), &k) != nil || k.Closed != 1 || k.User != "alice@example.org" {
 		t.Fatalf("ctl -json kick: exit %d %q %q", code, out, stderr)
 	}
@@ -287,7 +289,7 @@ func TestAdminStaticDrain(t *testing.T) {
 	if b != "b2" {
 		t.Errorf("%s went to %s while b1 drains", moved, b)
 	}
-	var br backendsReply
+	var br adminapi.BackendsReply
 	getJSON(t, ta.admin+"/admin/backends", testToken, &br)
 	if br.Router != "static" || len(br.Backends) != 2 || !br.Backends[0].Drain || br.Backends[1].Drain || br.Backends[0].Sessions != 0 {
 		t.Fatalf("backends while b1 drains: %+v", br)
@@ -317,7 +319,7 @@ func TestAdminStaticDrain(t *testing.T) {
 
 func waitNoSessions(t *testing.T, ta *testApp, user string) {
 	t.Helper()
-	if err := poll(t.Context(), func() bool { return len(ta.srv.Sessions(user, "")) == 0 }); err != nil {
+	if err := routing.WaitFor(t.Context(), 50*time.Millisecond, func() bool { return len(ta.srv.Sessions(user, "")) == 0 }); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -375,7 +377,7 @@ func TestReloadApplyAndRefuse(t *testing.T) {
 		fmt.Sprintf("\n[routing.users]\n%q = %q\n", user, other)
 	good = strings.Replace(good, "[limits]\n", "[limits]\nmax_bad_commands = 9\n", 1)
 	write(t, ta.path, good)
-	rep := ta.reload(t.Context())
+	rep := ta.Reload(t.Context())
 	if rep.Result != "applied" || rep.Evicted != 1 || rep.Certificates != "reloaded" {
 		t.Fatalf("reload: %+v", rep)
 	}
@@ -423,7 +425,7 @@ func TestReloadApplyAndRefuse(t *testing.T) {
 		t.Fatalf("ctl reload of a broken file: exit %d %q %q", code, out, stderr)
 	}
 	write(t, ta.path, strings.Replace(good, `default = ["b1", "b2"]`, `default = ["b1", "b3"]`, 1))
-	if rep := ta.reload(t.Context()); rep.Result != "refused" || !strings.Contains(rep.Error, "b3") {
+	if rep := ta.Reload(t.Context()); rep.Result != "refused" || !strings.Contains(rep.Error, "b3") {
 		t.Fatalf("reload naming an unknown backend: %+v", rep)
 	}
 	if _, b := ta.home(t, user); b != other {
@@ -501,7 +503,7 @@ func TestDrainSpreadsClosesOverWindow(t *testing.T) {
 			break
 		}
 	}
-	if ta.isReady() {
+	if ta.Ready() {
 		t.Error("ready after shutdown")
 	}
 }
@@ -528,7 +530,7 @@ func TestReloadReplacesTLS(t *testing.T) {
 	}
 	b1, b2 := ta.cfg.Load().Backends["b1"].Addr, ta.cfg.Load().Backends["b2"].Addr
 	write(t, ta.path, testConfig(b1, b2, "[tls]\nmin_version = \"1.3\"\n"))
-	if rep := ta.reload(t.Context()); rep.Result != "applied" || rep.Certificates != "replaced" || !slices.Equal(rep.Applied, []string{"tls.min_version"}) {
+	if rep := ta.Reload(t.Context()); rep.Result != "applied" || rep.Certificates != "replaced" || !slices.Equal(rep.Applied, []string{"tls.min_version"}) {
 		t.Fatalf("reload: %+v", rep)
 	}
 	if err := handshake(); err == nil {

@@ -36,7 +36,7 @@ func TestReloadCannotOpenAdminAPI(t *testing.T) {
 	b1, b2 := ta.cfg.Load().Backends["b1"].Addr, ta.cfg.Load().Backends["b2"].Addr
 	noToken := strings.Replace(testConfig(b1, b2, ""), `admin_token = "`+testToken+`"`, "", 1)
 	write(t, ta.path, noToken)
-	rep := ta.reload(t.Context())
+	rep := ta.Reload(t.Context())
 	if rep.Result != "refused" || !strings.Contains(rep.Error, "admin_token") {
 		t.Fatalf("reload to loopback without a token: %+v", rep)
 	}

@@ -7,15 +7,18 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/imapgate/imapgate/routing/consul"
 
+	"github.com/imapgate/imapgate/internal/admin"
 	"github.com/imapgate/imapgate/internal/config"
+	"github.com/imapgate/imapgate/internal/logging"
+	"github.com/imapgate/imapgate/internal/sdnotify"
 	"github.com/imapgate/imapgate/proxy"
+	"github.com/imapgate/imapgate/routing"
 	igtls "github.com/imapgate/imapgate/tls"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
@@ -23,11 +26,11 @@ import (
 
 // app holds the running pieces of one imapgate process. What SIGHUP may
 // replace sits behind an atomic pointer (the config in force, the TLS
-// manager) or a swappable wrapper (the router); the rest is fixed at
-// start-up.
+// manager) or is replaced in place (the proxy's options, the static
+// router's table: reload.go); the rest is fixed at start-up.
 type app struct {
 	log   *zap.Logger
-	level *zap.AtomicLevel // nil if the logger was not built by newLogger
+	level *zap.AtomicLevel // log's: a reload sets it
 	flags *flags           // nil in tests; reload needs flags.config
 	// boot is the configuration the process started with: keys that only
 	// a restart applies are compared against it, so a reload keeps
@@ -36,14 +39,13 @@ type app struct {
 	cfg  atomic.Pointer[config.Config] // in force
 
 	reg     *prometheus.Registry
-	metrics *promMetrics
+	metrics *admin.Metrics
 
 	tlsMgr    atomic.Pointer[igtls.Manager]
 	tlsServer atomic.Pointer[stdtls.Config] // tlsMgr's ServerConfig
 	tlsProxy  *stdtls.Config                // what the proxy holds: forwards to tlsServer
 
 	router  placement // the rules live in package routing
-	kind    string    // "static" or "consul"
 	evictor *lateEvictor
 	srv     *proxy.Server
 	popts   proxy.Options // as given to srv: reload keeps its Router, TLS, Logger, Metrics and derived limits
@@ -51,7 +53,7 @@ type app struct {
 	ready    atomic.Bool
 	draining atomic.Bool
 	force    chan struct{} // closed to cut a drain short
-	notify   *notifier
+	notify   *sdnotify.Notifier
 
 	http     *http.Server
 	httpAddr net.Addr   // nil if off
@@ -59,7 +61,7 @@ type app struct {
 	serveWG  sync.WaitGroup
 	serveErr chan error
 
-	reg1 atomic.Pointer[consul.Registration] // nil when not registered
+	registration atomic.Pointer[consul.Registration] // nil when not registered
 
 	reloadMu sync.Mutex // one reload at a time
 	bg       sync.WaitGroup
@@ -67,12 +69,21 @@ type app struct {
 	closers  []func()
 }
 
-func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger) (*app, error) {
-	a := &app{log: log, boot: cfg, reg: prometheus.NewRegistry(), evictor: &lateEvictor{}, notify: &notifier{},
+func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger, level *zap.AtomicLevel) (*app, error) {
+	a := &app{log: log, level: level, boot: cfg, reg: prometheus.NewRegistry(), evictor: &lateEvictor{},
 		force: make(chan struct{})}
-	a.level = levelOf(log)
 	a.cfg.Store(cfg)
-	a.metrics = newMetrics(a.reg, a)
+	a.metrics = admin.NewMetrics(a.reg, admin.MetricsOptions{
+		Ready:        a.Ready,
+		Certificates: a.certificates,
+		Backends: func(ctx context.Context) []routing.BackendStatus {
+			if a.router == nil { // not built yet
+				return nil
+			}
+			return a.router.Backends(ctx)
+		},
+		Version: currentVersion(),
+	})
 
 	mgr, err := a.newTLSManager(ctx, cfg)
 	if err != nil {
@@ -91,17 +102,17 @@ func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger) (*app, err
 		a.close()
 		return nil, err
 	}
-	a.router, a.kind = r, routerKind(cfg)
+	a.router = r
 	log.Info("routing", zap.String("router", fmt.Sprint(a.router)))
 	return a, nil
 }
 
 // newTLSManager builds a certificate manager for cfg's [tls]. Its expiry
 // gauge is not registered by the manager itself: the app exports the
-// expiry of whichever manager is in force (see tlsExpiryCollector), since
-// a reload may replace the manager.
+// expiry of whichever manager is in force (certificates), since a reload
+// may replace the manager.
 func (a *app) newTLSManager(ctx context.Context, cfg *config.Config) (*igtls.Manager, error) {
-	mgr, err := igtls.New(ctx, tlsConfig(cfg, cfg.Consul.Address), a.log.Named("tls"))
+	mgr, err := igtls.New(ctx, cfg.TLSOptions(), a.log.Named("tls"))
 	if err != nil {
 		return nil, fmt.Errorf("tls: %w", err)
 	}
@@ -129,13 +140,12 @@ func (a *app) tlsForClient(hello *stdtls.ClientHelloInfo) (*stdtls.Config, error
 	return c, nil
 }
 
-func consulStorage(cfg *config.Config, addr string) igtls.ConsulStorageConfig {
-	return igtls.ConsulStorageConfig{
-		Address:    addr,
-		Token:      cfg.Consul.Token,
-		Datacenter: cfg.Consul.Datacenter,
-		Prefix:     cfg.TLS.ACME.ConsulPrefix,
+// certificates are the certificates of the manager in force.
+func (a *app) certificates() []igtls.CertExpiry {
+	if mgr := a.tlsMgr.Load(); mgr != nil {
+		return mgr.Expiry()
 	}
+	return nil
 }
 
 // close releases everything newApp and start opened, last first.
@@ -150,9 +160,9 @@ func (a *app) close() {
 	a.closers = nil
 }
 
-// isReady reports whether this instance should get traffic: listeners
+// Ready reports whether this instance should get traffic: listeners
 // up, not draining, and a router with a usable view.
-func (a *app) isReady() bool {
+func (a *app) Ready() bool {
 	if !a.ready.Load() || a.draining.Load() {
 		return false
 	}
@@ -161,6 +171,9 @@ func (a *app) isReady() bool {
 	}
 	return true
 }
+
+// Draining reports whether the shutdown has begun.
+func (a *app) Draining() bool { return a.draining.Load() }
 
 // start builds the proxy, opens the listeners, the HTTP server and the
 // Consul registration. Errors leave nothing running but what close
@@ -181,7 +194,7 @@ func (a *app) start(ctx context.Context, nofile uint64, lns []boundListener) (er
 	}
 	popts.Router = a.router
 	popts.TLS = a.tlsProxy
-	popts.Logger = a.log.Named(proxyLoggerName)
+	popts.Logger = a.log.Named(logging.Proxy)
 	popts.Metrics = a.metrics
 	if popts.Limits.MaxConnections == 0 && nofile > 200 {
 		// Two descriptors a session, and room for the rest of the process.
@@ -208,13 +221,13 @@ func (a *app) start(ctx context.Context, nofile uint64, lns []boundListener) (er
 		a.serveWG.Add(1)
 		go a.serve(ln, sp)
 	}
-	if err := a.startHTTP(ctx); err != nil {
+	if err := a.startHTTP(ctx, specs); err != nil {
 		return err
 	}
 	bgctx, cancel := context.WithCancel(context.Background())
 	a.stopBG = cancel
 	if err := a.register(ctx, specs); err != nil {
-		if a.snapshotAge() == 0 {
+		if r, ok := a.router.(interface{ SnapshotAge() time.Duration }); !ok || r.SnapshotAge() == 0 {
 			return err
 		}
 		// Serving from the Consul snapshot: register once Consul is back.
@@ -222,12 +235,12 @@ func (a *app) start(ctx context.Context, nofile uint64, lns []boundListener) (er
 		a.bg.Add(1)
 		go func() { defer a.bg.Done(); a.registerLater(bgctx, specs) }()
 	}
-	if reg := a.reg1.Load(); reg != nil {
+	if reg := a.registration.Load(); reg != nil {
 		a.bg.Add(1)
 		go func() { defer a.bg.Done(); reg.Keep(bgctx, 5*time.Second) }()
 	}
 	a.bg.Add(1)
-	go func() { defer a.bg.Done(); a.notify.runWatchdog(bgctx) }()
+	go func() { defer a.bg.Done(); a.notify.RunWatchdog(bgctx) }()
 	a.ready.Store(true)
 	return nil
 }
@@ -239,21 +252,9 @@ func (a *app) serve(ln net.Listener, sp config.ListenerSpec) {
 	}
 }
 
-// httpListenAddr is the address of the HTTP listener, "" if off.
-func httpListenAddr(cfg *config.Config) string {
-	switch addr := cfg.HTTP.Addr; addr {
-	case "off":
-		return ""
-	case "":
-		return "127.0.0.1:8080"
-	default:
-		return addr
-	}
-}
-
-// startHTTP serves health, metrics and the admin API.
-func (a *app) startHTTP(ctx context.Context) error {
-	addr := httpListenAddr(a.cfg.Load())
+// startHTTP serves health, metrics, the admin API and the status page.
+func (a *app) startHTTP(ctx context.Context, specs []config.ListenerSpec) error {
+	addr := a.cfg.Load().HTTP.ListenAddr()
 	if addr == "" {
 		return nil
 	}
@@ -262,7 +263,7 @@ func (a *app) startHTTP(ctx context.Context) error {
 		return fmt.Errorf("http listener %s: %w", addr, err)
 	}
 	a.httpAddr = ln.Addr()
-	a.http = &http.Server{Handler: a.handler(), ReadHeaderTimeout: 10 * time.Second}
+	a.http = &http.Server{Handler: a.adminHandler(specs), ReadHeaderTimeout: 10 * time.Second}
 	a.log.Info("http listening", zap.String("addr", ln.Addr().String()))
 	done := make(chan struct{})
 	go func() {
@@ -275,62 +276,31 @@ func (a *app) startHTTP(ctx context.Context) error {
 	return nil
 }
 
-// register announces this instance in Consul when configured.
-func (a *app) register(ctx context.Context, specs []config.ListenerSpec) error {
-	cfg := a.cfg.Load()
-	rc := cfg.Consul.Register
-	if !rc.Enable {
-		return nil
-	}
-	client, err := cfg.ConsulClient()
-	if err != nil {
-		return err
-	}
-	ports := map[string]int{}
+// adminHandler is the HTTP listener's handler (internal/admin), over
+// this app's proxy, router and listeners (specs, bound at lnAddrs).
+func (a *app) adminHandler(specs []config.ListenerSpec) http.Handler {
+	lns := make([]admin.Listener, len(specs))
 	for i, sp := range specs {
-		// The port actually bound: ":0" in tests.
-		n := a.lnAddrs[i].(*net.TCPAddr).Port
-		name := registrationName(sp) // protocols.go
-		if _, dup := ports[name]; dup {
-			name = sp.Listener.Name
-		}
-		ports[name] = n
+		lns[i] = admin.Listener{Name: sp.Listener.Name, Addr: a.lnAddrs[i].String(), Mode: sp.Listener.Mode.String()}
 	}
-	host, _ := os.Hostname()
-	id := rc.ID
-	if id == "" {
-		id = "imapgate-" + host
-	}
-	name := rc.Name
-	if name == "" {
-		name = "imapgate"
-	}
-	check := rc.CheckHTTP
-	if check == "" && a.httpAddr != nil {
-		check = "http://" + a.httpAddr.String() + "/readyz"
-	}
-	reg := consul.RegisterConfig{Name: name, ID: id, Address: rc.Address, Ports: ports, Tags: rc.Tags, CheckHTTP: check}
-	r, err := consul.NewRegistration(ctx, client, reg, a.log.Named("consul"))
-	if err != nil {
-		return fmt.Errorf("consul registration: %w", err)
-	}
-	a.reg1.Store(r)
-	a.log.Info("registered in consul", zap.String("service", name), zap.String("id", id))
-	return nil
-}
-
-// deregister removes the Consul registration, once; the keep-alive stops
-// with it (a draining instance must stay out of the catalog).
-func (a *app) deregister() {
-	r := a.reg1.Swap(nil)
-	if r == nil {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := r.Deregister(ctx); err != nil {
-		a.log.Warn("consul deregistration failed", zap.Error(err))
-		return
-	}
-	a.log.Info("deregistered from consul")
+	kind := a.boot.Routing.Router // restart-only
+	return admin.New(admin.Options{
+		Sessions:       a.srv,
+		Router:         a.router,
+		RouterKind:     kind.String(),
+		InstanceDrains: kind == config.RouterStatic,
+		Instance:       a,
+		Access: func() admin.Access {
+			h := a.cfg.Load().HTTP
+			return admin.Access{Token: h.AdminToken, Hosts: h.Hosts}
+		},
+		Addr:         a.httpAddr,
+		Listeners:    lns,
+		Certificates: a.certificates,
+		Gatherer:     a.reg,
+		Metrics:      a.metrics,
+		Version:      currentVersion(),
+		Started:      started,
+		Logger:       a.log,
+	})
 }

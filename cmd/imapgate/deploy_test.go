@@ -252,6 +252,8 @@ func fieldByTag(t reflect.Type, name string) (reflect.StructField, bool) {
 	return reflect.StructField{}, false
 }
 
+var durationType = reflect.TypeFor[config.Duration]()
+
 // configKeys lists every leaf key of the schema, maps as "*".
 func configKeys(out *[]string, prefix string, t reflect.Type) {
 	join := func(k string) string {
@@ -334,7 +336,7 @@ func TestDeployConsulAndGrafana(t *testing.T) {
 	}
 	ta := startTestApp(t)
 	descs := make(chan *prometheus.Desc, 1000)
-	for _, c := range ta.metrics.all {
+	for _, c := range ta.metrics.Collectors() {
 		c.Describe(descs)
 	}
 	close(descs)

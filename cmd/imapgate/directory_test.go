@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imapgate/imapgate/internal/adminapi"
 	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/internal/testenv"
 	"go.uber.org/goleak"
@@ -43,9 +44,10 @@ func startDirectoryApp(t *testing.T, router, extra string) (*testApp, string, st
 	if err != nil {
 		t.Fatal(err)
 	}
-	log := zap.New(&levelCore{Core: zaptest.NewLogger(t, zaptest.Level(zapcore.WarnLevel)).Core(), level: zap.NewAtomicLevelAt(zapcore.InfoLevel)})
+	log := zaptest.NewLogger(t, zaptest.Level(zapcore.WarnLevel))
+	lvl := zap.NewAtomicLevelAt(zapcore.InfoLevel)
 	ctx := context.Background()
-	a, err := newApp(ctx, cfg, log)
+	a, err := newApp(ctx, cfg, log, &lvl)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +153,7 @@ func TestDirectoryRoutersThroughProxy(t *testing.T) {
 				t.Fatalf("alice's session on b1 after she moved to b2: %v", err)
 			}
 			// The admin API lists the backends the directory named.
-			var br backendsReply
+			var br adminapi.BackendsReply
 			if code := getJSON(t, ta.admin+"/admin/backends", testToken, &br); code != 200 || br.Router != router || len(br.Backends) != 2 {
 				t.Errorf("GET /admin/backends: %d %+v", code, br)
 			}
@@ -231,7 +233,7 @@ func TestDirectoryRouterReload(t *testing.T) {
 	text := strings.Replace(string(b), extra, extra+"timeout = \"2s\"\n", 1)
 	text = strings.Replace(text, "[backends.b1]\n", "[backends.b1]\nweight = 3\n", 1)
 	write(t, ta.path, text)
-	rep := ta.reload(context.Background())
+	rep := ta.Reload(context.Background())
 	if rep.Result != "applied" || !slices.Contains(rep.Restart, "routing.http.timeout") || slices.Contains(rep.Applied, "backends.b1.weight") || slices.Contains(rep.Applied, "routing.http.timeout") {
 		t.Errorf("reload report %+v: want routing.http.timeout to need a restart and backends.b1.weight not applied", rep)
 	}

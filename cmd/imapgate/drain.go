@@ -7,28 +7,9 @@ import (
 	"sync"
 	"time"
 
-	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/proxy"
 	"go.uber.org/zap"
 )
-
-// Defaults of [shutdown], as documented in internal/config.
-const (
-	defaultGrace       = 30 * time.Second
-	defaultDrainWindow = 10 * time.Second
-)
-
-// shutdownTimes returns the drain window and the grace after it.
-func shutdownTimes(cfg *config.Config) (window, grace time.Duration) {
-	window, grace = cfg.Shutdown.DrainWindow.D(), cfg.Shutdown.Grace.D()
-	if window <= 0 {
-		window = defaultDrainWindow
-	}
-	if grace <= 0 {
-		grace = defaultGrace
-	}
-	return window, grace
-}
 
 // drainText is what drained clients read before the close.
 const drainText = "Server shutting down, please reconnect"
@@ -50,7 +31,7 @@ func (a *app) shutdown() {
 	start := time.Now()
 	a.draining.Store(true)
 	a.deregister()
-	window, grace := shutdownTimes(cfg)
+	window, grace := cfg.Shutdown.Times()
 	a.log.Info("draining", zap.Duration("drain_window", window), zap.Duration("grace", grace))
 
 	ctx, cancel := context.WithDeadline(context.Background(), start.Add(window+grace))

@@ -26,6 +26,8 @@ import (
 	"strings"
 
 	"github.com/imapgate/imapgate/internal/config"
+	"github.com/imapgate/imapgate/internal/ctl"
+	"go.uber.org/zap"
 )
 
 func main() {
@@ -91,7 +93,7 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 			}
 			return check(args[1], stdout, stderr)
 		case "ctl":
-			return ctl(args[1:], stdout, stderr)
+			return ctl.Main(args[1:], stdout, stderr)
 		case "version":
 			return printVersion(stdout)
 		}
@@ -115,14 +117,14 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "imapgate:", err)
 		return 2
 	}
-	log, err := newLogger(cfg)
+	log, level, err := newLogger(cfg)
 	if err != nil {
 		fmt.Fprintln(stderr, "imapgate:", err)
 		return 2
 	}
 	defer log.Sync()
-	if err := run(context.Background(), cfg, f, demo, log); err != nil {
-		log.Error("imapgate stopped", errField(err))
+	if err := run(context.Background(), cfg, f, demo, log, level); err != nil {
+		log.Error("imapgate stopped", zap.Error(err))
 		return 1
 	}
 	return 0
@@ -154,12 +156,7 @@ func (f *flags) load() (cfg *config.Config, demo bool, err error) {
 			return nil, false, err
 		}
 	case f.backend != "":
-		cfg = &config.Config{
-			Backends: map[string]config.Backend{"backend": {Addr: f.backend, Security: f.backendSecurity, CAFile: f.backendCA}},
-		}
-		if f.listenTLS == "" && f.listenStartTLS == "" {
-			f.listenTLS, f.listenStartTLS = "[::]:993", "[::]:143"
-		}
+		cfg = config.SingleBackend(f.backend, f.backendSecurity, f.backendCA)
 	default:
 		cfg, err = config.Parse(demoConfig)
 		if err != nil {
@@ -167,30 +164,10 @@ func (f *flags) load() (cfg *config.Config, demo bool, err error) {
 		}
 		demo = true
 	}
-	if f.listenTLS != "" || f.listenStartTLS != "" {
-		cfg.Listen = nil
-		for a := range strings.SplitSeq(f.listenTLS, ",") {
-			if a = strings.TrimSpace(a); a != "" {
-				cfg.Listen = append(cfg.Listen, config.Listen{Addr: a, Mode: "tls"})
-			}
-		}
-		for a := range strings.SplitSeq(f.listenStartTLS, ",") {
-			if a = strings.TrimSpace(a); a != "" {
-				cfg.Listen = append(cfg.Listen, config.Listen{Addr: a, Mode: "starttls"})
-			}
-		}
-	}
-	if f.cert != "" || f.key != "" {
-		cfg.TLS.Certificates = []config.CertFile{{Cert: f.cert, Key: f.key}}
-	}
-	if f.logLevel != "" {
-		cfg.Log.Level = f.logLevel
-	}
-	if f.logFormat != "" {
-		cfg.Log.Format = f.logFormat
-	}
-	if f.httpAddr != "" {
-		cfg.HTTP.Addr = f.httpAddr
+	o := config.Overrides{ListenTLS: f.listenTLS, ListenStartTLS: f.listenStartTLS, Cert: f.cert, Key: f.key,
+		LogLevel: f.logLevel, LogFormat: f.logFormat, HTTPAddr: f.httpAddr}
+	if err := o.Apply(cfg); err != nil {
+		return nil, false, err
 	}
 	if demo {
 		// The demo's backends are filled in when they start.

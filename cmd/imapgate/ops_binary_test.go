@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imapgate/imapgate/internal/adminapi"
 	"github.com/imapgate/imapgate/internal/testenv"
 	"go.uber.org/goleak"
 )
@@ -113,7 +114,7 @@ func TestSIGTERMDrainsWithReuseportHandoff(t *testing.T) {
 			c.Close()
 		}
 	}()
-	var sr sessionsReply
+	var sr adminapi.SessionsReply
 	getJSON(t, "http://"+httpA+"/admin/sessions?state=spliced", "", &sr)
 	if sr.Count != sessions {
 		t.Fatalf("A has %d spliced sessions, want %d", sr.Count, sessions)

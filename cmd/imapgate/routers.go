@@ -7,6 +7,7 @@ import (
 
 	"github.com/imapgate/imapgate/routing/consul"
 
+	"github.com/imapgate/imapgate/internal/admin"
 	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/proxy"
 	"github.com/imapgate/imapgate/routing"
@@ -25,7 +26,7 @@ type placement interface {
 // router decides are in the wrong place.
 func (a *app) newRouter(ctx context.Context, cfg *config.Config, ev *lateEvictor) (placement, error) {
 	switch cfg.Routing.Router {
-	case "", "static":
+	case config.RouterStatic:
 		sc, err := cfg.StaticConfig()
 		if err != nil {
 			return nil, err
@@ -35,46 +36,65 @@ func (a *app) newRouter(ctx context.Context, cfg *config.Config, ev *lateEvictor
 			return nil, fmt.Errorf("routing: %w", err)
 		}
 		return t, nil
-	case "consul":
-		bt, err := cfg.BackendTLS()
+	case config.RouterConsul:
+		cc, err := cfg.ConsulRouter()
 		if err != nil {
 			return nil, err
 		}
-		c, err := consul.NewConsul(ctx, consul.ConsulConfig{
-			Address:    cfg.Consul.Address,
-			Token:      cfg.Consul.Token,
-			Datacenter: cfg.Consul.Datacenter,
-			Service:    cfg.Consul.Service,
-			Tag:        cfg.Consul.Tag,
-			Prefix:     cfg.Consul.Prefix,
-			BackendTLS: bt,
-			Evictor:    ev,
-			Grace:      cfg.Consul.Grace.D(),
-			PlaceRate:  cfg.Consul.PlaceRate,
-			// A start while Consul is unreachable serves from this.
-			SnapshotFile:   cfg.Consul.SnapshotPath(),
-			SnapshotMaxAge: cfg.Consul.SnapshotMaxAge.D(),
-			Logger:         a.log.Named("consul"),
-			Registerer:     a.reg,
-		})
+		cc.Evictor, cc.Logger, cc.Registerer = ev, a.log.Named("consul"), a.reg
+		c, err := consul.NewConsul(ctx, cc)
 		if err != nil {
 			return nil, fmt.Errorf("consul router: %w", err)
 		}
 		a.closers = append(a.closers, func() { c.Close() })
 		return c, nil
-	case "http", "ldap":
-		return a.newDirectoryRouter(cfg, ev)
+	case config.RouterHTTP:
+		hc, err := cfg.HTTPRouterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("http router: %w", err)
+		}
+		hc.Directory.Evictor, hc.Directory.Logger = ev, a.log.Named("http-router")
+		r, err := routing.NewHTTP(hc)
+		if err != nil {
+			return nil, fmt.Errorf("http router: %w", err)
+		}
+		return a.directory(r), nil
+	case config.RouterLDAP:
+		lc, err := cfg.LDAPRouterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("ldap router: %w", err)
+		}
+		lc.Directory.Evictor, lc.Directory.Logger = ev, a.log.Named("ldap-router")
+		r, err := routing.NewLDAP(lc)
+		if err != nil {
+			return nil, fmt.Errorf("ldap router: %w", err)
+		}
+		return a.directory(r), nil
 	}
-	return nil, fmt.Errorf("routing.router: unknown router %q", cfg.Routing.Router)
+	return nil, fmt.Errorf("routing.router: unknown router %v", cfg.Routing.Router)
 }
 
-// routerKind is the configured router's name: "static", "consul",
-// "http" or "ldap".
-func routerKind(cfg *config.Config) string {
-	if cfg.Routing.Router == "" {
-		return "static"
-	}
-	return cfg.Routing.Router
+// directoryRouter is an http or ldap router (routing/http.go,
+// routing/ldap.go): the admin API also asks it for its counters and to
+// Forget a kicked user, so that the next login asks the directory again.
+type directoryRouter interface {
+	placement
+	Stats() routing.DirectoryStats
+	Forget(user string)
+	Close()
+}
+
+var (
+	_ directoryRouter = (*routing.HTTP)(nil)
+	_ directoryRouter = (*routing.LDAP)(nil)
+)
+
+// directory registers a directory router's counters and closes it with
+// the app.
+func (a *app) directory(r directoryRouter) placement {
+	a.closers = append(a.closers, r.Close)
+	admin.RegisterDirectory(a.reg, r.Stats)
+	return r
 }
 
 // lateEvictor lets the router, built before the proxy, evict sessions of

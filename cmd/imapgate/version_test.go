@@ -8,6 +8,9 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+
+	"github.com/imapgate/imapgate/internal/adminapi"
+	"github.com/imapgate/imapgate/internal/config"
 )
 
 // TestVersionCommand builds the binary with the link-time values the
@@ -38,11 +41,11 @@ func TestVersionInMetricsAndAdmin(t *testing.T) {
 		t.Errorf("imapgate_build_info{version=%q,commit=%q} = %v, %v; metrics:\n%s", v.Version, v.Commit, got, ok, grepLines(m, "build_info"))
 	}
 	code, body := ta.request(t, "GET", "/admin/version", testToken, nil)
-	var r versionReply
+	var r adminapi.VersionReply
 	if err := json.Unmarshal([]byte(body), &r); code != 200 || err != nil {
 		t.Fatalf("GET /admin/version: %d %v\n%s", code, err, body)
 	}
-	if r.Version != v.Version || r.Commit != v.Commit || r.GoVersion != runtime.Version() || r.UptimeSeconds <= 0 {
+	if r.Version.Version != v.Version || r.Commit != v.Commit || r.GoVersion != runtime.Version() || r.UptimeSeconds <= 0 {
 		t.Errorf("GET /admin/version = %+v, want %+v and an uptime", r, v)
 	}
 	if code, _ := ta.request(t, "GET", "/admin/version", "", nil); code != 401 {
@@ -66,8 +69,8 @@ func grepLines(s, sub string) string {
 // cleartext login, ACME state in the package's state directory.
 func TestDebianConffile(t *testing.T) {
 	cfg := checkTOML(t, filepath.Join(deployDir, "debian", "imapgate.toml"))
-	if cfg.Routing.Router != "static" || cfg.Consul.Register.Enable {
-		t.Errorf("router %q, consul registration %v: want the static router, no Consul", cfg.Routing.Router, cfg.Consul.Register.Enable)
+	if cfg.Routing.Router != config.RouterStatic || cfg.Consul.Register.Enable {
+		t.Errorf("router %v, consul registration %v: want the static router, no Consul", cfg.Routing.Router, cfg.Consul.Register.Enable)
 	}
 	if cfg.HTTP.Addr != "127.0.0.1:8080" {
 		t.Errorf("http.addr %q, want loopback", cfg.HTTP.Addr)

@@ -1,16 +1,29 @@
 // Package config reads imapgate's configuration file (TOML) and turns it
-// into the option structs of the proxy, routing and tls packages.
+// into the option structs of the proxy, routing, routing/consul and tls
+// packages, and it owns the rules of a reload.
 //
 // The file format is documented key by key in the README and in the
 // annotated example deploy/imapgate.toml; this package is the single
 // place that knows it. Unknown keys are errors, so a typo never silently
-// falls back to a default.
+// falls back to a default; enumerated values (routing.router, log.format,
+// tls.acme.storage, tls.session_tickets.store) are typed kinds parsed at
+// load (kinds.go).
+//
+// Each package's options come from one method: ProxyOptions, Listeners,
+// StaticConfig, HTTPRouterConfig and LDAPRouterConfig (directory.go),
+// ConsulRouter and Registration (consul.go), TLSOptions and TicketKeys
+// (tls.go); the defaults the binary applies are in defaults.go. What a
+// reload does with each key is the reload tag beside its field, and
+// PlanReload (reload.go) reads them.
 //
 // Typical use:
 //
 //	cfg, err := config.Load("/etc/imapgate/imapgate.toml")
 //	if err != nil { ... }          // names the file, line and key
 //	if err := cfg.Validate(); err != nil { ... }
+//	popts, err := cfg.ProxyOptions()
+//	...
+//	plan := config.PlanReload(boot, inForce, next) // on SIGHUP
 package config
 
 import (
@@ -35,26 +48,33 @@ import (
 )
 
 // Config is the whole configuration file.
+//
+// The reload tag of each field says what a reload (SIGHUP, POST
+// /admin/reload) does with a change to it; a field without one follows
+// the section it is in. See reload.go for the words: live applies at
+// once, restart keeps the start-up value until a restart, and a
+// condition (acme=, external=) changes that while ACME is in use or the
+// router's table comes from outside the file.
 type Config struct {
-	Log      Log                `toml:"log"`
-	Listen   []Listen           `toml:"listen"`
-	TLS      TLS                `toml:"tls"`
-	PreAuth  PreAuth            `toml:"preauth"`
-	Limits   Limits             `toml:"limits"`
-	Timeouts Timeouts           `toml:"timeouts"`
-	Backend  BackendDefaults    `toml:"backend"`
-	Backends map[string]Backend `toml:"backends"`
-	Routing  Routing            `toml:"routing"`
-	Consul   Consul             `toml:"consul"`
-	HTTP     HTTP               `toml:"http"`
-	Shutdown Shutdown           `toml:"shutdown"`
-	LMTP     LMTP               `toml:"lmtp"`
+	Log      Log                `toml:"log" reload:"live"`
+	Listen   []Listen           `toml:"listen" reload:"restart"` // bound once
+	TLS      TLS                `toml:"tls" reload:"live,acme=restart"`
+	PreAuth  PreAuth            `toml:"preauth" reload:"live"`
+	Limits   Limits             `toml:"limits" reload:"live"`
+	Timeouts Timeouts           `toml:"timeouts" reload:"live"`
+	Backend  BackendDefaults    `toml:"backend" reload:"live,external=restart"` // the Consul router holds its TLS template
+	Backends map[string]Backend `toml:"backends" reload:"live,external=ignored"`
+	Routing  Routing            `toml:"routing" reload:"live,external=ignored"`
+	Consul   Consul             `toml:"consul" reload:"restart"` // the router and the registration take it once
+	HTTP     HTTP               `toml:"http" reload:"live"`
+	Shutdown Shutdown           `toml:"shutdown" reload:"live"`
+	LMTP     LMTP               `toml:"lmtp" reload:"restart"` // the LMTP front end is built once
 }
 
 // Log configures logging.
 type Log struct {
-	Level  string `toml:"level"`  // debug, info (default), warn, error
-	Format string `toml:"format"` // auto (default: console on a terminal, else JSON), json, console
+	Level  string    `toml:"level"`                   // debug, info (default), warn, error
+	Format LogFormat `toml:"format" reload:"restart"` // auto (default: console on a terminal, else JSON), json, console
 }
 
 // Listen is one client listener.
@@ -88,9 +108,9 @@ type TLS struct {
 	NoSelfSigned bool       `toml:"no_self_signed"`
 	MinVersion   string     `toml:"min_version"`
 	CipherSuites []string   `toml:"cipher_suites"`
-	ACME         ACME       `toml:"acme"`
+	ACME         ACME       `toml:"acme" reload:"restart"` // its challenge listeners start once
 	// SessionTickets shares TLS session ticket keys across a fleet.
-	SessionTickets SessionTickets `toml:"session_tickets"`
+	SessionTickets SessionTickets `toml:"session_tickets" reload:"restart"`
 }
 
 // SessionTickets configures where the fleet's TLS session ticket keys
@@ -99,11 +119,11 @@ type TLS struct {
 // the file if File is set, else each instance its own keys), "consul",
 // "file" or "off" (each instance its own keys, as crypto/tls rotates them).
 type SessionTickets struct {
-	Store     string   `toml:"store"`
-	File      string   `toml:"file"`       // store = "file": a JSON file, mode 0600
-	ConsulKey string   `toml:"consul_key"` // default "imapgate/tls/session-ticket-keys"
-	Rotation  Duration `toml:"rotation"`   // how long a key seals tickets; default 6h
-	Keep      int      `toml:"keep"`       // keys that open tickets; default 4
+	Store     TicketStore `toml:"store"`
+	File      string      `toml:"file"`       // store = "file": a JSON file, mode 0600
+	ConsulKey string      `toml:"consul_key"` // default "imapgate/tls/session-ticket-keys"
+	Rotation  Duration    `toml:"rotation"`   // how long a key seals tickets; default 6h
+	Keep      int         `toml:"keep"`       // keys that open tickets; default 4
 }
 
 // CertFile is a certificate and its key in PEM files.
@@ -114,19 +134,19 @@ type CertFile struct {
 
 // ACME configures certificates from an ACME CA.
 type ACME struct {
-	Names          []string `toml:"names"`
-	Directory      string   `toml:"directory"`
-	Email          string   `toml:"email"`
-	CARoot         string   `toml:"ca_root"`
-	HTTP01Addr     string   `toml:"http01_addr"`
-	NoHTTP01       bool     `toml:"no_http01"`
-	TLSALPN01Port  int      `toml:"tls_alpn01_port"`
-	NoTLSALPN01    bool     `toml:"no_tls_alpn01"`
-	OnDemandAllow  []string `toml:"on_demand_allow"`
-	Storage        string   `toml:"storage"` // "file" (default) or "consul"
-	StorageDir     string   `toml:"storage_dir"`
-	ConsulPrefix   string   `toml:"consul_prefix"`
-	NoOCSPStapling bool     `toml:"no_ocsp_stapling"`
+	Names          []string    `toml:"names"`
+	Directory      string      `toml:"directory"`
+	Email          string      `toml:"email"`
+	CARoot         string      `toml:"ca_root"`
+	HTTP01Addr     string      `toml:"http01_addr"`
+	NoHTTP01       bool        `toml:"no_http01"`
+	TLSALPN01Port  int         `toml:"tls_alpn01_port"`
+	NoTLSALPN01    bool        `toml:"no_tls_alpn01"`
+	OnDemandAllow  []string    `toml:"on_demand_allow"`
+	Storage        ACMEStorage `toml:"storage"` // "file" (default) or "consul"
+	StorageDir     string      `toml:"storage_dir"`
+	ConsulPrefix   string      `toml:"consul_prefix"`
+	NoOCSPStapling bool        `toml:"no_ocsp_stapling"`
 
 	// Renewal timing; zero means the tls package's default.
 	RenewalWindowRatio float64  `toml:"renewal_window_ratio"` // lifetime fraction left when renewal starts, 0 < r < 1; default 1/3
@@ -218,14 +238,14 @@ type Backend struct {
 
 // Routing chooses and configures the router.
 type Routing struct {
-	Router  string              `toml:"router"` // "static" (default), "consul", "http" or "ldap"
+	Router  RouterKind          `toml:"router" reload:"restart"` // "static" (default), "consul", "http" or "ldap"
 	Users   map[string]string   `toml:"users"`
 	Domains map[string][]string `toml:"domains"`
 	Default []string            `toml:"default"`
 	// The directory routers (directory.go).
-	HTTP      RoutingHTTP      `toml:"http"`
-	LDAP      RoutingLDAP      `toml:"ldap"`
-	Directory RoutingDirectory `toml:"directory"`
+	HTTP      RoutingHTTP      `toml:"http" reload:"restart"`
+	LDAP      RoutingLDAP      `toml:"ldap" reload:"restart"`
+	Directory RoutingDirectory `toml:"directory" reload:"restart"`
 }
 
 // Consul configures the Consul router, registration and ACME storage.
@@ -238,6 +258,7 @@ type Consul struct {
 	Prefix     string   `toml:"prefix"`
 	Grace      Duration `toml:"grace"`
 	PlaceRate  float64  `toml:"place_rate"`
+	MoveHold   Duration `toml:"move_hold"` // a moved user's logins wait this long; default 0
 	// SnapshotFile and SnapshotMaxAge: see consul_snapshot.go.
 	SnapshotFile   string   `toml:"snapshot_file"`
 	SnapshotMaxAge Duration `toml:"snapshot_max_age"`
@@ -256,8 +277,8 @@ type Register struct {
 
 // HTTP configures the metrics, health and admin listener.
 type HTTP struct {
-	Addr       string `toml:"addr"`        // default "127.0.0.1:8080"; "" in the file keeps it, "off" disables
-	AdminToken string `toml:"admin_token"` // required when addr is not loopback
+	Addr       string `toml:"addr" reload:"restart"` // default "127.0.0.1:8080"; "" in the file keeps it, "off" disables
+	AdminToken string `toml:"admin_token"`           // required when addr is not loopback
 	// Hosts are names besides localhost and IP addresses that requests to
 	// a tokenless admin API may carry in Host (DNS-rebinding defence).
 	Hosts []string `toml:"hosts"`
@@ -329,44 +350,29 @@ func (c *Config) Validate() error {
 	}
 	if o, err := c.ProxyOptions(); err != nil {
 		errs = append(errs, err)
-	} else {
+	} else if err := o.Validate(); err != nil {
 		// The proxy checks the rest of its options (mechanisms, master).
-		o.Router = routing.RouterFunc(nil)
-		if _, err := proxy.NewServer(o); err != nil {
-			errs = append(errs, err)
-		}
+		errs = append(errs, err)
 	}
 	switch c.Routing.Router {
-	case "", "static":
+	case RouterStatic:
 		if _, err := c.StaticRouter(); err != nil {
 			errs = append(errs, err)
 		}
-	case "consul":
+	case RouterConsul:
 		if c.Consul.Service == "" {
 			errs = append(errs, errors.New("consul.service is required with routing.router = \"consul\""))
 		}
-		if _, err := c.backendTLS(c.Backend.CAFile, "", c.Backend.InsecureSkipVerify); err != nil {
+		if _, err := c.BackendTLS(); err != nil {
 			errs = append(errs, err)
 		}
-	case "http", "ldap":
+	case RouterHTTP, RouterLDAP:
 		if err := c.validateDirectory(); err != nil {
 			errs = append(errs, err)
 		}
-	default:
-		errs = append(errs, fmt.Errorf("routing.router: unknown router %q (want \"static\", \"consul\", \"http\" or \"ldap\")", c.Routing.Router))
 	}
 	if _, err := c.LogLevel(); err != nil {
 		errs = append(errs, err)
-	}
-	switch c.Log.Format {
-	case "", "auto", "json", "console":
-	default:
-		errs = append(errs, fmt.Errorf("log.format: unknown format %q", c.Log.Format))
-	}
-	switch c.TLS.ACME.Storage {
-	case "", "file", "consul":
-	default:
-		errs = append(errs, fmt.Errorf("tls.acme.storage: unknown storage %q (want \"file\" or \"consul\")", c.TLS.ACME.Storage))
 	}
 	if r := c.TLS.ACME.RenewalWindowRatio; r < 0 || r >= 1 {
 		errs = append(errs, fmt.Errorf("tls.acme.renewal_window_ratio %v: want a fraction between 0 and 1", r))
@@ -667,29 +673,27 @@ func (c *Config) StaticConfig() (routing.StaticConfig, error) {
 		}
 		sc.Backends[name] = rb
 	}
-	// Two keys that normalise alike would each win at random on every
-	// load: refuse them (sorted, so the message is stable).
-	seen := map[string]string{}
-	for _, u := range slices.Sorted(maps.Keys(c.Routing.Users)) {
-		key := routing.NormalizeUser(u)
-		if prev, dup := seen[key]; dup {
-			errs = append(errs, fmt.Errorf("routing.users: %q and %q are the same user %q; keep one", prev, u, key))
-			continue
-		}
-		seen[key] = u
-		sc.Users[key] = c.Routing.Users[u]
-	}
-	seen = map[string]string{}
-	for _, d := range slices.Sorted(maps.Keys(c.Routing.Domains)) {
-		key := routing.NormalizeUser(d)
-		if prev, dup := seen[key]; dup {
-			errs = append(errs, fmt.Errorf("routing.domains: %q and %q are the same domain %q; keep one", prev, d, key))
-			continue
-		}
-		seen[key] = d
-		sc.Domains[key] = c.Routing.Domains[d]
-	}
+	errs = append(errs, normalizeKeys(sc.Users, c.Routing.Users, "routing.users", "user")...)
+	errs = append(errs, normalizeKeys(sc.Domains, c.Routing.Domains, "routing.domains", "domain")...)
 	return sc, errors.Join(errs...)
+}
+
+// normalizeKeys copies from into to under normalised keys. Two keys that
+// normalise alike would each win at random on every load: they are
+// refused (sorted, so the message is stable).
+func normalizeKeys[V any](to, from map[string]V, key, what string) []error {
+	var errs []error
+	seen := map[string]string{}
+	for _, k := range slices.Sorted(maps.Keys(from)) {
+		n := routing.NormalizeUser(k)
+		if prev, dup := seen[n]; dup {
+			errs = append(errs, fmt.Errorf("%s: %q and %q are the same %s %q; keep one", key, prev, k, what, n))
+			continue
+		}
+		seen[n] = k
+		to[n] = from[k]
+	}
+	return errs
 }
 
 // StaticRouter builds the static router.

@@ -49,9 +49,7 @@ type RoutingDirectory struct {
 }
 
 // IsDirectoryRouter reports whether routing.router is "http" or "ldap".
-func (c *Config) IsDirectoryRouter() bool {
-	return c.Routing.Router == "http" || c.Routing.Router == "ldap"
-}
+func (c *Config) IsDirectoryRouter() bool { return c.Routing.Router.Directory() }
 
 // DirectoryOptions builds the options the http and ldap routers share.
 // The Evictor and Logger are the caller's to set. [backends], optional
@@ -168,9 +166,9 @@ func caConfig(file, key string) (*tls.Config, error) {
 func (c *Config) validateDirectory() error {
 	var err error
 	switch c.Routing.Router {
-	case "http":
+	case RouterHTTP:
 		_, err = c.HTTPRouterConfig()
-	case "ldap":
+	case RouterLDAP:
 		_, err = c.LDAPRouterConfig()
 	}
 	return err

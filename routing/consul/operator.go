@@ -163,14 +163,5 @@ func (c *Consul) metaDrained(id string) bool {
 
 // pollCtx calls cond every 20ms until it is true or ctx ends.
 func pollCtx(ctx context.Context, cond func() bool) error {
-	t := time.NewTicker(20 * time.Millisecond)
-	defer t.Stop()
-	for !cond() {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-t.C:
-		}
-	}
-	return nil
+	return routing.WaitFor(ctx, 20*time.Millisecond, cond)
 }

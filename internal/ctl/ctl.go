@@ -1,4 +1,13 @@
-package main
+// Package ctl is `imapgate ctl`: the operator's client of a running
+// imapgate's admin API (internal/admin), printing tables for people and,
+// with -json, the API's own JSON (internal/adminapi) for scripts.
+//
+// Typical use, from the binary:
+//
+//	os.Exit(ctl.Main(os.Args[2:], os.Stdout, os.Stderr))
+//
+// Exit status: 0 done, 1 the API or the network said no, 2 usage.
+package ctl
 
 import (
 	"bufio"
@@ -16,7 +25,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/imapgate/imapgate/proxy"
+	"github.com/imapgate/imapgate/internal/adminapi"
 )
 
 const ctlUsage = `Usage: imapgate ctl [flags] COMMAND [ARGS]
@@ -34,18 +43,18 @@ Commands (against a running imapgate's admin API):
 Flags (before or after the command):
 `
 
-// ctlClient talks to one imapgate's admin API.
-type ctlClient struct {
+// client talks to one imapgate's admin API.
+type client struct {
 	addr, token string
 	json        bool
 	http        *http.Client
 	stdout      io.Writer
 }
 
-// ctl runs the operator subcommands against a running imapgate's admin
-// API. Exit status: 0 done, 1 the API or the network said no, 2 usage.
-func ctl(args []string, stdout, stderr io.Writer) int {
-	c := &ctlClient{stdout: stdout, http: &http.Client{Timeout: 2 * adminTimeout}}
+// Main runs one operator command (args as after "imapgate ctl") against a
+// running imapgate's admin API and returns the exit status.
+func Main(args []string, stdout, stderr io.Writer) int {
+	c := &client{stdout: stdout, http: &http.Client{Timeout: 2 * adminapi.Timeout}}
 	var user, backend string
 	newFlags := func(name string) *flag.FlagSet {
 		fs := flag.NewFlagSet(name, flag.ContinueOnError)
@@ -128,7 +137,7 @@ func usageExit(err error) int {
 	return 2
 }
 
-func (c *ctlClient) url(path string, q url.Values) string {
+func (c *client) url(path string, q url.Values) string {
 	base := c.addr
 	if !strings.Contains(base, "://") {
 		base = "http://" + base
@@ -142,7 +151,7 @@ func (c *ctlClient) url(path string, q url.Values) string {
 
 // do sends a request and returns the response if its status is 2xx; an
 // error reply's {"error": ...} becomes the error.
-func (c *ctlClient) do(ctx context.Context, method, path string, q url.Values, body any) (*http.Response, error) {
+func (c *client) do(ctx context.Context, method, path string, q url.Values, body any) (*http.Response, error) {
 	var rd io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)
@@ -168,7 +177,7 @@ func (c *ctlClient) do(ctx context.Context, method, path string, q url.Values, b
 	if resp.StatusCode/100 != 2 {
 		defer resp.Body.Close()
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<16))
-		var e struct{ Error string }
+		var e adminapi.Error
 		if json.Unmarshal(b, &e) == nil && e.Error != "" {
 			return nil, fmt.Errorf("%s (HTTP %d)", e.Error, resp.StatusCode)
 		}
@@ -178,7 +187,7 @@ func (c *ctlClient) do(ctx context.Context, method, path string, q url.Values, b
 }
 
 // get decodes a JSON reply into v and, with -json, prints it as it came.
-func (c *ctlClient) get(ctx context.Context, method, path string, q url.Values, v any) error {
+func (c *client) get(ctx context.Context, method, path string, q url.Values, v any) error {
 	resp, err := c.do(ctx, method, path, q, nil)
 	if err != nil {
 		return err
@@ -188,7 +197,7 @@ func (c *ctlClient) get(ctx context.Context, method, path string, q url.Values, 
 
 // decode reads a JSON reply into v, or with -json prints it as it came
 // (v is then left alone: callers print nothing more).
-func (c *ctlClient) decode(resp *http.Response, v any) error {
+func (c *client) decode(resp *http.Response, v any) error {
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	if err != nil {
@@ -201,7 +210,7 @@ func (c *ctlClient) decode(resp *http.Response, v any) error {
 	return json.Unmarshal(b, v)
 }
 
-func (c *ctlClient) sessions(ctx context.Context, user, backend string) error {
+func (c *client) sessions(ctx context.Context, user, backend string) error {
 	q := url.Values{}
 	if user != "" {
 		q.Set("user", user)
@@ -209,7 +218,7 @@ func (c *ctlClient) sessions(ctx context.Context, user, backend string) error {
 	if backend != "" {
 		q.Set("backend", backend)
 	}
-	var r sessionsReply
+	var r adminapi.SessionsReply
 	if err := c.get(ctx, "GET", "/admin/sessions", q, &r); err != nil || c.json {
 		return err
 	}
@@ -224,7 +233,7 @@ func (c *ctlClient) sessions(ctx context.Context, user, backend string) error {
 	return nil
 }
 
-func age(s proxy.SessionInfo) string {
+func age(s adminapi.Session) string {
 	d := s.Duration
 	switch {
 	case d >= time.Hour:
@@ -255,8 +264,8 @@ func bytesHuman(n int64) string {
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
-func (c *ctlClient) kick(ctx context.Context, user string) error {
-	var r kickReply
+func (c *client) kick(ctx context.Context, user string) error {
+	var r adminapi.KickReply
 	if err := c.get(ctx, "POST", "/admin/users/"+url.PathEscape(user)+"/kick", nil, &r); err != nil || c.json {
 		return err
 	}
@@ -264,8 +273,8 @@ func (c *ctlClient) kick(ctx context.Context, user string) error {
 	return nil
 }
 
-func (c *ctlClient) backends(ctx context.Context) error {
-	var r backendsReply
+func (c *client) backends(ctx context.Context) error {
+	var r adminapi.BackendsReply
 	if err := c.get(ctx, "GET", "/admin/backends", nil, &r); err != nil || c.json {
 		return err
 	}
@@ -291,20 +300,20 @@ func yesNo(b bool) string {
 	return "no"
 }
 
-func (c *ctlClient) drain(ctx context.Context, cmd, id string) error {
+func (c *client) drain(ctx context.Context, cmd, id string) error {
 	verb := map[string]string{"drain": "draining", "undrain": "undraining"}[cmd]
 	return c.stream(ctx, fmt.Sprintf("%s %s", verb, id), "/admin/backends/"+url.PathEscape(id)+"/"+cmd, nil)
 }
 
-func (c *ctlClient) move(ctx context.Context, user, backend string) error {
+func (c *client) move(ctx context.Context, user, backend string) error {
 	return c.stream(ctx, fmt.Sprintf("moving %s to %s", user, backend),
-		"/admin/users/"+url.PathEscape(user)+"/move", moveRequest{Backend: backend})
+		"/admin/users/"+url.PathEscape(user)+"/move", adminapi.MoveRequest{Backend: backend})
 }
 
 // stream runs a long operation and prints its progress as it comes:
 // "moving alice to dovecot2... pinned; 2 sessions closed; done (1.2s)".
 // With -json it prints the final result object alone.
-func (c *ctlClient) stream(ctx context.Context, what, path string, body any) error {
+func (c *client) stream(ctx context.Context, what, path string, body any) error {
 	start := time.Now()
 	if body == nil {
 		body = struct{}{}
@@ -323,7 +332,7 @@ func (c *ctlClient) stream(ctx context.Context, what, path string, body any) err
 	sc := bufio.NewScanner(resp.Body)
 	first := true
 	for sc.Scan() {
-		var ev event
+		var ev adminapi.Event
 		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
 			return fmt.Errorf("bad progress line %q: %w", sc.Text(), err)
 		}
@@ -360,13 +369,13 @@ func (c *ctlClient) stream(ctx context.Context, what, path string, body any) err
 	return errors.New("the server ended the stream without saying done")
 }
 
-func (c *ctlClient) reload(ctx context.Context) error {
+func (c *client) reload(ctx context.Context) error {
 	resp, err := c.do(ctx, "POST", "/admin/reload", nil, struct{}{})
 	if err != nil {
 		// A refused reload is 422 with a report.
 		return err
 	}
-	var rep reloadReport
+	var rep adminapi.ReloadReport
 	if err := c.decode(resp, &rep); err != nil || c.json {
 		return err
 	}
@@ -390,8 +399,8 @@ func (c *ctlClient) reload(ctx context.Context) error {
 
 // where prints what GET /admin/users/{user} says, like Director's
 // `doveadm director status USER`.
-func (c *ctlClient) where(ctx context.Context, user string) error {
-	var r whereReply
+func (c *client) where(ctx context.Context, user string) error {
+	var r adminapi.WhereReply
 	if err := c.get(ctx, "GET", "/admin/users/"+url.PathEscape(user), nil, &r); err != nil || c.json {
 		return err
 	}
@@ -414,4 +423,11 @@ func (c *ctlClient) where(ctx context.Context, user string) error {
 	}
 	fmt.Fprintf(c.stdout, "%d %s here\n", len(r.Sessions), plural(len(r.Sessions), "session", "sessions"))
 	return nil
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
 }

@@ -1,4 +1,14 @@
-package main
+// Package sdnotify speaks systemd's notification protocol (sd_notify(3))
+// so that imapgate's unit can be Type=notify (and notify-reload), with
+// the watchdog when WatchdogSec= is set.
+//
+// Typical use:
+//
+//	n := sdnotify.New(os.Getenv)
+//	n.Ready("serving")
+//	go n.RunWatchdog(ctx)
+//	n.Stopping("draining")
+package sdnotify
 
 import (
 	"context"
@@ -12,20 +22,20 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// notifier speaks systemd's notification protocol (sd_notify(3)) so that
-// the unit can be Type=notify: one datagram of newline-separated
+// Notifier speaks systemd's notification protocol: one datagram of newline-separated
 // KEY=VALUE lines to the unix socket named by $NOTIFY_SOCKET. It is a
 // dozen lines, not worth a dependency. Without $NOTIFY_SOCKET (not under
 // systemd, or Type=simple) every call does nothing.
-type notifier struct {
+type Notifier struct {
 	addr     *net.UnixAddr // nil: not under systemd
 	watchdog time.Duration // half of $WATCHDOG_USEC, 0 if unset
 }
 
-// newNotifier reads the environment once; the variables are left in place
-// for nothing else in this process uses them.
-func newNotifier(getenv func(string) string) *notifier {
-	n := &notifier{}
+// New reads the environment once; the variables are left in place for
+// nothing else in this process uses them. A nil *Notifier, like one
+// without $NOTIFY_SOCKET, does nothing.
+func New(getenv func(string) string) *Notifier {
+	n := &Notifier{}
 	path := getenv("NOTIFY_SOCKET")
 	switch {
 	case path == "":
@@ -46,7 +56,7 @@ func newNotifier(getenv func(string) string) *notifier {
 }
 
 // send delivers one notification, e.g. "READY=1\nSTATUS=serving".
-func (n *notifier) send(state string) error {
+func (n *Notifier) send(state string) error {
 	if n == nil || n.addr == nil {
 		return nil
 	}
@@ -61,29 +71,29 @@ func (n *notifier) send(state string) error {
 	return nil
 }
 
-// ready says start-up is over.
-func (n *notifier) ready(status string) error {
+// Ready says start-up (or a reload) is over.
+func (n *Notifier) Ready(status string) error {
 	return n.send("READY=1\nSTATUS=" + status)
 }
 
-// reloading starts a reload; ready ends it. MONOTONIC_USEC lets
+// Reloading starts a reload; Ready ends it. MONOTONIC_USEC lets
 // Type=notify-reload (systemd 253+) match the two; older systemd ignores
 // it.
-func (n *notifier) reloading() error {
+func (n *Notifier) Reloading() error {
 	var ts unix.Timespec
 	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
 	us := ts.Sec*1e6 + ts.Nsec/1e3
 	return n.send("RELOADING=1\nMONOTONIC_USEC=" + strconv.FormatInt(us, 10))
 }
 
-// stopping says the drain has begun.
-func (n *notifier) stopping(status string) error {
+// Stopping says the drain has begun.
+func (n *Notifier) Stopping(status string) error {
 	return n.send("STOPPING=1\nSTATUS=" + status)
 }
 
-// runWatchdog pings systemd's watchdog until ctx ends, when the unit has
+// RunWatchdog pings systemd's watchdog until ctx ends, when the unit has
 // WatchdogSec= set. A stuck process stops pinging and systemd restarts it.
-func (n *notifier) runWatchdog(ctx context.Context) {
+func (n *Notifier) RunWatchdog(ctx context.Context) {
 	if n == nil || n.addr == nil || n.watchdog <= 0 {
 		return
 	}

@@ -1,4 +1,4 @@
-package main
+package sdnotify
 
 import (
 	"net"
@@ -16,7 +16,7 @@ func TestNotifier(t *testing.T) {
 	}
 	defer conn.Close()
 	env := map[string]string{"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"}
-	n := newNotifier(func(k string) string { return env[k] })
+	n := New(func(k string) string { return env[k] })
 	if n.watchdog != 100*time.Millisecond {
 		t.Errorf("watchdog interval %v, want half of WATCHDOG_USEC", n.watchdog)
 	}
@@ -30,31 +30,31 @@ func TestNotifier(t *testing.T) {
 		}
 		return string(buf[:k])
 	}
-	if err := n.ready("serving"); err != nil {
+	if err := n.Ready("serving"); err != nil {
 		t.Fatal(err)
 	}
 	if got := read(); got != "READY=1\nSTATUS=serving" {
 		t.Errorf("ready sent %q", got)
 	}
-	n.reloading()
+	n.Reloading()
 	if got := read(); !strings.HasPrefix(got, "RELOADING=1\nMONOTONIC_USEC=") {
 		t.Errorf("reloading sent %q", got)
 	}
-	n.stopping("draining")
+	n.Stopping("draining")
 	if got := read(); got != "STOPPING=1\nSTATUS=draining" {
 		t.Errorf("stopping sent %q", got)
 	}
 
 	// Not under systemd: nothing to do, no error.
 	for _, e := range []map[string]string{{}, {"NOTIFY_SOCKET": "vsock:2:1234"}} {
-		n := newNotifier(func(k string) string { return e[k] })
-		if err := n.ready("x"); err != nil || n.addr != nil {
+		n := New(func(k string) string { return e[k] })
+		if err := n.Ready("x"); err != nil || n.addr != nil {
 			t.Errorf("env %v: %v", e, err)
 		}
 	}
 	// The watchdog is for another process.
 	env["WATCHDOG_PID"] = "1"
-	if n := newNotifier(func(k string) string { return env[k] }); n.watchdog != 0 {
+	if n := New(func(k string) string { return env[k] }); n.watchdog != 0 {
 		t.Errorf("watchdog armed for pid 1")
 	}
 }
