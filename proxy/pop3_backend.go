@@ -37,7 +37,7 @@ func (s *Server) pop3LoginBackend(ctx context.Context, b *routing.Backend, cr *c
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 	return s.dialThen(ctx, b, b.POP3Addr, time.Now(), func(conn net.Conn) (*backendLogin, error) {
-		return s.pop3LoginOn(ctx, conn, b, cr, ci, relay, deadline)
+		return s.pop3LoginOn(ctx, backendAttempt{conn: conn, b: b, cr: cr, ci: ci, relay: relay, deadline: deadline})
 	})
 }
 
@@ -153,7 +153,9 @@ func hasPOP3Cap(caps []string, want string) bool {
 	return false
 }
 
-func (s *Server) pop3LoginOn(ctx context.Context, conn net.Conn, b *routing.Backend, cr *credentials, ci *clientInfo, relay relayFunc, deadline time.Time) (*backendLogin, error) {
+// pop3LoginOn logs in on a.conn, within ctx and a.deadline.
+func (s *Server) pop3LoginOn(ctx context.Context, a backendAttempt) (*backendLogin, error) {
+	conn, b, cr, ci, relay, deadline := a.conn, a.b, a.cr, a.ci, a.relay, a.deadline
 	// The cancel function uses the TCP connection itself: conn becomes
 	// the TLS one below, and it runs on another goroutine.
 	raw := conn

@@ -36,7 +36,7 @@ func (s *Server) sieveLoginBackend(ctx context.Context, b *routing.Backend, cr *
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 	return s.dialThen(ctx, b, b.SieveAddr, time.Now(), func(conn net.Conn) (*backendLogin, error) {
-		return s.sieveLoginOn(ctx, conn, b, cr, ci, deadline)
+		return s.sieveLoginOn(ctx, backendAttempt{conn: conn, b: b, cr: cr, ci: ci, deadline: deadline})
 	})
 }
 
@@ -114,7 +114,10 @@ func sieveStatus(st []sieveArg) error {
 	return fmt.Errorf("backend said BYE %q", truncate(text))
 }
 
-func (s *Server) sieveLoginOn(ctx context.Context, conn net.Conn, b *routing.Backend, cr *credentials, ci *clientInfo, deadline time.Time) (*backendLogin, error) {
+// sieveLoginOn logs in on a.conn, within ctx and a.deadline (ManageSieve
+// relays no challenge: a.relay is not used).
+func (s *Server) sieveLoginOn(ctx context.Context, a backendAttempt) (*backendLogin, error) {
+	conn, b, cr, ci, deadline := a.conn, a.b, a.cr, a.ci, a.deadline
 	// The cancel function uses the TCP connection itself: conn becomes
 	// the TLS one below, and it runs on another goroutine.
 	raw := conn
