@@ -137,7 +137,7 @@ func (s *session) readContinuation(challenge string) (string, error) {
 	if err != nil {
 		var pe *protoError
 		if errors.As(err, &pe) {
-			s.setReason("protocol_error")
+			s.setEnd(EndProtocolError)
 			s.writeString("* BYE " + pe.Error() + "\r\n")
 			return "", err
 		}

@@ -67,13 +67,13 @@ func (s *session) runLogin(ctx context.Context, cr *credentials, user string, lo
 	if !ok {
 		return res
 	}
-	s.setState(stateLogin)
+	s.setState(StateLogin)
 
 	t0 := time.Now()
 	b, err := s.route(lctx, cr, user)
 	if err != nil {
 		att.abandoned()
-		s.setState(statePreAuth)
+		s.setState(StatePreAuth)
 		s.srv.o().Metrics.Login("unavailable", "no_route")
 		log.Warn("login failed: no route", zap.Error(err))
 		return loginResult{end: loginNoRoute}
@@ -96,7 +96,7 @@ func (s *session) reserveLogin(lctx context.Context, user string, log *zap.Logge
 	att, err := s.srv.limiters.Load().begin(lctx, s.network, user)
 	if err != nil {
 		if !errors.Is(err, errLoginLimited) {
-			s.setReason("login_timeout")
+			s.setEnd(EndLoginTimeout)
 			return nil, loginResult{end: loginExpired}, false
 		}
 		m.LimitHit("auth_failure_rate")
@@ -133,7 +133,7 @@ func (s *session) unroute(user string) {
 	s.mu.Lock()
 	s.backend, s.user = nil, ""
 	s.mu.Unlock()
-	s.setState(statePreAuth)
+	s.setState(StatePreAuth)
 }
 
 // loginFailed settles the reservation of a login that b or the commit

@@ -55,7 +55,7 @@ func (s *session) pop3PreAuth(ctx context.Context) *backendLogin {
 		s.raw.SetReadDeadline(s.readDeadline())
 		if first && !s.tls {
 			if b, err := s.r.br.Peek(1); err == nil && b[0] == 0x16 {
-				s.setReason("protocol_mismatch")
+				s.setEnd(EndProtocolMismatch)
 				s.writeString("-ERR This port speaks cleartext POP3; use STLS or the implicit-TLS port\r\n")
 				return nil
 			}
@@ -64,11 +64,11 @@ func (s *session) pop3PreAuth(ctx context.Context) *backendLogin {
 		switch {
 		case errors.Is(err, errPOP3LineTooLong):
 			s.srv.o().Metrics.LimitHit("line_length")
-			s.setReason("protocol_error")
+			s.setEnd(EndProtocolError)
 			s.writeString("-ERR Line too long\r\n")
 			return nil
 		case errors.Is(err, errPOP3NUL):
-			s.setReason("protocol_error")
+			s.setEnd(EndProtocolError)
 			s.writeString("-ERR NUL in command\r\n")
 			return nil
 		case err != nil:
@@ -78,7 +78,7 @@ func (s *session) pop3PreAuth(ctx context.Context) *backendLogin {
 		name, arg, _ := strings.Cut(line, " ")
 		name = strings.ToUpper(name)
 		if first && isNotPOP3(name, arg) {
-			s.setReason("protocol_mismatch")
+			s.setEnd(EndProtocolMismatch)
 			s.writeString("-ERR This is a POP3 server\r\n")
 			return nil
 		}
@@ -95,7 +95,7 @@ func (s *session) pop3PreAuth(ctx context.Context) *backendLogin {
 				return nil
 			}
 		case "QUIT":
-			s.setReason("logout")
+			s.setEnd(EndLogout)
 			s.writeString("+OK Bye\r\n")
 			return nil
 		case "STLS":
@@ -208,7 +208,7 @@ func (s *session) pop3Bad(text string) bool {
 	s.badCmds++
 	if s.badCmds >= s.srv.o().Limits.MaxBadCommands {
 		s.srv.o().Metrics.LimitHit("bad_commands")
-		s.setReason("bad_commands")
+		s.setEnd(EndBadCommands)
 		s.writeString("-ERR " + text + "; too many invalid commands\r\n")
 		return false
 	}
@@ -257,7 +257,7 @@ func (s *session) pop3Auth(ctx context.Context, arg string) (*backendLogin, bool
 			s.raw.SetReadDeadline(s.readDeadline())
 			var err error
 			if line, err = s.pop3Line(); err != nil {
-				s.setReason("protocol_error")
+				s.setEnd(EndProtocolError)
 				return nil, false, true
 			}
 		}
@@ -356,7 +356,7 @@ func (s *session) pop3Relay(challenge string) (string, error) {
 	s.raw.SetReadDeadline(s.readDeadline())
 	line, err := s.pop3Line()
 	if err != nil {
-		s.setReason("protocol_error")
+		s.setEnd(EndProtocolError)
 		return "", errClientGone
 	}
 	return line, nil
@@ -369,7 +369,7 @@ func (s *session) pop3Refused(ctx context.Context, text string) (*backendLogin, 
 	s.failureDelay(ctx)
 	if s.authFails >= s.srv.o().Limits.MaxAuthFailures {
 		s.srv.o().Metrics.LimitHit("auth_failures")
-		s.setReason("auth_failures")
+		s.setEnd(EndAuthFailures)
 		s.writeString("-ERR " + text + " Too many login failures\r\n")
 		return nil, true
 	}

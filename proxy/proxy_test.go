@@ -644,7 +644,7 @@ func TestEvictDuringLogin(t *testing.T) {
 	c.send("a LOGIN alice@example.org alicepass\r\n")
 	waitFor(t, func() bool {
 		s := h.srv.Sessions("alice@example.org", "old")
-		return len(s) == 1 && s[0].State == stateLogin
+		return len(s) == 1 && s[0].State == StateLogin.String()
 	})
 	if n := h.srv.EvictUser("alice@example.org", "new"); n != 1 {
 		t.Fatalf("EvictUser during login closed %d sessions, want 1", n)

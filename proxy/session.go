@@ -22,14 +22,6 @@ import (
 	"go.uber.org/zap"
 )
 
-// Session states, as metrics and operators see them.
-const (
-	statePreAuth = "preauth"
-	stateLogin   = "login"
-	stateSpliced = "spliced"
-	stateClosed  = "closed"
-)
-
 // session is one client connection. Its life reads top to bottom in
 // serve: greet, the pre-auth loop, the backend login, the splice, and one
 // summary log line.
@@ -63,12 +55,12 @@ type session struct {
 	atBoundary bool // the last byte written to the client ended a line
 
 	mu        sync.Mutex // guards the fields below
-	state     string
+	state     State
 	user      string
 	backend   *routing.Backend
 	bconn     net.Conn
 	closed    bool
-	reason    string      // how the session ended, once known
+	reason    EndReason   // how the session ended, once known
 	halfClose *time.Timer // armed when one side of a splice closed
 	up, down  *direction  // set when the splice starts
 
@@ -89,7 +81,7 @@ func newSession(s *Server, c net.Conn, l *Listener, remote, local netip.AddrPort
 		start:      time.Now(),
 		raw:        c,
 		client:     c,
-		state:      statePreAuth,
+		state:      StatePreAuth,
 		atBoundary: true,
 	}
 	sess.deadline = sess.start.Add(s.o().Timeouts.Login)
@@ -110,11 +102,11 @@ func (s *session) logger() *zap.Logger {
 func (s *session) serve(ctx context.Context) (spliced bool) {
 	fe := frontEndFor(s.lst.Protocol)
 	m := s.srv.o().Metrics
-	m.SessionState(s.lst.Name, "", "", statePreAuth)
+	m.SessionState(s.lst.Name, "", StateNone, StatePreAuth)
 	defer func() {
 		if p := recover(); p != nil {
 			s.logger().Error("session panic", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
-			s.setReason("panic")
+			s.setEnd(EndPanic)
 			s.writeString(fe.panicLine)
 			spliced = false
 		}
@@ -122,7 +114,7 @@ func (s *session) serve(ctx context.Context) (spliced bool) {
 
 	if s.lst.Mode == ImplicitTLS {
 		if err := s.startTLS(ctx); err != nil {
-			s.setReason("tls_handshake")
+			s.setEnd(EndTLSHandshake)
 			s.logger().Debug("TLS handshake failed", zap.Error(err))
 			return false
 		}
@@ -157,10 +149,10 @@ func (s *session) finish() {
 	s.mu.Lock()
 	s.closed = true
 	from := s.state
-	s.state = stateClosed
+	s.state = StateClosed
 	bc, b, user := s.bconn, s.backend, s.user
 	if s.reason == "" {
-		s.reason = "client_closed"
+		s.reason = EndClientClosed
 	}
 	reason := s.reason
 	s.mu.Unlock()
@@ -175,15 +167,16 @@ func (s *session) finish() {
 	d := time.Since(s.start)
 	in, out := s.in.Load(), s.out.Load()
 	m := s.srv.o().Metrics
-	m.SessionState(s.lst.Name, bid, from, stateClosed)
+	m.SessionState(s.lst.Name, bid, from, StateClosed)
 	m.SessionEnded(s.lst.Name, bid, reason, in, out, d)
 	s.logger().Info("session end",
 		zap.String("user", user), zap.String("backend", bid),
 		zap.Int64("bytes_in", in), zap.Int64("bytes_out", out),
-		zap.Duration("duration", d), zap.String("end", reason))
+		zap.Duration("duration", d), zap.Stringer("end", reason))
 }
 
-func (s *session) setReason(r string) {
+// setEnd records how the session ended, unless that is known already.
+func (s *session) setEnd(r EndReason) {
 	s.mu.Lock()
 	if s.reason == "" {
 		s.reason = r
@@ -191,7 +184,12 @@ func (s *session) setReason(r string) {
 	s.mu.Unlock()
 }
 
-func (s *session) setState(to string) {
+// setReason is setEnd for the splice's reasons, which it builds from a
+// direction's name ("client" + "_closed"): always one of the EndReason
+// constants.
+func (s *session) setReason(r string) { s.setEnd(EndReason(r)) }
+
+func (s *session) setState(to State) {
 	s.mu.Lock()
 	from := s.state
 	s.state = to
@@ -228,7 +226,7 @@ func (s *session) info() SessionInfo {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	in := SessionInfo{
-		ID: s.id, Client: s.remote.String(), Listener: s.lst.Name, State: s.state,
+		ID: s.id, Client: s.remote.String(), Listener: s.lst.Name, State: s.state.String(),
 		User: s.user, Started: s.start, In: s.in.Load(), Out: s.out.Load(),
 		Duration: time.Since(s.start),
 	}
@@ -240,7 +238,7 @@ func (s *session) info() SessionInfo {
 
 // kick ends the session from outside: a BYE if the client stream is at a
 // line boundary, then both connections are closed.
-func (s *session) kick(reason, text string) {
+func (s *session) kick(reason EndReason, text string) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -272,7 +270,7 @@ func (s *session) write(b []byte) bool {
 	_, err := s.client.Write(b)
 	s.raw.SetWriteDeadline(time.Time{})
 	if err != nil {
-		s.setReason("client_write_error")
+		s.setEnd(EndClientWriteError)
 		return false
 	}
 	s.atBoundary = len(b) > 0 && b[len(b)-1] == '\n'
@@ -315,7 +313,7 @@ func (s *session) startTLS(ctx context.Context) error {
 	if tc.ConnectionState().NegotiatedProtocol == "acme-tls/1" {
 		// A CA validating a TLS-ALPN-01 challenge: the handshake was all
 		// it wanted (the tls package allows this ALPN only then).
-		s.setReason("acme_challenge")
+		s.setEnd(EndACMEChallenge)
 		return errors.New("ACME TLS-ALPN-01 validation")
 	}
 	s.wmu.Lock()
@@ -380,7 +378,7 @@ func (s *session) preAuth(ctx context.Context) (*backendLogin, error) {
 			if b, err := s.r.br.Peek(1); err == nil && b[0] == 0x16 {
 				// A TLS ClientHello on a cleartext port: there will be no
 				// line ending to wait for.
-				s.setReason("protocol_mismatch")
+				s.setEnd(EndProtocolMismatch)
 				s.writeString("* BYE [CLIENTBUG] This port speaks cleartext IMAP; use STARTTLS or the implicit-TLS port\r\n")
 				return nil, nil
 			}
@@ -393,7 +391,7 @@ func (s *session) preAuth(ctx context.Context) (*backendLogin, error) {
 				return nil, err
 			}
 			if first && pe.tag == "" || pe.fatal {
-				s.setReason("protocol_error")
+				s.setEnd(EndProtocolError)
 				if pe.code == "TOOBIG" {
 					s.srv.o().Metrics.LimitHit("line_length")
 				}
@@ -407,7 +405,7 @@ func (s *session) preAuth(ctx context.Context) (*backendLogin, error) {
 			continue
 		}
 		if first && isOtherProtocol(cmd) {
-			s.setReason("protocol_mismatch")
+			s.setEnd(EndProtocolMismatch)
 			s.writeString("* BYE [CLIENTBUG] This is an IMAP server\r\n")
 			return nil, nil
 		}
@@ -438,9 +436,9 @@ func (s *session) endOnReadError(err error) {
 		s.timedOut()
 		s.writeString("* BYE Autologout; idle for too long\r\n")
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed):
-		s.setReason("client_closed")
+		s.setEnd(EndClientClosed)
 	default:
-		s.setReason("client_read_error")
+		s.setEnd(EndClientReadError)
 	}
 }
 
@@ -468,7 +466,7 @@ func (s *session) bad(tag, text string) bool {
 	}
 	if s.badCmds >= s.srv.o().Limits.MaxBadCommands {
 		s.srv.o().Metrics.LimitHit("bad_commands")
-		s.setReason("bad_commands")
+		s.setEnd(EndBadCommands)
 		s.writeString(tag + " BAD " + text + "\r\n* BYE Too many invalid commands\r\n")
 		return false
 	}
@@ -494,7 +492,7 @@ func (s *session) handle(ctx context.Context, cmd *command) (bl *backendLogin, e
 	case "NOOP":
 		return nil, !s.writeString(cmd.tag + " OK NOOP completed\r\n")
 	case "LOGOUT":
-		s.setReason("logout")
+		s.setEnd(EndLogout)
 		s.writeString("* BYE Logging out\r\n" + cmd.tag + " OK LOGOUT completed\r\n")
 		return nil, true
 	case "STARTTLS":
@@ -541,7 +539,7 @@ func (s *session) upgradeTLS(ctx context.Context, command string) bool {
 	}
 	s.r = nil
 	if err := s.startTLS(ctx); err != nil {
-		s.setReason("tls_handshake")
+		s.setEnd(EndTLSHandshake)
 		s.logger().Debug(command+" handshake failed", zap.Error(err))
 		return false
 	}
@@ -659,7 +657,7 @@ func (s *session) loginRefused(ctx context.Context, tag, code, text string) (*ba
 	reply := tag + " NO [" + code + "] " + text + "\r\n"
 	if s.authFails >= s.srv.o().Limits.MaxAuthFailures {
 		s.srv.o().Metrics.LimitHit("auth_failures")
-		s.setReason("auth_failures")
+		s.setEnd(EndAuthFailures)
 		s.writeString(reply + "* BYE Too many login failures\r\n")
 		return nil, true
 	}

@@ -70,7 +70,7 @@ func (s *session) sieveBad(text string) bool {
 	s.badCmds++
 	if s.badCmds >= s.srv.o().Limits.MaxBadCommands {
 		s.srv.o().Metrics.LimitHit("bad_commands")
-		s.setReason("bad_commands")
+		s.setEnd(EndBadCommands)
 		s.writeString("BYE " + sieveQuote(text+"; too many invalid commands") + "\r\n")
 		return false
 	}
@@ -90,7 +90,7 @@ func (s *session) sievePreAuth(ctx context.Context) *backendLogin {
 		s.raw.SetReadDeadline(s.readDeadline())
 		if first && !s.tls {
 			if b, err := s.r.br.Peek(1); err == nil && b[0] == 0x16 {
-				s.setReason("protocol_mismatch")
+				s.setEnd(EndProtocolMismatch)
 				s.writeString(`BYE "This port speaks cleartext ManageSieve; use STARTTLS"` + "\r\n")
 				return nil
 			}
@@ -102,7 +102,7 @@ func (s *session) sievePreAuth(ctx context.Context) *backendLogin {
 			if se == errSieveTooLong {
 				s.srv.o().Metrics.LimitHit("line_length")
 			}
-			s.setReason("protocol_error")
+			s.setEnd(EndProtocolError)
 			s.writeString("BYE " + sieveQuote(se.text) + "\r\n")
 			return nil
 		case errors.As(err, &se):
@@ -127,7 +127,7 @@ func (s *session) sievePreAuth(ctx context.Context) *backendLogin {
 		}
 		name := args[0].val
 		if first && (args[0].quoted || isNotSieve(args)) {
-			s.setReason("protocol_mismatch")
+			s.setEnd(EndProtocolMismatch)
 			s.writeString(`BYE "This is a ManageSieve server"` + "\r\n")
 			return nil
 		}
@@ -152,7 +152,7 @@ func (s *session) sievePreAuth(ctx context.Context) *backendLogin {
 				return nil
 			}
 		case "LOGOUT":
-			s.setReason("logout")
+			s.setEnd(EndLogout)
 			s.writeString(`OK "Logout completed."` + "\r\n")
 			return nil
 		case "STARTTLS":
@@ -225,7 +225,7 @@ func (s *session) sieveAuthenticate(ctx context.Context, args []sieveArg) (*back
 		s.raw.SetReadDeadline(s.readDeadline())
 		more, err := readSieveCommand(s.r.br, s.sieveLimits())
 		if err != nil {
-			s.setReason("protocol_error")
+			s.setEnd(EndProtocolError)
 			return nil, true
 		}
 		if len(more) != 1 {
@@ -290,7 +290,7 @@ func (s *session) sieveRefused(ctx context.Context, code, text string) (*backend
 	s.failureDelay(ctx)
 	if s.authFails >= s.srv.o().Limits.MaxAuthFailures {
 		s.srv.o().Metrics.LimitHit("auth_failures")
-		s.setReason("auth_failures")
+		s.setEnd(EndAuthFailures)
 		s.sieveNo(code, text)
 		s.writeString(`BYE "Too many login failures"` + "\r\n")
 		return nil, true
