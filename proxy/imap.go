@@ -92,14 +92,9 @@ func (s *session) preAuth(ctx context.Context) (*backendLogin, error) {
 	first := true
 	for {
 		s.raw.SetReadDeadline(s.readDeadline())
-		if first && !s.tls {
-			if b, err := s.r.br.Peek(1); err == nil && b[0] == 0x16 {
-				// A TLS ClientHello on a cleartext port: there will be no
-				// line ending to wait for.
-				s.setEnd(EndProtocolMismatch)
-				s.writeString("* BYE [CLIENTBUG] This port speaks cleartext IMAP; use STARTTLS or the implicit-TLS port\r\n")
-				return nil, nil
-			}
+		if first && s.clientHelloOnCleartext() {
+			s.writeString("* BYE [CLIENTBUG] This port speaks cleartext IMAP; use STARTTLS or the implicit-TLS port\r\n")
+			return nil, nil
 		}
 		cmd, err := s.r.readCommand()
 		if err != nil {

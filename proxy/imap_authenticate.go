@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"strings"
-
-	"github.com/emersion/go-sasl"
 )
 
 // AUTHENTICATE (RFC 9051 6.2.2): PLAIN and LOGIN, whose credentials
@@ -29,72 +27,19 @@ func (s *session) imapAuthenticate(ctx context.Context, cmd *command) (*backendL
 		s.srv.o().Metrics.Login("refused", "privacy_required")
 		return nil, imapNo("PRIVACYREQUIRED", "Use STARTTLS before logging in")
 	}
-	step := saslSteps{s: s}
+	step := saslSteps{
+		challenge: s.readContinuation,
+		cancelled: &imapStatus{typ: "BAD", text: "Authentication cancelled", uncounted: true},
+		invalid:   func(text string) error { return imapBad(text) },
+	}
 	if len(a) == 2 {
 		step.ir, step.hasIR = a[1].val, true
 	}
-	var cr credentials
-	switch mech {
-	case sasl.Plain:
-		raw, err := step.next("")
-		if err != nil {
-			return nil, err
-		}
-		if cr, err = decodePlain(raw); err != nil {
-			return nil, imapBad(err.Error())
-		}
-	case sasl.Login:
-		user, err := step.next("VXNlcm5hbWU6") // "Username:"
-		if err != nil {
-			return nil, err
-		}
-		pass, err := step.next("UGFzc3dvcmQ6") // "Password:"
-		if err != nil {
-			return nil, err
-		}
-		cr = credentials{mech: sasl.Login, user: string(user), pass: string(pass)}
-	case mechXOAuth2, mechOAuthBearer:
-		raw, err := step.next("")
-		if err != nil {
-			return nil, err
-		}
-		if cr, err = decodeOAuth(mech, raw); err != nil {
-			return nil, imapBad(err.Error())
-		}
+	cr, err := step.credentials(mech)
+	if err != nil {
+		return nil, err
 	}
 	return s.login(ctx, cr)
-}
-
-// saslSteps reads a client's SASL responses: the initial response first
-// (if the command had one), then one line per challenge.
-type saslSteps struct {
-	s     *session
-	ir    string
-	hasIR bool
-}
-
-// next returns the client's next decoded response, or the command's
-// reply when the exchange is over (cancelled, invalid, or the client
-// gone: errClientGone).
-func (st *saslSteps) next(challenge string) ([]byte, error) {
-	var resp string
-	if st.hasIR {
-		resp, st.hasIR = st.ir, false
-	} else {
-		line, err := st.s.readContinuation(challenge)
-		if err != nil {
-			return nil, errClientGone
-		}
-		resp = line
-	}
-	if resp == "*" {
-		return nil, &imapStatus{typ: "BAD", text: "Authentication cancelled", uncounted: true}
-	}
-	raw, err := decodeSASL(resp)
-	if err != nil {
-		return nil, imapBad(err.Error())
-	}
-	return raw, nil
 }
 
 // readContinuation sends "+ challenge" and reads the client's answer line.

@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"strings"
 
 	"github.com/imapgate/imapgate/routing"
 	"go.uber.org/zap"
@@ -31,7 +30,7 @@ func (s *session) login(ctx context.Context, cr credentials) (*backendLogin, err
 		m.Login("refused", "privacy_required")
 		return nil, imapNo("PRIVACYREQUIRED", "Use STARTTLS before logging in")
 	}
-	if strings.ContainsAny(cr.user+cr.pass+cr.authzid, "\x00\r\n") || cr.user == "" {
+	if !cr.valid() {
 		m.Login("refused", "invalid_credentials")
 		return nil, imapClientBug("Invalid characters in credentials")
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/base64"
 	"errors"
+	"fmt"
 	"strings"
 
 	"github.com/emersion/go-sasl"
@@ -37,6 +38,83 @@ func (s *session) offers(mech string) bool {
 	}
 	return false
 }
+
+// saslSteps reads a client's SASL responses, in any protocol: the
+// initial response first (if the command had one), then one line per
+// challenge. The protocol says how a challenge is sent and what the
+// client is told when it cancels or sends what is not base64.
+type saslSteps struct {
+	ir    string
+	hasIR bool
+	// challenge sends a challenge (base64, "" for none) and reads the
+	// answer line. Its error (errClientGone) ends the session.
+	challenge func(challenge string) (string, error)
+	// cancelled is the reply to "*"; invalid builds the reply to a
+	// response that cannot be used (text says why).
+	cancelled error
+	invalid   func(text string) error
+}
+
+// next returns the client's next decoded response ("=" is an empty one),
+// or the reply that ends the exchange.
+func (st *saslSteps) next(challenge string) ([]byte, error) {
+	var resp string
+	if st.hasIR {
+		resp, st.hasIR = st.ir, false
+	} else {
+		line, err := st.challenge(challenge)
+		if err != nil {
+			return nil, errClientGone
+		}
+		resp = line
+	}
+	if resp == "*" {
+		return nil, st.cancelled
+	}
+	raw, err := decodeSASL(resp)
+	if err != nil {
+		return nil, st.invalid(err.Error())
+	}
+	return raw, nil
+}
+
+// credentials runs mech's exchange (a known mechanism the listener
+// offers) and returns what the client logs in with, or the reply that
+// ended the exchange.
+func (st *saslSteps) credentials(mech string) (credentials, error) {
+	switch mech {
+	case sasl.Login:
+		user, err := st.next("VXNlcm5hbWU6") // "Username:"
+		if err != nil {
+			return credentials{}, err
+		}
+		pass, err := st.next("UGFzc3dvcmQ6") // "Password:"
+		if err != nil {
+			return credentials{}, err
+		}
+		return credentials{mech: sasl.Login, user: string(user), pass: string(pass)}, nil
+	case sasl.Plain, mechXOAuth2, mechOAuthBearer:
+		raw, err := st.next("")
+		if err != nil {
+			return credentials{}, err
+		}
+		var cr credentials
+		if mech == sasl.Plain {
+			cr, err = decodePlain(raw)
+		} else {
+			cr, err = decodeOAuth(mech, raw)
+		}
+		if err != nil {
+			return credentials{}, st.invalid(err.Error())
+		}
+		return cr, nil
+	}
+	return credentials{}, fmt.Errorf("proxy: SASL mechanism %q has no exchange", mech)
+}
+
+// withoutIMAPCode drops the IMAP response code the SASL decoders put in
+// their errors, for the protocols that have other codes.
+func withoutIMAPCode(text string) string { return strings.TrimPrefix(text, "[CLIENTBUG] ") }
 
 // errClientGone ends a login or a command whose client went away (or was
 // kicked): the session is over, its end reason recorded.

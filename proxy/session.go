@@ -328,6 +328,21 @@ func (s *session) readDeadline() time.Time {
 	return d
 }
 
+// clientHelloOnCleartext reports whether a client opened a cleartext
+// listener with a TLS ClientHello (it will never send a line ending to
+// wait for); the session then ends, and the caller says so in its
+// protocol.
+func (s *session) clientHelloOnCleartext() bool {
+	if s.tls {
+		return false
+	}
+	if b, err := s.r.br.Peek(1); err != nil || b[0] != 0x16 {
+		return false
+	}
+	s.setEnd(EndProtocolMismatch)
+	return true
+}
+
 // timedOut records why a pre-auth read timed out, in every protocol: the
 // wait for the next command (preauth_idle), or the whole Not
 // Authenticated state (login_timeout). The caller says goodbye.
@@ -379,6 +394,12 @@ type credentials struct {
 	user    string
 	pass    string
 	oauth   []byte // XOAUTH2/OAUTHBEARER: the client's response, relayed as is
+}
+
+// valid reports whether the credentials can be sent to a backend: a
+// user, and no NUL or line break anywhere.
+func (c *credentials) valid() bool {
+	return c.user != "" && !strings.ContainsAny(c.user+c.pass+c.authzid, "\x00\r\n")
 }
 
 // routingUser is the name a login is routed by: the authorization identity
