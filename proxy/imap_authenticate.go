@@ -28,7 +28,13 @@ func (s *session) imapAuthenticate(ctx context.Context, cmd *command) (*backendL
 		return nil, imapNo("PRIVACYREQUIRED", "Use STARTTLS before logging in")
 	}
 	step := saslSteps{
-		challenge: s.readContinuation,
+		challenge: func(challenge string) (string, error) {
+			line, err := s.readContinuation(challenge)
+			if err != nil {
+				return "", errClientGone // answered already
+			}
+			return line, nil
+		},
 		cancelled: &imapStatus{typ: "BAD", text: "Authentication cancelled", uncounted: true},
 		invalid:   func(text string) error { return imapBad(text) },
 	}

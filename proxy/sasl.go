@@ -47,7 +47,8 @@ type saslSteps struct {
 	ir    string
 	hasIR bool
 	// challenge sends a challenge (base64, "" for none) and reads the
-	// answer line. Its error (errClientGone) ends the session.
+	// answer line. Its error is the command's reply (errClientGone: the
+	// session is over).
 	challenge func(challenge string) (string, error)
 	// cancelled is the reply to "*"; invalid builds the reply to a
 	// response that cannot be used (text says why).
@@ -64,7 +65,7 @@ func (st *saslSteps) next(challenge string) ([]byte, error) {
 	} else {
 		line, err := st.challenge(challenge)
 		if err != nil {
-			return nil, errClientGone
+			return nil, err
 		}
 		resp = line
 	}
