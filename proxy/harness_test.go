@@ -8,9 +8,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"github.com/emersion/go-imap/v2/imapclient"
-	"io"
 	"net"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -109,109 +107,12 @@ func newHarnessListeners(t testing.TB, router routing.Router, mod func(*Options)
 	return h
 }
 
-// conv is a scripted client conversation.
-type conv struct {
-	t  testing.TB
-	c  net.Conn
-	br *bufio.Reader
-}
+// conv is a scripted client conversation (testenv.Conv).
+type conv = testenv.Conv
 
 func dialConv(t testing.TB, addr string, tlsCfg *tls.Config) *conv {
 	t.Helper()
-	var c net.Conn
-	var err error
-	if tlsCfg != nil {
-		c, err = tls.Dial("tcp", addr, tlsCfg)
-	} else {
-		c, err = net.Dial("tcp", addr)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(20 * time.Second))
-	return &conv{t: t, c: c, br: bufio.NewReader(c)}
-}
-
-func (c *conv) send(s string) {
-	c.t.Helper()
-	if _, err := io.WriteString(c.c, s); err != nil {
-		c.t.Fatalf("send %q: %v", s, err)
-	}
-}
-
-// sendCut writes s to a server that may answer and hang up before it has
-// read all of it (a line over every limit): a failed write is then no
-// failure, the answer the test expects next is what counts.
-func (c *conv) sendCut(s string) {
-	c.c.Write([]byte(s))
-}
-
-func (c *conv) line() string {
-	c.t.Helper()
-	l, err := c.br.ReadString('\n')
-	if err != nil {
-		c.t.Fatalf("reading a line: %v (got %q)", err, l)
-	}
-	return strings.TrimRight(l, "\r\n")
-}
-
-// expect reads one line and checks its prefix.
-func (c *conv) expect(prefix string) string {
-	c.t.Helper()
-	l := c.line()
-	if !strings.HasPrefix(l, prefix) {
-		c.t.Fatalf("got %q, want a line starting with %q", l, prefix)
-	}
-	return l
-}
-
-// tagged reads lines up to the one tagged tag and returns it.
-func (c *conv) tagged(tag string) (last string, untagged []string) {
-	c.t.Helper()
-	for {
-		l := c.line()
-		if strings.HasPrefix(l, tag+" ") {
-			return l, untagged
-		}
-		untagged = append(untagged, l)
-	}
-}
-
-// expectClosed checks the server hangs up.
-func (c *conv) expectClosed() {
-	c.t.Helper()
-	for {
-		l, err := c.br.ReadString('\n')
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() {
-			c.t.Fatalf("the connection is still open (%v)", err)
-		}
-		if err != nil {
-			return
-		}
-		if !strings.HasPrefix(l, "* BYE") {
-			c.t.Fatalf("got %q while waiting for the close", l)
-		}
-	}
-}
-
-func (c *conv) starttls(cfg *tls.Config) {
-	c.t.Helper()
-	c.send("st STARTTLS\r\n")
-	c.expect("st OK")
-	c.starttlsHandshake(cfg)
-}
-
-// starttlsHandshake switches to TLS, dropping anything read ahead.
-func (c *conv) starttlsHandshake(cfg *tls.Config) {
-	c.t.Helper()
-	tc := tls.Client(c.c, cfg)
-	if err := tc.Handshake(); err != nil {
-		c.t.Fatalf("STARTTLS handshake: %v", err)
-	}
-	c.c = tc
-	c.br = bufio.NewReader(tc)
+	return testenv.DialConv(t, addr, tlsCfg)
 }
 
 // appendMessage APPENDs body to INBOX (a literal of len(body) bytes).
