@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/imapgate/imapgate/proxy/internal/addr"
 	"net"
 	"net/netip"
 	"sync"
@@ -186,8 +187,8 @@ func isTemporary(err error) bool {
 
 // serveConn runs one client connection from accept to close.
 func (s *Server) serveConn(c net.Conn, l *Listener) {
-	remote, local := addrPort(c.RemoteAddr()), addrPort(c.LocalAddr())
-	if trusted(l.ProxyProtocolFrom, remote.Addr()) {
+	remote, local := addr.Of(c.RemoteAddr()), addr.Of(c.LocalAddr())
+	if addr.In(l.ProxyProtocolFrom, remote.Addr()) {
 		c.SetReadDeadline(time.Now().Add(s.o().Timeouts.TLSHandshake))
 		src, dst, ok, err := readProxyHeader(c)
 		c.SetReadDeadline(time.Time{})
@@ -265,24 +266,6 @@ func (s *Server) admit(network netip.Prefix) string {
 	s.perIP[network]++
 	s.active.Add(1)
 	return ""
-}
-
-func trusted(nets []netip.Prefix, a netip.Addr) bool {
-	for _, p := range nets {
-		if p.Contains(a) {
-			return true
-		}
-	}
-	return false
-}
-
-func addrPort(a net.Addr) netip.AddrPort {
-	if ta, ok := a.(*net.TCPAddr); ok {
-		ap := ta.AddrPort()
-		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-	}
-	ap, _ := netip.ParseAddrPort(a.String())
-	return ap
 }
 
 // SessionInfo describes a live session for operators.

@@ -8,6 +8,7 @@ import (
 	"encoding/base32"
 	"errors"
 	"fmt"
+	"github.com/imapgate/imapgate/proxy/internal/addr"
 	"io"
 	"net"
 	"net/netip"
@@ -316,7 +317,7 @@ func (s *session) authAllowed() bool {
 	if s.tls {
 		return true
 	}
-	return trusted(s.lst.InsecureAuth, s.remote.Addr())
+	return addr.In(s.lst.InsecureAuth, s.remote.Addr())
 }
 
 // readTimeout is the read deadline for the next pre-auth command.
