@@ -173,27 +173,16 @@ func (s *session) handle(ctx context.Context, cmd *command) (bl *backendLogin, e
 // client gets NO [SERVERBUG]. bl, the backend connection of a login, is
 // closed if the client cannot be told.
 func (s *session) reply(tag string, bl *backendLogin, err error) (end bool) {
-	var st *imapStatus
-	switch {
-	case errors.Is(err, errAnswered):
-		return false
-	case errors.Is(err, errClientGone):
-		return true
-	case !errors.As(err, &st):
-		s.logger().Error("pre-auth command failed", zap.Error(err))
-		st = imapNo("SERVERBUG", "Internal error")
+	st, done, end := replyOf(s, err, imapOK("", "Completed"), imapNo("SERVERBUG", "Internal error"))
+	if done {
+		return end
 	}
 	if tag == "" {
 		tag = "*"
 	}
 	bye := st.bye
-	if st.typ == "BAD" && !st.uncounted {
-		s.badCmds++
-		if s.badCmds >= s.srv.o().Limits.MaxBadCommands {
-			s.srv.o().Metrics.LimitHit("bad_commands")
-			s.setEnd(EndBadCommands)
-			bye = "Too many invalid commands"
-		}
+	if st.typ == "BAD" && !st.uncounted && s.countBad() {
+		bye = "Too many invalid commands"
 	}
 	var b strings.Builder
 	b.WriteString(s.untagged)
@@ -210,13 +199,68 @@ func (s *session) reply(tag string, bl *backendLogin, err error) (end bool) {
 	if bye != "" {
 		b.WriteString("* BYE " + bye + "\r\n")
 	}
-	if !s.writeString(b.String()) {
-		if bl != nil {
-			bl.conn.Close()
-		}
+	if !s.send(b.String(), bl) {
 		return true
 	}
 	return st.end || bye != "" || st.typ == "BYE"
+}
+
+// replyOf sorts a handler's error, in any protocol: its reply (R, the
+// protocol's reply type; ok for nil), or done when there is nothing to
+// write (errAnswered: the session goes on; errClientGone: it ends). An
+// error that is not a reply is a bug: it is logged, and the client gets
+// the protocol's internal-error reply.
+func replyOf[R error](s *session, err error, ok, internal R) (r R, done, end bool) {
+	switch {
+	case err == nil:
+		return ok, false, false
+	case errors.Is(err, errAnswered):
+		return r, true, false
+	case errors.Is(err, errClientGone):
+		return r, true, true
+	case errors.As(err, &r):
+		return r, false, false
+	}
+	s.logger().Error("pre-auth command failed", zap.Error(err))
+	return internal, false, false
+}
+
+// countBad counts a bad command, in any protocol, and reports whether it
+// was the last one allowed: the session then ends, and its reply says so.
+func (s *session) countBad() (last bool) {
+	s.badCmds++
+	if s.badCmds < s.srv.o().Limits.MaxBadCommands {
+		return false
+	}
+	s.srv.o().Metrics.LimitHit("bad_commands")
+	s.setEnd(EndBadCommands)
+	return true
+}
+
+// countAuthFailure counts a failed login, in any protocol, waits out the
+// failure delay, and reports whether it was the last one allowed on this
+// connection: the session then ends, and its reply says so.
+func (s *session) countAuthFailure(ctx context.Context) (last bool) {
+	s.authFails++
+	s.failureDelay(ctx)
+	if s.authFails < s.srv.o().Limits.MaxAuthFailures {
+		return false
+	}
+	s.srv.o().Metrics.LimitHit("auth_failures")
+	s.setEnd(EndAuthFailures)
+	return true
+}
+
+// send writes a reply; when the client is gone, bl (a login's backend
+// connection, or nil) is closed, since nobody will use it.
+func (s *session) send(reply string, bl *backendLogin) bool {
+	if s.writeString(reply) {
+		return true
+	}
+	if bl != nil {
+		bl.conn.Close()
+	}
+	return false
 }
 
 // queue adds an untagged response ("* " and CRLF added) to the next reply.

@@ -65,15 +65,11 @@ func (s *session) login(ctx context.Context, cr credentials) (*backendLogin, err
 // loginRefused is a failed login's reply, given after the failure delay;
 // after too many on this connection it hangs up.
 func (s *session) loginRefused(ctx context.Context, code, text string) *imapStatus {
-	s.authFails++
-	s.failureDelay(ctx)
 	if text == "" {
 		text = "Authentication failed."
 	}
 	st := imapNo(code, text)
-	if s.authFails >= s.srv.o().Limits.MaxAuthFailures {
-		s.srv.o().Metrics.LimitHit("auth_failures")
-		s.setEnd(EndAuthFailures)
+	if s.countAuthFailure(ctx) {
 		st.bye = "Too many login failures"
 	}
 	return st

@@ -146,26 +146,14 @@ func pop3Bad(text string) *pop3Answer { return &pop3Answer{text: text, bad: true
 // logged and answered -ERR [SYS/TEMP]. bl, a login's backend connection,
 // is closed if the client cannot be told.
 func (s *session) pop3Reply(bl *backendLogin, err error) (end bool) {
-	st := &pop3Answer{ok: true}
-	switch {
-	case err == nil:
-	case errors.Is(err, errAnswered):
-		return false
-	case errors.Is(err, errClientGone):
-		return true
-	case !errors.As(err, &st):
-		s.logger().Error("pre-auth command failed", zap.Error(err))
-		st = pop3Err("[SYS/TEMP] Internal error")
+	st, done, end := replyOf(s, err, &pop3Answer{ok: true}, pop3Err("[SYS/TEMP] Internal error"))
+	if done {
+		return end
 	}
 	text, end := st.text, st.end
-	if st.bad {
-		s.badCmds++
-		if s.badCmds >= s.srv.o().Limits.MaxBadCommands {
-			s.srv.o().Metrics.LimitHit("bad_commands")
-			s.setEnd(EndBadCommands)
-			text += "; too many invalid commands"
-			end = true
-		}
+	if st.bad && s.countBad() {
+		text += "; too many invalid commands"
+		end = true
 	}
 	line := "-ERR"
 	if st.ok {
@@ -178,10 +166,7 @@ func (s *session) pop3Reply(bl *backendLogin, err error) (end bool) {
 	if st.body != "" {
 		line += st.body + "\r\n"
 	}
-	if !s.writeString(line) {
-		if bl != nil {
-			bl.conn.Close()
-		}
+	if !s.send(line, bl) {
 		return true
 	}
 	return end
@@ -359,11 +344,7 @@ func (s *session) pop3Relay(challenge string) (string, error) {
 // pop3Refused is a failed login's reply, after the failure delay; after
 // too many on this connection it hangs up.
 func (s *session) pop3Refused(ctx context.Context, text string) *pop3Answer {
-	s.authFails++
-	s.failureDelay(ctx)
-	if s.authFails >= s.srv.o().Limits.MaxAuthFailures {
-		s.srv.o().Metrics.LimitHit("auth_failures")
-		s.setEnd(EndAuthFailures)
+	if s.countAuthFailure(ctx) {
 		return &pop3Answer{text: text + " Too many login failures", end: true}
 	}
 	return pop3Err(text)

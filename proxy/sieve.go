@@ -85,25 +85,13 @@ func sieveBad(text string) *sieveAnswer      { return &sieveAnswer{typ: "NO", te
 // answered NO. bl, a login's backend connection, is closed if the client
 // cannot be told.
 func (s *session) sieveReply(bl *backendLogin, err error) (end bool) {
-	st := &sieveAnswer{typ: "OK", text: "Done."}
-	switch {
-	case err == nil:
-	case errors.Is(err, errAnswered):
-		return false
-	case errors.Is(err, errClientGone):
-		return true
-	case !errors.As(err, &st):
-		s.logger().Error("pre-auth command failed", zap.Error(err))
-		st = sieveNo("TRYLATER", "Internal error")
+	st, done, end := replyOf(s, err, &sieveAnswer{typ: "OK", text: "Done."}, sieveNo("TRYLATER", "Internal error"))
+	if done {
+		return end
 	}
 	typ, text, end := st.typ, st.text, st.end || st.bye != "" || st.typ == "BYE"
-	if st.bad {
-		s.badCmds++
-		if s.badCmds >= s.srv.o().Limits.MaxBadCommands {
-			s.srv.o().Metrics.LimitHit("bad_commands")
-			s.setEnd(EndBadCommands)
-			typ, text, end = "BYE", text+"; too many invalid commands", true
-		}
+	if st.bad && s.countBad() {
+		typ, text, end = "BYE", text+"; too many invalid commands", true
 	}
 	out := st.body
 	if typ != "" {
@@ -116,10 +104,7 @@ func (s *session) sieveReply(bl *backendLogin, err error) (end bool) {
 	if st.bye != "" {
 		out += "BYE " + sieveQuote(st.bye) + "\r\n"
 	}
-	if !s.writeString(out) {
-		if bl != nil {
-			bl.conn.Close()
-		}
+	if !s.send(out, bl) {
 		return true
 	}
 	return end
@@ -318,12 +303,8 @@ func (s *session) sieveLogin(ctx context.Context, cr credentials) (*backendLogin
 // sieveRefused is a failed login's reply, after the failure delay; after
 // too many on this connection it hangs up.
 func (s *session) sieveRefused(ctx context.Context, code, text string) *sieveAnswer {
-	s.authFails++
-	s.failureDelay(ctx)
 	st := sieveNo(code, text)
-	if s.authFails >= s.srv.o().Limits.MaxAuthFailures {
-		s.srv.o().Metrics.LimitHit("auth_failures")
-		s.setEnd(EndAuthFailures)
+	if s.countAuthFailure(ctx) {
 		st.bye = "Too many login failures"
 	}
 	return st
