@@ -6,7 +6,6 @@ import (
 
 	"context"
 	"crypto/tls"
-	"errors"
 	"github.com/emersion/go-imap/v2/imapclient"
 	"net"
 	"sync"
@@ -14,7 +13,6 @@ import (
 	"time"
 
 	"github.com/emersion/go-imap/v2"
-	"github.com/imapgate/imapgate/internal/memimap"
 	"github.com/imapgate/imapgate/internal/testenv"
 	"github.com/imapgate/imapgate/routing"
 	"go.uber.org/zap/zaptest"
@@ -27,16 +25,10 @@ var memUsers = map[string]string{
 	"carol":             "pässwörd",
 }
 
-// startMemBackend runs go-imap's in-memory server on loopback: a real
-// IMAP server in-process, for fast tests that do not need Dovecot.
+// startMemBackend runs go-imap's in-memory server with memUsers.
 func startMemBackend(t testing.TB) string {
 	t.Helper()
-	srv, err := memimap.Start("", memUsers)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Close() })
-	return srv.Addr
+	return testenv.StartMemIMAP(t, memUsers)
 }
 
 // harness is an imapgate Server on two loopback listeners.
@@ -82,23 +74,12 @@ func newHarnessListeners(t testing.TB, router routing.Router, mod func(*Options)
 	srv.parkAfter = 5 * time.Millisecond
 	h := &harness{srv: srv, clientTLS: &tls.Config{RootCAs: ca.Pool, ServerName: "localhost"}}
 	for _, l := range []Listener{{Mode: ImplicitTLS}, st} {
-		mode := l.Mode
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if mode == ImplicitTLS {
-			h.tlsAddr = ln.Addr().String()
+		addr := serveExtra(t, h, l)
+		if l.Mode == ImplicitTLS {
+			h.tlsAddr = addr
 		} else {
-			h.startTLSAddr = ln.Addr().String()
+			h.startTLSAddr = addr
 		}
-		h.wg.Add(1)
-		go func() {
-			defer h.wg.Done()
-			if err := srv.Serve(ln, l); !errors.Is(err, ErrServerClosed) {
-				t.Errorf("Serve: %v", err)
-			}
-		}()
 	}
 	t.Cleanup(func() {
 		srv.Close()
@@ -177,4 +158,10 @@ func dialWatching(t testing.TB, h *harness, user, pass string) (*imapclient.Clie
 		t.Fatal(err)
 	}
 	return cl, exists
+}
+
+// serveExtra serves one more listener on the harness's Server.
+func serveExtra(t testing.TB, h *harness, l Listener) string {
+	t.Helper()
+	return testenv.ServeLoopback(t, &h.wg, func(ln net.Listener) error { return h.srv.Serve(ln, l) }, ErrServerClosed)
 }

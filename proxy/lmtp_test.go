@@ -84,23 +84,6 @@ func newLMTPEnv(t *testing.T, mod func(*Options)) *lmtpEnv {
 	return e
 }
 
-// serveExtra serves one more listener on the harness's Server.
-func serveExtra(t *testing.T, h *harness, l Listener) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.wg.Add(1)
-	go func() {
-		defer h.wg.Done()
-		if err := h.srv.Serve(ln, l); !errors.Is(err, ErrServerClosed) {
-			t.Errorf("Serve: %v", err)
-		}
-	}()
-	return ln.Addr().String()
-}
-
 // inbox logs in through imapgate and returns the subjects in INBOX.
 func (e *lmtpEnv) inbox(t *testing.T, d *testenv.Dovecot, user string) []string {
 	t.Helper()

@@ -405,14 +405,10 @@ passdb {
 	c.Expect("+OK")
 	c.Expect("+OK 0 0")
 	s := dialConv(t, e.addrs["sieve"], nil)
-	readSieveResp(s)
-	s.Send("STARTTLS\r\n")
-	s.Expect("OK")
-	s.Handshake(e.clientTLS)
-	readSieveResp(s)
+	s.SieveStartTLS(e.clientTLS)
 	s.Send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\nLISTSCRIPTS\r\n")
 	s.Expect("OK")
-	if _, st := readSieveResp(s); !strings.HasPrefix(st, "OK") {
+	if _, st := s.SieveResponse(); !strings.HasPrefix(st, "OK") {
 		t.Fatalf("LISTSCRIPTS as master: %q", st)
 	}
 	testenv.WaitFor(t, func() bool { return strings.Count(e.d.Log(), masterLine) == 2 })

@@ -46,10 +46,10 @@ func TestBackendTLSAllProtocols(t *testing.T) {
 			if tc.b.SieveAddr != "" {
 				sieves := serveExtra(t, h, Listener{Protocol: routing.ProtocolSieve, Mode: ImplicitTLS})
 				s := dialConv(t, sieves, clientTLS)
-				readSieveResp(s)
+				s.SieveResponse()
 				s.Send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\nLISTSCRIPTS\r\n")
 				s.Expect("OK")
-				if _, st := readSieveResp(s); !strings.HasPrefix(st, "OK") {
+				if _, st := s.SieveResponse(); !strings.HasPrefix(st, "OK") {
 					t.Fatalf("LISTSCRIPTS over a STARTTLS backend: %q", st)
 				}
 			}

@@ -51,18 +51,6 @@ func TestSieveConnect(t *testing.T) {
 	}
 }
 
-// readSieveResp reads one whole response (capability lines and the status).
-func readSieveResp(c *conv) (caps []string, status string) {
-	c.T.Helper()
-	for {
-		l := c.Line()
-		if strings.HasPrefix(l, "OK") || strings.HasPrefix(l, "NO") || strings.HasPrefix(l, "BYE") {
-			return caps, l
-		}
-		caps = append(caps, l)
-	}
-}
-
 // TestSieveConversation: the greeting, STARTTLS with the capabilities
 // re-sent, the three forms of AUTHENTICATE, and the bad-input classes.
 func TestSieveConversation(t *testing.T) {
@@ -71,7 +59,7 @@ func TestSieveConversation(t *testing.T) {
 	plain := base64.StdEncoding.EncodeToString([]byte("\x00alice@example.org\x00" + pass))
 	startTLS := func(t *testing.T) *conv {
 		c := dialConv(t, e.addrs["sieve"], nil)
-		caps, st := readSieveResp(c)
+		caps, st := c.SieveResponse()
 		joined := strings.Join(caps, " ")
 		if !strings.HasPrefix(st, "OK") || !strings.Contains(joined, `"STARTTLS"`) || !strings.Contains(joined, `"SASL" ""`) {
 			t.Fatalf("cleartext greeting %q %q", caps, st)
@@ -80,7 +68,7 @@ func TestSieveConversation(t *testing.T) {
 		c.Send("STARTTLS\r\nAUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
 		c.Expect("OK")
 		c.Handshake(e.clientTLS)
-		caps, st = readSieveResp(c)
+		caps, st = c.SieveResponse()
 		if joined := strings.Join(caps, " "); !strings.HasPrefix(st, "OK") || strings.Contains(joined, "STARTTLS") || !strings.Contains(joined, `"SASL" "PLAIN"`) {
 			t.Fatalf("capabilities after STARTTLS %q %q", caps, st)
 		}
@@ -90,7 +78,7 @@ func TestSieveConversation(t *testing.T) {
 		t.Helper()
 		c.Expect("OK")
 		c.Send("LISTSCRIPTS\r\n")
-		_, st := readSieveResp(c)
+		_, st := c.SieveResponse()
 		if !strings.HasPrefix(st, "OK") {
 			t.Fatalf("LISTSCRIPTS after login: %q", st)
 		}
@@ -122,7 +110,7 @@ func TestSieveConversation(t *testing.T) {
 	})
 	t.Run("cleartext login refused", func(t *testing.T) {
 		c := dialConv(t, e.addrs["sieve"], nil)
-		readSieveResp(c)
+		c.SieveResponse()
 		c.Send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
 		c.Expect("NO (ENCRYPT-NEEDED)")
 	})
@@ -136,7 +124,7 @@ func TestSieveConversation(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := dialConv(t, e.addrs["sieve"], nil)
-			readSieveResp(c)
+			c.SieveResponse()
 			c.Send(tc.send)
 			c.Expect(tc.want)
 			c.ExpectClosed("")
@@ -144,7 +132,7 @@ func TestSieveConversation(t *testing.T) {
 	}
 	t.Run("too many bad commands", func(t *testing.T) {
 		c := dialConv(t, e.addrs["sieve"], nil)
-		readSieveResp(c)
+		c.SieveResponse()
 		c.Send("PUTSCRIPT \"a\" \"b\"\r\n\"unterminated\r\nHAVESPACE\r\n")
 		c.Expect("NO")
 		c.Expect("NO")
@@ -159,11 +147,7 @@ func TestSieveConversation(t *testing.T) {
 		}
 		c := &conv{T: t, C: raw, R: bufio.NewReader(raw)}
 		defer raw.Close()
-		readSieveResp(c)
-		c.Send("STARTTLS\r\n")
-		c.Expect("OK")
-		c.Handshake(e.clientTLS)
-		readSieveResp(c)
+		c.SieveStartTLS(e.clientTLS)
 		c.Send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\nLOGOUT\r\n")
 		c.Expect("OK")
 		c.Expect("OK")

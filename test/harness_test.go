@@ -3,16 +3,13 @@ package test
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"net"
-	"strings"
 	"sync"
 	"testing"
 
 	"go.uber.org/goleak"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/imapgate/imapgate/internal/memimap"
 	"github.com/imapgate/imapgate/internal/testenv"
 	"github.com/imapgate/imapgate/proxy"
 	"github.com/imapgate/imapgate/routing"
@@ -46,15 +43,10 @@ var memUsers = map[string]string{
 	"bob@example.org":   "bob pass",
 }
 
-// startMemBackend runs go-imap's in-memory server on loopback.
+// startMemBackend runs go-imap's in-memory server with memUsers.
 func startMemBackend(t testing.TB) string {
 	t.Helper()
-	srv, err := memimap.Start("", memUsers)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Close() })
-	return srv.Addr
+	return testenv.StartMemIMAP(t, memUsers)
 }
 
 func fixedRouter(b *routing.Backend) routing.Router {
@@ -106,29 +98,5 @@ func newHarnessListeners(t testing.TB, router routing.Router, mod func(*proxy.Op
 // serveExtra serves one more listener on the harness's Server.
 func serveExtra(t testing.TB, h *harness, l proxy.Listener) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.wg.Add(1)
-	go func() {
-		defer h.wg.Done()
-		if err := h.srv.Serve(ln, l); !errors.Is(err, proxy.ErrServerClosed) {
-			t.Errorf("Serve: %v", err)
-		}
-	}()
-	return ln.Addr().String()
-}
-
-// readSieveResp reads one whole ManageSieve response (capability lines
-// and the status).
-func readSieveResp(c *conv) (caps []string, status string) {
-	c.T.Helper()
-	for {
-		l := c.Line()
-		if strings.HasPrefix(l, "OK") || strings.HasPrefix(l, "NO") || strings.HasPrefix(l, "BYE") {
-			return caps, l
-		}
-		caps = append(caps, l)
-	}
+	return testenv.ServeLoopback(t, &h.wg, func(ln net.Listener) error { return h.srv.Serve(ln, l) }, proxy.ErrServerClosed)
 }

@@ -102,7 +102,7 @@ func TestConsulMoveAllProtocols(t *testing.T) {
 	pop.Send("AUTH PLAIN " + plain + "\r\n")
 	pop.Expect("+OK")
 	sv := dialConv(t, sieves, clientTLS)
-	readSieveResp(sv)
+	sv.SieveResponse()
 	sv.Send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
 	sv.Expect("OK")
 	if got := len(srv.Sessions(user, "p1")); got != 2 {

@@ -164,3 +164,27 @@ func (d *Dovecot) WaitLog(t testing.TB, want ...string) string {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// SieveResponse reads one whole ManageSieve response: its data lines
+// (capabilities, say) and the status line (OK, NO or BYE).
+func (c *Conv) SieveResponse() (lines []string, status string) {
+	c.T.Helper()
+	for {
+		l := c.Line()
+		if strings.HasPrefix(l, "OK") || strings.HasPrefix(l, "NO") || strings.HasPrefix(l, "BYE") {
+			return lines, l
+		}
+		lines = append(lines, l)
+	}
+}
+
+// SieveStartTLS reads the ManageSieve greeting, runs STARTTLS and the
+// handshake, and reads the capabilities the server sends again after it.
+func (c *Conv) SieveStartTLS(cfg *tls.Config) {
+	c.T.Helper()
+	c.SieveResponse()
+	c.Send("STARTTLS\r\n")
+	c.Expect("OK")
+	c.Handshake(cfg)
+	c.SieveResponse()
+}
