@@ -273,18 +273,7 @@ func (s *session) pop3Auth(ctx context.Context, arg string) (*backendLogin, erro
 	}
 	step := saslSteps{
 		ir: ir, hasIR: hasIR,
-		challenge: func(challenge string) (string, error) {
-			if !s.writeString("+ " + challenge + "\r\n") {
-				return "", errClientGone
-			}
-			s.raw.SetReadDeadline(s.readDeadline())
-			line, err := s.pop3Line()
-			if err != nil {
-				s.setEnd(EndProtocolError)
-				return "", errClientGone
-			}
-			return line, nil
-		},
+		challenge: s.pop3Relay,
 		cancelled: pop3Err("Authentication cancelled"),
 		invalid:   func(text string) error { return pop3Bad(withoutIMAPCode(text)) },
 	}
@@ -326,8 +315,8 @@ func (s *session) pop3Login(ctx context.Context, cr credentials) (*backendLogin,
 	return res.bl, &pop3Answer{ok: true, text: res.bl.caps}
 }
 
-// pop3Relay shows the client a SASL challenge from the backend (the
-// OAuth error challenge) and returns its answer line.
+// pop3Relay shows the client a SASL challenge (imapgate's own, or the
+// backend's OAuth error challenge) and returns its answer line.
 func (s *session) pop3Relay(challenge string) (string, error) {
 	if !s.writeString("+ " + challenge + "\r\n") {
 		return "", errClientGone
