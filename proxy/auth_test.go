@@ -223,12 +223,7 @@ func TestPasswordSpray(t *testing.T) {
 		t.Errorf("user limiter tracks %d keys, bound is 200", n)
 	}
 	// A legitimate user from a fresh address is unaffected.
-	conn, err := (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 9, 9, 9)}}).Dial("tcp", h.startTLSAddr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := &conv{T: t, C: conn, R: bufioReader(conn)}
-	t.Cleanup(func() { conn.Close() })
+	c := testenv.DialConvFrom(t, h.startTLSAddr, net.IPv4(127, 9, 9, 9), nil)
 	c.Expect("* OK")
 	c.Send("a LOGIN alice@example.org alicepass\r\n")
 	c.Expect("a OK")

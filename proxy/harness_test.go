@@ -51,9 +51,9 @@ func newHarness(t testing.TB, router routing.Router, mod func(*Options)) *harnes
 
 func bufioReader(c net.Conn) *bufio.Reader { return bufio.NewReader(c) }
 
-// newHarnessListeners is newHarness with the StartTLS listener's options
-// given (the implicit-TLS one keeps the defaults).
-func newHarnessListeners(t testing.TB, router routing.Router, mod func(*Options), st Listener) *harness {
+// newTestServer is a Server for router with a test CA's certificate,
+// its log on the test and no failure delay, then mod's changes.
+func newTestServer(t testing.TB, router routing.Router, mod func(*Options)) (*Server, *testenv.TestCA) {
 	t.Helper()
 	ca := testenv.NewTestCA(t)
 	opts := Options{
@@ -69,6 +69,14 @@ func newHarnessListeners(t testing.TB, router routing.Router, mod func(*Options)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return srv, ca
+}
+
+// newHarnessListeners is newHarness with the StartTLS listener's options
+// given (the implicit-TLS one keeps the defaults).
+func newHarnessListeners(t testing.TB, router routing.Router, mod func(*Options), st Listener) *harness {
+	t.Helper()
+	srv, ca := newTestServer(t, router, mod)
 	// Park idle directions almost at once, so that every test also runs
 	// the parked path (the riskier one), not only the 2 s wait before it.
 	srv.parkAfter = 5 * time.Millisecond

@@ -165,20 +165,6 @@ func limitHarness(t *testing.T, mod func(*Options)) (*harness, *countingRouter, 
 	return h, r, m
 }
 
-// dialFrom connects to addr from a loopback source address.
-func dialFrom(t *testing.T, addr string, src net.IP) *conv {
-	t.Helper()
-	conn, err := (&net.Dialer{LocalAddr: &net.TCPAddr{IP: src}}).Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	conn.SetDeadline(time.Now().Add(20 * time.Second))
-	c := &conv{T: t, C: conn, R: bufioReader(conn)}
-	c.Expect("* OK")
-	return c
-}
-
 // TestFailureLimitsNotRaced sends many wrong passwords at once: a login
 // takes its token before the backend is asked, so no more reach the
 // backend than the network's burst, however many are in flight.
@@ -396,4 +382,13 @@ func TestConnectionsPerNetwork(t *testing.T) {
 		return h.srv.perIP[netip.MustParsePrefix("2001:db8:1:2::/64")] == 1
 	})
 	from("2001:db8:1:2::4").Expect("* OK")
+}
+
+// dialFrom connects to an IMAP listener from a loopback source address
+// and reads the greeting.
+func dialFrom(t *testing.T, addr string, src net.IP) *conv {
+	t.Helper()
+	c := testenv.DialConvFrom(t, addr, src, nil)
+	c.Expect("* OK")
+	return c
 }

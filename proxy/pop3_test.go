@@ -43,20 +43,7 @@ func newProtoEnvExtra(t *testing.T, protocols []string, extra string, mod func(*
 	testenv.Need(t, "dovecot")
 	d := testenv.StartDovecot(t, testenv.DovecotOptions{TrustedNetworks: "127.0.0.0/8", Protocols: protocols, Extra: extra})
 	b := dovecotLMTPBackend("d1", d)
-	ca := testenv.NewTestCA(t)
-	opts := Options{
-		Router: fixedRouter(b),
-		TLS:    &tls.Config{Certificates: []tls.Certificate{ca.ServerCert}},
-		Logger: zaptest.NewLogger(t),
-	}
-	opts.Limits.AuthFailureDelay = -1
-	if mod != nil {
-		mod(&opts)
-	}
-	srv, err := NewServer(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv, ca := newTestServer(t, fixedRouter(b), mod)
 	e := &protoEnv{srv: srv, ca: ca, d: d, addrs: map[string]string{},
 		clientTLS: &tls.Config{RootCAs: ca.Pool, ServerName: "localhost"}, h: &harness{srv: srv}}
 	t.Cleanup(func() { srv.Close(); e.h.wg.Wait() })
@@ -250,15 +237,7 @@ func TestPOP3Conversation(t *testing.T) {
 		c.ExpectClosed("* BYE")
 	})
 	t.Run("XCLIENT gives Dovecot the client's address", func(t *testing.T) {
-		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.3")}}
-		raw, err := d.Dial("tcp", e.addrs["pop3s"])
-		if err != nil {
-			t.Fatal(err)
-		}
-		tc := tls.Client(raw, e.clientTLS)
-		c := &conv{T: t, C: tc, R: bufioReader(tc)}
-		defer tc.Close()
-		tc.SetDeadline(time.Now().Add(10 * time.Second))
+		c := testenv.DialConvFrom(t, e.addrs["pop3s"], net.ParseIP("127.0.0.3"), e.clientTLS)
 		c.Expect("+OK")
 		c.Send("AUTH PLAIN " + plain + "\r\n")
 		c.Expect("+OK")

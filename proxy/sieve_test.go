@@ -140,13 +140,7 @@ func TestSieveConversation(t *testing.T) {
 		c.ExpectClosed("")
 	})
 	t.Run("XCLIENT gives Dovecot the client's address", func(t *testing.T) {
-		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.4")}}
-		raw, err := d.Dial("tcp", e.addrs["sieve"])
-		if err != nil {
-			t.Fatal(err)
-		}
-		c := &conv{T: t, C: raw, R: bufio.NewReader(raw)}
-		defer raw.Close()
+		c := testenv.DialConvFrom(t, e.addrs["sieve"], net.ParseIP("127.0.0.4"), nil)
 		c.SieveStartTLS(e.clientTLS)
 		c.Send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\nLOGOUT\r\n")
 		c.Expect("OK")

@@ -27,15 +27,29 @@ type Conv struct {
 // deadline on the whole conversation. Cleanup closes it.
 func DialConv(t testing.TB, addr string, tlsCfg *tls.Config) *Conv {
 	t.Helper()
-	var c net.Conn
-	var err error
-	if tlsCfg != nil {
-		c, err = tls.Dial("tcp", addr, tlsCfg)
-	} else {
-		c, err = net.Dial("tcp", addr)
+	return DialConvFrom(t, addr, nil, tlsCfg)
+}
+
+// DialConvFrom is DialConv from the local address from (nil: any), a
+// loopback address other than 127.0.0.1, say, for tests of what is
+// counted or forwarded per client address.
+func DialConvFrom(t testing.TB, addr string, from net.IP, tlsCfg *tls.Config) *Conv {
+	t.Helper()
+	d := net.Dialer{}
+	if from != nil {
+		d.LocalAddr = &net.TCPAddr{IP: from}
 	}
+	c, err := d.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if tlsCfg != nil {
+		tc := tls.Client(c, tlsCfg)
+		if err := tc.Handshake(); err != nil {
+			c.Close()
+			t.Fatal(err)
+		}
+		c = tc
 	}
 	t.Cleanup(func() { c.Close() })
 	c.SetDeadline(time.Now().Add(20 * time.Second))
