@@ -845,11 +845,16 @@ func testConsulOutage(t *testing.T, e *consulEnv) {
 	if err := live.noop(); err != nil {
 		t.Errorf("a session open across the outage and the restart: %v", err)
 	}
-	for _, b := range g.r.States() {
-		if !b.Placeable {
-			t.Errorf("after the restart %s is %s", b.ID, b.Health)
+	// A restarted agent starts its checks critical until each has run
+	// once (every second): the router must follow them back.
+	consulWaitUntil(t, 10*time.Second, "every backend placeable after the restart", func() bool {
+		for _, b := range g.r.States() {
+			if !b.Placeable {
+				return false
+			}
 		}
-	}
+		return true
+	})
 	// The watches are live again, not just connected: a move made now
 	// reaches the session that lived through the outage.
 	dest := "dovecot1"
