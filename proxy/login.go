@@ -12,7 +12,7 @@ import (
 
 // This file is the part of a login that is the same in every protocol:
 // the failure limits, the route, the backend login and the commit. Each
-// front end (IMAP: session.go, POP3: pop3.go, ManageSieve: sieve.go)
+// front end (IMAP: imap_login.go, POP3: pop3.go, ManageSieve: sieve.go)
 // checks the credentials' form, calls runLogin with its own backend login,
 // and answers the loginResult in its protocol's words.
 
