@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"github.com/imapgate/imapgate/internal/testenv"
 	"net"
 	"net/netip"
 	"strings"
@@ -22,20 +23,20 @@ func TestAuthenticateLogin(t *testing.T) {
 	for _, ir := range []bool{false, true} {
 		t.Run(fmt.Sprintf("sasl-ir=%v", ir), func(t *testing.T) {
 			c := dialConv(t, h.tlsAddr, h.clientTLS)
-			g := c.expect("* OK")
+			g := c.Expect("* OK")
 			if !strings.Contains(g, "AUTH=LOGIN") {
 				t.Fatalf("greeting %q lacks AUTH=LOGIN", g)
 			}
 			if ir {
-				c.send("a AUTHENTICATE LOGIN " + b64("bob@example.org") + "\r\n")
+				c.Send("a AUTHENTICATE LOGIN " + b64("bob@example.org") + "\r\n")
 			} else {
-				c.send("a AUTHENTICATE LOGIN\r\n")
-				c.expect("+ VXNlcm5hbWU6")
-				c.send(b64("bob@example.org") + "\r\n")
+				c.Send("a AUTHENTICATE LOGIN\r\n")
+				c.Expect("+ VXNlcm5hbWU6")
+				c.Send(b64("bob@example.org") + "\r\n")
 			}
-			c.expect("+ UGFzc3dvcmQ6")
-			c.send(b64("bob pass") + "\r\n")
-			c.expect("a OK [CAPABILITY")
+			c.Expect("+ UGFzc3dvcmQ6")
+			c.Send(b64("bob pass") + "\r\n")
+			c.Expect("a OK [CAPABILITY")
 		})
 	}
 }
@@ -43,11 +44,11 @@ func TestAuthenticateLogin(t *testing.T) {
 func TestOAuthNotOfferedByDefault(t *testing.T) {
 	h := memHarness(t, nil)
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	if g := c.expect("* OK"); strings.Contains(g, "XOAUTH2") {
+	if g := c.Expect("* OK"); strings.Contains(g, "XOAUTH2") {
 		t.Fatalf("greeting %q offers XOAUTH2 though it was not configured", g)
 	}
-	c.send("a AUTHENTICATE XOAUTH2 " + b64("user=alice@example.org\x01auth=Bearer x\x01\x01") + "\r\n")
-	c.expect("a NO [CANNOT]")
+	c.Send("a AUTHENTICATE XOAUTH2 " + b64("user=alice@example.org\x01auth=Bearer x\x01\x01") + "\r\n")
+	c.Expect("a NO [CANNOT]")
 }
 
 func TestOAuthBadResponses(t *testing.T) {
@@ -66,15 +67,15 @@ func TestOAuthBadResponses(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			c := dialConv(t, h.tlsAddr, h.clientTLS)
-			c.expect("* OK")
-			c.send("a " + cmd + "\r\n")
-			l := c.expect("a ")
+			c.Expect("* OK")
+			c.Send("a " + cmd + "\r\n")
+			l := c.Expect("a ")
 			if !strings.HasPrefix(l, "a BAD") {
 				t.Fatalf("got %q, want BAD", l)
 			}
 			// The session goes on.
-			c.send("b NOOP\r\n")
-			c.expect("b OK")
+			c.Send("b NOOP\r\n")
+			c.Expect("b OK")
 		})
 	}
 }
@@ -97,22 +98,22 @@ func TestProxyProtocolFromLoadBalancer(t *testing.T) {
 			h := newHarnessListeners(t, fixedRouter(&routing.Backend{ID: "mem1", Addr: addr}), nil, Listener{Mode: StartTLS, ProxyProtocolFrom: []netip.Prefix{lb}})
 			c := dialConv(t, h.startTLSAddr, nil)
 			if lb.Contains(netip.MustParseAddr("127.0.0.1")) {
-				c.send(tt.header)
+				c.Send(tt.header)
 				if tt.client == "" {
-					c.expectClosed()
+					c.ExpectClosed("* BYE")
 					return
 				}
-				c.expect("* OK")
-				waitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 1 })
+				c.Expect("* OK")
+				testenv.WaitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 1 })
 				if got := h.srv.Sessions("", "")[0].Client; got != tt.client {
 					t.Fatalf("session client = %s, want %s", got, tt.client)
 				}
 				return
 			}
-			c.expect("* OK")
-			c.send(tt.header)
-			c.expect("* BYE")
-			c.expectClosed()
+			c.Expect("* OK")
+			c.Send(tt.header)
+			c.Expect("* BYE")
+			c.ExpectClosed("* BYE")
 		})
 	}
 }
@@ -195,11 +196,11 @@ func TestPasswordSpray(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c := &conv{t: t, c: conn, br: bufioReader(conn)}
-		c.expect("* OK")
+		c := &conv{T: t, C: conn, R: bufioReader(conn)}
+		c.Expect("* OK")
 		for j := 0; j < perIP; j++ {
-			c.send(fmt.Sprintf("a%d LOGIN victim%d@example.org wrong\r\n", j, (i*perIP+j)%50))
-			l, _ := c.tagged(fmt.Sprintf("a%d", j))
+			c.Send(fmt.Sprintf("a%d LOGIN victim%d@example.org wrong\r\n", j, (i*perIP+j)%50))
+			l, _ := c.Tagged(fmt.Sprintf("a%d", j))
 			switch {
 			case strings.HasPrefix(l, fmt.Sprintf("a%d NO [LIMIT]", j)):
 				limited++
@@ -222,15 +223,10 @@ func TestPasswordSpray(t *testing.T) {
 		t.Errorf("user limiter tracks %d keys, bound is 200", n)
 	}
 	// A legitimate user from a fresh address is unaffected.
-	conn, err := (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 9, 9, 9)}}).Dial("tcp", h.startTLSAddr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := &conv{t: t, c: conn, br: bufioReader(conn)}
-	t.Cleanup(func() { conn.Close() })
-	c.expect("* OK")
-	c.send("a LOGIN alice@example.org alicepass\r\n")
-	c.expect("a OK")
+	c := testenv.DialConvFrom(t, h.startTLSAddr, net.IPv4(127, 9, 9, 9), nil)
+	c.Expect("* OK")
+	c.Send("a LOGIN alice@example.org alicepass\r\n")
+	c.Expect("a OK")
 }
 
 func TestFailureLimiterBounded(t *testing.T) {

@@ -133,7 +133,7 @@ func (s *Server) dialLogin(ctx context.Context, b *routing.Backend, cr *credenti
 		// A failure that is not the backend's answer (it dropped the
 		// waiting connection) is tried again on a fresh one, unless the
 		// client already took part in the exchange (a relayed OAuth).
-		bl, err := s.loginOn(ctx, sctx, pc, b, cr, ci, relay, deadline)
+		bl, err := s.loginOn(ctx, sctx, backendAttempt{conn: pc, b: b, cr: cr, ci: ci, relay: relay, deadline: deadline})
 		var refused *backendRefusedError
 		if err == nil || cr.oauth != nil || errors.As(err, &refused) {
 			// A NO to the credentials is an answer: the backend is up.
@@ -149,7 +149,7 @@ func (s *Server) dialLogin(ctx context.Context, b *routing.Backend, cr *credenti
 		pc.Close()
 	}
 	return s.dialThen(sctx, b, b.Addr, t0, func(conn net.Conn) (*backendLogin, error) {
-		return s.loginOn(ctx, sctx, conn, b, cr, ci, relay, deadline)
+		return s.loginOn(ctx, sctx, backendAttempt{conn: conn, b: b, cr: cr, ci: ci, relay: relay, deadline: deadline})
 	})
 }
 
@@ -213,10 +213,25 @@ func (s *Server) backendTLS(b *routing.Backend) *tls.Config {
 	return cfg
 }
 
-// loginOn logs in on conn. sctx (whose deadline is deadline) bounds the
-// setup; lctx, the session's login, bounds the rest together with
+// backendAttempt is one login on an open backend connection (dialled,
+// or taken greeted from the pool), in any protocol: what the protocol's
+// loginOn needs besides the contexts that bound it.
+type backendAttempt struct {
+	conn  net.Conn // the TCP connection, before any PROXY header or TLS
+	b     *routing.Backend
+	cr    *credentials // what to log in with (the master user's, if so configured)
+	ci    *clientInfo  // what the backend may learn about the client
+	relay relayFunc    // shows the client a backend's SASL challenge; nil: never asked
+	// deadline ends the setup (connect, TLS, greeting, STARTTLS,
+	// CAPABILITY): the connection's deadline until the credentials go out.
+	deadline time.Time
+}
+
+// loginOn logs in on a.conn. sctx (whose deadline is a.deadline) bounds
+// the setup; lctx, the session's login, bounds the rest together with
 // Timeouts.BackendAuth.
-func (s *Server) loginOn(lctx, sctx context.Context, conn net.Conn, b *routing.Backend, cr *credentials, ci *clientInfo, relay relayFunc, deadline time.Time) (*backendLogin, error) {
+func (s *Server) loginOn(lctx, sctx context.Context, a backendAttempt) (*backendLogin, error) {
+	conn, b, cr, ci, relay, deadline := a.conn, a.b, a.cr, a.ci, a.relay, a.deadline
 	// The context's deadline covers the handshakes; the conn's deadline
 	// covers every read and write. A cancelled context closes the conn.
 	// The cancel functions use the TCP connection itself: conn becomes

@@ -84,8 +84,8 @@ func TestBackendRefusesSetupIsUnavailable(t *testing.T) {
 			})
 			for _, tag := range []string{"a", "b", "c"} {
 				c := dialFrom(t, h.startTLSAddr, net.IPv4(127, 0, 0, 1))
-				c.send(tag + " LOGIN alice@example.org alicepass\r\n")
-				l := c.expect(tag + " NO [UNAVAILABLE]")
+				c.Send(tag + " LOGIN alice@example.org alicepass\r\n")
+				l := c.Expect(tag + " NO [UNAVAILABLE]")
 				if strings.Contains(l, "secret") {
 					t.Errorf("the backend's text reached the client: %q", l)
 				}
@@ -122,14 +122,14 @@ func TestBackendLongGreeting(t *testing.T) {
 	}
 	h := newHarness(t, fixedRouter(&routing.Backend{ID: "long", Addr: addr}), nil)
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	c.expect("* OK")
-	c.send("a LOGIN alice@example.org alicepass\r\n")
-	c.expect("a OK [CAPABILITY IMAP4rev1 SASL-IR")
+	c.Expect("* OK")
+	c.Send("a LOGIN alice@example.org alicepass\r\n")
+	c.Expect("a OK [CAPABILITY IMAP4rev1 SASL-IR")
 
 	tooLong := scriptedBackend(t, "* OK [CAPABILITY "+strings.Repeat("X", maxBackendLine)+"] ready", login)
 	h2 := newHarness(t, fixedRouter(&routing.Backend{ID: "toolong", Addr: tooLong}), nil)
 	c = dialConv(t, h2.tlsAddr, h2.clientTLS)
-	c.expect("* OK")
-	c.send("a LOGIN alice@example.org alicepass\r\n")
-	c.expect("a NO [UNAVAILABLE]")
+	c.Expect("* OK")
+	c.Send("a LOGIN alice@example.org alicepass\r\n")
+	c.Expect("a NO [UNAVAILABLE]")
 }

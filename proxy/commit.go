@@ -51,7 +51,7 @@ const maxConcurrentKicks = 1024
 
 // kickConcurrently kicks victims concurrently: a
 // client that does not read delays nobody else's kick.
-func (s *Server) kickConcurrently(reason, text string, victims []*session) {
+func (s *Server) kickConcurrently(reason EndReason, text string, victims []*session) {
 	if len(victims) == 1 {
 		victims[0].kick(reason, text)
 		return

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"github.com/imapgate/imapgate/internal/testenv"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -52,29 +53,29 @@ func TestLoginCommits(t *testing.T) {
 	h := newHarness(t, r, nil)
 
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	c.expect("* OK")
-	c.send("a LOGIN alice@example.org wrong\r\n")
-	c.expect("a NO [AUTHENTICATIONFAILED]")
+	c.Expect("* OK")
+	c.Send("a LOGIN alice@example.org wrong\r\n")
+	c.Expect("a NO [AUTHENTICATIONFAILED]")
 	if n := r.calls.Load(); n != 0 {
 		t.Fatalf("a failed login committed its route (%d calls)", n)
 	}
 
 	set(func(*routing.Backend) (*routing.Backend, error) { return other, nil })
-	c.send("b LOGIN alice@example.org alicepass\r\n")
-	c.expect("b NO [UNAVAILABLE]")
+	c.Send("b LOGIN alice@example.org alicepass\r\n")
+	c.Expect("b NO [UNAVAILABLE]")
 	set(func(*routing.Backend) (*routing.Backend, error) { return nil, routing.ErrNoBackend })
-	c.send("c LOGIN alice@example.org alicepass\r\n")
-	c.expect("c NO [UNAVAILABLE]")
+	c.Send("c LOGIN alice@example.org alicepass\r\n")
+	c.Expect("c NO [UNAVAILABLE]")
 	if n := len(h.srv.Sessions("alice@example.org", "")); n != 0 {
 		t.Fatalf("%d sessions of a refused user", n)
 	}
 	set(func(b *routing.Backend) (*routing.Backend, error) { return b, nil })
-	c.send("d LOGIN alice@example.org alicepass\r\n")
-	c.expect("d OK")
+	c.Send("d LOGIN alice@example.org alicepass\r\n")
+	c.Expect("d OK")
 	if n := r.calls.Load(); n != 3 {
 		t.Errorf("Commit called %d times, want 3 (once per accepted login)", n)
 	}
-	waitFor(t, func() bool { return len(h.srv.Sessions("alice@example.org", "mem1")) == 1 })
+	testenv.WaitFor(t, func() bool { return len(h.srv.Sessions("alice@example.org", "mem1")) == 1 })
 }
 
 // Defect 7: kicking sessions stuck behind clients that do not read runs
@@ -107,7 +108,7 @@ func TestKickStuckSessionsConcurrently(t *testing.T) {
 		cl.Logout().Wait()
 		cl.Close()
 	}
-	waitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 0 })
+	testenv.WaitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 0 })
 
 	for u := range users {
 		raw, err := net.Dial("tcp", h.tlsAddr)
@@ -117,18 +118,18 @@ func TestKickStuckSessionsConcurrently(t *testing.T) {
 		raw.(*net.TCPConn).SetReadBuffer(4096)
 		tc := tls.Client(raw, h.clientTLS)
 		t.Cleanup(func() { tc.Close() })
-		c := &conv{t: t, c: tc, br: bufioReader(tc)}
+		c := &conv{T: t, C: tc, R: bufioReader(tc)}
 		tc.SetDeadline(time.Now().Add(20 * time.Second))
-		c.expect("* OK")
-		c.send("a LOGIN " + u + " pass\r\n")
-		c.expect("a OK")
-		c.send("s SELECT INBOX\r\n")
-		c.tagged("s")
-		c.send("f FETCH 1:* BODY.PEEK[]\r\n") // and never read the answer
+		c.Expect("* OK")
+		c.Send("a LOGIN " + u + " pass\r\n")
+		c.Expect("a OK")
+		c.Send("s SELECT INBOX\r\n")
+		c.Tagged("s")
+		c.Send("f FETCH 1:* BODY.PEEK[]\r\n") // and never read the answer
 	}
 	// The backend has sent more than the clients can have taken: the
 	// proxy's writes to each client are blocked.
-	waitFor(t, func() bool {
+	testenv.WaitFor(t, func() bool {
 		ss := h.srv.Sessions("", "mem1")
 		if len(ss) != n {
 			return false
@@ -149,5 +150,5 @@ func TestKickStuckSessionsConcurrently(t *testing.T) {
 	if took > 3*time.Second {
 		t.Errorf("kicking %d stuck sessions took %v: they ran one after the other", n, took)
 	}
-	waitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 0 })
+	testenv.WaitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 0 })
 }

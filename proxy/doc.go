@@ -7,15 +7,21 @@
 // splice, drain, the sessions index with kicks and evictions, metrics) is
 // used by one front end per protocol:
 //
-//   - IMAP, the reference: session.go (the session's life, login),
-//     command.go (the pre-auth reader), authenticate.go, backend.go.
+//   - IMAP, the reference: imap.go (the pre-auth loop and the dispatcher
+//     that writes each handler's reply), one imap_*.go file per command
+//     (capability, noop, logout, starttls, id, enable, login,
+//     authenticate), command.go (the pre-auth reader), backend.go (the
+//     backend login).
 //   - POP3: pop3.go (pre-auth), pop3_backend.go (backend login).
 //   - ManageSieve: sieve.go (pre-auth), sieve_parse.go (its reader),
 //     sieve_backend.go (backend login).
 //   - LMTP (delivery, no login, no splice): lmtp.go plugs package
 //     proxy/lmtp in.
 //
-// protocols.go holds what the shared code says differently per protocol.
+// session.go is the session's life in every protocol, state.go its
+// typed states and end reasons, login.go a login's shared steps (limits,
+// route, backend login, commit), sasl.go the shared SASL exchange, and
+// protocols.go what the shared code says differently per protocol.
 //
 // Typical use:
 //
@@ -29,7 +35,10 @@
 // A Server is also the routing.Evictor: a router that moves a user calls
 // EvictUser, and the user's sessions on the old backend end, each told in
 // its own protocol. Idle spliced sessions hold no goroutine: their sockets
-// wait in one epoll set per Server (see splice.go). README.md in this
-// directory tells the whole life of a session and what a client sees when
-// things fail.
+// wait in one epoll set per Server (see splice.go); such a session ends
+// when a socket closes or fails, or a kick closes it: the direction that
+// notices records the EndReason, and the last of the two directions to
+// stop calls Server.endSession, which logs the summary line. README.md in
+// this directory tells the whole life of a session, step by step, and
+// what a client sees when things fail.
 package proxy

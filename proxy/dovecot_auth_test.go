@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/imapgate/imapgate/internal/testenv"
 	"github.com/imapgate/imapgate/routing"
@@ -20,34 +19,12 @@ import (
 // These tests check, against a real Dovecot, every way imapgate carries a
 // login and the client's address to the backend.
 
-// waitDovecotLog waits for a line in Dovecot's log: Dovecot writes it
-// asynchronously to our login, and there is no other signal.
-func waitDovecotLog(t *testing.T, d *testenv.Dovecot, want ...string) string {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		for _, l := range strings.Split(d.Log(), "\n") {
-			ok := true
-			for _, w := range want {
-				ok = ok && strings.Contains(l, w)
-			}
-			if ok {
-				return l
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no Dovecot log line with %q; log:\n%s", want, d.Log())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // lbConv dials imapgate's STARTTLS listener as a load balancer that says,
 // with a PROXY header, that the client is at client.
 func lbConv(t *testing.T, h *harness, client string) *conv {
 	c := dialConv(t, h.startTLSAddr, nil)
-	c.send(string(proxyV2(t, client, "192.0.2.1:143")))
-	c.expect("* OK")
+	c.Send(string(proxyV2(t, client, "192.0.2.1:143")))
+	c.Expect("* OK")
 	return c
 }
 
@@ -60,9 +37,9 @@ func TestDovecotSeesClientAddressViaID(t *testing.T) {
 	d := startDovecot(t) // login_trusted_networks = 127.0.0.0/8
 	h := newHarnessListeners(t, fixedRouter(dovecotBackend(d, routing.SecurityNone)), nil, lbListener())
 	c := lbConv(t, h, "203.0.113.8:40123")
-	c.send("a LOGIN alice@example.org " + d.Users["alice@example.org"] + "\r\n")
-	c.expect("a OK")
-	waitDovecotLog(t, d, "Login: user=<alice@example.org>", "rip=203.0.113.8")
+	c.Send("a LOGIN alice@example.org " + d.Users["alice@example.org"] + "\r\n")
+	c.Expect("a OK")
+	d.WaitLog(t, "Login: user=<alice@example.org>", "rip=203.0.113.8")
 }
 
 func TestDovecotSeesClientAddressViaProxyProtocol(t *testing.T) {
@@ -83,9 +60,9 @@ service imap-login {
 		Security: routing.SecurityStartTLS, TLS: &tls.Config{RootCAs: d.CA.Pool, ServerName: "localhost"}}
 	h := newHarnessListeners(t, fixedRouter(b), func(o *Options) { o.Backend.NoForwardID = true }, lbListener())
 	c := lbConv(t, h, "203.0.113.9:40124")
-	c.send("a LOGIN bob@example.org \"" + d.Users["bob@example.org"] + "\"\r\n")
-	c.expect("a OK")
-	waitDovecotLog(t, d, "Login: user=<bob@example.org>", "rip=203.0.113.9")
+	c.Send("a LOGIN bob@example.org \"" + d.Users["bob@example.org"] + "\"\r\n")
+	c.Expect("a OK")
+	d.WaitLog(t, "Login: user=<bob@example.org>", "rip=203.0.113.9")
 	who := d.Doveadm(t, "who", "-1")
 	if !strings.Contains(who, "203.0.113.9") {
 		t.Errorf("doveadm who does not show the client's address:\n%s", who)
@@ -157,35 +134,35 @@ passdb {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			c := dialConv(t, h.tlsAddr, h.clientTLS)
-			g := c.expect("* OK")
+			g := c.Expect("* OK")
 			if !strings.Contains(g, "AUTH="+tt.mech) {
 				t.Fatalf("greeting %q lacks AUTH=%s", g, tt.mech)
 			}
 			if tt.ir {
-				c.send("a AUTHENTICATE " + tt.mech + " " + tt.resp + "\r\n")
+				c.Send("a AUTHENTICATE " + tt.mech + " " + tt.resp + "\r\n")
 			} else {
-				c.send("a AUTHENTICATE " + tt.mech + "\r\n")
-				c.expect("+")
-				c.send(tt.resp + "\r\n")
+				c.Send("a AUTHENTICATE " + tt.mech + "\r\n")
+				c.Expect("+")
+				c.Send(tt.resp + "\r\n")
 			}
 			if tt.ok {
-				c.expect("a OK [CAPABILITY")
-				c.send("b SELECT INBOX\r\n")
-				if l, _ := c.tagged("b"); !strings.HasPrefix(l, "b OK") {
+				c.Expect("a OK [CAPABILITY")
+				c.Send("b SELECT INBOX\r\n")
+				if l, _ := c.Tagged("b"); !strings.HasPrefix(l, "b OK") {
 					t.Fatalf("SELECT after OAuth login: %q", l)
 				}
 				return
 			}
 			// The backend's error challenge reaches the client, whose
 			// (empty or %x01) answer goes back before the NO.
-			l := c.line()
+			l := c.Line()
 			if !strings.HasPrefix(l, "+ ") || len(l) < 10 {
 				t.Fatalf("got %q, want the backend's error challenge", l)
 			}
-			c.send("AQ==\r\n")
-			c.expect("a NO")
-			c.send("z NOOP\r\n")
-			c.expect("z OK")
+			c.Send("AQ==\r\n")
+			c.Expect("a NO")
+			c.Send("z NOOP\r\n")
+			c.Expect("z OK")
 		})
 	}
 }
@@ -224,13 +201,13 @@ passdb {
 			const masterLine = "Master user logging in as alice@example.org"
 			before := strings.Count(d.Log(), masterLine)
 			c := dialConv(t, h.tlsAddr, h.clientTLS)
-			c.expect("* OK")
-			c.send("a LOGIN alice@example.org wrong-password\r\n")
-			c.expect("a NO [AUTHENTICATIONFAILED]")
-			c.send(`b LOGIN alice@example.org "` + pass + `"` + "\r\n")
-			c.expect("b OK [CAPABILITY")
-			c.send("c SELECT INBOX\r\n")
-			if l, _ := c.tagged("c"); !strings.HasPrefix(l, "c OK") {
+			c.Expect("* OK")
+			c.Send("a LOGIN alice@example.org wrong-password\r\n")
+			c.Expect("a NO [AUTHENTICATIONFAILED]")
+			c.Send(`b LOGIN alice@example.org "` + pass + `"` + "\r\n")
+			c.Expect("b OK [CAPABILITY")
+			c.Send("c SELECT INBOX\r\n")
+			if l, _ := c.Tagged("c"); !strings.HasPrefix(l, "c OK") {
 				t.Fatalf("SELECT as master: %q", l)
 			}
 			if n := strings.Count(d.Log(), masterLine); n != before+1 {

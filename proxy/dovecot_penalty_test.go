@@ -26,10 +26,10 @@ func TestDovecotSlowWrongPassword(t *testing.T) {
 		o.Limits.AuthFailureDelay = ours
 	})
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	c.expect("* OK")
+	c.Expect("* OK")
 	t0 := time.Now()
-	c.send("a LOGIN alice@example.org wrong\r\n")
-	c.expect("a NO [AUTHENTICATIONFAILED]")
+	c.Send("a LOGIN alice@example.org wrong\r\n")
+	c.Expect("a NO [AUTHENTICATIONFAILED]")
 	took := time.Since(t0)
 	t.Logf("wrong password answered after %v (Dovecot's delay 2s, imapgate's %v)", took, ours)
 	if took < time.Second {
@@ -39,6 +39,6 @@ func TestDovecotSlowWrongPassword(t *testing.T) {
 	if took > 3*time.Second {
 		t.Errorf("the NO took %v: imapgate's failure delay was added to Dovecot's", took)
 	}
-	c.send("b LOGIN alice@example.org alicepass\r\n")
-	c.expect("b OK")
+	c.Send("b LOGIN alice@example.org alicepass\r\n")
+	c.Expect("b OK")
 }

@@ -82,21 +82,21 @@ func TestDovecotRawLiteralLogin(t *testing.T) {
 	d := startDovecot(t)
 	h := newHarness(t, fixedRouter(dovecotBackend(d, routing.SecurityNone)), nil)
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	c.expect("* OK")
+	c.Expect("* OK")
 	pass := d.Users["carol"]
-	c.send("a LOGIN {5}\r\n")
-	c.expect("+ ")
-	c.send(fmt.Sprintf("CAROL {%d}\r\n", len(pass)))
-	c.expect("+ ")
-	c.send(pass + "\r\n")
-	l := c.expect("a OK [CAPABILITY IMAP4rev1")
+	c.Send("a LOGIN {5}\r\n")
+	c.Expect("+ ")
+	c.Send(fmt.Sprintf("CAROL {%d}\r\n", len(pass)))
+	c.Expect("+ ")
+	c.Send(pass + "\r\n")
+	l := c.Expect("a OK [CAPABILITY IMAP4rev1")
 	if strings.Contains(l, "LOGINDISABLED") || strings.Contains(l, "STARTTLS") {
 		t.Errorf("login reply %q carries pre-auth capabilities", l)
 	}
-	c.send("b LOGOUT\r\n")
-	c.expect("* BYE")
-	c.expect("b OK")
-	c.expectClosed()
+	c.Send("b LOGOUT\r\n")
+	c.Expect("* BYE")
+	c.Expect("b OK")
+	c.ExpectClosed("* BYE")
 }
 
 func TestDovecotMailFlow(t *testing.T) {
@@ -156,21 +156,21 @@ func TestDovecotCompress(t *testing.T) {
 	d := startDovecot(t)
 	h := newHarness(t, fixedRouter(dovecotBackend(d, routing.SecurityNone)), nil)
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	c.expect("* OK")
-	c.send(`a LOGIN "bob@example.org" "` + d.Users["bob@example.org"] + `"` + "\r\n")
-	l := c.expect("a OK [CAPABILITY")
+	c.Expect("* OK")
+	c.Send(`a LOGIN "bob@example.org" "` + d.Users["bob@example.org"] + `"` + "\r\n")
+	l := c.Expect("a OK [CAPABILITY")
 	if !strings.Contains(l, "COMPRESS=DEFLATE") {
 		t.Skipf("this Dovecot has no COMPRESS=DEFLATE (imap_zlib): %q", l)
 	}
-	c.send("z COMPRESS DEFLATE\r\n")
-	c.expect("z OK")
-	fw, err := flate.NewWriter(c.c, flate.DefaultCompression)
+	c.Send("z COMPRESS DEFLATE\r\n")
+	c.Expect("z OK")
+	fw, err := flate.NewWriter(c.C, flate.DefaultCompression)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// c.br may hold nothing past the OK line: the server starts
 	// compressing right after it.
-	zr := bufio.NewReader(flate.NewReader(io.MultiReader(c.br, c.c)))
+	zr := bufio.NewReader(flate.NewReader(io.MultiReader(c.R, c.C)))
 	for i, cmd := range []string{"s SELECT INBOX", "n NOOP", "o LOGOUT"} {
 		fmt.Fprintf(fw, "%s\r\n", cmd)
 		if err := fw.Flush(); err != nil {
@@ -198,29 +198,29 @@ func TestDovecotBackendGoesAway(t *testing.T) {
 		o.Timeouts.BackendConnect = 2 * time.Second
 	})
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	c.expect("* OK")
-	c.send("a LOGIN alice@example.org " + d.Users["alice@example.org"] + "\r\n")
-	c.expect("a OK")
-	c.send("s SELECT INBOX\r\n")
-	c.tagged("s")
+	c.Expect("* OK")
+	c.Send("a LOGIN alice@example.org " + d.Users["alice@example.org"] + "\r\n")
+	c.Expect("a OK")
+	c.Send("s SELECT INBOX\r\n")
+	c.Tagged("s")
 
 	// Dovecot stops mid-session: the client must see the connection end
 	// (after Dovecot's BYE, if it sends one), not hang.
 	d.Stop(t)
-	c.c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	c.expectClosed()
+	c.C.SetReadDeadline(time.Now().Add(10 * time.Second))
+	c.ExpectClosed("* BYE")
 
 	// While it is down, logins get a quick NO [UNAVAILABLE].
 	c2 := dialConv(t, h.tlsAddr, h.clientTLS)
-	c2.expect("* OK")
+	c2.Expect("* OK")
 	start := time.Now()
-	c2.send("a LOGIN alice@example.org " + d.Users["alice@example.org"] + "\r\n")
-	c2.expect("a NO [UNAVAILABLE]")
+	c2.Send("a LOGIN alice@example.org " + d.Users["alice@example.org"] + "\r\n")
+	c2.Expect("a NO [UNAVAILABLE]")
 	if took := time.Since(start); took > 5*time.Second {
 		t.Errorf("NO [UNAVAILABLE] took %v", took)
 	}
 	// And once it is back, the same session logs in.
 	d.Start(t)
-	c2.send("b LOGIN alice@example.org " + d.Users["alice@example.org"] + "\r\n")
-	c2.expect("b OK")
+	c2.Send("b LOGIN alice@example.org " + d.Users["alice@example.org"] + "\r\n")
+	c2.Expect("b OK")
 }

@@ -23,7 +23,7 @@ func (s *Server) Spliced() []Spliced {
 // Close ends the session as a drain would: "* BYE [UNAVAILABLE] text"
 // when the client stream is at a line boundary, then both legs are closed.
 // The session's end line and metrics give "drained" as how it ended.
-func (h Spliced) Close(text string) { h.sess.kick("drained", text) }
+func (h Spliced) Close(text string) { h.sess.kick(EndDrained, text) }
 
 // Info describes the session.
 func (h Spliced) Info() SessionInfo { return h.sess.info() }

@@ -6,17 +6,13 @@ import (
 
 	"context"
 	"crypto/tls"
-	"errors"
 	"github.com/emersion/go-imap/v2/imapclient"
-	"io"
 	"net"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/emersion/go-imap/v2"
-	"github.com/imapgate/imapgate/internal/memimap"
 	"github.com/imapgate/imapgate/internal/testenv"
 	"github.com/imapgate/imapgate/routing"
 	"go.uber.org/zap/zaptest"
@@ -29,16 +25,10 @@ var memUsers = map[string]string{
 	"carol":             "pässwörd",
 }
 
-// startMemBackend runs go-imap's in-memory server on loopback: a real
-// IMAP server in-process, for fast tests that do not need Dovecot.
+// startMemBackend runs go-imap's in-memory server with memUsers.
 func startMemBackend(t testing.TB) string {
 	t.Helper()
-	srv, err := memimap.Start("", memUsers)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Close() })
-	return srv.Addr
+	return testenv.StartMemIMAP(t, memUsers)
 }
 
 // harness is an imapgate Server on two loopback listeners.
@@ -61,9 +51,9 @@ func newHarness(t testing.TB, router routing.Router, mod func(*Options)) *harnes
 
 func bufioReader(c net.Conn) *bufio.Reader { return bufio.NewReader(c) }
 
-// newHarnessListeners is newHarness with the StartTLS listener's options
-// given (the implicit-TLS one keeps the defaults).
-func newHarnessListeners(t testing.TB, router routing.Router, mod func(*Options), st Listener) *harness {
+// newTestServer is a Server for router with a test CA's certificate,
+// its log on the test and no failure delay, then mod's changes.
+func newTestServer(t testing.TB, router routing.Router, mod func(*Options)) (*Server, *testenv.TestCA) {
 	t.Helper()
 	ca := testenv.NewTestCA(t)
 	opts := Options{
@@ -79,28 +69,25 @@ func newHarnessListeners(t testing.TB, router routing.Router, mod func(*Options)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return srv, ca
+}
+
+// newHarnessListeners is newHarness with the StartTLS listener's options
+// given (the implicit-TLS one keeps the defaults).
+func newHarnessListeners(t testing.TB, router routing.Router, mod func(*Options), st Listener) *harness {
+	t.Helper()
+	srv, ca := newTestServer(t, router, mod)
 	// Park idle directions almost at once, so that every test also runs
 	// the parked path (the riskier one), not only the 2 s wait before it.
 	srv.parkAfter = 5 * time.Millisecond
 	h := &harness{srv: srv, clientTLS: &tls.Config{RootCAs: ca.Pool, ServerName: "localhost"}}
 	for _, l := range []Listener{{Mode: ImplicitTLS}, st} {
-		mode := l.Mode
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if mode == ImplicitTLS {
-			h.tlsAddr = ln.Addr().String()
+		addr := serveExtra(t, h, l)
+		if l.Mode == ImplicitTLS {
+			h.tlsAddr = addr
 		} else {
-			h.startTLSAddr = ln.Addr().String()
+			h.startTLSAddr = addr
 		}
-		h.wg.Add(1)
-		go func() {
-			defer h.wg.Done()
-			if err := srv.Serve(ln, l); !errors.Is(err, ErrServerClosed) {
-				t.Errorf("Serve: %v", err)
-			}
-		}()
 	}
 	t.Cleanup(func() {
 		srv.Close()
@@ -109,109 +96,12 @@ func newHarnessListeners(t testing.TB, router routing.Router, mod func(*Options)
 	return h
 }
 
-// conv is a scripted client conversation.
-type conv struct {
-	t  testing.TB
-	c  net.Conn
-	br *bufio.Reader
-}
+// conv is a scripted client conversation (testenv.Conv).
+type conv = testenv.Conv
 
 func dialConv(t testing.TB, addr string, tlsCfg *tls.Config) *conv {
 	t.Helper()
-	var c net.Conn
-	var err error
-	if tlsCfg != nil {
-		c, err = tls.Dial("tcp", addr, tlsCfg)
-	} else {
-		c, err = net.Dial("tcp", addr)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(20 * time.Second))
-	return &conv{t: t, c: c, br: bufio.NewReader(c)}
-}
-
-func (c *conv) send(s string) {
-	c.t.Helper()
-	if _, err := io.WriteString(c.c, s); err != nil {
-		c.t.Fatalf("send %q: %v", s, err)
-	}
-}
-
-// sendCut writes s to a server that may answer and hang up before it has
-// read all of it (a line over every limit): a failed write is then no
-// failure, the answer the test expects next is what counts.
-func (c *conv) sendCut(s string) {
-	c.c.Write([]byte(s))
-}
-
-func (c *conv) line() string {
-	c.t.Helper()
-	l, err := c.br.ReadString('\n')
-	if err != nil {
-		c.t.Fatalf("reading a line: %v (got %q)", err, l)
-	}
-	return strings.TrimRight(l, "\r\n")
-}
-
-// expect reads one line and checks its prefix.
-func (c *conv) expect(prefix string) string {
-	c.t.Helper()
-	l := c.line()
-	if !strings.HasPrefix(l, prefix) {
-		c.t.Fatalf("got %q, want a line starting with %q", l, prefix)
-	}
-	return l
-}
-
-// tagged reads lines up to the one tagged tag and returns it.
-func (c *conv) tagged(tag string) (last string, untagged []string) {
-	c.t.Helper()
-	for {
-		l := c.line()
-		if strings.HasPrefix(l, tag+" ") {
-			return l, untagged
-		}
-		untagged = append(untagged, l)
-	}
-}
-
-// expectClosed checks the server hangs up.
-func (c *conv) expectClosed() {
-	c.t.Helper()
-	for {
-		l, err := c.br.ReadString('\n')
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() {
-			c.t.Fatalf("the connection is still open (%v)", err)
-		}
-		if err != nil {
-			return
-		}
-		if !strings.HasPrefix(l, "* BYE") {
-			c.t.Fatalf("got %q while waiting for the close", l)
-		}
-	}
-}
-
-func (c *conv) starttls(cfg *tls.Config) {
-	c.t.Helper()
-	c.send("st STARTTLS\r\n")
-	c.expect("st OK")
-	c.starttlsHandshake(cfg)
-}
-
-// starttlsHandshake switches to TLS, dropping anything read ahead.
-func (c *conv) starttlsHandshake(cfg *tls.Config) {
-	c.t.Helper()
-	tc := tls.Client(c.c, cfg)
-	if err := tc.Handshake(); err != nil {
-		c.t.Fatalf("STARTTLS handshake: %v", err)
-	}
-	c.c = tc
-	c.br = bufio.NewReader(tc)
+	return testenv.DialConv(t, addr, tlsCfg)
 }
 
 // appendMessage APPENDs body to INBOX (a literal of len(body) bytes).
@@ -276,4 +166,10 @@ func dialWatching(t testing.TB, h *harness, user, pass string) (*imapclient.Clie
 		t.Fatal(err)
 	}
 	return cl, exists
+}
+
+// serveExtra serves one more listener on the harness's Server.
+func serveExtra(t testing.TB, h *harness, l Listener) string {
+	t.Helper()
+	return testenv.ServeLoopback(t, &h.wg, func(ln net.Listener) error { return h.srv.Serve(ln, l) }, ErrServerClosed)
 }

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"fmt"
+	"github.com/imapgate/imapgate/internal/testenv"
 	"net"
 	"net/netip"
 	"strings"
@@ -164,20 +165,6 @@ func limitHarness(t *testing.T, mod func(*Options)) (*harness, *countingRouter, 
 	return h, r, m
 }
 
-// dialFrom connects to addr from a loopback source address.
-func dialFrom(t *testing.T, addr string, src net.IP) *conv {
-	t.Helper()
-	conn, err := (&net.Dialer{LocalAddr: &net.TCPAddr{IP: src}}).Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	conn.SetDeadline(time.Now().Add(20 * time.Second))
-	c := &conv{t: t, c: conn, br: bufioReader(conn)}
-	c.expect("* OK")
-	return c
-}
-
 // TestFailureLimitsNotRaced sends many wrong passwords at once: a login
 // takes its token before the backend is asked, so no more reach the
 // backend than the network's burst, however many are in flight.
@@ -192,11 +179,11 @@ func TestFailureLimitsNotRaced(t *testing.T) {
 		convs[i] = dialFrom(t, h.startTLSAddr, net.IPv4(127, 0, 0, 1))
 	}
 	for _, c := range convs {
-		c.send("a LOGIN alice@example.org wrong\r\n")
+		c.Send("a LOGIN alice@example.org wrong\r\n")
 	}
 	limited := 0
 	for _, c := range convs {
-		l, _ := c.tagged("a")
+		l, _ := c.Tagged("a")
 		switch {
 		case strings.HasPrefix(l, "a NO [LIMIT]"):
 			limited++
@@ -211,8 +198,8 @@ func TestFailureLimitsNotRaced(t *testing.T) {
 	// twice in a row from the limited network once a token refilled...
 	// here none will (an hour), so the network stays refused.
 	c := dialFrom(t, h.startTLSAddr, net.IPv4(127, 0, 0, 1))
-	c.send("b LOGIN alice@example.org alicepass\r\n")
-	c.expect("b NO [LIMIT]")
+	c.Send("b LOGIN alice@example.org alicepass\r\n")
+	c.Expect("b NO [LIMIT]")
 }
 
 // TestConcurrentCorrectLoginsNotLimited: many correct logins at once from
@@ -229,10 +216,10 @@ func TestConcurrentCorrectLoginsNotLimited(t *testing.T) {
 		convs[i] = dialFrom(t, h.startTLSAddr, net.IPv4(127, 0, 0, 1))
 	}
 	for _, c := range convs {
-		c.send("a LOGIN alice@example.org alicepass\r\n")
+		c.Send("a LOGIN alice@example.org alicepass\r\n")
 	}
 	for _, c := range convs {
-		c.expect("a OK")
+		c.Expect("a OK")
 	}
 }
 
@@ -245,15 +232,15 @@ func TestSuccessGivesTokensBack(t *testing.T) {
 	})
 	for i := 0; i < 5; i++ {
 		c := dialFrom(t, h.startTLSAddr, net.IPv4(127, 0, 0, 1))
-		c.send("a LOGIN alice@example.org alicepass\r\n")
-		c.expect("a OK")
+		c.Send("a LOGIN alice@example.org alicepass\r\n")
+		c.Expect("a OK")
 	}
 	// The one failure the burst allows, then the network is refused.
 	c := dialFrom(t, h.startTLSAddr, net.IPv4(127, 0, 0, 1))
-	c.send("a LOGIN alice@example.org wrong\r\n")
-	c.expect("a NO [AUTHENTICATIONFAILED]")
-	c.send("b LOGIN alice@example.org alicepass\r\n")
-	c.expect("b NO [LIMIT]")
+	c.Send("a LOGIN alice@example.org wrong\r\n")
+	c.Expect("a NO [AUTHENTICATIONFAILED]")
+	c.Send("b LOGIN alice@example.org alicepass\r\n")
+	c.Expect("b NO [LIMIT]")
 }
 
 // TestUserSprayCappedRealUserGetsIn sprays wrong passwords at one user
@@ -269,8 +256,8 @@ func TestUserSprayCappedRealUserGetsIn(t *testing.T) {
 	})
 	home := net.IPv4(127, 5, 0, 1)
 	c := dialFrom(t, h.startTLSAddr, home)
-	c.send("a LOGIN alice@example.org alicepass\r\n")
-	c.expect("a OK")
+	c.Send("a LOGIN alice@example.org alicepass\r\n")
+	c.Expect("a OK")
 	r.n.Store(0)
 
 	const networks, perNet = 30, 5
@@ -279,8 +266,8 @@ func TestUserSprayCappedRealUserGetsIn(t *testing.T) {
 		c := dialFrom(t, h.startTLSAddr, net.IPv4(127, 1, 0, byte(1+i)))
 		for j := 0; j < perNet; j++ {
 			tag := fmt.Sprintf("s%d", j)
-			c.send(tag + " LOGIN alice@example.org wrong\r\n")
-			l, _ := c.tagged(tag)
+			c.Send(tag + " LOGIN alice@example.org wrong\r\n")
+			l, _ := c.Tagged(tag)
 			switch {
 			case strings.HasPrefix(l, tag+" NO [LIMIT]"):
 				limited++
@@ -302,22 +289,22 @@ func TestUserSprayCappedRealUserGetsIn(t *testing.T) {
 	// The real user, from home: not slowed.
 	before := m.hits("user_slowdown")
 	c = dialFrom(t, h.startTLSAddr, home)
-	c.send("b LOGIN alice@example.org alicepass\r\n")
-	c.expect("b OK")
+	c.Send("b LOGIN alice@example.org alicepass\r\n")
+	c.Expect("b OK")
 	if m.hits("user_slowdown") != before {
 		t.Error("a network that logged in as the user before was slowed")
 	}
 	// From a fresh network: slowed once, then in.
 	c = dialFrom(t, h.startTLSAddr, net.IPv4(127, 9, 9, 9))
-	c.send("c LOGIN alice@example.org alicepass\r\n")
-	c.expect("c OK")
+	c.Send("c LOGIN alice@example.org alicepass\r\n")
+	c.Expect("c OK")
 	if m.hits("user_slowdown") != before+1 {
 		t.Error("a fresh network was not slowed while the user is attacked")
 	}
 	// Another user is not affected by alice's attack at all.
 	c = dialFrom(t, h.startTLSAddr, net.IPv4(127, 9, 9, 10))
-	c.send("d LOGIN bob@example.org \"bob pass\"\r\n")
-	c.expect("d OK")
+	c.Send("d LOGIN bob@example.org \"bob pass\"\r\n")
+	c.Expect("d OK")
 	if m.hits("user_slowdown") != before+1 {
 		t.Error("another user was slowed")
 	}
@@ -337,8 +324,8 @@ func TestUserBucketChargedAndOneSlowedPerNetwork(t *testing.T) {
 	h.srv.limiters.Load().onSlow = func() { slowed <- struct{}{} }
 	for i := 0; i < 3; i++ {
 		c := dialFrom(t, h.startTLSAddr, net.IPv4(127, 2, 0, byte(1+i)))
-		c.send("a LOGIN alice@example.org wrong\r\n")
-		c.expect("a NO [AUTHENTICATIONFAILED]")
+		c.Send("a LOGIN alice@example.org wrong\r\n")
+		c.Expect("a NO [AUTHENTICATIONFAILED]")
 	}
 	select {
 	case <-slowed:
@@ -346,21 +333,21 @@ func TestUserBucketChargedAndOneSlowedPerNetwork(t *testing.T) {
 	default:
 	}
 	first := dialFrom(t, h.startTLSAddr, net.IPv4(127, 3, 0, 1))
-	first.send("a LOGIN alice@example.org alicepass\r\n")
+	first.Send("a LOGIN alice@example.org alicepass\r\n")
 	select { // it waits (an hour) before the backend is asked
 	case <-slowed:
 	case <-time.After(10 * time.Second):
 		t.Fatal("a login from a fresh network was not slowed after the user's bucket emptied")
 	}
 	second := dialFrom(t, h.startTLSAddr, net.IPv4(127, 3, 0, 1))
-	second.send("b LOGIN alice@example.org alicepass\r\n")
-	second.expect("b NO [LIMIT]")
+	second.Send("b LOGIN alice@example.org alicepass\r\n")
+	second.Expect("b NO [LIMIT]")
 	if got := r.n.Load(); got != 3 {
 		t.Errorf("backend asked %d times, want the 3 failures only", got)
 	}
 	// Closing the server ends the wait without asking the backend.
 	h.srv.Close()
-	first.expectClosed()
+	first.ExpectClosed("* BYE")
 	if got := r.n.Load(); got != 3 {
 		t.Errorf("a slowed login reached the backend after Close (%d asks)", got)
 	}
@@ -376,23 +363,32 @@ func TestConnectionsPerNetwork(t *testing.T) {
 	}, Listener{Mode: StartTLS, ProxyProtocolFrom: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}})
 	from := func(src string) *conv {
 		c := dialConv(t, h.startTLSAddr, nil)
-		c.send("PROXY TCP6 " + src + " 2001:db8::ff 40000 143\r\n")
+		c.Send("PROXY TCP6 " + src + " 2001:db8::ff 40000 143\r\n")
 		return c
 	}
 	a := from("2001:db8:1:2::1")
-	a.expect("* OK")
-	from("2001:db8:1:2:ffff::2").expect("* OK")
-	from("2001:db8:1:2::3").expect("* BYE [UNAVAILABLE] Too many connections")
-	from("2001:db8:1:3::1").expect("* OK")
+	a.Expect("* OK")
+	from("2001:db8:1:2:ffff::2").Expect("* OK")
+	from("2001:db8:1:2::3").Expect("* BYE [UNAVAILABLE] Too many connections")
+	from("2001:db8:1:3::1").Expect("* OK")
 	// A connection that ends frees its place in its network.
-	a.send("x LOGOUT\r\n")
-	a.expect("* BYE")
-	a.expect("x OK")
-	a.expectClosed()
-	waitFor(t, func() bool {
+	a.Send("x LOGOUT\r\n")
+	a.Expect("* BYE")
+	a.Expect("x OK")
+	a.ExpectClosed("* BYE")
+	testenv.WaitFor(t, func() bool {
 		h.srv.mu.Lock()
 		defer h.srv.mu.Unlock()
 		return h.srv.perIP[netip.MustParsePrefix("2001:db8:1:2::/64")] == 1
 	})
-	from("2001:db8:1:2::4").expect("* OK")
+	from("2001:db8:1:2::4").Expect("* OK")
+}
+
+// dialFrom connects to an IMAP listener from a loopback source address
+// and reads the greeting.
+func dialFrom(t *testing.T, addr string, src net.IP) *conv {
+	t.Helper()
+	c := testenv.DialConvFrom(t, addr, src, nil)
+	c.Expect("* OK")
+	return c
 }

@@ -84,88 +84,6 @@ func newLMTPEnv(t *testing.T, mod func(*Options)) *lmtpEnv {
 	return e
 }
 
-// serveExtra serves one more listener on the harness's Server.
-func serveExtra(t *testing.T, h *harness, l Listener) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.wg.Add(1)
-	go func() {
-		defer h.wg.Done()
-		if err := h.srv.Serve(ln, l); !errors.Is(err, ErrServerClosed) {
-			t.Errorf("Serve: %v", err)
-		}
-	}()
-	return ln.Addr().String()
-}
-
-// lmtpDial connects an LMTP client from the given local address (""
-// means any).
-func lmtpDial(t *testing.T, addr, from string) *smtp.Client {
-	t.Helper()
-	d := net.Dialer{Timeout: 5 * time.Second}
-	if from != "" {
-		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
-	}
-	conn, err := d.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := smtp.NewClientLMTP(conn)
-	t.Cleanup(func() { c.Close() })
-	if err := c.Hello("mta.test"); err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
-
-// deliver runs one transaction and returns each recipient's RCPT error
-// and its reply after the final dot (nil: 250).
-func deliver(t *testing.T, c *smtp.Client, body io.Reader, rcpts ...string) (rcptErr map[string]error, dataErr map[string]*smtp.SMTPError) {
-	t.Helper()
-	if err := c.Mail("sender@example.com", nil); err != nil {
-		t.Fatalf("MAIL: %v", err)
-	}
-	rcptErr = make(map[string]error)
-	accepted := 0
-	for _, r := range rcpts {
-		if err := c.Rcpt(r, nil); err != nil {
-			rcptErr[r] = err
-		} else {
-			accepted++
-		}
-	}
-	dataErr = make(map[string]*smtp.SMTPError)
-	if accepted == 0 {
-		c.Reset()
-		return rcptErr, dataErr
-	}
-	w, err := c.Data()
-	if err != nil {
-		t.Fatalf("DATA: %v", err)
-	}
-	if _, err := io.Copy(w, body); err != nil {
-		t.Fatalf("writing the message: %v", err)
-	}
-	_, err = w.CloseWithLMTPResponse()
-	var le smtp.LMTPDataError
-	if errors.As(err, &le) {
-		for r, se := range le {
-			dataErr[r] = se
-		}
-	} else if err != nil {
-		t.Fatalf("end of DATA: %v", err)
-	}
-	return rcptErr, dataErr
-}
-
-func message(subject string, body string) string {
-	return "From: sender@example.com\r\nTo: someone@example.org\r\nSubject: " + subject +
-		"\r\nMessage-ID: <" + strings.ReplaceAll(subject, " ", "-") + "@test>\r\n\r\n" + body + "\r\n"
-}
-
 // inbox logs in through imapgate and returns the subjects in INBOX.
 func (e *lmtpEnv) inbox(t *testing.T, d *testenv.Dovecot, user string) []string {
 	t.Helper()
@@ -203,11 +121,11 @@ func (e *lmtpEnv) inbox(t *testing.T, d *testenv.Dovecot, user string) []string 
 // committed.
 func TestLMTPDeliveryAcrossBackends(t *testing.T) {
 	e := newLMTPEnv(t, nil)
-	c := lmtpDial(t, e.lmtpAddr, "127.0.0.2")
+	c := testenv.LMTPDial(t, e.lmtpAddr, "127.0.0.2")
 	if size, ok := c.MaxMessageSize(); !ok || size != 64<<20 {
 		t.Errorf("SIZE = %d, %v; want the 64 MiB default advertised", size, ok)
 	}
-	rcptErr, dataErr := deliver(t, c, strings.NewReader(message("three recipients", "hello")),
+	rcptErr, dataErr := testenv.Deliver(t, c, strings.NewReader(testenv.Message("three recipients", "hello")),
 		"alice@example.org", "Bob@Example.org", "dave@example.net", "nobody@example.org")
 	var se *smtp.SMTPError
 	if err := rcptErr["nobody@example.org"]; !errors.As(err, &se) || se.Code != 550 {
@@ -219,7 +137,7 @@ func TestLMTPDeliveryAcrossBackends(t *testing.T) {
 	}
 	// A second transaction on the same MTA connection reuses imapgate's
 	// backend connections (one LMTP connection per backend in all).
-	if re, de := deliver(t, c, strings.NewReader(message("second", "again")), "alice@example.org", "dave@example.net"); len(re)+len(de) != 0 {
+	if re, de := testenv.Deliver(t, c, strings.NewReader(testenv.Message("second", "again")), "alice@example.org", "dave@example.net"); len(re)+len(de) != 0 {
 		t.Fatalf("second transaction: %v %v", re, de)
 	}
 	if err := c.Quit(); err != nil {
@@ -251,7 +169,7 @@ func TestLMTPDeliveryAcrossBackends(t *testing.T) {
 		t.Errorf("committed %q, want %q (never the unknown recipient)", delivered, want)
 	}
 	// Dovecot saw the MTA's address (127.0.0.2), not imapgate's.
-	waitFor(t, func() bool { return strings.Count(e.d1.Log(), "rip=127.0.0.2") >= 2 })
+	testenv.WaitFor(t, func() bool { return strings.Count(e.d1.Log(), "rip=127.0.0.2") >= 2 })
 	if !strings.Contains(e.d2.Log(), "rip=127.0.0.2") {
 		t.Errorf("d2's log does not show the XCLIENT address:\n%s", e.d2.Log())
 	}
@@ -266,8 +184,8 @@ func TestLMTPDeliveryAcrossBackends(t *testing.T) {
 func TestLMTPBackendDown(t *testing.T) {
 	e := newLMTPEnv(t, nil)
 	e.d2.Stop(t)
-	c := lmtpDial(t, e.lmtpAddr, "")
-	rcptErr, dataErr := deliver(t, c, strings.NewReader(message("while d2 is down", "x")), "alice@example.org", "dave@example.net")
+	c := testenv.LMTPDial(t, e.lmtpAddr, "")
+	rcptErr, dataErr := testenv.Deliver(t, c, strings.NewReader(testenv.Message("while d2 is down", "x")), "alice@example.org", "dave@example.net")
 	var se *smtp.SMTPError
 	if err := rcptErr["dave@example.net"]; !errors.As(err, &se) || se.Code/100 != 4 {
 		t.Fatalf("dave (backend down): %v, want a 4xx", err)
@@ -276,7 +194,7 @@ func TestLMTPBackendDown(t *testing.T) {
 		t.Fatalf("alice: %v %v, want delivered", rcptErr["alice@example.org"], dataErr["alice@example.org"])
 	}
 	e.d2.Start(t)
-	rcptErr, dataErr = deliver(t, c, strings.NewReader(message("while d2 is down", "x")), "dave@example.net")
+	rcptErr, dataErr = testenv.Deliver(t, c, strings.NewReader(testenv.Message("while d2 is down", "x")), "dave@example.net")
 	if len(rcptErr)+len(dataErr) != 0 {
 		t.Fatalf("retry: %v %v, want delivered", rcptErr, dataErr)
 	}
@@ -321,9 +239,9 @@ func cutForwarder(t *testing.T, addr string, limit int64) string {
 func TestLMTPBackendDiesMidData(t *testing.T) {
 	e := newLMTPEnv(t, nil)
 	e.b2.LMTPAddr = cutForwarder(t, e.d2.LMTPAddr, 64<<10)
-	c := lmtpDial(t, e.lmtpAddr, "")
+	c := testenv.LMTPDial(t, e.lmtpAddr, "")
 	body := strings.Repeat("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\r\n", 4096) // 256 KiB
-	rcptErr, dataErr := deliver(t, c, strings.NewReader(message("cut", body)), "alice@example.org", "dave@example.net")
+	rcptErr, dataErr := testenv.Deliver(t, c, strings.NewReader(testenv.Message("cut", body)), "alice@example.org", "dave@example.net")
 	if len(rcptErr) != 0 {
 		t.Fatalf("RCPT: %v", rcptErr)
 	}
@@ -343,14 +261,14 @@ func TestLMTPBackendDiesMidData(t *testing.T) {
 // streamed, never held whole).
 func TestLMTPLargeMessageStreams(t *testing.T) {
 	e := newLMTPEnv(t, nil)
-	c := lmtpDial(t, e.lmtpAddr, "")
+	c := testenv.LMTPDial(t, e.lmtpAddr, "")
 	const size = 20 << 20
 	line := strings.Repeat("x", 998) + "\r\n"
-	body := io.MultiReader(strings.NewReader(message("big", "")), io.LimitReader(repeatReader(line), size))
+	body := io.MultiReader(strings.NewReader(testenv.Message("big", "")), io.LimitReader(repeatReader(line), size))
 	runtime.GC()
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
-	rcptErr, dataErr := deliver(t, c, body, "alice@example.org", "dave@example.net")
+	rcptErr, dataErr := testenv.Deliver(t, c, body, "alice@example.org", "dave@example.net")
 	runtime.ReadMemStats(&after)
 	if len(rcptErr)+len(dataErr) != 0 {
 		t.Fatalf("RCPT %v, DATA %v", rcptErr, dataErr)
@@ -390,9 +308,9 @@ func (r repeatReader) Read(p []byte) (int, error) {
 // delivered nowhere; a MAIL with a SIZE over it is refused at once.
 func TestLMTPSizeLimit(t *testing.T) {
 	e := newLMTPEnv(t, func(o *Options) { o.LMTP.MaxMessageBytes = 100 << 10 })
-	c := lmtpDial(t, e.lmtpAddr, "")
+	c := testenv.LMTPDial(t, e.lmtpAddr, "")
 	body := strings.Repeat(strings.Repeat("y", 998)+"\r\n", 200)
-	_, dataErr := deliver(t, c, strings.NewReader(message("too big", body)), "alice@example.org")
+	_, dataErr := testenv.Deliver(t, c, strings.NewReader(testenv.Message("too big", body)), "alice@example.org")
 	if se := dataErr["alice@example.org"]; se == nil || se.Code != 552 {
 		t.Errorf("over SIZE: %v, want 552", se)
 	}
@@ -400,7 +318,7 @@ func TestLMTPSizeLimit(t *testing.T) {
 		t.Errorf("MAIL SIZE=1MiB accepted over a 100 KiB limit")
 	}
 	c.Reset()
-	_, dataErr = deliver(t, c, strings.NewReader(message("long line", strings.Repeat("z", 70<<10))), "alice@example.org")
+	_, dataErr = testenv.Deliver(t, c, strings.NewReader(testenv.Message("long line", strings.Repeat("z", 70<<10))), "alice@example.org")
 	if se := dataErr["alice@example.org"]; se == nil || se.Code != 554 {
 		t.Errorf("a 70 KiB line: %v, want 554", se)
 	}
@@ -415,8 +333,8 @@ func TestLMTPSizeLimit(t *testing.T) {
 func TestLMTPLoops(t *testing.T) {
 	e := newLMTPEnv(t, nil)
 	e.b2.LMTPAddr = e.lmtpAddr
-	c := lmtpDial(t, e.lmtpAddr, "")
-	rcptErr, _ := deliver(t, c, strings.NewReader(message("loop", "x")), "dave@example.net")
+	c := testenv.LMTPDial(t, e.lmtpAddr, "")
+	rcptErr, _ := testenv.Deliver(t, c, strings.NewReader(testenv.Message("loop", "x")), "dave@example.net")
 	var se *smtp.SMTPError
 	if err := rcptErr["dave@example.net"]; !errors.As(err, &se) || se.Code != 451 || se.EnhancedCode != (smtp.EnhancedCode{4, 4, 6}) {
 		t.Errorf("looping backend: %v, want 451 4.4.6", err)
@@ -425,7 +343,7 @@ func TestLMTPLoops(t *testing.T) {
 	for i := range 30 {
 		fmt.Fprintf(&hdr, "Received: from hop%d by hop%d; Tue, 1 Dec 2026 12:00:00 +0000\r\n", i, i+1)
 	}
-	_, dataErr := deliver(t, c, strings.NewReader(hdr.String()+message("hops", "x")), "alice@example.org")
+	_, dataErr := testenv.Deliver(t, c, strings.NewReader(hdr.String()+testenv.Message("hops", "x")), "alice@example.org")
 	if se := dataErr["alice@example.org"]; se == nil || se.Code != 554 || se.EnhancedCode != (smtp.EnhancedCode{5, 4, 6}) {
 		t.Errorf("30 Received fields: %v, want 554 5.4.6", se)
 	}
@@ -437,9 +355,9 @@ func TestLMTPAllowFrom(t *testing.T) {
 	addr := serveExtra(t, e.h, Listener{Protocol: routing.ProtocolLMTP, Mode: StartTLS,
 		AllowFrom: mustPrefixes(t, "127.0.0.2/32")})
 	c := dialConv(t, addr, nil)
-	c.expect("554 5.7.1")
-	c.expectClosed()
-	ok := lmtpDial(t, addr, "127.0.0.2")
+	c.Expect("554 5.7.1")
+	c.ExpectClosed("* BYE")
+	ok := testenv.LMTPDial(t, addr, "127.0.0.2")
 	if err := ok.Noop(); err != nil {
 		t.Errorf("NOOP from an allowed address: %v", err)
 	}
@@ -478,7 +396,7 @@ func mustPrefixes(t *testing.T, ss ...string) []netip.Prefix {
 func TestLMTPPostfix(t *testing.T) {
 	e := newLMTPEnv(t, nil)
 	pf := testenv.StartPostfix(t, testenv.PostfixOptions{Transport: "lmtp:inet:" + e.lmtpAddr})
-	pf.Sendmail(t, "sender@example.com", message("via postfix", "hello"), "alice@example.org", "dave@example.net", "nobody@example.net")
+	pf.Sendmail(t, "sender@example.com", testenv.Message("via postfix", "hello"), "alice@example.org", "dave@example.net", "nobody@example.net")
 	deadline := time.Now().Add(30 * time.Second)
 	for strings.Count(pf.Log(), "status=sent") < 2 || !strings.Contains(pf.Log(), "nobody@example.net") {
 		if time.Now().After(deadline) {
@@ -504,11 +422,11 @@ func TestLMTPPostfix(t *testing.T) {
 func TestLMTPShutdown(t *testing.T) {
 	e := newLMTPEnv(t, nil)
 	idle := dialConv(t, e.lmtpAddr, nil)
-	idle.expect("220 ")
-	idle.send("LHLO mta\r\n")
-	for !strings.HasPrefix(idle.line(), "250 ") {
+	idle.Expect("220 ")
+	idle.Send("LHLO mta\r\n")
+	for !strings.HasPrefix(idle.Line(), "250 ") {
 	}
-	busy := lmtpDial(t, e.lmtpAddr, "")
+	busy := testenv.LMTPDial(t, e.lmtpAddr, "")
 	if err := busy.Mail("s@example.com", nil); err != nil {
 		t.Fatal(err)
 	}
@@ -526,8 +444,8 @@ func TestLMTPShutdown(t *testing.T) {
 		defer cancel()
 		done <- e.h.srv.Shutdown(ctx)
 	}()
-	idle.expect("421 4.3.2")
-	idle.expectClosedPOP3()
+	idle.Expect("421 4.3.2")
+	idle.ExpectClosed("")
 	select {
 	case err := <-done:
 		t.Fatalf("Shutdown returned (%v) while a transaction was under way", err)
@@ -550,15 +468,15 @@ func TestLMTPShutdown(t *testing.T) {
 func TestLMTPClientGoneMidData(t *testing.T) {
 	e := newLMTPEnv(t, nil)
 	c := dialConv(t, e.lmtpAddr, nil)
-	c.expect("220 ")
-	c.send("LHLO mta\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<dave@example.net>\r\nDATA\r\n")
-	for !strings.HasPrefix(c.line(), "354") {
+	c.Expect("220 ")
+	c.Send("LHLO mta\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<dave@example.net>\r\nDATA\r\n")
+	for !strings.HasPrefix(c.Line(), "354") {
 	}
-	c.send("Subject: cut\r\n\r\n" + strings.Repeat("partial line of the body\r\n", 5000))
-	c.c.Close()
+	c.Send("Subject: cut\r\n\r\n" + strings.Repeat("partial line of the body\r\n", 5000))
+	c.C.Close()
 	// The backends' transactions end without the final dot: wait until
 	// both Dovecots saw their LMTP connection close, then look.
-	waitFor(t, func() bool {
+	testenv.WaitFor(t, func() bool {
 		return strings.Count(e.d1.Log(), "lmtp(") >= 4 && strings.Count(e.d1.Log(), "Disconnect from") >= 2 &&
 			strings.Count(e.d2.Log(), "Disconnect from") >= 2
 	})
@@ -582,16 +500,16 @@ func TestLMTPTLS(t *testing.T) {
 	}
 	c := smtp.NewClientLMTP(conn)
 	defer c.Close()
-	if re, de := deliver(t, c, strings.NewReader(message("over tls", "x")), "alice@example.org"); len(re)+len(de) != 0 {
+	if re, de := testenv.Deliver(t, c, strings.NewReader(testenv.Message("over tls", "x")), "alice@example.org"); len(re)+len(de) != 0 {
 		t.Fatalf("implicit TLS: %v %v", re, de)
 	}
 	// STARTTLS, with a command pipelined behind it in cleartext: it must
 	// be dropped, not answered (CVE-2011-0411).
 	cv := dialConv(t, e.lmtpAddr, nil)
-	cv.expect("220 ")
-	cv.send("LHLO mta\r\n")
+	cv.Expect("220 ")
+	cv.Send("LHLO mta\r\n")
 	var caps []string
-	for l := cv.line(); ; l = cv.line() {
+	for l := cv.Line(); ; l = cv.Line() {
 		caps = append(caps, l)
 		if strings.HasPrefix(l, "250 ") {
 			break
@@ -600,17 +518,17 @@ func TestLMTPTLS(t *testing.T) {
 	if !strings.Contains(strings.Join(caps, " "), "STARTTLS") {
 		t.Fatalf("no STARTTLS offered: %q", caps)
 	}
-	cv.send("STARTTLS\r\nMAIL FROM:<injected@example.com>\r\n")
-	cv.expect("220 ")
-	cv.starttlsHandshake(e.h.clientTLS)
-	cv.send("LHLO mta\r\n")
-	for l := cv.line(); !strings.HasPrefix(l, "250 "); l = cv.line() {
+	cv.Send("STARTTLS\r\nMAIL FROM:<injected@example.com>\r\n")
+	cv.Expect("220 ")
+	cv.Handshake(e.h.clientTLS)
+	cv.Send("LHLO mta\r\n")
+	for l := cv.Line(); !strings.HasPrefix(l, "250 "); l = cv.Line() {
 		if strings.Contains(l, "STARTTLS") {
 			t.Errorf("STARTTLS still offered over TLS")
 		}
 	}
-	cv.send("RCPT TO:<alice@example.org>\r\n")
-	cv.expect("502") // no MAIL: the injected one was dropped
+	cv.Send("RCPT TO:<alice@example.org>\r\n")
+	cv.Expect("502") // no MAIL: the injected one was dropped
 }
 
 // TestLMTPBadInput: the bad-input classes on the LMTP front end end with
@@ -630,19 +548,19 @@ func TestLMTPBadInput(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := dialConv(t, e.lmtpAddr, nil)
-			c.expect("220 ")
-			c.send(tc.send)
+			c.Expect("220 ")
+			c.Send(tc.send)
 			for _, w := range tc.want {
-				l := c.line()
+				l := c.Line()
 				for strings.HasPrefix(l, "250-") {
-					l = c.line()
+					l = c.Line()
 				}
 				if !strings.HasPrefix(l, w) {
 					t.Fatalf("got %q, want %q", l, w)
 				}
 			}
 			if tc.name == "long line" || tc.name == "IMAP" {
-				c.expectClosedPOP3()
+				c.ExpectClosed("")
 			}
 		})
 	}
@@ -659,8 +577,8 @@ func TestLMTPLostPlacementRace(t *testing.T) {
 	e.router.mu.Lock()
 	e.router.redirect = map[string]*routing.Backend{"bob@example.org": e.b2}
 	e.router.mu.Unlock()
-	c := lmtpDial(t, e.lmtpAddr, "")
-	rcptErr, dataErr := deliver(t, c, strings.NewReader(message("race", "x")), "alice@example.org", "bob@example.org", "dave@example.net")
+	c := testenv.LMTPDial(t, e.lmtpAddr, "")
+	rcptErr, dataErr := testenv.Deliver(t, c, strings.NewReader(testenv.Message("race", "x")), "alice@example.org", "bob@example.org", "dave@example.net")
 	var se *smtp.SMTPError
 	if err := rcptErr["bob@example.org"]; !errors.As(err, &se) || se.Code != 451 {
 		t.Errorf("bob (placed elsewhere meanwhile): %v, want 451", err)
@@ -684,21 +602,21 @@ func TestLMTPLostPlacementRace(t *testing.T) {
 func TestLMTPBDAT(t *testing.T) {
 	e := newLMTPEnv(t, nil)
 	c := dialConv(t, e.lmtpAddr, nil)
-	c.expect("220 ")
-	c.send("LHLO mta\r\n")
-	for l := c.line(); !strings.HasPrefix(l, "250 "); l = c.line() {
+	c.Expect("220 ")
+	c.Send("LHLO mta\r\n")
+	for l := c.Line(); !strings.HasPrefix(l, "250 "); l = c.Line() {
 	}
-	msg := message("chunked", "in two chunks")
+	msg := testenv.Message("chunked", "in two chunks")
 	half := len(msg) / 2
-	c.send("MAIL FROM:<s@example.com>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<dave@example.net>\r\n")
-	c.expect("250")
-	c.expect("250")
-	c.expect("250")
-	c.send(fmt.Sprintf("BDAT %d\r\n%s", half, msg[:half]))
-	c.expect("250")
-	c.send(fmt.Sprintf("BDAT %d LAST\r\n%s", len(msg)-half, msg[half:]))
-	c.expect("250 2.0.0 <alice@example.org>")
-	c.expect("250 2.0.0 <dave@example.net>")
+	c.Send("MAIL FROM:<s@example.com>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<dave@example.net>\r\n")
+	c.Expect("250")
+	c.Expect("250")
+	c.Expect("250")
+	c.Send(fmt.Sprintf("BDAT %d\r\n%s", half, msg[:half]))
+	c.Expect("250")
+	c.Send(fmt.Sprintf("BDAT %d LAST\r\n%s", len(msg)-half, msg[half:]))
+	c.Expect("250 2.0.0 <alice@example.org>")
+	c.Expect("250 2.0.0 <dave@example.net>")
 	if got := e.inbox(t, e.d2, "dave@example.net"); len(got) != 1 || got[0] != "chunked" {
 		t.Errorf("dave's INBOX: %q", got)
 	}

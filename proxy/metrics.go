@@ -7,13 +7,13 @@ import "time"
 // concurrent use. Label values are bounded sets (listener names, backend
 // IDs, the reasons below); user names never reach it.
 type Metrics interface {
-	// SessionState is called when a session enters a state ("preauth",
-	// "login", "spliced") and with "closed" at its end; from is "" for a
-	// new session. backend is set from "spliced" on.
-	SessionState(listener, backend, from, to string)
+	// SessionState is called when a session enters a state (StatePreAuth,
+	// StateLogin, StateSpliced) and with StateClosed at its end; from is
+	// StateNone for a new session. backend is set from StateSpliced on.
+	SessionState(listener, backend string, from, to State)
 	// SessionEnded is called once per session with how it ended and the
 	// bytes copied each way (in: client to backend).
-	SessionEnded(listener, backend, reason string, in, out int64, d time.Duration)
+	SessionEnded(listener, backend string, reason EndReason, in, out int64, d time.Duration)
 	// PreAuthCommand counts pre-auth commands by name (unknown ones as
 	// "other").
 	PreAuthCommand(name string)
@@ -34,10 +34,10 @@ type Metrics interface {
 
 type nopMetrics struct{}
 
-func (nopMetrics) SessionState(_, _, _, _ string)                           {}
-func (nopMetrics) SessionEnded(_, _, _ string, _, _ int64, _ time.Duration) {}
-func (nopMetrics) PreAuthCommand(string)                                    {}
-func (nopMetrics) Login(_, _ string)                                        {}
-func (nopMetrics) BackendLogin(_ string, _, _ time.Duration, _ bool)        {}
-func (nopMetrics) RouteLookup(time.Duration, bool)                          {}
-func (nopMetrics) LimitHit(string)                                          {}
+func (nopMetrics) SessionState(_, _ string, _, _ State)                               {}
+func (nopMetrics) SessionEnded(_, _ string, _ EndReason, _, _ int64, _ time.Duration) {}
+func (nopMetrics) PreAuthCommand(string)                                              {}
+func (nopMetrics) Login(_, _ string)                                                  {}
+func (nopMetrics) BackendLogin(_ string, _, _ time.Duration, _ bool)                  {}
+func (nopMetrics) RouteLookup(time.Duration, bool)                                    {}
+func (nopMetrics) LimitHit(string)                                                    {}

@@ -69,20 +69,20 @@ func TestSpliceNoLostWakeup(t *testing.T) {
 	h := newHarness(t, fixedRouter(b), nil)
 	h.srv.parkAfter = time.Hour
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	c.expect("* OK")
-	c.send("a LOGIN user pass\r\n")
-	if last, _ := c.tagged("a"); !strings.HasPrefix(last, "a OK") {
+	c.Expect("* OK")
+	c.Send("a LOGIN user pass\r\n")
+	if last, _ := c.Tagged("a"); !strings.HasPrefix(last, "a OK") {
 		t.Fatalf("login: %q", last)
 	}
 	for i := range 500 {
 		tag := fmt.Sprintf("n%d", i)
-		c.c.SetDeadline(time.Now().Add(10 * time.Second))
-		c.send(tag + " NOOP\r\n")
-		last, untagged := c.tagged(tag)
+		c.C.SetDeadline(time.Now().Add(10 * time.Second))
+		c.Send(tag + " NOOP\r\n")
+		last, untagged := c.Tagged(tag)
 		if !strings.HasPrefix(last, tag+" OK") || len(untagged) != 1 {
 			t.Fatalf("NOOP %d: %q after %q", i, last, untagged)
 		}
 	}
-	c.send("z LOGOUT\r\n")
-	c.tagged("z")
+	c.Send("z LOGOUT\r\n")
+	c.Tagged("z")
 }

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/base64"
 	"errors"
 	"os"
 	"slices"
@@ -47,28 +46,27 @@ var (
 )
 
 // pop3PreAuth answers commands in the AUTHORIZATION state until a login
-// succeeds (the backend connection) or the session ends (nil).
+// succeeds (the backend connection) or the session ends (nil). Each
+// command's handler returns its reply (pop3Answer), which pop3Reply
+// writes.
 func (s *session) pop3PreAuth(ctx context.Context) *backendLogin {
 	first := true
 	var user string // from USER
 	for {
 		s.raw.SetReadDeadline(s.readDeadline())
-		if first && !s.tls {
-			if b, err := s.r.br.Peek(1); err == nil && b[0] == 0x16 {
-				s.setReason("protocol_mismatch")
-				s.writeString("-ERR This port speaks cleartext POP3; use STLS or the implicit-TLS port\r\n")
-				return nil
-			}
+		if first && s.clientHelloOnCleartext() {
+			s.writeString("-ERR This port speaks cleartext POP3; use STLS or the implicit-TLS port\r\n")
+			return nil
 		}
 		line, err := s.pop3Line()
 		switch {
 		case errors.Is(err, errPOP3LineTooLong):
 			s.srv.o().Metrics.LimitHit("line_length")
-			s.setReason("protocol_error")
+			s.setEnd(EndProtocolError)
 			s.writeString("-ERR Line too long\r\n")
 			return nil
 		case errors.Is(err, errPOP3NUL):
-			s.setReason("protocol_error")
+			s.setEnd(EndProtocolError)
 			s.writeString("-ERR NUL in command\r\n")
 			return nil
 		case err != nil:
@@ -78,7 +76,7 @@ func (s *session) pop3PreAuth(ctx context.Context) *backendLogin {
 		name, arg, _ := strings.Cut(line, " ")
 		name = strings.ToUpper(name)
 		if first && isNotPOP3(name, arg) {
-			s.setReason("protocol_mismatch")
+			s.setEnd(EndProtocolMismatch)
 			s.writeString("-ERR This is a POP3 server\r\n")
 			return nil
 		}
@@ -89,60 +87,101 @@ func (s *session) pop3PreAuth(ctx context.Context) *backendLogin {
 		default:
 			s.srv.o().Metrics.PreAuthCommand("other")
 		}
+		var bl *backendLogin
 		switch name {
 		case "CAPA":
-			if !s.writeString("+OK Capability list follows\r\n" + s.pop3Caps() + ".\r\n") {
-				return nil
-			}
+			err = &pop3Answer{ok: true, text: "Capability list follows", body: s.pop3Caps() + "."}
 		case "QUIT":
-			s.setReason("logout")
-			s.writeString("+OK Bye\r\n")
-			return nil
+			s.setEnd(EndLogout)
+			err = &pop3Answer{ok: true, text: "Bye", end: true}
 		case "STLS":
-			if !s.pop3STLS(ctx) {
-				return nil
-			}
+			err = s.pop3STLS(ctx)
 		case "USER":
-			if !s.authAllowed() {
-				if !s.pop3Err("[AUTH] Use STLS before logging in") {
-					return nil
-				}
-				continue
-			}
-			if arg == "" {
-				if !s.pop3Bad("USER takes a user name") {
-					return nil
-				}
-				continue
-			}
-			user = arg
-			if !s.writeString("+OK\r\n") {
-				return nil
-			}
+			err = s.pop3User(arg, &user)
 		case "PASS":
 			if user == "" {
-				if !s.pop3Bad("USER first") {
-					return nil
-				}
-				continue
+				err = pop3Bad("USER first")
+				break
 			}
 			cr := credentials{mech: "USER", user: user, pass: arg}
 			user = ""
-			bl, end := s.pop3Login(ctx, cr)
-			if end || bl != nil {
-				return bl
-			}
+			bl, err = s.pop3Login(ctx, cr)
 		case "AUTH":
-			bl, end := s.pop3Auth(ctx, arg)
-			if end || bl != nil {
-				return bl
-			}
+			bl, err = s.pop3Auth(ctx, arg)
 		default:
-			if !s.pop3Bad("Unknown command or not valid before login") {
-				return nil
-			}
+			err = pop3Bad("Unknown command or not valid before login")
+		}
+		if s.pop3Reply(bl, err) {
+			return nil
+		}
+		if bl != nil {
+			return bl
 		}
 	}
+}
+
+// pop3Answer is a POP3 reply, the error value a command's handler
+// returns: "+OK text" (and a multi-line body) or "-ERR text".
+type pop3Answer struct {
+	ok   bool
+	text string
+	body string // after the status line, for CAPA and AUTH's list: lines, the last one "."
+	bad  bool   // counts towards MaxBadCommands
+	end  bool   // the session ends after the reply
+}
+
+func (e *pop3Answer) Error() string {
+	if e.ok {
+		return "+OK " + e.text
+	}
+	return "-ERR " + e.text
+}
+
+func pop3Err(text string) *pop3Answer { return &pop3Answer{text: text} }
+func pop3Bad(text string) *pop3Answer { return &pop3Answer{text: text, bad: true} }
+
+// pop3Reply writes a handler's reply and reports whether the session
+// ends: nil is a plain +OK; after too many bad commands the last -ERR
+// says so and the session ends; an error that is not a reply is a bug,
+// logged and answered -ERR [SYS/TEMP]. bl, a login's backend connection,
+// is closed if the client cannot be told.
+func (s *session) pop3Reply(bl *backendLogin, err error) (end bool) {
+	st, done, end := replyOf(s, err, &pop3Answer{ok: true}, pop3Err("[SYS/TEMP] Internal error"))
+	if done {
+		return end
+	}
+	text, end := st.text, st.end
+	if st.bad && s.countBad() {
+		text += "; too many invalid commands"
+		end = true
+	}
+	line := "-ERR"
+	if st.ok {
+		line = "+OK"
+	}
+	if text != "" {
+		line += " " + text
+	}
+	line += "\r\n"
+	if st.body != "" {
+		line += st.body + "\r\n"
+	}
+	if !s.send(line, bl) {
+		return true
+	}
+	return end
+}
+
+// pop3User takes USER's name for the PASS that follows.
+func (s *session) pop3User(arg string, user *string) error {
+	if !s.authAllowed() {
+		return pop3Err("[AUTH] Use STLS before logging in")
+	}
+	if arg == "" {
+		return pop3Bad("USER takes a user name")
+	}
+	*user = arg
+	return nil
 }
 
 // isNotPOP3 spots a first line of another protocol: IMAP (a tag, then a
@@ -200,37 +239,23 @@ func (s *session) pop3Mechs() []string {
 	return mechs
 }
 
-// pop3Err answers -ERR and reports whether the session goes on.
-func (s *session) pop3Err(text string) bool { return s.writeString("-ERR " + text + "\r\n") }
-
-// pop3Bad answers a bad command, hanging up after too many.
-func (s *session) pop3Bad(text string) bool {
-	s.badCmds++
-	if s.badCmds >= s.srv.o().Limits.MaxBadCommands {
-		s.srv.o().Metrics.LimitHit("bad_commands")
-		s.setReason("bad_commands")
-		s.writeString("-ERR " + text + "; too many invalid commands\r\n")
-		return false
-	}
-	return s.pop3Err(text)
-}
-
-func (s *session) pop3STLS(ctx context.Context) bool {
+func (s *session) pop3STLS(ctx context.Context) error {
 	if s.tls {
-		return s.pop3Bad("TLS is already active")
+		return pop3Bad("TLS is already active")
 	}
 	if s.srv.o().TLS == nil {
-		return s.pop3Bad("STLS is not available")
+		return pop3Bad("STLS is not available")
 	}
-	if !s.writeString("+OK Begin TLS negotiation now\r\n") {
-		return false
+	// Answered here, before the handshake.
+	if !s.writeString("+OK Begin TLS negotiation now\r\n") || !s.upgradeTLS(ctx, "STLS") {
+		return errClientGone
 	}
-	return s.upgradeTLS(ctx, "STLS")
+	return errAnswered
 }
 
-// pop3Auth runs AUTH (RFC 5034): PLAIN and LOGIN, with or without an
-// initial response; "*" cancels.
-func (s *session) pop3Auth(ctx context.Context, arg string) (*backendLogin, bool) {
+// pop3Auth runs AUTH (RFC 5034): PLAIN, LOGIN, XOAUTH2 and OAUTHBEARER
+// (sasl.go), with or without an initial response; "*" cancels.
+func (s *session) pop3Auth(ctx context.Context, arg string) (*backendLogin, error) {
 	mech, ir, hasIR := strings.Cut(arg, " ")
 	mech = strings.ToUpper(mech)
 	if mech == "" {
@@ -238,84 +263,33 @@ func (s *session) pop3Auth(ctx context.Context, arg string) (*backendLogin, bool
 		for _, m := range s.pop3Mechs() {
 			list.WriteString(m + "\r\n")
 		}
-		return nil, !s.writeString("+OK\r\n" + list.String() + ".\r\n")
+		return nil, &pop3Answer{ok: true, body: list.String() + "."}
 	}
 	if !slices.Contains(s.pop3Mechs(), mech) {
-		return nil, !s.pop3Bad("Unsupported authentication mechanism")
+		return nil, pop3Bad("Unsupported authentication mechanism")
 	}
 	if !s.authAllowed() {
-		return nil, !s.pop3Err("[AUTH] Use STLS before logging in")
+		return nil, pop3Err("[AUTH] Use STLS before logging in")
 	}
-	step := func(challenge string) ([]byte, bool, bool) {
-		var line string
-		if hasIR {
-			line, hasIR = ir, false
-		} else {
-			if !s.writeString("+ " + challenge + "\r\n") {
-				return nil, false, true
-			}
-			s.raw.SetReadDeadline(s.readDeadline())
-			var err error
-			if line, err = s.pop3Line(); err != nil {
-				s.setReason("protocol_error")
-				return nil, false, true
-			}
-		}
-		if line == "*" {
-			return nil, false, !s.pop3Err("Authentication cancelled")
-		}
-		if line == "=" {
-			return []byte{}, true, false
-		}
-		b, err := base64.StdEncoding.DecodeString(line)
-		if err != nil {
-			return nil, false, !s.pop3Bad("Invalid base64")
-		}
-		return b, true, false
+	step := saslSteps{
+		ir: ir, hasIR: hasIR,
+		challenge: s.pop3Relay,
+		cancelled: pop3Err("Authentication cancelled"),
+		invalid:   func(text string) error { return pop3Bad(withoutIMAPCode(text)) },
 	}
-	var cr credentials
-	switch mech {
-	case sasl.Plain:
-		raw, ok, end := step("")
-		if !ok {
-			return nil, end
-		}
-		var err error
-		if cr, err = decodePlain(raw); err != nil {
-			return nil, !s.pop3Bad(err.Error())
-		}
-	case sasl.Login:
-		u, ok, end := step("VXNlcm5hbWU6")
-		if !ok {
-			return nil, end
-		}
-		p, ok, end := step("UGFzc3dvcmQ6")
-		if !ok {
-			return nil, end
-		}
-		cr = credentials{mech: sasl.Login, user: string(u), pass: string(p)}
-	case mechXOAuth2, mechOAuthBearer:
-		// Routed by the identity inside, relayed to the backend as is
-		// (with its error challenge, as for IMAP).
-		raw, ok, end := step("")
-		if !ok {
-			return nil, end
-		}
-		var err error
-		if cr, err = decodeOAuth(mech, raw); err != nil {
-			return nil, !s.pop3Bad(strings.TrimPrefix(err.Error(), "[CLIENTBUG] "))
-		}
+	cr, err := step.credentials(mech)
+	if err != nil {
+		return nil, err
 	}
 	return s.pop3Login(ctx, cr)
 }
 
-// pop3Login routes the user, logs in to the backend's POP3 and answers
-// the client: login() of session.go, in POP3's words.
-func (s *session) pop3Login(ctx context.Context, cr credentials) (*backendLogin, bool) {
-	m := s.srv.o().Metrics
-	if strings.ContainsAny(cr.user+cr.pass+cr.authzid, "\x00\r\n") || cr.user == "" {
-		m.Login("refused", "invalid_credentials")
-		return nil, !s.pop3Bad("Invalid characters in credentials")
+// pop3Login routes the user, logs in to the backend's POP3 and returns
+// the client's reply: login() of imap_login.go, in POP3's words.
+func (s *session) pop3Login(ctx context.Context, cr credentials) (*backendLogin, error) {
+	if !cr.valid() {
+		s.srv.o().Metrics.Login("refused", "invalid_credentials")
+		return nil, pop3Bad("Invalid characters in credentials")
 	}
 	user := routing.NormalizeUser(cr.routingUser())
 	log := s.logger().With(zap.String("user", user), zap.String("mech", cr.mech), zap.String("protocol", "pop3"))
@@ -324,31 +298,25 @@ func (s *session) pop3Login(ctx context.Context, cr credentials) (*backendLogin,
 	})
 	switch res.end {
 	case loginExpired:
-		s.pop3Err("[SYS/TEMP] Autologout; idle for too long")
-		return nil, true
+		return nil, &pop3Answer{text: "[SYS/TEMP] Autologout; idle for too long", end: true}
 	case loginLimited:
-		return s.pop3Refused(ctx, "[LOGIN-DELAY] Too many failed logins, try again later")
+		return nil, s.pop3Refused(ctx, "[LOGIN-DELAY] Too many failed logins, try again later")
 	case loginNoRoute:
-		return nil, !s.pop3Err("[SYS/TEMP] No server is available for this account right now, try again later")
+		return nil, pop3Err("[SYS/TEMP] No server is available for this account right now, try again later")
 	case loginRefused:
-		return s.pop3Refused(ctx, "[AUTH] Authentication failed.")
+		return nil, s.pop3Refused(ctx, "[AUTH] Authentication failed.")
 	case loginNotPlaced:
-		return nil, !s.pop3Err("[SYS/TEMP] Your account is moving, please try again")
+		return nil, pop3Err("[SYS/TEMP] Your account is moving, please try again")
 	case loginUnavailable:
-		return nil, !s.pop3Err("[SYS/TEMP] The mail server is not reachable right now, try again later")
+		return nil, pop3Err("[SYS/TEMP] The mail server is not reachable right now, try again later")
 	case loginClientGone:
-		return nil, true
+		return nil, errClientGone
 	}
-	bl := res.bl
-	if !s.writeString("+OK " + bl.caps + "\r\n") {
-		bl.conn.Close()
-		return nil, true
-	}
-	return bl, false
+	return res.bl, &pop3Answer{ok: true, text: res.bl.caps}
 }
 
-// pop3Relay shows the client a SASL challenge from the backend (the
-// OAuth error challenge) and returns its answer line.
+// pop3Relay shows the client a SASL challenge (imapgate's own, or the
+// backend's OAuth error challenge) and returns its answer line.
 func (s *session) pop3Relay(challenge string) (string, error) {
 	if !s.writeString("+ " + challenge + "\r\n") {
 		return "", errClientGone
@@ -356,22 +324,17 @@ func (s *session) pop3Relay(challenge string) (string, error) {
 	s.raw.SetReadDeadline(s.readDeadline())
 	line, err := s.pop3Line()
 	if err != nil {
-		s.setReason("protocol_error")
+		s.setEnd(EndProtocolError)
 		return "", errClientGone
 	}
 	return line, nil
 }
 
-// pop3Refused answers a failed login after the failure delay, and hangs
-// up after too many on this connection.
-func (s *session) pop3Refused(ctx context.Context, text string) (*backendLogin, bool) {
-	s.authFails++
-	s.failureDelay(ctx)
-	if s.authFails >= s.srv.o().Limits.MaxAuthFailures {
-		s.srv.o().Metrics.LimitHit("auth_failures")
-		s.setReason("auth_failures")
-		s.writeString("-ERR " + text + " Too many login failures\r\n")
-		return nil, true
+// pop3Refused is a failed login's reply, after the failure delay; after
+// too many on this connection it hangs up.
+func (s *session) pop3Refused(ctx context.Context, text string) *pop3Answer {
+	if s.countAuthFailure(ctx) {
+		return &pop3Answer{text: text + " Too many login failures", end: true}
 	}
-	return nil, !s.pop3Err(text)
+	return pop3Err(text)
 }

@@ -28,17 +28,7 @@ func (s *Server) pop3LoginBackend(ctx context.Context, b *routing.Backend, cr *c
 	if b.POP3Addr == "" {
 		return nil, fmt.Errorf("backend %s has no POP3 address", b.ID)
 	}
-	cr, err := s.masterCredentials(ctx, cr) // sieve_backend.go
-	if err != nil {
-		return nil, err
-	}
-	t := s.o().Timeouts
-	deadline := time.Now().Add(t.BackendLogin)
-	ctx, cancel := context.WithDeadline(ctx, deadline)
-	defer cancel()
-	return s.dialThen(ctx, b, b.POP3Addr, time.Now(), func(conn net.Conn) (*backendLogin, error) {
-		return s.pop3LoginOn(ctx, conn, b, cr, ci, relay, deadline)
-	})
+	return s.loginAt(ctx, b.POP3Addr, backendAttempt{b: b, cr: cr, ci: ci, relay: relay}, s.pop3LoginOn)
 }
 
 // pop3Conn is the small POP3 client used until the splice.
@@ -153,17 +143,14 @@ func hasPOP3Cap(caps []string, want string) bool {
 	return false
 }
 
-func (s *Server) pop3LoginOn(ctx context.Context, conn net.Conn, b *routing.Backend, cr *credentials, ci *clientInfo, relay relayFunc, deadline time.Time) (*backendLogin, error) {
-	// The cancel function uses the TCP connection itself: conn becomes
-	// the TLS one below, and it runs on another goroutine.
-	raw := conn
-	raw.SetDeadline(deadline)
-	stop := context.AfterFunc(ctx, func() { raw.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
-	conn, err := s.backendPrologue(ctx, conn, b, ci)
+// pop3LoginOn logs in on a.conn, within ctx and a.deadline (loginAt).
+func (s *Server) pop3LoginOn(ctx context.Context, a backendAttempt) (*backendLogin, error) {
+	b, cr, ci, relay := a.b, a.cr, a.ci, a.relay
+	conn, stop, err := s.openBackend(ctx, a)
 	if err != nil {
 		return nil, err
 	}
+	defer stop()
 	pc := &pop3Conn{conn: conn, br: bufio.NewReaderSize(conn, 4096)}
 	greet, err := pc.cmd("")
 	if err != nil {

@@ -3,7 +3,6 @@ package proxy
 import (
 	"crypto/tls"
 	"encoding/base64"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -44,20 +43,7 @@ func newProtoEnvExtra(t *testing.T, protocols []string, extra string, mod func(*
 	testenv.Need(t, "dovecot")
 	d := testenv.StartDovecot(t, testenv.DovecotOptions{TrustedNetworks: "127.0.0.0/8", Protocols: protocols, Extra: extra})
 	b := dovecotLMTPBackend("d1", d)
-	ca := testenv.NewTestCA(t)
-	opts := Options{
-		Router: fixedRouter(b),
-		TLS:    &tls.Config{Certificates: []tls.Certificate{ca.ServerCert}},
-		Logger: zaptest.NewLogger(t),
-	}
-	opts.Limits.AuthFailureDelay = -1
-	if mod != nil {
-		mod(&opts)
-	}
-	srv, err := NewServer(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv, ca := newTestServer(t, fixedRouter(b), mod)
 	e := &protoEnv{srv: srv, ca: ca, d: d, addrs: map[string]string{},
 		clientTLS: &tls.Config{RootCAs: ca.Pool, ServerName: "localhost"}, h: &harness{srv: srv}}
 	t.Cleanup(func() { srv.Close(); e.h.wg.Wait() })
@@ -123,8 +109,8 @@ func runPoplib(t *testing.T, e *protoEnv, mode, user string) string {
 func TestPOP3Poplib(t *testing.T) {
 	e := newProtoEnv(t, []string{"pop3", "lmtp"}, nil)
 	lmtpAddr := serveExtra(t, e.h, Listener{Protocol: routing.ProtocolLMTP, Mode: StartTLS})
-	c := lmtpDial(t, lmtpAddr, "")
-	if r, d := deliver(t, c, strings.NewReader(message("for pop3", "hi")), "alice@example.org"); len(r)+len(d) != 0 {
+	c := testenv.LMTPDial(t, lmtpAddr, "")
+	if r, d := testenv.Deliver(t, c, strings.NewReader(testenv.Message("for pop3", "hi")), "alice@example.org"); len(r)+len(d) != 0 {
 		t.Fatalf("delivery: %v %v", r, d)
 	}
 	for _, mode := range []string{"tls", "stls"} {
@@ -143,8 +129,8 @@ func TestPOP3Fetchmail(t *testing.T) {
 	testenv.Need(t, "fetchmail")
 	e := newProtoEnv(t, []string{"pop3", "lmtp"}, nil)
 	lmtpAddr := serveExtra(t, e.h, Listener{Protocol: routing.ProtocolLMTP, Mode: StartTLS})
-	c := lmtpDial(t, lmtpAddr, "")
-	if r, d := deliver(t, c, strings.NewReader(message("for fetchmail", "hi")), "bob@example.org"); len(r)+len(d) != 0 {
+	c := testenv.LMTPDial(t, lmtpAddr, "")
+	if r, d := testenv.Deliver(t, c, strings.NewReader(testenv.Message("for fetchmail", "hi")), "bob@example.org"); len(r)+len(d) != 0 {
 		t.Fatalf("delivery: %v %v", r, d)
 	}
 	dir := t.TempDir()
@@ -182,43 +168,43 @@ func TestPOP3Conversation(t *testing.T) {
 
 	t.Run("cleartext refuses credentials until STLS", func(t *testing.T) {
 		c := dialConv(t, e.addrs["pop3"], nil)
-		c.expect("+OK imapgate ready.")
-		c.send("USER alice@example.org\r\n")
-		c.expect("-ERR [AUTH] Use STLS")
-		c.send("CAPA\r\n")
-		c.expect("+OK")
+		c.Expect("+OK imapgate ready.")
+		c.Send("USER alice@example.org\r\n")
+		c.Expect("-ERR [AUTH] Use STLS")
+		c.Send("CAPA\r\n")
+		c.Expect("+OK")
 		caps := strings.Join(capaLines(c), " ")
 		if !strings.Contains(caps, "STLS") || strings.Contains(caps, "USER") || strings.Contains(caps, "SASL") {
 			t.Errorf("cleartext CAPA %q", caps)
 		}
 		// Injection after STLS: the pipelined command must be dropped.
-		c.send("STLS\r\nUSER injected\r\n")
-		c.expect("+OK Begin TLS")
-		c.starttlsHandshake(e.clientTLS)
-		c.send("PASS x\r\n")
-		c.expect("-ERR USER first")
-		c.send("AUTH PLAIN " + plain + "\r\n")
-		c.expect("+OK")
-		c.send("STAT\r\n")
-		c.expect("+OK 0 0")
-		c.send("QUIT\r\n")
-		c.expect("+OK")
+		c.Send("STLS\r\nUSER injected\r\n")
+		c.Expect("+OK Begin TLS")
+		c.Handshake(e.clientTLS)
+		c.Send("PASS x\r\n")
+		c.Expect("-ERR USER first")
+		c.Send("AUTH PLAIN " + plain + "\r\n")
+		c.Expect("+OK")
+		c.Send("STAT\r\n")
+		c.Expect("+OK 0 0")
+		c.Send("QUIT\r\n")
+		c.Expect("+OK")
 	})
 	t.Run("AUTH PLAIN with a continuation, LOGIN, cancel", func(t *testing.T) {
 		c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
-		c.expect("+OK")
-		c.send("AUTH PLAIN\r\n")
-		c.expect("+ ")
-		c.send("*\r\n")
-		c.expect("-ERR Authentication cancelled")
-		c.send("AUTH LOGIN\r\n")
-		c.expect("+ VXNlcm5hbWU6")
-		c.send(base64.StdEncoding.EncodeToString([]byte("alice@example.org")) + "\r\n")
-		c.expect("+ UGFzc3dvcmQ6")
-		c.send(base64.StdEncoding.EncodeToString([]byte(pass)) + "\r\n")
-		c.expect("+OK")
-		c.send("QUIT\r\n")
-		c.expect("+OK")
+		c.Expect("+OK")
+		c.Send("AUTH PLAIN\r\n")
+		c.Expect("+ ")
+		c.Send("*\r\n")
+		c.Expect("-ERR Authentication cancelled")
+		c.Send("AUTH LOGIN\r\n")
+		c.Expect("+ VXNlcm5hbWU6")
+		c.Send(base64.StdEncoding.EncodeToString([]byte("alice@example.org")) + "\r\n")
+		c.Expect("+ UGFzc3dvcmQ6")
+		c.Send(base64.StdEncoding.EncodeToString([]byte(pass)) + "\r\n")
+		c.Expect("+OK")
+		c.Send("QUIT\r\n")
+		c.Expect("+OK")
 	})
 	for _, tc := range []struct{ name, send, want string }{
 		{"long line", strings.Repeat("A", 10<<10) + "\r\n", "-ERR Line too long"},
@@ -228,66 +214,58 @@ func TestPOP3Conversation(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
-			c.expect("+OK")
-			c.send(tc.send)
-			c.expect(tc.want)
-			c.expectClosed()
+			c.Expect("+OK")
+			c.Send(tc.send)
+			c.Expect(tc.want)
+			c.ExpectClosed("* BYE")
 		})
 	}
 	t.Run("TLS on the cleartext port", func(t *testing.T) {
 		c := dialConv(t, e.addrs["pop3"], nil)
-		c.expect("+OK")
-		c.send("\x16\x03\x01\x00\x05hello")
-		c.expect("-ERR This port speaks cleartext POP3")
-		c.expectClosed()
+		c.Expect("+OK")
+		c.Send("\x16\x03\x01\x00\x05hello")
+		c.Expect("-ERR This port speaks cleartext POP3")
+		c.ExpectClosed("* BYE")
 	})
 	t.Run("too many bad commands", func(t *testing.T) {
 		c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
-		c.expect("+OK")
-		c.send("NOOP\r\nRETR 1\r\nLIST\r\n")
-		c.expect("-ERR")
-		c.expect("-ERR")
-		c.expect("-ERR")
-		c.expectClosed()
+		c.Expect("+OK")
+		c.Send("NOOP\r\nRETR 1\r\nLIST\r\n")
+		c.Expect("-ERR")
+		c.Expect("-ERR")
+		c.Expect("-ERR")
+		c.ExpectClosed("* BYE")
 	})
 	t.Run("XCLIENT gives Dovecot the client's address", func(t *testing.T) {
-		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.3")}}
-		raw, err := d.Dial("tcp", e.addrs["pop3s"])
-		if err != nil {
-			t.Fatal(err)
-		}
-		tc := tls.Client(raw, e.clientTLS)
-		c := &conv{t: t, c: tc, br: bufioReader(tc)}
-		defer tc.Close()
-		tc.SetDeadline(time.Now().Add(10 * time.Second))
-		c.expect("+OK")
-		c.send("AUTH PLAIN " + plain + "\r\n")
-		c.expect("+OK")
-		c.send("QUIT\r\n")
-		c.expect("+OK")
+		c := testenv.DialConvFrom(t, e.addrs["pop3s"], net.ParseIP("127.0.0.3"), e.clientTLS)
+		c.Expect("+OK")
+		c.Send("AUTH PLAIN " + plain + "\r\n")
+		c.Expect("+OK")
+		c.Send("QUIT\r\n")
+		c.Expect("+OK")
 		if log := e.d.Log(); !strings.Contains(log, "rip=127.0.0.3") {
 			t.Errorf("Dovecot did not see the client address 127.0.0.3:\n%s", log)
 		}
 	})
 	t.Run("eviction closes the session", func(t *testing.T) {
 		c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
-		c.expect("+OK")
-		c.send("AUTH PLAIN " + plain + "\r\n")
-		c.expect("+OK")
-		waitFor(t, func() bool { return len(e.srv.Sessions("alice@example.org", "")) == 1 })
+		c.Expect("+OK")
+		c.Send("AUTH PLAIN " + plain + "\r\n")
+		c.Expect("+OK")
+		testenv.WaitFor(t, func() bool { return len(e.srv.Sessions("alice@example.org", "")) == 1 })
 		if n := e.srv.EvictUser("alice@example.org", ""); n != 1 {
 			t.Fatalf("EvictUser closed %d sessions, want 1", n)
 		}
-		c.expect("-ERR [SYS/TEMP] Your mailbox moved")
-		c.expectClosedPOP3()
+		c.Expect("-ERR [SYS/TEMP] Your mailbox moved")
+		c.ExpectClosed("")
 	})
 	// Last: Dovecot penalises this client address for a while after it.
 	t.Run("wrong password", func(t *testing.T) {
 		c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
-		c.expect("+OK")
-		c.send("USER alice@example.org\r\nPASS wrong\r\n")
-		c.expect("+OK")
-		c.expect("-ERR [AUTH] Authentication failed.")
+		c.Expect("+OK")
+		c.Send("USER alice@example.org\r\nPASS wrong\r\n")
+		c.Expect("+OK")
+		c.Expect("-ERR [AUTH] Authentication failed.")
 	})
 }
 
@@ -301,40 +279,24 @@ func TestPOP3SharesFailureLimits(t *testing.T) {
 		o.Limits.IPFailures = RateLimit{Burst: 1, Refill: time.Hour}
 	})
 	c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
-	c.expect("+OK")
-	c.send("USER bob@example.org\r\nPASS wrong\r\n")
-	c.expect("+OK")
-	c.expect("-ERR [AUTH]")
+	c.Expect("+OK")
+	c.Send("USER bob@example.org\r\nPASS wrong\r\n")
+	c.Expect("+OK")
+	c.Expect("-ERR [AUTH]")
 	im := dialConv(t, e.addrs["imap"], e.clientTLS)
-	im.expect("* OK")
-	im.send("a LOGIN alice@example.org \"" + e.d.Users["alice@example.org"] + "\"\r\n")
-	im.expect("a NO [LIMIT]")
+	im.Expect("* OK")
+	im.Send("a LOGIN alice@example.org \"" + e.d.Users["alice@example.org"] + "\"\r\n")
+	im.Expect("a NO [LIMIT]")
 }
 
 func capaLines(c *conv) []string {
 	var out []string
 	for {
-		l := c.line()
+		l := c.Line()
 		if l == "." {
 			return out
 		}
 		out = append(out, l)
-	}
-}
-
-// expectClosedPOP3 checks the server hangs up.
-func (c *conv) expectClosedPOP3() {
-	c.t.Helper()
-	for {
-		l, err := c.br.ReadString('\n')
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() {
-			c.t.Fatalf("the connection is still open (%v)", err)
-		}
-		if err != nil {
-			return
-		}
-		c.t.Fatalf("got %q while waiting for the close", l)
 	}
 }
 
@@ -370,27 +332,27 @@ passdb {
 	xo := b64("user=alice@example.org\x01auth=Bearer good-token\x01\x01")
 	ob := b64("n,a=alice@example.org,\x01host=localhost\x01port=995\x01auth=Bearer bad-token\x01\x01")
 	c := dialConv(t, addr, clientTLS)
-	c.expect("+OK")
-	c.send("CAPA\r\n")
-	c.expect("+OK")
+	c.Expect("+OK")
+	c.Send("CAPA\r\n")
+	c.Expect("+OK")
 	if caps := strings.Join(capaLines(c), " "); !strings.Contains(caps, "SASL PLAIN XOAUTH2 OAUTHBEARER") {
 		t.Errorf("CAPA %q", caps)
 	}
-	c.send("AUTH XOAUTH2 " + xo + "\r\n")
-	c.expect("+OK")
-	c.send("STAT\r\n")
-	c.expect("+OK 0 0")
+	c.Send("AUTH XOAUTH2 " + xo + "\r\n")
+	c.Expect("+OK")
+	c.Send("STAT\r\n")
+	c.Expect("+OK 0 0")
 
 	c = dialConv(t, addr, clientTLS)
-	c.expect("+OK")
-	c.send("AUTH OAUTHBEARER\r\n")
-	c.expect("+ ")
-	c.send(ob + "\r\n")
-	if l := c.line(); !strings.HasPrefix(l, "+ ") || len(l) < 10 {
+	c.Expect("+OK")
+	c.Send("AUTH OAUTHBEARER\r\n")
+	c.Expect("+ ")
+	c.Send(ob + "\r\n")
+	if l := c.Line(); !strings.HasPrefix(l, "+ ") || len(l) < 10 {
 		t.Fatalf("got %q, want the backend's error challenge", l)
 	}
-	c.send("AQ==\r\n")
-	c.expect("-ERR [AUTH]")
+	c.Send("AQ==\r\n")
+	c.Expect("-ERR [AUTH]")
 }
 
 // TestMasterUserPOP3AndSieve: with a master login configured, POP3 and
@@ -414,23 +376,19 @@ passdb {
 	const masterLine = "Master user logging in as alice@example.org"
 	plain := base64.StdEncoding.EncodeToString([]byte("\x00alice@example.org\x00client-side-secret"))
 	c := dialConv(t, e.addrs["pop3s"], e.clientTLS)
-	c.expect("+OK")
-	c.send("USER alice@example.org\r\nPASS wrong\r\n")
-	c.expect("+OK")
-	c.expect("-ERR [AUTH]")
-	c.send("AUTH PLAIN " + plain + "\r\nSTAT\r\n")
-	c.expect("+OK")
-	c.expect("+OK 0 0")
+	c.Expect("+OK")
+	c.Send("USER alice@example.org\r\nPASS wrong\r\n")
+	c.Expect("+OK")
+	c.Expect("-ERR [AUTH]")
+	c.Send("AUTH PLAIN " + plain + "\r\nSTAT\r\n")
+	c.Expect("+OK")
+	c.Expect("+OK 0 0")
 	s := dialConv(t, e.addrs["sieve"], nil)
-	readSieveResp(s)
-	s.send("STARTTLS\r\n")
-	s.expect("OK")
-	s.starttlsHandshake(e.clientTLS)
-	readSieveResp(s)
-	s.send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\nLISTSCRIPTS\r\n")
-	s.expect("OK")
-	if _, st := readSieveResp(s); !strings.HasPrefix(st, "OK") {
+	s.SieveStartTLS(e.clientTLS)
+	s.Send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\nLISTSCRIPTS\r\n")
+	s.Expect("OK")
+	if _, st := s.SieveResponse(); !strings.HasPrefix(st, "OK") {
 		t.Fatalf("LISTSCRIPTS as master: %q", st)
 	}
-	waitFor(t, func() bool { return strings.Count(e.d.Log(), masterLine) == 2 })
+	testenv.WaitFor(t, func() bool { return strings.Count(e.d.Log(), masterLine) == 2 })
 }

@@ -7,7 +7,7 @@ import (
 	"github.com/imapgate/imapgate/routing"
 )
 
-// This file is what the front ends (IMAP: session.go, POP3: pop3.go,
+// This file is what the front ends (IMAP: imap.go, POP3: pop3.go,
 // ManageSieve: sieve.go, LMTP: lmtp.go) say differently in the shared
 // session machinery.
 

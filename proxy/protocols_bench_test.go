@@ -38,7 +38,7 @@ func BenchmarkLMTPDelivery(b *testing.B) {
 		b.Fatal(err)
 	}
 	h.wg.Go(func() { srv.Serve(ln, Listener{Protocol: routing.ProtocolLMTP, Mode: StartTLS}) })
-	msg := message("bench", strings.Repeat(strings.Repeat("b", 62)+"\r\n", 64))
+	msg := testenv.Message("bench", strings.Repeat(strings.Repeat("b", 62)+"\r\n", 64))
 	for _, target := range []struct{ name, addr string }{{"direct", d.LMTPAddr}, {"imapgate", ln.Addr().String()}} {
 		b.Run(target.name, func(b *testing.B) {
 			conn, err := net.Dial("tcp", target.addr)
@@ -50,13 +50,13 @@ func BenchmarkLMTPDelivery(b *testing.B) {
 			if err := c.Hello("bench"); err != nil {
 				b.Fatal(err)
 			}
-			cpu0, start := selfCPU(b), time.Now()
+			cpu0, start := testenv.SelfCPU(b), time.Now()
 			for b.Loop() {
 				if err := c.SendMail("s@example.com", []string{"alice@example.org"}, strings.NewReader(msg)); err != nil {
 					b.Fatal(err)
 				}
 			}
-			elapsed, cpu := time.Since(start), selfCPU(b)-cpu0
+			elapsed, cpu := time.Since(start), testenv.SelfCPU(b)-cpu0
 			b.ReportMetric(float64(b.N)/elapsed.Seconds(), "deliveries/s")
 			b.ReportMetric(float64(cpu.Microseconds())/float64(b.N), "cpu-us/delivery")
 		})
@@ -121,14 +121,14 @@ func BenchmarkPOP3Login(b *testing.B) {
 	for _, name := range []string{"imap-direct", "imap", "pop3-direct", "pop3"} {
 		b.Run(name, func(b *testing.B) {
 			var fails atomic.Int64
-			cpu0, start := selfCPU(b), time.Now()
+			cpu0, start := testenv.SelfCPU(b), time.Now()
 			for b.Loop() {
 				if err := once[name](); err != nil {
 					fails.Add(1)
 					b.Fatal(err)
 				}
 			}
-			elapsed, cpu := time.Since(start), selfCPU(b)-cpu0
+			elapsed, cpu := time.Since(start), testenv.SelfCPU(b)-cpu0
 			b.ReportMetric(float64(b.N)/elapsed.Seconds(), "logins/s")
 			b.ReportMetric(float64(cpu.Microseconds())/float64(b.N), "cpu-us/login")
 		})

@@ -39,24 +39,24 @@ func TestBackendTLSAllProtocols(t *testing.T) {
 			t.Cleanup(func() { srv.Close(); h.wg.Wait() })
 			pop3s := serveExtra(t, h, Listener{Protocol: routing.ProtocolPOP3, Mode: ImplicitTLS})
 			c := dialConv(t, pop3s, clientTLS)
-			c.expect("+OK")
-			c.send("AUTH PLAIN " + plain + "\r\nSTAT\r\n")
-			c.expect("+OK")
-			c.expect("+OK")
+			c.Expect("+OK")
+			c.Send("AUTH PLAIN " + plain + "\r\nSTAT\r\n")
+			c.Expect("+OK")
+			c.Expect("+OK")
 			if tc.b.SieveAddr != "" {
 				sieves := serveExtra(t, h, Listener{Protocol: routing.ProtocolSieve, Mode: ImplicitTLS})
 				s := dialConv(t, sieves, clientTLS)
-				readSieveResp(s)
-				s.send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\nLISTSCRIPTS\r\n")
-				s.expect("OK")
-				if _, st := readSieveResp(s); !strings.HasPrefix(st, "OK") {
+				s.SieveResponse()
+				s.Send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\nLISTSCRIPTS\r\n")
+				s.Expect("OK")
+				if _, st := s.SieveResponse(); !strings.HasPrefix(st, "OK") {
 					t.Fatalf("LISTSCRIPTS over a STARTTLS backend: %q", st)
 				}
 			}
 			if tc.b.LMTPAddr != "" {
 				lmtpAddr := serveExtra(t, h, Listener{Protocol: routing.ProtocolLMTP, Mode: StartTLS})
-				lc := lmtpDial(t, lmtpAddr, "")
-				if re, de := deliver(t, lc, strings.NewReader(message("over starttls", "x")), "alice@example.org"); len(re)+len(de) != 0 {
+				lc := testenv.LMTPDial(t, lmtpAddr, "")
+				if re, de := testenv.Deliver(t, lc, strings.NewReader(testenv.Message("over starttls", "x")), "alice@example.org"); len(re)+len(de) != 0 {
 					t.Fatalf("LMTP over a STARTTLS backend: %v %v", re, de)
 				}
 			}

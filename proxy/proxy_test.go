@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"github.com/imapgate/imapgate/internal/testenv"
 	"io"
 	"net"
 	"net/netip"
@@ -26,11 +27,6 @@ import (
 
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m,
-		// CertMagic (the ACME tests) keeps a rate limiter per CA account
-		// for the life of the process, and refreshes file locks on a
-		// goroutine that notices their release only when it next wakes.
-		goleak.IgnoreAnyFunction("github.com/caddyserver/certmagic.(*RingBufferRateLimiter).loop"),
-		goleak.IgnoreAnyFunction("github.com/caddyserver/certmagic.keepLockfileFresh"),
 		// A test backend's go-imap v2 (beta.8) connection can stay blocked
 		// for good on its own response lock after its client (imapgate,
 		// or the differential test) hung up in the middle of a response:
@@ -49,7 +45,7 @@ func TestGreetingAndCapabilities(t *testing.T) {
 	h := memHarness(t, nil)
 
 	c := dialConv(t, h.startTLSAddr, nil)
-	g := c.expect("* OK [CAPABILITY ")
+	g := c.Expect("* OK [CAPABILITY ")
 	for _, want := range []string{"IMAP4rev1", "STARTTLS", "LOGINDISABLED", "SASL-IR", "LITERAL+", "ID"} {
 		if !strings.Contains(g, " "+want) {
 			t.Errorf("cleartext greeting %q lacks %s", g, want)
@@ -58,13 +54,13 @@ func TestGreetingAndCapabilities(t *testing.T) {
 	if strings.Contains(g, "AUTH=") {
 		t.Errorf("cleartext greeting %q advertises AUTH= before STARTTLS", g)
 	}
-	c.send("a LOGIN alice@example.org alicepass\r\n")
-	c.expect("a NO [PRIVACYREQUIRED]")
-	c.send("b AUTHENTICATE PLAIN\r\n")
-	c.expect("b NO [PRIVACYREQUIRED]")
-	c.starttls(h.clientTLS)
-	c.send("c CAPABILITY\r\n")
-	l, un := c.tagged("c")
+	c.Send("a LOGIN alice@example.org alicepass\r\n")
+	c.Expect("a NO [PRIVACYREQUIRED]")
+	c.Send("b AUTHENTICATE PLAIN\r\n")
+	c.Expect("b NO [PRIVACYREQUIRED]")
+	c.StartTLS(h.clientTLS)
+	c.Send("c CAPABILITY\r\n")
+	l, un := c.Tagged("c")
 	if !strings.HasPrefix(l, "c OK") || len(un) != 1 {
 		t.Fatalf("CAPABILITY after STARTTLS: %q %q", un, l)
 	}
@@ -73,7 +69,7 @@ func TestGreetingAndCapabilities(t *testing.T) {
 	}
 
 	tc := dialConv(t, h.tlsAddr, h.clientTLS)
-	g = tc.expect("* OK [CAPABILITY ")
+	g = tc.Expect("* OK [CAPABILITY ")
 	if !strings.Contains(g, "AUTH=PLAIN") || strings.Contains(g, "STARTTLS") {
 		t.Errorf("implicit-TLS greeting = %q", g)
 	}
@@ -89,84 +85,84 @@ func TestLoginVariants(t *testing.T) {
 		script func(c *conv) string // returns the final tagged line
 	}{
 		{"LOGIN atoms", func(c *conv) string {
-			c.send("a LOGIN alice@example.org alicepass\r\n")
-			l, _ := c.tagged("a")
+			c.Send("a LOGIN alice@example.org alicepass\r\n")
+			l, _ := c.Tagged("a")
 			return l
 		}},
 		{"LOGIN quoted with space", func(c *conv) string {
-			c.send(`a LOGIN "bob@example.org" "bob pass"` + "\r\n")
-			l, _ := c.tagged("a")
+			c.Send(`a LOGIN "bob@example.org" "bob pass"` + "\r\n")
+			l, _ := c.Tagged("a")
 			return l
 		}},
 		{"LOGIN sync literals, non-ASCII", func(c *conv) string {
-			c.send("a LOGIN {5}\r\n")
-			c.expect("+ ")
-			c.send(fmt.Sprintf("carol {%d}\r\n", len("pässwörd")))
-			c.expect("+ ")
-			c.send("pässwörd\r\n")
-			l, _ := c.tagged("a")
+			c.Send("a LOGIN {5}\r\n")
+			c.Expect("+ ")
+			c.Send(fmt.Sprintf("carol {%d}\r\n", len("pässwörd")))
+			c.Expect("+ ")
+			c.Send("pässwörd\r\n")
+			l, _ := c.Tagged("a")
 			return l
 		}},
 		{"LOGIN literal+", func(c *conv) string {
-			c.send("a LOGIN {17+}\r\nalice@example.org {9+}\r\nalicepass\r\n")
-			l, _ := c.tagged("a")
+			c.Send("a LOGIN {17+}\r\nalice@example.org {9+}\r\nalicepass\r\n")
+			l, _ := c.Tagged("a")
 			return l
 		}},
 		{"AUTHENTICATE PLAIN SASL-IR", func(c *conv) string {
-			c.send("a AUTHENTICATE PLAIN " + plain("", "alice@example.org", "alicepass") + "\r\n")
-			l, _ := c.tagged("a")
+			c.Send("a AUTHENTICATE PLAIN " + plain("", "alice@example.org", "alicepass") + "\r\n")
+			l, _ := c.Tagged("a")
 			return l
 		}},
 		{"AUTHENTICATE PLAIN continuation", func(c *conv) string {
-			c.send("a AUTHENTICATE PLAIN\r\n")
-			c.expect("+")
-			c.send(plain("", "bob@example.org", "bob pass") + "\r\n")
-			l, _ := c.tagged("a")
+			c.Send("a AUTHENTICATE PLAIN\r\n")
+			c.Expect("+")
+			c.Send(plain("", "bob@example.org", "bob pass") + "\r\n")
+			l, _ := c.Tagged("a")
 			return l
 		}},
 		{"cancel then retry", func(c *conv) string {
-			c.send("a AUTHENTICATE PLAIN\r\n")
-			c.expect("+")
-			c.send("*\r\n")
-			c.expect("a BAD")
-			c.send("b LOGIN alice@example.org alicepass\r\n")
-			l, _ := c.tagged("b")
+			c.Send("a AUTHENTICATE PLAIN\r\n")
+			c.Expect("+")
+			c.Send("*\r\n")
+			c.Expect("a BAD")
+			c.Send("b LOGIN alice@example.org alicepass\r\n")
+			l, _ := c.Tagged("b")
 			return strings.Replace(l, "b ", "a ", 1)
 		}},
 		{"wrong password then retry", func(c *conv) string {
-			c.send("a LOGIN alice@example.org wrong\r\n")
-			l, _ := c.tagged("a")
+			c.Send("a LOGIN alice@example.org wrong\r\n")
+			l, _ := c.Tagged("a")
 			if !strings.HasPrefix(l, "a NO [AUTHENTICATIONFAILED]") {
 				t.Errorf("wrong password: %q", l)
 			}
-			c.send("b LOGIN alice@example.org alicepass\r\n")
-			l, _ = c.tagged("b")
+			c.Send("b LOGIN alice@example.org alicepass\r\n")
+			l, _ = c.Tagged("b")
 			return strings.Replace(l, "b ", "a ", 1)
 		}},
 		{"ID before login", func(c *conv) string {
-			c.send(`i ID ("name" "test client" "version" NIL)` + "\r\n")
-			_, un := c.tagged("i")
+			c.Send(`i ID ("name" "test client" "version" NIL)` + "\r\n")
+			_, un := c.Tagged("i")
 			if len(un) != 1 || !strings.Contains(un[0], `"imapgate"`) {
 				t.Errorf("ID answer: %q", un)
 			}
-			c.send("a LOGIN alice@example.org alicepass\r\n")
-			l, _ := c.tagged("a")
+			c.Send("a LOGIN alice@example.org alicepass\r\n")
+			l, _ := c.Tagged("a")
 			return l
 		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			c := dialConv(t, h.tlsAddr, h.clientTLS)
-			c.expect("* OK")
+			c.Expect("* OK")
 			l := tt.script(c)
 			if !strings.HasPrefix(l, "a OK [CAPABILITY ") || !strings.Contains(l, " UIDPLUS ") {
 				t.Fatalf("login answer %q, want OK with the backend's capabilities", l)
 			}
 			// The session is now the backend's.
-			c.send("n NOOP\r\nl LOGOUT\r\n")
-			c.tagged("n")
-			c.expect("* BYE")
-			c.expect("l OK")
+			c.Send("n NOOP\r\nl LOGOUT\r\n")
+			c.Tagged("n")
+			c.Expect("* BYE")
+			c.Expect("l OK")
 		})
 	}
 }
@@ -175,90 +171,90 @@ func TestBadInput(t *testing.T) {
 	h := memHarness(t, func(o *Options) { o.Limits.MaxBadCommands = 3 })
 	t.Run("unknown commands then BYE", func(t *testing.T) {
 		c := dialConv(t, h.tlsAddr, h.clientTLS)
-		c.expect("* OK")
-		c.send("a SELECT INBOX\r\n")
-		c.expect("a BAD")
-		c.send("b ENABLE UTF8=ACCEPT\r\n")
-		c.expect("b BAD [CLIENTBUG]")
-		c.send("c FOO\r\n")
-		c.expect("c BAD")
-		c.send("d LOGIN onlyuser\r\n")
-		c.expect("d BAD")
-		c.expect("* BYE")
-		c.expectClosed()
+		c.Expect("* OK")
+		c.Send("a SELECT INBOX\r\n")
+		c.Expect("a BAD")
+		c.Send("b ENABLE UTF8=ACCEPT\r\n")
+		c.Expect("b BAD [CLIENTBUG]")
+		c.Send("c FOO\r\n")
+		c.Expect("c BAD")
+		c.Send("d LOGIN onlyuser\r\n")
+		c.Expect("d BAD")
+		c.Expect("* BYE")
+		c.ExpectClosed("* BYE")
 	})
 	t.Run("http request", func(t *testing.T) {
 		c := dialConv(t, h.startTLSAddr, nil)
-		c.expect("* OK")
-		c.send("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-		c.expect("* BYE")
-		c.expectClosed()
+		c.Expect("* OK")
+		c.Send("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+		c.Expect("* BYE")
+		c.ExpectClosed("* BYE")
 	})
 	t.Run("TLS on cleartext port", func(t *testing.T) {
 		c := dialConv(t, h.startTLSAddr, nil)
-		c.expect("* OK")
-		c.send("\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
-		c.expect("* BYE")
-		c.expectClosed()
+		c.Expect("* OK")
+		c.Send("\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+		c.Expect("* BYE")
+		c.ExpectClosed("* BYE")
 	})
 	t.Run("line too long", func(t *testing.T) {
 		c := dialConv(t, h.tlsAddr, h.clientTLS)
-		c.expect("* OK")
-		c.send("a LOGIN " + strings.Repeat("x", 70_000) + "\r\n")
-		c.expect("a BAD [TOOBIG]")
-		c.send("b NOOP\r\n") // in step again at the next line
-		c.expect("b OK")
-		c.sendCut("c LOGIN " + strings.Repeat("x", 200_000) + "\r\n")
-		c.expect("* BYE [TOOBIG]")
-		c.expectClosed()
+		c.Expect("* OK")
+		c.Send("a LOGIN " + strings.Repeat("x", 70_000) + "\r\n")
+		c.Expect("a BAD [TOOBIG]")
+		c.Send("b NOOP\r\n") // in step again at the next line
+		c.Expect("b OK")
+		c.SendCut("c LOGIN " + strings.Repeat("x", 200_000) + "\r\n")
+		c.Expect("* BYE [TOOBIG]")
+		c.ExpectClosed("* BYE")
 	})
 	t.Run("invalid base64", func(t *testing.T) {
 		c := dialConv(t, h.tlsAddr, h.clientTLS)
-		c.expect("* OK")
-		c.send("a AUTHENTICATE PLAIN !!!notbase64\r\n")
-		c.expect("a BAD [CLIENTBUG]")
-		c.send("b NOOP\r\n")
-		c.expect("b OK")
+		c.Expect("* OK")
+		c.Send("a AUTHENTICATE PLAIN !!!notbase64\r\n")
+		c.Expect("a BAD [CLIENTBUG]")
+		c.Send("b NOOP\r\n")
+		c.Expect("b OK")
 	})
 	t.Run("unsupported mechanism", func(t *testing.T) {
 		c := dialConv(t, h.tlsAddr, h.clientTLS)
-		c.expect("* OK")
-		c.send("a AUTHENTICATE CRAM-MD5\r\n")
-		c.expect("a NO [CANNOT]")
+		c.Expect("* OK")
+		c.Send("a AUTHENTICATE CRAM-MD5\r\n")
+		c.Expect("a NO [CANNOT]")
 	})
 }
 
 func TestStartTLSDiscardsPipelinedCommands(t *testing.T) {
 	h := memHarness(t, nil)
 	c := dialConv(t, h.startTLSAddr, nil)
-	c.expect("* OK")
+	c.Expect("* OK")
 	// An attacker on the path appends a command to the cleartext STARTTLS.
-	c.send("st STARTTLS\r\ninj LOGIN alice@example.org alicepass\r\n")
-	c.expect("st OK")
+	c.Send("st STARTTLS\r\ninj LOGIN alice@example.org alicepass\r\n")
+	c.Expect("st OK")
 	tc := tlsClient(t, c, h)
-	tc.send("n NOOP\r\n")
+	tc.Send("n NOOP\r\n")
 	// Had the injected LOGIN run, its answer would come first.
-	tc.expect("n OK")
+	tc.Expect("n OK")
 }
 
 func tlsClient(t *testing.T, c *conv, h *harness) *conv {
 	t.Helper()
-	c.starttlsHandshake(h.clientTLS)
+	c.Handshake(h.clientTLS)
 	return c
 }
 
 func TestPipelinedAfterLoginReachesBackend(t *testing.T) {
 	h := memHarness(t, nil)
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	c.expect("* OK")
-	c.send("a LOGIN alice@example.org alicepass\r\nb SELECT INBOX\r\nc LOGOUT\r\n")
-	c.expect("a OK [CAPABILITY")
-	if l, _ := c.tagged("b"); !strings.HasPrefix(l, "b OK") {
+	c.Expect("* OK")
+	c.Send("a LOGIN alice@example.org alicepass\r\nb SELECT INBOX\r\nc LOGOUT\r\n")
+	c.Expect("a OK [CAPABILITY")
+	if l, _ := c.Tagged("b"); !strings.HasPrefix(l, "b OK") {
 		t.Fatalf("pipelined SELECT: %q", l)
 	}
-	c.expect("* BYE")
-	c.expect("c OK")
-	c.expectClosed()
+	c.Expect("* BYE")
+	c.Expect("c OK")
+	c.ExpectClosed("* BYE")
 }
 
 func TestBackendDown(t *testing.T) {
@@ -273,18 +269,18 @@ func TestBackendDown(t *testing.T) {
 		o.Logger = zap.New(core)
 	})
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	c.expect("* OK")
-	c.send("a LOGIN alice@example.org alicepass\r\n")
-	l := c.expect("a NO [UNAVAILABLE]")
+	c.Expect("* OK")
+	c.Send("a LOGIN alice@example.org alicepass\r\n")
+	l := c.Expect("a NO [UNAVAILABLE]")
 	if strings.Contains(l, addr) || strings.Contains(l, "127.0.0.1") {
 		t.Errorf("client reply %q reveals the backend address", l)
 	}
 	// The client may try again; then leave.
-	c.send("b LOGOUT\r\n")
-	c.expect("* BYE")
-	c.expect("b OK")
-	c.expectClosed()
-	waitFor(t, func() bool { return logs.FilterMessage("session end").Len() == 1 })
+	c.Send("b LOGOUT\r\n")
+	c.Expect("* BYE")
+	c.Expect("b OK")
+	c.ExpectClosed("* BYE")
+	testenv.WaitFor(t, func() bool { return logs.FilterMessage("session end").Len() == 1 })
 	found := false
 	for _, e := range logs.All() {
 		if e.Message == "login failed: backend unavailable" && e.ContextMap()["backend_addr"] == addr {
@@ -318,9 +314,9 @@ func TestBackendHangsGetsUnavailableWithinTimeout(t *testing.T) {
 		o.Timeouts.BackendLogin = 300 * time.Millisecond
 	})
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	c.expect("* OK")
-	c.send("a LOGIN alice@example.org alicepass\r\n")
-	c.expect("a NO [UNAVAILABLE]")
+	c.Expect("* OK")
+	c.Send("a LOGIN alice@example.org alicepass\r\n")
+	c.Expect("a NO [UNAVAILABLE]")
 	(<-accepted).Close()
 }
 
@@ -365,36 +361,36 @@ func bigMessage(n int) []byte {
 func TestEvictAndShutdown(t *testing.T) {
 	h := memHarness(t, nil)
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	c.expect("* OK")
-	c.send("a LOGIN alice@example.org alicepass\r\n")
-	c.expect("a OK")
-	waitFor(t, func() bool { return len(h.srv.Sessions("alice@example.org", "mem1")) == 1 })
+	c.Expect("* OK")
+	c.Send("a LOGIN alice@example.org alicepass\r\n")
+	c.Expect("a OK")
+	testenv.WaitFor(t, func() bool { return len(h.srv.Sessions("alice@example.org", "mem1")) == 1 })
 	if n := h.srv.EvictUser("alice@example.org", "mem1"); n != 0 {
 		t.Fatalf("EvictUser keeping mem1 closed %d sessions", n)
 	}
 	if n := h.srv.EvictUser("alice@example.org", "other"); n != 1 {
 		t.Fatalf("EvictUser closed %d sessions, want 1", n)
 	}
-	c.expect("* BYE [UNAVAILABLE]")
-	c.expectClosed()
+	c.Expect("* BYE [UNAVAILABLE]")
+	c.ExpectClosed("* BYE")
 
 	// Shutdown: a pre-auth client is told BYE, a spliced one may finish.
 	pre := dialConv(t, h.tlsAddr, h.clientTLS)
-	pre.expect("* OK")
+	pre.Expect("* OK")
 	sp := dialConv(t, h.tlsAddr, h.clientTLS)
-	sp.expect("* OK")
-	sp.send("a LOGIN bob@example.org \"bob pass\"\r\n")
-	sp.expect("a OK")
-	waitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 2 })
+	sp.Expect("* OK")
+	sp.Send("a LOGIN bob@example.org \"bob pass\"\r\n")
+	sp.Expect("a OK")
+	testenv.WaitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 2 })
 	done := make(chan error, 1)
 	go func() { done <- h.srv.Shutdown(context.Background()) }()
-	pre.expect("* BYE")
-	pre.expectClosed()
-	sp.send("n NOOP\r\n")
-	sp.expect("n OK")
-	sp.send("z LOGOUT\r\n")
-	sp.expect("* BYE")
-	sp.expect("z OK")
+	pre.Expect("* BYE")
+	pre.ExpectClosed("* BYE")
+	sp.Send("n NOOP\r\n")
+	sp.Expect("n OK")
+	sp.Send("z LOGOUT\r\n")
+	sp.Expect("* BYE")
+	sp.Expect("z OK")
 	if err := <-done; err != nil {
 		t.Fatalf("Shutdown = %v, want nil once the last session logged out", err)
 	}
@@ -406,40 +402,27 @@ func TestEvictAndShutdown(t *testing.T) {
 func TestConnectionLimits(t *testing.T) {
 	h := memHarness(t, func(o *Options) { o.Limits.MaxConnectionsPerIP = 2 })
 	a := dialConv(t, h.startTLSAddr, nil)
-	a.expect("* OK")
+	a.Expect("* OK")
 	b := dialConv(t, h.startTLSAddr, nil)
-	b.expect("* OK")
+	b.Expect("* OK")
 	c := dialConv(t, h.startTLSAddr, nil)
-	c.expect("* BYE [UNAVAILABLE]")
-	c.expectClosed()
-	a.send("x LOGOUT\r\n")
-	a.expect("* BYE")
-	a.expect("x OK")
-	a.expectClosed()
-	waitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 1 })
+	c.Expect("* BYE [UNAVAILABLE]")
+	c.ExpectClosed("* BYE")
+	a.Send("x LOGOUT\r\n")
+	a.Expect("* BYE")
+	a.Expect("x OK")
+	a.ExpectClosed("* BYE")
+	testenv.WaitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 1 })
 	d := dialConv(t, h.startTLSAddr, nil)
-	d.expect("* OK")
+	d.Expect("* OK")
 }
 
 func TestPreAuthIdleTimeout(t *testing.T) {
 	h := memHarness(t, func(o *Options) { o.Timeouts.PreAuthIdle = 200 * time.Millisecond })
 	c := dialConv(t, h.startTLSAddr, nil)
-	c.expect("* OK")
-	c.expect("* BYE Autologout")
-	c.expectClosed()
-}
-
-// waitFor polls cond: for state that has no signal to wait on (a session
-// registry updated by another goroutine).
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met within 10s")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	c.Expect("* OK")
+	c.Expect("* BYE Autologout")
+	c.ExpectClosed("* BYE")
 }
 
 // TestHalfClose: a client that sends LOGOUT and shuts its writing side
@@ -454,19 +437,19 @@ func TestHalfClose(t *testing.T) {
 			} else {
 				c = dialConv(t, h.startTLSAddr, nil)
 			}
-			c.expect("* OK")
+			c.Expect("* OK")
 			if !viaTLS {
-				c.starttls(h.clientTLS)
+				c.StartTLS(h.clientTLS)
 			}
-			c.send("a LOGIN alice@example.org alicepass\r\n")
-			c.expect("a OK")
-			c.send("b LOGOUT\r\n")
-			if err := c.c.(closeWriter).CloseWrite(); err != nil {
+			c.Send("a LOGIN alice@example.org alicepass\r\n")
+			c.Expect("a OK")
+			c.Send("b LOGOUT\r\n")
+			if err := c.C.(closeWriter).CloseWrite(); err != nil {
 				t.Fatal(err)
 			}
-			c.expect("* BYE")
-			c.expect("b OK")
-			c.expectClosed()
+			c.Expect("* BYE")
+			c.Expect("b OK")
+			c.ExpectClosed("* BYE")
 		})
 	}
 }
@@ -490,8 +473,8 @@ func TestNoDescriptorLeak(t *testing.T) {
 	func() {
 		h := newHarness(t, fixedRouter(&routing.Backend{ID: "mem0", Addr: "127.0.0.1:1"}), nil)
 		c := dialConv(t, h.tlsAddr, h.clientTLS)
-		c.expect("* OK")
-		c.c.Close()
+		c.Expect("* OK")
+		c.C.Close()
 		h.srv.Close()
 		h.wg.Wait()
 	}()
@@ -502,29 +485,29 @@ func TestNoDescriptorLeak(t *testing.T) {
 		h := newHarness(t, fixedRouter(&routing.Backend{ID: "mem1", Addr: addr}), nil)
 		for i := 0; i < 20; i++ {
 			c := dialConv(t, h.tlsAddr, h.clientTLS)
-			c.expect("* OK")
-			c.send("a LOGIN alice@example.org alicepass\r\n")
-			c.expect("a OK")
+			c.Expect("* OK")
+			c.Send("a LOGIN alice@example.org alicepass\r\n")
+			c.Expect("a OK")
 			switch i % 4 {
 			case 0: // logout
-				c.send("b LOGOUT\r\n")
-				c.expect("* BYE")
-				c.expect("b OK")
-				c.expectClosed()
+				c.Send("b LOGOUT\r\n")
+				c.Expect("* BYE")
+				c.Expect("b OK")
+				c.ExpectClosed("* BYE")
 			case 1: // client vanishes
-				c.c.Close()
+				c.C.Close()
 			case 2: // kicked
-				waitFor(t, func() bool { return len(h.srv.Sessions("alice@example.org", "mem1")) > 0 })
+				testenv.WaitFor(t, func() bool { return len(h.srv.Sessions("alice@example.org", "mem1")) > 0 })
 				h.srv.EvictBackend("mem1")
-				c.expectClosed()
+				c.ExpectClosed("* BYE")
 			case 3: // pre-auth only
 				c2 := dialConv(t, h.startTLSAddr, nil)
-				c2.expect("* OK")
-				c2.send("x LOGOUT\r\n")
-				c2.expect("* BYE")
-				c2.c.Close()
+				c2.Expect("* OK")
+				c2.Send("x LOGOUT\r\n")
+				c2.Expect("* BYE")
+				c2.C.Close()
 			}
-			c.c.Close()
+			c.C.Close()
 		}
 		h.srv.Close()
 		h.wg.Wait()
@@ -560,7 +543,7 @@ func TestSpliceCleartextBothLegs(t *testing.T) {
 	if err := cl.Login("carol", "pässwörd").Wait(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, func() bool { return len(h.srv.Sessions("carol", "")) == 1 })
+	testenv.WaitFor(t, func() bool { return len(h.srv.Sessions("carol", "")) == 1 })
 	body := bigMessage(5 << 20)
 	appendMessage(t, cl, body)
 	checkNewest(t, cl, body)
@@ -640,18 +623,18 @@ func TestEvictDuringLogin(t *testing.T) {
 		o.Router = fixedRouter(&routing.Backend{ID: "old", Addr: slow})
 	})
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	c.expect("* OK")
-	c.send("a LOGIN alice@example.org alicepass\r\n")
-	waitFor(t, func() bool {
+	c.Expect("* OK")
+	c.Send("a LOGIN alice@example.org alicepass\r\n")
+	testenv.WaitFor(t, func() bool {
 		s := h.srv.Sessions("alice@example.org", "old")
-		return len(s) == 1 && s[0].State == stateLogin
+		return len(s) == 1 && s[0].State == StateLogin.String()
 	})
 	if n := h.srv.EvictUser("alice@example.org", "new"); n != 1 {
 		t.Fatalf("EvictUser during login closed %d sessions, want 1", n)
 	}
 	close(release)
 	for {
-		l, err := c.br.ReadString('\n')
+		l, err := c.R.ReadString('\n')
 		if err != nil {
 			break
 		}
@@ -659,7 +642,7 @@ func TestEvictDuringLogin(t *testing.T) {
 			t.Fatalf("the evicted login succeeded: %q", l)
 		}
 	}
-	waitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 0 })
+	testenv.WaitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 0 })
 }
 
 // TestLoginRechecksRoute: when the router's answer changes while a login
@@ -676,12 +659,12 @@ func TestLoginRechecksRoute(t *testing.T) {
 	})
 	h := newHarness(t, r, nil)
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	c.expect("* OK")
-	c.send("a LOGIN alice@example.org alicepass\r\n")
-	c.expect("a NO [UNAVAILABLE]")
-	c.send("b LOGIN alice@example.org alicepass\r\n")
-	c.expect("b OK")
-	waitFor(t, func() bool { return len(h.srv.Sessions("alice@example.org", "new")) == 1 })
+	c.Expect("* OK")
+	c.Send("a LOGIN alice@example.org alicepass\r\n")
+	c.Expect("a NO [UNAVAILABLE]")
+	c.Send("b LOGIN alice@example.org alicepass\r\n")
+	c.Expect("b OK")
+	testenv.WaitFor(t, func() bool { return len(h.srv.Sessions("alice@example.org", "new")) == 1 })
 }
 
 // parkedDirections counts the directions of user's sessions that sit in
@@ -717,20 +700,20 @@ func TestParkedSessions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, func() bool { return parkedDirections(h.srv, user) == 2 })
+	testenv.WaitFor(t, func() bool { return parkedDirections(h.srv, user) == 2 })
 	// Client to backend wakes the up direction, the answer the down one.
 	for i := 0; i < 3; i++ {
 		if err := cl.Noop().Wait(); err != nil {
 			t.Fatalf("NOOP %d on a parked session: %v", i, err)
 		}
-		waitFor(t, func() bool { return parkedDirections(h.srv, user) == 2 })
+		testenv.WaitFor(t, func() bool { return parkedDirections(h.srv, user) == 2 })
 	}
 	// Backend to client alone: mail arrives during IDLE.
 	idle, err := cl.Idle()
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, func() bool { return parkedDirections(h.srv, user) == 2 })
+	testenv.WaitFor(t, func() bool { return parkedDirections(h.srv, user) == 2 })
 	other, err := imapclient.DialTLS(h.tlsAddr, &imapclient.Options{TLSConfig: h.clientTLS})
 	if err != nil {
 		t.Fatal(err)
@@ -755,7 +738,7 @@ func TestParkedSessions(t *testing.T) {
 	if err := idle.Wait(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, func() bool { return parkedDirections(h.srv, user) == 2 })
+	testenv.WaitFor(t, func() bool { return parkedDirections(h.srv, user) == 2 })
 	// A kick reaches a parked session.
 	if n := h.srv.KickUser(user, "bye"); n != 1 {
 		t.Fatalf("KickUser closed %d sessions", n)
@@ -763,7 +746,7 @@ func TestParkedSessions(t *testing.T) {
 	if err := cl.Noop().Wait(); err == nil {
 		t.Fatal("NOOP succeeded after the kick")
 	}
-	waitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 0 })
+	testenv.WaitFor(t, func() bool { return len(h.srv.Sessions("", "")) == 0 })
 }
 
 // TestIPv6Listener serves a client over IPv6 loopback; the session's
@@ -780,15 +763,15 @@ func TestIPv6Listener(t *testing.T) {
 	served := make(chan error, 1)
 	go func() { served <- h.srv.Serve(ln, Listener{Mode: ImplicitTLS, Name: "v6"}) }()
 	c := dialConv(t, ln.Addr().String(), h.clientTLS)
-	c.expect("* OK")
-	c.send("a LOGIN alice@example.org alicepass\r\n")
-	c.expect("a OK")
-	waitFor(t, func() bool { return len(h.srv.Sessions("alice@example.org", "")) == 1 })
+	c.Expect("* OK")
+	c.Send("a LOGIN alice@example.org alicepass\r\n")
+	c.Expect("a OK")
+	testenv.WaitFor(t, func() bool { return len(h.srv.Sessions("alice@example.org", "")) == 1 })
 	if got := h.srv.Sessions("alice@example.org", "")[0].Client; !strings.HasPrefix(got, "[::1]:") {
 		t.Errorf("client address %s, want [::1]:port", got)
 	}
-	c.send("b LOGOUT\r\n")
-	c.expect("* BYE")
+	c.Send("b LOGOUT\r\n")
+	c.Expect("* BYE")
 	h.srv.Close()
 	if err := <-served; !errors.Is(err, ErrServerClosed) {
 		t.Errorf("Serve = %v", err)
@@ -801,9 +784,9 @@ func TestIPv6Listener(t *testing.T) {
 func TestSetOptions(t *testing.T) {
 	h := memHarness(t, nil)
 	sp := dialConv(t, h.tlsAddr, h.clientTLS)
-	sp.expect("* OK")
-	sp.send("a LOGIN alice@example.org alicepass\r\n")
-	sp.expect("a OK")
+	sp.Expect("* OK")
+	sp.Send("a LOGIN alice@example.org alicepass\r\n")
+	sp.Expect("a OK")
 
 	o := *h.srv.o()
 	o.Greeting = "reloaded greeting"
@@ -817,12 +800,12 @@ func TestSetOptions(t *testing.T) {
 		t.Error("changed failure limits kept the old limiters")
 	}
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	if g := c.expect("* OK"); !strings.HasSuffix(g, "reloaded greeting") {
+	if g := c.Expect("* OK"); !strings.HasSuffix(g, "reloaded greeting") {
 		t.Errorf("greeting after SetOptions: %q", g)
 	}
-	c.send("x BOGUS\r\n")
-	c.expect("x BAD")
-	c.expect("* BYE")
+	c.Send("x BOGUS\r\n")
+	c.Expect("x BAD")
+	c.Expect("* BYE")
 
 	bad := o
 	bad.Capabilities.AuthMechanisms = []string{"CRAM-MD5"}
@@ -832,6 +815,6 @@ func TestSetOptions(t *testing.T) {
 	if h.srv.o().Greeting != "reloaded greeting" {
 		t.Error("a refused SetOptions changed the options")
 	}
-	sp.send("n NOOP\r\n")
-	sp.expect("n OK")
+	sp.Send("n NOOP\r\n")
+	sp.Expect("n OK")
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/imapgate/imapgate/proxy/internal/addr"
 	"net"
 	"net/netip"
 	"sync"
@@ -186,8 +187,8 @@ func isTemporary(err error) bool {
 
 // serveConn runs one client connection from accept to close.
 func (s *Server) serveConn(c net.Conn, l *Listener) {
-	remote, local := addrPort(c.RemoteAddr()), addrPort(c.LocalAddr())
-	if trusted(l.ProxyProtocolFrom, remote.Addr()) {
+	remote, local := addr.Of(c.RemoteAddr()), addr.Of(c.LocalAddr())
+	if addr.In(l.ProxyProtocolFrom, remote.Addr()) {
 		c.SetReadDeadline(time.Now().Add(s.o().Timeouts.TLSHandshake))
 		src, dst, ok, err := readProxyHeader(c)
 		c.SetReadDeadline(time.Time{})
@@ -267,24 +268,6 @@ func (s *Server) admit(network netip.Prefix) string {
 	return ""
 }
 
-func trusted(nets []netip.Prefix, a netip.Addr) bool {
-	for _, p := range nets {
-		if p.Contains(a) {
-			return true
-		}
-	}
-	return false
-}
-
-func addrPort(a net.Addr) netip.AddrPort {
-	if ta, ok := a.(*net.TCPAddr); ok {
-		ap := ta.AddrPort()
-		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-	}
-	ap, _ := netip.ParseAddrPort(a.String())
-	return ap
-}
-
 // SessionInfo describes a live session for operators.
 type SessionInfo struct {
 	ID       string        `json:"id"`
@@ -354,7 +337,7 @@ func (s *Server) EvictUser(user, keepID string) int {
 		}
 	}
 	s.mu.Unlock()
-	return s.kickAll("moved", "Your mailbox moved, please reconnect", victims)
+	return s.kickAll(EndMoved, "Your mailbox moved, please reconnect", victims)
 }
 
 // KickUser closes every session of user (an operator's kick), telling
@@ -364,18 +347,18 @@ func (s *Server) KickUser(user, text string) int {
 	s.mu.Lock()
 	victims := append([]*session(nil), s.byUser[user]...)
 	s.mu.Unlock()
-	return s.kickAll("kicked", text, victims)
+	return s.kickAll(EndKicked, text, victims)
 }
 
 // EvictBackend closes every session spliced to the backend with this ID.
 func (s *Server) EvictBackend(id string) int {
-	return s.evict("backend_gone", func(sess *session) bool {
+	return s.evict(EndBackendGone, func(sess *session) bool {
 		_, b := sess.routeKey()
 		return b == id
 	})
 }
 
-func (s *Server) evict(reason string, match func(*session) bool) int {
+func (s *Server) evict(reason EndReason, match func(*session) bool) int {
 	// Scanning every session is O(sessions), a few hundred microseconds at
 	// 100,000 sessions: fine for a backend going away, which is rare.
 	s.mu.Lock()
@@ -389,10 +372,10 @@ func (s *Server) evict(reason string, match func(*session) bool) int {
 	return s.kickAll(reason, "Your mailbox moved, please reconnect", victims)
 }
 
-func (s *Server) kickAll(reason, text string, victims []*session) int {
+func (s *Server) kickAll(reason EndReason, text string, victims []*session) int {
 	s.kickConcurrently(reason, text, victims)
 	if len(victims) > 0 {
-		s.log.Info("evicted sessions", zap.String("reason", reason), zap.Int("count", len(victims)))
+		s.log.Info("evicted sessions", zap.Stringer("reason", reason), zap.Int("count", len(victims)))
 	}
 	return len(victims)
 }
@@ -422,7 +405,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.mu.Unlock()
 	for _, sess := range pre {
-		sess.kick("shutdown", "Server shutting down, please reconnect")
+		sess.kick(EndShutdown, "Server shutting down, please reconnect")
 	}
 	select {
 	case <-done:
@@ -451,7 +434,7 @@ func (s *Server) Close() error {
 	s.cancelBase()
 	s.closeLMTP()
 	for _, sess := range all {
-		sess.kick("shutdown", "Server shutting down, please reconnect")
+		sess.kick(EndShutdown, "Server shutting down, please reconnect")
 	}
 	waited := make(chan struct{})
 	go func() {

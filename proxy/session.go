@@ -8,6 +8,7 @@ import (
 	"encoding/base32"
 	"errors"
 	"fmt"
+	"github.com/imapgate/imapgate/proxy/internal/addr"
 	"io"
 	"net"
 	"net/netip"
@@ -20,14 +21,6 @@ import (
 
 	"github.com/imapgate/imapgate/routing"
 	"go.uber.org/zap"
-)
-
-// Session states, as metrics and operators see them.
-const (
-	statePreAuth = "preauth"
-	stateLogin   = "login"
-	stateSpliced = "spliced"
-	stateClosed  = "closed"
 )
 
 // session is one client connection. Its life reads top to bottom in
@@ -53,6 +46,7 @@ type session struct {
 	badCmds   int
 	authFails int
 	clientID  []string // the client's ID fields, name/value pairs
+	untagged  string   // IMAP responses queued for the next reply (imap.go)
 	// loginStart is when the current login command arrived: its failure
 	// delay counts from there.
 	loginStart time.Time
@@ -63,12 +57,12 @@ type session struct {
 	atBoundary bool // the last byte written to the client ended a line
 
 	mu        sync.Mutex // guards the fields below
-	state     string
+	state     State
 	user      string
 	backend   *routing.Backend
 	bconn     net.Conn
 	closed    bool
-	reason    string      // how the session ended, once known
+	reason    EndReason   // how the session ended, once known
 	halfClose *time.Timer // armed when one side of a splice closed
 	up, down  *direction  // set when the splice starts
 
@@ -89,7 +83,7 @@ func newSession(s *Server, c net.Conn, l *Listener, remote, local netip.AddrPort
 		start:      time.Now(),
 		raw:        c,
 		client:     c,
-		state:      statePreAuth,
+		state:      StatePreAuth,
 		atBoundary: true,
 	}
 	sess.deadline = sess.start.Add(s.o().Timeouts.Login)
@@ -110,11 +104,11 @@ func (s *session) logger() *zap.Logger {
 func (s *session) serve(ctx context.Context) (spliced bool) {
 	fe := frontEndFor(s.lst.Protocol)
 	m := s.srv.o().Metrics
-	m.SessionState(s.lst.Name, "", "", statePreAuth)
+	m.SessionState(s.lst.Name, "", StateNone, StatePreAuth)
 	defer func() {
 		if p := recover(); p != nil {
 			s.logger().Error("session panic", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
-			s.setReason("panic")
+			s.setEnd(EndPanic)
 			s.writeString(fe.panicLine)
 			spliced = false
 		}
@@ -122,7 +116,7 @@ func (s *session) serve(ctx context.Context) (spliced bool) {
 
 	if s.lst.Mode == ImplicitTLS {
 		if err := s.startTLS(ctx); err != nil {
-			s.setReason("tls_handshake")
+			s.setEnd(EndTLSHandshake)
 			s.logger().Debug("TLS handshake failed", zap.Error(err))
 			return false
 		}
@@ -138,29 +132,15 @@ func (s *session) serve(ctx context.Context) (spliced bool) {
 	return s.splice(bl)
 }
 
-// imapPreAuth is the IMAP front end's Not Authenticated state.
-func imapPreAuth(s *session, ctx context.Context) *backendLogin {
-	bl, err := s.preAuth(ctx)
-	if err != nil {
-		return nil
-	}
-	return bl
-}
-
-// imapGreeting is the IMAP greeting, with the pre-auth capabilities.
-func imapGreeting(s *session) string {
-	return "* OK [CAPABILITY " + s.capabilities() + "] " + s.srv.o().Greeting + "\r\n"
-}
-
 // finish closes everything and logs the session's one summary line.
 func (s *session) finish() {
 	s.mu.Lock()
 	s.closed = true
 	from := s.state
-	s.state = stateClosed
+	s.state = StateClosed
 	bc, b, user := s.bconn, s.backend, s.user
 	if s.reason == "" {
-		s.reason = "client_closed"
+		s.reason = EndClientClosed
 	}
 	reason := s.reason
 	s.mu.Unlock()
@@ -175,15 +155,16 @@ func (s *session) finish() {
 	d := time.Since(s.start)
 	in, out := s.in.Load(), s.out.Load()
 	m := s.srv.o().Metrics
-	m.SessionState(s.lst.Name, bid, from, stateClosed)
+	m.SessionState(s.lst.Name, bid, from, StateClosed)
 	m.SessionEnded(s.lst.Name, bid, reason, in, out, d)
 	s.logger().Info("session end",
 		zap.String("user", user), zap.String("backend", bid),
 		zap.Int64("bytes_in", in), zap.Int64("bytes_out", out),
-		zap.Duration("duration", d), zap.String("end", reason))
+		zap.Duration("duration", d), zap.Stringer("end", reason))
 }
 
-func (s *session) setReason(r string) {
+// setEnd records how the session ended, unless that is known already.
+func (s *session) setEnd(r EndReason) {
 	s.mu.Lock()
 	if s.reason == "" {
 		s.reason = r
@@ -191,7 +172,12 @@ func (s *session) setReason(r string) {
 	s.mu.Unlock()
 }
 
-func (s *session) setState(to string) {
+// setReason is setEnd for the splice's reasons, which it builds from a
+// direction's name ("client" + "_closed"): always one of the EndReason
+// constants.
+func (s *session) setReason(r string) { s.setEnd(EndReason(r)) }
+
+func (s *session) setState(to State) {
 	s.mu.Lock()
 	from := s.state
 	s.state = to
@@ -228,7 +214,7 @@ func (s *session) info() SessionInfo {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	in := SessionInfo{
-		ID: s.id, Client: s.remote.String(), Listener: s.lst.Name, State: s.state,
+		ID: s.id, Client: s.remote.String(), Listener: s.lst.Name, State: s.state.String(),
 		User: s.user, Started: s.start, In: s.in.Load(), Out: s.out.Load(),
 		Duration: time.Since(s.start),
 	}
@@ -240,7 +226,7 @@ func (s *session) info() SessionInfo {
 
 // kick ends the session from outside: a BYE if the client stream is at a
 // line boundary, then both connections are closed.
-func (s *session) kick(reason, text string) {
+func (s *session) kick(reason EndReason, text string) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -272,7 +258,7 @@ func (s *session) write(b []byte) bool {
 	_, err := s.client.Write(b)
 	s.raw.SetWriteDeadline(time.Time{})
 	if err != nil {
-		s.setReason("client_write_error")
+		s.setEnd(EndClientWriteError)
 		return false
 	}
 	s.atBoundary = len(b) > 0 && b[len(b)-1] == '\n'
@@ -315,7 +301,7 @@ func (s *session) startTLS(ctx context.Context) error {
 	if tc.ConnectionState().NegotiatedProtocol == "acme-tls/1" {
 		// A CA validating a TLS-ALPN-01 challenge: the handshake was all
 		// it wanted (the tls package allows this ALPN only then).
-		s.setReason("acme_challenge")
+		s.setEnd(EndACMEChallenge)
 		return errors.New("ACME TLS-ALPN-01 validation")
 	}
 	s.wmu.Lock()
@@ -331,34 +317,7 @@ func (s *session) authAllowed() bool {
 	if s.tls {
 		return true
 	}
-	return trusted(s.lst.InsecureAuth, s.remote.Addr())
-}
-
-// capabilities is the pre-auth capability list for the session's state.
-func (s *session) capabilities() string {
-	o := s.srv.o().Capabilities
-	var caps []string
-	if len(o.Replace) > 0 {
-		caps = append(caps, o.Replace...)
-	} else {
-		caps = append(caps, "IMAP4rev1")
-		if o.IMAP4rev2 {
-			caps = append(caps, "IMAP4rev2")
-		}
-		caps = append(caps, "SASL-IR", "LITERAL+", "ID", "ENABLE", "IDLE")
-		caps = append(caps, o.Extra...)
-	}
-	if !s.tls && s.srv.o().TLS != nil {
-		caps = append(caps, "STARTTLS")
-	}
-	if s.authAllowed() {
-		for _, m := range s.srv.o().Capabilities.AuthMechanisms {
-			caps = append(caps, "AUTH="+strings.ToUpper(m))
-		}
-	} else {
-		caps = append(caps, "LOGINDISABLED")
-	}
-	return strings.Join(caps, " ")
+	return addr.In(s.lst.InsecureAuth, s.remote.Addr())
 }
 
 // readTimeout is the read deadline for the next pre-auth command.
@@ -370,53 +329,19 @@ func (s *session) readDeadline() time.Time {
 	return d
 }
 
-// preAuth answers commands until a login succeeds (it returns the backend
-// connection) or the session must end (nil).
-func (s *session) preAuth(ctx context.Context) (*backendLogin, error) {
-	first := true
-	for {
-		s.raw.SetReadDeadline(s.readDeadline())
-		if first && !s.tls {
-			if b, err := s.r.br.Peek(1); err == nil && b[0] == 0x16 {
-				// A TLS ClientHello on a cleartext port: there will be no
-				// line ending to wait for.
-				s.setReason("protocol_mismatch")
-				s.writeString("* BYE [CLIENTBUG] This port speaks cleartext IMAP; use STARTTLS or the implicit-TLS port\r\n")
-				return nil, nil
-			}
-		}
-		cmd, err := s.r.readCommand()
-		if err != nil {
-			var pe *protoError
-			if !errors.As(err, &pe) {
-				s.endOnReadError(err)
-				return nil, err
-			}
-			if first && pe.tag == "" || pe.fatal {
-				s.setReason("protocol_error")
-				if pe.code == "TOOBIG" {
-					s.srv.o().Metrics.LimitHit("line_length")
-				}
-				s.writeString("* BYE " + pe.Error() + "\r\n")
-				return nil, nil
-			}
-			if !s.bad(pe.tag, pe.Error()) {
-				return nil, nil
-			}
-			first = false
-			continue
-		}
-		if first && isOtherProtocol(cmd) {
-			s.setReason("protocol_mismatch")
-			s.writeString("* BYE [CLIENTBUG] This is an IMAP server\r\n")
-			return nil, nil
-		}
-		first = false
-		bl, end := s.handle(ctx, cmd)
-		if end || bl != nil {
-			return bl, nil
-		}
+// clientHelloOnCleartext reports whether a client opened a cleartext
+// listener with a TLS ClientHello (it will never send a line ending to
+// wait for); the session then ends, and the caller says so in its
+// protocol.
+func (s *session) clientHelloOnCleartext() bool {
+	if s.tls {
+		return false
 	}
+	if b, err := s.r.br.Peek(1); err != nil || b[0] != 0x16 {
+		return false
+	}
+	s.setEnd(EndProtocolMismatch)
+	return true
 }
 
 // timedOut records why a pre-auth read timed out, in every protocol: the
@@ -438,96 +363,10 @@ func (s *session) endOnReadError(err error) {
 		s.timedOut()
 		s.writeString("* BYE Autologout; idle for too long\r\n")
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed):
-		s.setReason("client_closed")
+		s.setEnd(EndClientClosed)
 	default:
-		s.setReason("client_read_error")
+		s.setEnd(EndClientReadError)
 	}
-}
-
-// isOtherProtocol spots a first line that is not IMAP at all: an HTTP
-// request line, SMTP or POP3 greetings. Such clients get BYE at once.
-func isOtherProtocol(cmd *command) bool {
-	switch strings.ToUpper(cmd.tag) {
-	case "GET", "POST", "PUT", "HEAD", "OPTIONS", "CONNECT", "DELETE", "PATCH", "TRACE":
-		for _, a := range cmd.args {
-			if strings.HasPrefix(a.val, "HTTP/") {
-				return true
-			}
-		}
-	case "EHLO", "HELO", "USER", "CAPA", "STLS", "QUIT", "PROXY":
-		return true
-	}
-	return false
-}
-
-// bad answers a bad command and reports whether the session goes on.
-func (s *session) bad(tag, text string) bool {
-	s.badCmds++
-	if tag == "" {
-		tag = "*"
-	}
-	if s.badCmds >= s.srv.o().Limits.MaxBadCommands {
-		s.srv.o().Metrics.LimitHit("bad_commands")
-		s.setReason("bad_commands")
-		s.writeString(tag + " BAD " + text + "\r\n* BYE Too many invalid commands\r\n")
-		return false
-	}
-	return s.writeString(tag + " BAD " + text + "\r\n")
-}
-
-// handle answers one pre-auth command. It returns the backend connection
-// after a successful login, or end=true when the session must close.
-func (s *session) handle(ctx context.Context, cmd *command) (bl *backendLogin, end bool) {
-	name := cmd.name
-	switch name {
-	case "CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "LOGIN", "AUTHENTICATE", "ID", "ENABLE":
-		s.srv.o().Metrics.PreAuthCommand(strings.ToLower(name))
-	default:
-		s.srv.o().Metrics.PreAuthCommand("other")
-	}
-	switch name {
-	case "CAPABILITY":
-		if len(cmd.args) != 0 {
-			return nil, !s.bad(cmd.tag, "CAPABILITY takes no arguments")
-		}
-		return nil, !s.writeString("* CAPABILITY " + s.capabilities() + "\r\n" + cmd.tag + " OK CAPABILITY completed\r\n")
-	case "NOOP":
-		return nil, !s.writeString(cmd.tag + " OK NOOP completed\r\n")
-	case "LOGOUT":
-		s.setReason("logout")
-		s.writeString("* BYE Logging out\r\n" + cmd.tag + " OK LOGOUT completed\r\n")
-		return nil, true
-	case "STARTTLS":
-		return nil, !s.cmdStartTLS(ctx, cmd)
-	case "ID":
-		return nil, !s.cmdID(cmd)
-	case "ENABLE":
-		return nil, !s.writeString(cmd.tag + " BAD [CLIENTBUG] ENABLE is only valid after login\r\n")
-	case "LOGIN":
-		if len(cmd.args) != 2 || !cmd.args[0].isString() || !cmd.args[1].isString() {
-			return nil, !s.bad(cmd.tag, "LOGIN takes a user name and a password")
-		}
-		return s.login(ctx, cmd.tag, credentials{user: cmd.args[0].val, pass: cmd.args[1].val})
-	case "AUTHENTICATE":
-		return s.cmdAuthenticate(ctx, cmd)
-	}
-	return nil, !s.bad(cmd.tag, "Unknown command or not valid before login")
-}
-
-func (s *session) cmdStartTLS(ctx context.Context, cmd *command) bool {
-	if s.tls {
-		return s.bad(cmd.tag, "TLS is already active")
-	}
-	if s.srv.o().TLS == nil {
-		return s.bad(cmd.tag, "STARTTLS is not available")
-	}
-	if len(cmd.args) != 0 {
-		return s.bad(cmd.tag, "STARTTLS takes no arguments")
-	}
-	if !s.writeString(cmd.tag + " OK Begin TLS negotiation now\r\n") {
-		return false
-	}
-	return s.upgradeTLS(ctx, "STARTTLS")
 }
 
 // upgradeTLS turns the client leg into TLS after the protocol's STARTTLS
@@ -541,45 +380,12 @@ func (s *session) upgradeTLS(ctx context.Context, command string) bool {
 	}
 	s.r = nil
 	if err := s.startTLS(ctx); err != nil {
-		s.setReason("tls_handshake")
+		s.setEnd(EndTLSHandshake)
 		s.logger().Debug(command+" handshake failed", zap.Error(err))
 		return false
 	}
 	s.newReader()
 	return true
-}
-
-// maxIDFields and friends bound the client's ID (RFC 2971 limits).
-const (
-	maxIDFields   = 30
-	maxIDKeyLen   = 30
-	maxIDValueLen = 1024
-)
-
-func (s *session) cmdID(cmd *command) bool {
-	a := cmd.args
-	var fields []string
-	switch {
-	case len(a) == 1 && a[0].isNil():
-	case len(a) >= 2 && a[0].kind == tokLParen && a[len(a)-1].kind == tokRParen && len(a)%2 == 0:
-		for i := 1; i+1 < len(a)-1; i += 2 {
-			k, v := a[i], a[i+1]
-			if !k.isString() || k.kind == tokAtom || !(v.isString() || v.isNil()) {
-				return s.bad(cmd.tag, "ID takes a list of string pairs or NIL")
-			}
-			if len(fields)/2 >= maxIDFields || len(k.val) > maxIDKeyLen || len(v.val) > maxIDValueLen {
-				return s.bad(cmd.tag, "ID field too long or too many fields")
-			}
-			if v.isNil() && v.kind == tokAtom {
-				continue
-			}
-			fields = append(fields, k.val, v.val)
-		}
-	default:
-		return s.bad(cmd.tag, "ID takes a list of string pairs or NIL")
-	}
-	s.clientID = fields
-	return s.writeString(`* ID ("name" "imapgate" "vendor" "imapgate")` + "\r\n" + cmd.tag + " OK ID completed\r\n")
 }
 
 // credentials are what the client logged in with. They never reach a log.
@@ -591,6 +397,12 @@ type credentials struct {
 	oauth   []byte // XOAUTH2/OAUTHBEARER: the client's response, relayed as is
 }
 
+// valid reports whether the credentials can be sent to a backend: a
+// user, and no NUL or line break anywhere.
+func (c *credentials) valid() bool {
+	return c.user != "" && !strings.ContainsAny(c.user+c.pass+c.authzid, "\x00\r\n")
+}
+
 // routingUser is the name a login is routed by: the authorization identity
 // when given, else the user.
 func (c *credentials) routingUser() string {
@@ -598,72 +410,6 @@ func (c *credentials) routingUser() string {
 		return c.authzid
 	}
 	return c.user
-}
-
-// login routes the user, logs in to the backend and answers the client.
-func (s *session) login(ctx context.Context, tag string, cr credentials) (*backendLogin, bool) {
-	if cr.mech == "" {
-		cr.mech = "LOGIN"
-	}
-	m := s.srv.o().Metrics
-	if !s.authAllowed() {
-		m.Login("refused", "privacy_required")
-		return nil, !s.writeString(tag + " NO [PRIVACYREQUIRED] Use STARTTLS before logging in\r\n")
-	}
-	if strings.ContainsAny(cr.user+cr.pass+cr.authzid, "\x00\r\n") || cr.user == "" {
-		m.Login("refused", "invalid_credentials")
-		return nil, !s.bad(tag, "[CLIENTBUG] Invalid characters in credentials")
-	}
-	user := routing.NormalizeUser(cr.routingUser())
-	log := s.logger().With(zap.String("user", user), zap.String("mech", cr.mech))
-	res := s.runLogin(ctx, &cr, user, log, func(lctx context.Context, b *routing.Backend) (*backendLogin, error) {
-		return s.srv.loginBackend(lctx, b, &cr, s.clientInfo(), s.readContinuation)
-	})
-	switch res.end {
-	case loginExpired:
-		s.writeString("* BYE Autologout; idle for too long\r\n")
-		return nil, true
-	case loginLimited:
-		return s.loginRefused(ctx, tag, "LIMIT", "Too many failed logins, try again later")
-	case loginNoRoute:
-		return nil, !s.writeString(tag + " NO [UNAVAILABLE] No server is available for this account right now, try again later\r\n")
-	case loginRefused:
-		code := res.refused.code
-		if code == "" {
-			code = "AUTHENTICATIONFAILED"
-		}
-		return s.loginRefused(ctx, tag, code, res.refused.text)
-	case loginNotPlaced:
-		return nil, !s.writeString(tag + " NO [UNAVAILABLE] Your account is moving, please try again\r\n")
-	case loginUnavailable:
-		return nil, !s.writeString(tag + " NO [UNAVAILABLE] The mail server is not reachable right now, try again later\r\n")
-	case loginClientGone:
-		return nil, true
-	}
-	bl := res.bl
-	if !s.writeString(tag + " OK [CAPABILITY " + bl.caps + "] Logged in\r\n") {
-		bl.conn.Close()
-		return nil, true
-	}
-	return bl, false
-}
-
-// loginRefused answers a failed login after the failure delay, and hangs
-// up after too many on this connection.
-func (s *session) loginRefused(ctx context.Context, tag, code, text string) (*backendLogin, bool) {
-	s.authFails++
-	s.failureDelay(ctx)
-	if text == "" {
-		text = "Authentication failed."
-	}
-	reply := tag + " NO [" + code + "] " + text + "\r\n"
-	if s.authFails >= s.srv.o().Limits.MaxAuthFailures {
-		s.srv.o().Metrics.LimitHit("auth_failures")
-		s.setReason("auth_failures")
-		s.writeString(reply + "* BYE Too many login failures\r\n")
-		return nil, true
-	}
-	return nil, !s.writeString(reply)
 }
 
 // clientInfo is what the backend may learn about the client.

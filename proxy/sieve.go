@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"encoding/base64"
 	"errors"
 	"os"
 	"strings"
@@ -57,24 +56,58 @@ func (s *session) sieveMechs() []string {
 	return out
 }
 
-// sieveNo answers NO and reports whether the session goes on.
-func (s *session) sieveNo(code, text string) bool {
-	if code != "" {
-		code = "(" + code + ") "
-	}
-	return s.writeString("NO " + code + sieveQuote(text) + "\r\n")
+// sieveAnswer is a ManageSieve reply, the error value a command's
+// handler returns: a response (data lines) and a status line, OK, NO or
+// BYE, with an optional code in parentheses and a quoted text.
+type sieveAnswer struct {
+	body string // before the status line: capabilities, or the backend's answer to a login
+	typ  string // "OK", "NO", "BYE"; "" for body only
+	code string // response code without parentheses, or ""
+	text string
+	bye  string // if set, a BYE with this text follows and the session ends
+	bad  bool   // counts towards MaxBadCommands
+	end  bool   // the session ends after the reply
 }
 
-// sieveBad answers a bad command, hanging up after too many.
-func (s *session) sieveBad(text string) bool {
-	s.badCmds++
-	if s.badCmds >= s.srv.o().Limits.MaxBadCommands {
-		s.srv.o().Metrics.LimitHit("bad_commands")
-		s.setReason("bad_commands")
-		s.writeString("BYE " + sieveQuote(text+"; too many invalid commands") + "\r\n")
-		return false
+func (e *sieveAnswer) Error() string {
+	if e.code != "" {
+		return e.typ + " (" + e.code + ") " + e.text
 	}
-	return s.sieveNo("", text)
+	return e.typ + " " + e.text
+}
+
+func sieveNo(code, text string) *sieveAnswer { return &sieveAnswer{typ: "NO", code: code, text: text} }
+func sieveBad(text string) *sieveAnswer      { return &sieveAnswer{typ: "NO", text: text, bad: true} }
+
+// sieveReply writes a handler's reply and reports whether the session
+// ends: nil is a plain OK; the bad command over MaxBadCommands gets BYE
+// instead of NO; an error that is not a reply is a bug, logged and
+// answered NO. bl, a login's backend connection, is closed if the client
+// cannot be told.
+func (s *session) sieveReply(bl *backendLogin, err error) (end bool) {
+	st, done, end := replyOf(s, err, &sieveAnswer{typ: "OK", text: "Done."}, sieveNo("TRYLATER", "Internal error"))
+	if done {
+		return end
+	}
+	typ, text, end := st.typ, st.text, st.end || st.bye != "" || st.typ == "BYE"
+	if st.bad && s.countBad() {
+		typ, text, end = "BYE", text+"; too many invalid commands", true
+	}
+	out := st.body
+	if typ != "" {
+		out += typ + " "
+		if st.code != "" {
+			out += "(" + st.code + ") "
+		}
+		out += sieveQuote(text) + "\r\n"
+	}
+	if st.bye != "" {
+		out += "BYE " + sieveQuote(st.bye) + "\r\n"
+	}
+	if !s.send(out, bl) {
+		return true
+	}
+	return end
 }
 
 func (s *session) sieveLimits() readLimits {
@@ -83,17 +116,15 @@ func (s *session) sieveLimits() readLimits {
 }
 
 // sievePreAuth answers commands until a login succeeds or the session
-// ends (nil).
+// ends (nil). Each command's handler returns its reply (sieveAnswer),
+// which sieveReply writes.
 func (s *session) sievePreAuth(ctx context.Context) *backendLogin {
 	first := true
 	for {
 		s.raw.SetReadDeadline(s.readDeadline())
-		if first && !s.tls {
-			if b, err := s.r.br.Peek(1); err == nil && b[0] == 0x16 {
-				s.setReason("protocol_mismatch")
-				s.writeString(`BYE "This port speaks cleartext ManageSieve; use STARTTLS"` + "\r\n")
-				return nil
-			}
+		if first && s.clientHelloOnCleartext() {
+			s.writeString(`BYE "This port speaks cleartext ManageSieve; use STARTTLS"` + "\r\n")
+			return nil
 		}
 		args, err := readSieveCommand(s.r.br, s.sieveLimits())
 		var se *errSieve
@@ -102,11 +133,11 @@ func (s *session) sievePreAuth(ctx context.Context) *backendLogin {
 			if se == errSieveTooLong {
 				s.srv.o().Metrics.LimitHit("line_length")
 			}
-			s.setReason("protocol_error")
+			s.setEnd(EndProtocolError)
 			s.writeString("BYE " + sieveQuote(se.text) + "\r\n")
 			return nil
 		case errors.As(err, &se):
-			if !s.sieveBad(se.text) {
+			if s.sieveReply(nil, sieveBad(se.text)) {
 				return nil
 			}
 			first = false
@@ -120,14 +151,14 @@ func (s *session) sievePreAuth(ctx context.Context) *backendLogin {
 			return nil
 		}
 		if len(args) == 0 {
-			if !s.sieveBad("Empty command") {
+			if s.sieveReply(nil, sieveBad("Empty command")) {
 				return nil
 			}
 			continue
 		}
 		name := args[0].val
 		if first && (args[0].quoted || isNotSieve(args)) {
-			s.setReason("protocol_mismatch")
+			s.setEnd(EndProtocolMismatch)
 			s.writeString(`BYE "This is a ManageSieve server"` + "\r\n")
 			return nil
 		}
@@ -138,36 +169,30 @@ func (s *session) sievePreAuth(ctx context.Context) *backendLogin {
 		default:
 			s.srv.o().Metrics.PreAuthCommand("other")
 		}
+		var bl *backendLogin
 		switch name {
 		case "CAPABILITY":
-			if !s.writeString(s.sieveCaps() + `OK "Capability completed."` + "\r\n") {
-				return nil
-			}
+			err = &sieveAnswer{body: s.sieveCaps(), typ: "OK", text: "Capability completed."}
 		case "NOOP":
-			resp := `OK "NOOP completed."`
+			err = &sieveAnswer{typ: "OK", text: "NOOP completed."}
 			if len(args) == 2 && args[1].quoted {
-				resp = "OK (TAG " + sieveQuote(args[1].val) + `) "Done."`
-			}
-			if !s.writeString(resp + "\r\n") {
-				return nil
+				err = &sieveAnswer{typ: "OK", code: "TAG " + sieveQuote(args[1].val), text: "Done."}
 			}
 		case "LOGOUT":
-			s.setReason("logout")
-			s.writeString(`OK "Logout completed."` + "\r\n")
-			return nil
+			s.setEnd(EndLogout)
+			err = &sieveAnswer{typ: "OK", text: "Logout completed.", end: true}
 		case "STARTTLS":
-			if !s.sieveStartTLS(ctx) {
-				return nil
-			}
+			err = s.sieveStartTLS(ctx)
 		case "AUTHENTICATE":
-			bl, end := s.sieveAuthenticate(ctx, args[1:])
-			if end || bl != nil {
-				return bl
-			}
+			bl, err = s.sieveAuthenticate(ctx, args[1:])
 		default:
-			if !s.sieveBad("Unknown command or not valid before login") {
-				return nil
-			}
+			err = sieveBad("Unknown command or not valid before login")
+		}
+		if s.sieveReply(bl, err) {
+			return nil
+		}
+		if bl != nil {
+			return bl
 		}
 	}
 }
@@ -187,73 +212,69 @@ func isNotSieve(args []sieveArg) bool {
 	return false
 }
 
-func (s *session) sieveStartTLS(ctx context.Context) bool {
+func (s *session) sieveStartTLS(ctx context.Context) error {
 	if s.tls {
-		return s.sieveBad("TLS is already active")
+		return sieveBad("TLS is already active")
 	}
 	if s.srv.o().TLS == nil {
-		return s.sieveBad("STARTTLS is not available")
+		return sieveBad("STARTTLS is not available")
 	}
-	if !s.writeString(`OK "Begin TLS negotiation now."` + "\r\n") {
-		return false
-	}
-	if !s.upgradeTLS(ctx, "STARTTLS") {
-		return false
+	// Answered here, before the handshake.
+	if !s.writeString(`OK "Begin TLS negotiation now."`+"\r\n") || !s.upgradeTLS(ctx, "STARTTLS") {
+		return errClientGone
 	}
 	// RFC 5804 2.2: the capabilities again, unasked, then OK.
-	return s.writeString(s.sieveCaps() + `OK "TLS negotiation successful."` + "\r\n")
+	return &sieveAnswer{body: s.sieveCaps(), typ: "OK", text: "TLS negotiation successful."}
 }
 
-// sieveAuthenticate runs AUTHENTICATE "PLAIN" [initial-response].
-func (s *session) sieveAuthenticate(ctx context.Context, args []sieveArg) (*backendLogin, bool) {
+// sieveAuthenticate runs AUTHENTICATE "PLAIN" [initial-response] (the
+// response quoted or a literal, or sent after an empty challenge).
+func (s *session) sieveAuthenticate(ctx context.Context, args []sieveArg) (*backendLogin, error) {
 	if len(args) < 1 || len(args) > 2 || !args[0].quoted {
-		return nil, !s.sieveBad(`AUTHENTICATE takes a quoted mechanism and an optional initial response`)
+		return nil, sieveBad(`AUTHENTICATE takes a quoted mechanism and an optional initial response`)
 	}
 	if !strings.EqualFold(args[0].val, sasl.Plain) || !s.offers(sasl.Plain) {
-		return nil, !s.sieveNo("", "Unsupported authentication mechanism")
+		return nil, sieveNo("", "Unsupported authentication mechanism")
 	}
 	if !s.authAllowed() {
-		return nil, !s.sieveNo("ENCRYPT-NEEDED", "Use STARTTLS before logging in")
+		return nil, sieveNo("ENCRYPT-NEEDED", "Use STARTTLS before logging in")
 	}
-	var resp string
+	step := saslSteps{
+		challenge: func(challenge string) (string, error) {
+			if !s.writeString(sieveQuote(challenge) + "\r\n") {
+				return "", errClientGone
+			}
+			s.raw.SetReadDeadline(s.readDeadline())
+			more, err := readSieveCommand(s.r.br, s.sieveLimits())
+			if err != nil {
+				s.setEnd(EndProtocolError)
+				return "", errClientGone
+			}
+			if len(more) != 1 {
+				return "", sieveBad("Expected a string")
+			}
+			return more[0].val, nil
+		},
+		cancelled: sieveNo("", "Authentication cancelled."),
+		invalid:   func(text string) error { return sieveBad(withoutIMAPCode(text)) },
+	}
 	if len(args) == 2 {
-		resp = args[1].val
-	} else {
-		if !s.writeString("\"\"\r\n") {
-			return nil, true
-		}
-		s.raw.SetReadDeadline(s.readDeadline())
-		more, err := readSieveCommand(s.r.br, s.sieveLimits())
-		if err != nil {
-			s.setReason("protocol_error")
-			return nil, true
-		}
-		if len(more) != 1 {
-			return nil, !s.sieveBad("Expected a string")
-		}
-		if !more[0].quoted && more[0].val == "*" {
-			return nil, !s.sieveNo("", "Authentication cancelled.")
-		}
-		resp = more[0].val
+		step.ir, step.hasIR = args[1].val, true
 	}
-	raw, err := base64.StdEncoding.DecodeString(resp)
+	cr, err := step.credentials(sasl.Plain)
 	if err != nil {
-		return nil, !s.sieveBad("Invalid base64")
-	}
-	cr, err := decodePlain(raw)
-	if err != nil {
-		return nil, !s.sieveBad(err.Error())
+		return nil, err
 	}
 	return s.sieveLogin(ctx, cr)
 }
 
 // sieveLogin routes the user, logs in to the backend's ManageSieve and
-// answers the client: login() of session.go, in ManageSieve's words.
-func (s *session) sieveLogin(ctx context.Context, cr credentials) (*backendLogin, bool) {
-	m := s.srv.o().Metrics
-	if strings.ContainsAny(cr.user+cr.pass+cr.authzid, "\x00\r\n") || cr.user == "" {
-		m.Login("refused", "invalid_credentials")
-		return nil, !s.sieveBad("Invalid characters in credentials")
+// returns the client's reply: login() of imap_login.go, in ManageSieve's
+// words.
+func (s *session) sieveLogin(ctx context.Context, cr credentials) (*backendLogin, error) {
+	if !cr.valid() {
+		s.srv.o().Metrics.Login("refused", "invalid_credentials")
+		return nil, sieveBad("Invalid characters in credentials")
 	}
 	user := routing.NormalizeUser(cr.routingUser())
 	log := s.logger().With(zap.String("user", user), zap.String("mech", cr.mech), zap.String("protocol", "sieve"))
@@ -262,38 +283,29 @@ func (s *session) sieveLogin(ctx context.Context, cr credentials) (*backendLogin
 	})
 	switch res.end {
 	case loginExpired:
-		s.writeString(`BYE (TRYLATER) "Autologout; idle for too long"` + "\r\n")
-		return nil, true
+		return nil, &sieveAnswer{typ: "BYE", code: "TRYLATER", text: "Autologout; idle for too long"}
 	case loginLimited:
-		return s.sieveRefused(ctx, "TRYLATER", "Too many failed logins, try again later")
+		return nil, s.sieveRefused(ctx, "TRYLATER", "Too many failed logins, try again later")
 	case loginNoRoute:
-		return nil, !s.sieveNo("TRYLATER", "No server is available for this account right now, try again later")
+		return nil, sieveNo("TRYLATER", "No server is available for this account right now, try again later")
 	case loginRefused:
-		return s.sieveRefused(ctx, "", "Authentication failed.")
+		return nil, s.sieveRefused(ctx, "", "Authentication failed.")
 	case loginNotPlaced:
-		return nil, !s.sieveNo("TRYLATER", "Your account is moving, please try again")
+		return nil, sieveNo("TRYLATER", "Your account is moving, please try again")
 	case loginUnavailable:
-		return nil, !s.sieveNo("TRYLATER", "The mail server is not reachable right now, try again later")
+		return nil, sieveNo("TRYLATER", "The mail server is not reachable right now, try again later")
 	case loginClientGone:
-		return nil, true
+		return nil, errClientGone
 	}
-	bl := res.bl
-	if !s.writeString(bl.caps + "\r\n") {
-		bl.conn.Close()
-		return nil, true
-	}
-	return bl, false
+	return res.bl, &sieveAnswer{body: res.bl.caps + "\r\n"}
 }
 
-func (s *session) sieveRefused(ctx context.Context, code, text string) (*backendLogin, bool) {
-	s.authFails++
-	s.failureDelay(ctx)
-	if s.authFails >= s.srv.o().Limits.MaxAuthFailures {
-		s.srv.o().Metrics.LimitHit("auth_failures")
-		s.setReason("auth_failures")
-		s.sieveNo(code, text)
-		s.writeString(`BYE "Too many login failures"` + "\r\n")
-		return nil, true
+// sieveRefused is a failed login's reply, after the failure delay; after
+// too many on this connection it hangs up.
+func (s *session) sieveRefused(ctx context.Context, code, text string) *sieveAnswer {
+	st := sieveNo(code, text)
+	if s.countAuthFailure(ctx) {
+		st.bye = "Too many login failures"
 	}
-	return nil, !s.sieveNo(code, text)
+	return st
 }

@@ -27,17 +27,42 @@ func (s *Server) sieveLoginBackend(ctx context.Context, b *routing.Backend, cr *
 	if b.SieveAddr == "" {
 		return nil, fmt.Errorf("backend %s has no ManageSieve address", b.ID)
 	}
-	cr, err := s.masterCredentials(ctx, cr)
+	return s.loginAt(ctx, b.SieveAddr, backendAttempt{b: b, cr: cr, ci: ci}, s.sieveLoginOn)
+}
+
+// loginAt is the backend login of POP3 and ManageSieve: the credentials
+// to use (masterCredentials), then a dial to addr and loginOn on the new
+// connection, all under Timeouts.BackendLogin.
+func (s *Server) loginAt(ctx context.Context, addr string, a backendAttempt, loginOn func(context.Context, backendAttempt) (*backendLogin, error)) (*backendLogin, error) {
+	cr, err := s.masterCredentials(ctx, a.cr)
 	if err != nil {
 		return nil, err
 	}
-	t := s.o().Timeouts
-	deadline := time.Now().Add(t.BackendLogin)
-	ctx, cancel := context.WithDeadline(ctx, deadline)
+	a.cr = cr
+	a.deadline = time.Now().Add(s.o().Timeouts.BackendLogin)
+	ctx, cancel := context.WithDeadline(ctx, a.deadline)
 	defer cancel()
-	return s.dialThen(ctx, b, b.SieveAddr, time.Now(), func(conn net.Conn) (*backendLogin, error) {
-		return s.sieveLoginOn(ctx, conn, b, cr, ci, deadline)
+	return s.dialThen(ctx, a.b, addr, time.Now(), func(conn net.Conn) (*backendLogin, error) {
+		a.conn = conn
+		return loginOn(ctx, a)
 	})
+}
+
+// openBackend starts a POP3 or ManageSieve login on a.conn: every read
+// and write is bounded by a.deadline, and ctx's end closes the
+// connection, until stop is called; then comes the prologue (PROXY
+// header, implicit TLS). The cancel function holds the TCP connection
+// itself, since the one returned may be TLS over it and stop's function
+// runs on another goroutine.
+func (s *Server) openBackend(ctx context.Context, a backendAttempt) (conn net.Conn, stop func() bool, err error) {
+	raw := a.conn
+	raw.SetDeadline(a.deadline)
+	stop = context.AfterFunc(ctx, func() { raw.SetDeadline(time.Unix(1, 0)) })
+	if conn, err = s.backendPrologue(ctx, raw, a.b, a.ci); err != nil {
+		stop()
+		return nil, nil, err
+	}
+	return conn, stop, nil
 }
 
 // masterCredentials returns what to log in to a POP3 or ManageSieve
@@ -114,17 +139,15 @@ func sieveStatus(st []sieveArg) error {
 	return fmt.Errorf("backend said BYE %q", truncate(text))
 }
 
-func (s *Server) sieveLoginOn(ctx context.Context, conn net.Conn, b *routing.Backend, cr *credentials, ci *clientInfo, deadline time.Time) (*backendLogin, error) {
-	// The cancel function uses the TCP connection itself: conn becomes
-	// the TLS one below, and it runs on another goroutine.
-	raw := conn
-	raw.SetDeadline(deadline)
-	stop := context.AfterFunc(ctx, func() { raw.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
-	conn, err := s.backendPrologue(ctx, conn, b, ci)
+// sieveLoginOn logs in on a.conn, within ctx and a.deadline (loginAt;
+// ManageSieve relays no challenge: a.relay is not used).
+func (s *Server) sieveLoginOn(ctx context.Context, a backendAttempt) (*backendLogin, error) {
+	b, cr, ci := a.b, a.cr, a.ci
+	conn, stop, err := s.openBackend(ctx, a)
 	if err != nil {
 		return nil, err
 	}
+	defer stop()
 	br := bufio.NewReaderSize(conn, 4096)
 	caps, st, err := sieveResponse(br)
 	if err != nil {

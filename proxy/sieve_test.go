@@ -51,18 +51,6 @@ func TestSieveConnect(t *testing.T) {
 	}
 }
 
-// readSieveResp reads one whole response (capability lines and the status).
-func readSieveResp(c *conv) (caps []string, status string) {
-	c.t.Helper()
-	for {
-		l := c.line()
-		if strings.HasPrefix(l, "OK") || strings.HasPrefix(l, "NO") || strings.HasPrefix(l, "BYE") {
-			return caps, l
-		}
-		caps = append(caps, l)
-	}
-}
-
 // TestSieveConversation: the greeting, STARTTLS with the capabilities
 // re-sent, the three forms of AUTHENTICATE, and the bad-input classes.
 func TestSieveConversation(t *testing.T) {
@@ -71,16 +59,16 @@ func TestSieveConversation(t *testing.T) {
 	plain := base64.StdEncoding.EncodeToString([]byte("\x00alice@example.org\x00" + pass))
 	startTLS := func(t *testing.T) *conv {
 		c := dialConv(t, e.addrs["sieve"], nil)
-		caps, st := readSieveResp(c)
+		caps, st := c.SieveResponse()
 		joined := strings.Join(caps, " ")
 		if !strings.HasPrefix(st, "OK") || !strings.Contains(joined, `"STARTTLS"`) || !strings.Contains(joined, `"SASL" ""`) {
 			t.Fatalf("cleartext greeting %q %q", caps, st)
 		}
 		// Injection after STARTTLS: the pipelined command is dropped.
-		c.send("STARTTLS\r\nAUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
-		c.expect("OK")
-		c.starttlsHandshake(e.clientTLS)
-		caps, st = readSieveResp(c)
+		c.Send("STARTTLS\r\nAUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
+		c.Expect("OK")
+		c.Handshake(e.clientTLS)
+		caps, st = c.SieveResponse()
 		if joined := strings.Join(caps, " "); !strings.HasPrefix(st, "OK") || strings.Contains(joined, "STARTTLS") || !strings.Contains(joined, `"SASL" "PLAIN"`) {
 			t.Fatalf("capabilities after STARTTLS %q %q", caps, st)
 		}
@@ -88,43 +76,43 @@ func TestSieveConversation(t *testing.T) {
 	}
 	loggedIn := func(t *testing.T, c *conv) {
 		t.Helper()
-		c.expect("OK")
-		c.send("LISTSCRIPTS\r\n")
-		_, st := readSieveResp(c)
+		c.Expect("OK")
+		c.Send("LISTSCRIPTS\r\n")
+		_, st := c.SieveResponse()
 		if !strings.HasPrefix(st, "OK") {
 			t.Fatalf("LISTSCRIPTS after login: %q", st)
 		}
-		c.send("LOGOUT\r\n")
-		c.expect("OK")
+		c.Send("LOGOUT\r\n")
+		c.Expect("OK")
 	}
 	t.Run("quoted initial response", func(t *testing.T) {
 		c := startTLS(t)
-		c.send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
+		c.Send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
 		loggedIn(t, c)
 	})
 	t.Run("literal initial response", func(t *testing.T) {
 		c := startTLS(t)
-		c.send(fmt.Sprintf("AUTHENTICATE \"PLAIN\" {%d+}\r\n%s\r\n", len(plain), plain))
+		c.Send(fmt.Sprintf("AUTHENTICATE \"PLAIN\" {%d+}\r\n%s\r\n", len(plain), plain))
 		loggedIn(t, c)
 	})
 	t.Run("continuation, cancel, then noop and login", func(t *testing.T) {
 		c := startTLS(t)
-		c.send("AUTHENTICATE \"PLAIN\"\r\n")
-		c.expect(`""`)
-		c.send("*\r\n")
-		c.expect("NO")
-		c.send("NOOP \"tag1\"\r\n")
-		c.expect(`OK (TAG "tag1")`)
-		c.send("AUTHENTICATE \"PLAIN\"\r\n")
-		c.expect(`""`)
-		c.send("\"" + plain + "\"\r\n")
+		c.Send("AUTHENTICATE \"PLAIN\"\r\n")
+		c.Expect(`""`)
+		c.Send("*\r\n")
+		c.Expect("NO")
+		c.Send("NOOP \"tag1\"\r\n")
+		c.Expect(`OK (TAG "tag1")`)
+		c.Send("AUTHENTICATE \"PLAIN\"\r\n")
+		c.Expect(`""`)
+		c.Send("\"" + plain + "\"\r\n")
 		loggedIn(t, c)
 	})
 	t.Run("cleartext login refused", func(t *testing.T) {
 		c := dialConv(t, e.addrs["sieve"], nil)
-		readSieveResp(c)
-		c.send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
-		c.expect("NO (ENCRYPT-NEEDED)")
+		c.SieveResponse()
+		c.Send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
+		c.Expect("NO (ENCRYPT-NEEDED)")
 	})
 	for _, tc := range []struct{ name, send, want string }{
 		{"long line", strings.Repeat("A", 10<<10) + "\r\n", `BYE "Line too long"`},
@@ -136,56 +124,46 @@ func TestSieveConversation(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := dialConv(t, e.addrs["sieve"], nil)
-			readSieveResp(c)
-			c.send(tc.send)
-			c.expect(tc.want)
-			c.expectClosedPOP3()
+			c.SieveResponse()
+			c.Send(tc.send)
+			c.Expect(tc.want)
+			c.ExpectClosed("")
 		})
 	}
 	t.Run("too many bad commands", func(t *testing.T) {
 		c := dialConv(t, e.addrs["sieve"], nil)
-		readSieveResp(c)
-		c.send("PUTSCRIPT \"a\" \"b\"\r\n\"unterminated\r\nHAVESPACE\r\n")
-		c.expect("NO")
-		c.expect("NO")
-		c.expect("BYE")
-		c.expectClosedPOP3()
+		c.SieveResponse()
+		c.Send("PUTSCRIPT \"a\" \"b\"\r\n\"unterminated\r\nHAVESPACE\r\n")
+		c.Expect("NO")
+		c.Expect("NO")
+		c.Expect("BYE")
+		c.ExpectClosed("")
 	})
 	t.Run("XCLIENT gives Dovecot the client's address", func(t *testing.T) {
-		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.4")}}
-		raw, err := d.Dial("tcp", e.addrs["sieve"])
-		if err != nil {
-			t.Fatal(err)
-		}
-		c := &conv{t: t, c: raw, br: bufio.NewReader(raw)}
-		defer raw.Close()
-		readSieveResp(c)
-		c.send("STARTTLS\r\n")
-		c.expect("OK")
-		c.starttlsHandshake(e.clientTLS)
-		readSieveResp(c)
-		c.send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\nLOGOUT\r\n")
-		c.expect("OK")
-		c.expect("OK")
-		waitFor(t, func() bool { return strings.Contains(e.d.Log(), "rip=127.0.0.4") })
+		c := testenv.DialConvFrom(t, e.addrs["sieve"], net.ParseIP("127.0.0.4"), nil)
+		c.SieveStartTLS(e.clientTLS)
+		c.Send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\nLOGOUT\r\n")
+		c.Expect("OK")
+		c.Expect("OK")
+		testenv.WaitFor(t, func() bool { return strings.Contains(e.d.Log(), "rip=127.0.0.4") })
 	})
 	t.Run("eviction closes the session", func(t *testing.T) {
 		c := startTLS(t)
-		c.send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
-		c.expect("OK")
-		waitFor(t, func() bool { return len(e.srv.Sessions("alice@example.org", "")) == 1 })
+		c.Send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
+		c.Expect("OK")
+		testenv.WaitFor(t, func() bool { return len(e.srv.Sessions("alice@example.org", "")) == 1 })
 		if n := e.srv.EvictUser("alice@example.org", ""); n != 1 {
 			t.Fatalf("EvictUser closed %d sessions, want 1", n)
 		}
-		c.expect(`BYE (TRYLATER) "Your mailbox moved`)
-		c.expectClosedPOP3()
+		c.Expect(`BYE (TRYLATER) "Your mailbox moved`)
+		c.ExpectClosed("")
 	})
 	// Last: Dovecot penalises this client address for a while after it.
 	t.Run("wrong password", func(t *testing.T) {
 		c := startTLS(t)
 		bad := base64.StdEncoding.EncodeToString([]byte("\x00alice@example.org\x00wrong"))
-		c.send("AUTHENTICATE \"PLAIN\" \"" + bad + "\"\r\n")
-		c.expect(`NO "Authentication failed."`)
+		c.Send("AUTHENTICATE \"PLAIN\" \"" + bad + "\"\r\n")
+		c.Expect(`NO "Authentication failed."`)
 	})
 }
 

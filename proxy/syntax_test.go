@@ -36,27 +36,27 @@ func rfc2971MaxID(tag string, escaped bool) string {
 func TestRFCSizedCommandsFitDefaults(t *testing.T) {
 	h := memHarness(t, nil)
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	c.expect("* OK")
+	c.Expect("* OK")
 	plain := rfc2971MaxID("a", false)
 	if len(plain) < 31807 {
 		t.Fatalf("largest ID is %d bytes, RFC 2971 arithmetic says about 31,807", len(plain))
 	}
-	c.send(plain)
-	c.expect("* ID")
-	c.expect("a OK")
-	c.send(rfc2971MaxID("b", true))
-	c.expect("* ID")
-	c.expect("b OK")
+	c.Send(plain)
+	c.Expect("* ID")
+	c.Expect("a OK")
+	c.Send(rfc2971MaxID("b", true))
+	c.Expect("* ID")
+	c.Expect("b OK")
 	// RFC 4616: authzid, authcid and password of 255 octets each. The
 	// server refuses the login (no such user) but reads the command.
 	u := strings.Repeat("u", 255)
 	ir := b64(u + "\x00" + u + "\x00" + strings.Repeat("p", 255))
-	c.send("c AUTHENTICATE PLAIN " + ir + "\r\n")
-	if l, _ := c.tagged("c"); !strings.HasPrefix(l, "c NO") {
+	c.Send("c AUTHENTICATE PLAIN " + ir + "\r\n")
+	if l, _ := c.Tagged("c"); !strings.HasPrefix(l, "c NO") {
 		t.Fatalf("largest PLAIN: %q", l)
 	}
-	c.send("d LOGIN {17+}\r\nalice@example.org {9+}\r\nalicepass\r\n")
-	c.expect("d OK")
+	c.Send("d LOGIN {17+}\r\nalice@example.org {9+}\r\nalicepass\r\n")
+	c.Expect("d OK")
 }
 
 // TestLiteralSyntaxOnTheWire: anything in braces but {digits} or
@@ -65,21 +65,21 @@ func TestRFCSizedCommandsFitDefaults(t *testing.T) {
 func TestLiteralSyntaxOnTheWire(t *testing.T) {
 	h := memHarness(t, func(o *Options) { o.Limits.MaxBadCommands = 100 })
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	c.expect("* OK")
-	c.c.SetDeadline(time.Now().Add(5 * time.Second)) // a wait would be a failure
+	c.Expect("* OK")
+	c.C.SetDeadline(time.Now().Add(5 * time.Second)) // a wait would be a failure
 	for i, spec := range []string{"+5", "5-", "-5", " 5", "0x5", "5++", "", "+", "4294967296", "5 "} {
 		tag := fmt.Sprintf("l%d", i)
-		c.send(tag + " LOGIN alice@example.org {" + spec + "}\r\n")
-		c.expect(tag + " BAD")
+		c.Send(tag + " LOGIN alice@example.org {" + spec + "}\r\n")
+		c.Expect(tag + " BAD")
 	}
-	c.send("\xc3\xa4 NOOP\r\n")
-	c.expect("* BAD")
-	c.send("t+ NOOP\r\n")
-	c.expect("* BAD")
-	c.send("ok NOOP\r\n")
-	c.expect("ok OK")
-	c.send("s LOGIN alice@example.org {9}\r\n")
-	c.expect("+ ")
-	c.send("alicepass\r\n")
-	c.expect("s OK")
+	c.Send("\xc3\xa4 NOOP\r\n")
+	c.Expect("* BAD")
+	c.Send("t+ NOOP\r\n")
+	c.Expect("* BAD")
+	c.Send("ok NOOP\r\n")
+	c.Expect("ok OK")
+	c.Send("s LOGIN alice@example.org {9}\r\n")
+	c.Expect("+ ")
+	c.Send("alicepass\r\n")
+	c.Expect("s OK")
 }

@@ -171,25 +171,25 @@ var (
 	_ lmtp.Metrics  = (*Metrics)(nil)
 )
 
-func (m *Metrics) SessionState(listener, backend, from, to string) {
-	if from != "" {
+func (m *Metrics) SessionState(listener, backend string, from, to proxy.State) {
+	if from != proxy.StateNone {
 		fb := backend
-		if from != "spliced" {
+		if from != proxy.StateSpliced {
 			fb = ""
 		}
-		m.sessions.WithLabelValues(listener, from, fb).Dec()
+		m.sessions.WithLabelValues(listener, from.String(), fb).Dec()
 	}
-	if to != "closed" {
+	if to != proxy.StateClosed {
 		tb := backend
-		if to != "spliced" {
+		if to != proxy.StateSpliced {
 			tb = ""
 		}
-		m.sessions.WithLabelValues(listener, to, tb).Inc()
+		m.sessions.WithLabelValues(listener, to.String(), tb).Inc()
 	}
 }
 
-func (m *Metrics) SessionEnded(listener, backend, reason string, in, out int64, _ time.Duration) {
-	m.ended.WithLabelValues(listener, reason).Inc()
+func (m *Metrics) SessionEnded(listener, backend string, reason proxy.EndReason, in, out int64, _ time.Duration) {
+	m.ended.WithLabelValues(listener, reason.String()).Inc()
 	if backend != "" {
 		m.bytes.WithLabelValues(backend, "in").Add(float64(in))
 		m.bytes.WithLabelValues(backend, "out").Add(float64(out))

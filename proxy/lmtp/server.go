@@ -35,6 +35,7 @@ import (
 	"crypto/tls"
 	"encoding/base32"
 	"errors"
+	"github.com/imapgate/imapgate/proxy/internal/addr"
 	"net"
 	"net/netip"
 	"os"
@@ -319,8 +320,8 @@ func (f *filterListener) Accept() (net.Conn, error) {
 		if err != nil {
 			return c, err
 		}
-		ap := addrPort(c.RemoteAddr())
-		if len(f.l.AllowFrom) == 0 || allowed(f.l.AllowFrom, ap.Addr()) {
+		ap := addr.Of(c.RemoteAddr())
+		if len(f.l.AllowFrom) == 0 || addr.In(f.l.AllowFrom, ap.Addr()) {
 			return f.track(c), nil
 		}
 		f.srv.log.Warn("LMTP connection refused: not in allow_from", zap.String("listener", f.l.Name), zap.String("client", ap.String()))
@@ -332,24 +333,6 @@ func refuse(c net.Conn) {
 	c.SetWriteDeadline(time.Now().Add(time.Second))
 	c.Write([]byte("554 5.7.1 Not allowed to deliver here\r\n"))
 	c.Close()
-}
-
-func allowed(nets []netip.Prefix, a netip.Addr) bool {
-	for _, p := range nets {
-		if p.Contains(a) {
-			return true
-		}
-	}
-	return false
-}
-
-func addrPort(a net.Addr) netip.AddrPort {
-	if ta, ok := a.(*net.TCPAddr); ok {
-		ap := ta.AddrPort()
-		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-	}
-	ap, _ := netip.ParseAddrPort(a.String())
-	return ap
 }
 
 // zapPrintf gives go-smtp's internal error log to zap.

@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"github.com/imapgate/imapgate/proxy/internal/addr"
 	"io"
 	"net"
 	"strings"
@@ -62,7 +63,7 @@ func (s *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
 	sess := &session{
 		srv:  s,
 		conn: c,
-		cl:   client{remote: addrPort(c.Conn().RemoteAddr()), helo: c.Hostname()},
+		cl:   client{remote: addr.Of(c.Conn().RemoteAddr()), helo: c.Hostname()},
 		txs:  make(map[string]*backendTx),
 		idle: make(map[string]*backendTx),
 	}

@@ -1,4 +1,4 @@
-package proxy
+package test
 
 import (
 	"bufio"
@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"github.com/imapgate/imapgate/proxy"
 	"io"
 	"maps"
 	"net"
@@ -17,7 +18,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -203,7 +203,7 @@ type gate struct {
 
 // lateEvictor lets the router be built before the server it evicts
 // through: the server needs the router, the router needs an Evictor.
-type lateEvictor struct{ srv atomic.Pointer[Server] }
+type lateEvictor struct{ srv atomic.Pointer[proxy.Server] }
 
 func (l *lateEvictor) EvictUser(user, keepID string) int {
 	if s := l.srv.Load(); s != nil {
@@ -221,7 +221,7 @@ func (l *lateEvictor) EvictBackend(id string) int {
 
 // gate starts an imapgate instance. Cleanup closes the server, then the
 // router.
-func (e *consulEnv) gate(t testing.TB, mod func(*consul.ConsulConfig), srvMod func(*Options)) *gate {
+func (e *consulEnv) gate(t testing.TB, mod func(*consul.ConsulConfig), srvMod func(*proxy.Options)) *gate {
 	t.Helper()
 	ev := &lateEvictor{}
 	g := &gate{reg: prometheus.NewRegistry()}
@@ -247,7 +247,7 @@ func (e *consulEnv) gate(t testing.TB, mod func(*consul.ConsulConfig), srvMod fu
 	g.r = r
 	// The cleartext listener lets loopback clients log in without TLS,
 	// for tests whose subject is not the client's TLS (loginPlain).
-	g.h = newHarnessListeners(t, r, srvMod, Listener{Mode: StartTLS, InsecureAuth: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}})
+	g.h = newHarnessListeners(t, r, srvMod, proxy.Listener{Mode: proxy.StartTLS, InsecureAuth: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}})
 	ev.srv.Store(g.h.srv)
 	return g
 }
@@ -556,7 +556,7 @@ func testConsulPinnedUser(t *testing.T, e *consulEnv) {
 		}
 	}
 	// The pinned Dovecot's own log has the login.
-	waitDovecotLog(t, e.dovecots[earlyTo], "Login: user=<"+early+">")
+	e.dovecots[earlyTo].WaitLog(t, "Login: user=<"+early+">")
 	// imapgate did not overwrite the pins.
 	for u, to := range map[string]string{early: earlyTo, late: lateTo} {
 		if p := e.kv(t, u); p == nil || string(p.Value) != to || p.Flags != consul.FlagPinned {
@@ -665,7 +665,7 @@ func testConsulSpreadAndStick(t *testing.T, e *consulEnv) {
 }
 
 func testConsulRacingInstances(t *testing.T, e *consulEnv) {
-	quiet := func(o *Options) { o.Logger = zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)) }
+	quiet := func(o *proxy.Options) { o.Logger = zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)) }
 	a, b := e.gate(t, nil, quiet), e.gate(t, nil, quiet)
 	users := consulFamily("race", 200)
 	start := time.Now()
@@ -845,11 +845,16 @@ func testConsulOutage(t *testing.T, e *consulEnv) {
 	if err := live.noop(); err != nil {
 		t.Errorf("a session open across the outage and the restart: %v", err)
 	}
-	for _, b := range g.r.States() {
-		if !b.Placeable {
-			t.Errorf("after the restart %s is %s", b.ID, b.Health)
+	// A restarted agent starts its checks critical until each has run
+	// once (every second): the router must follow them back.
+	consulWaitUntil(t, 10*time.Second, "every backend placeable after the restart", func() bool {
+		for _, b := range g.r.States() {
+			if !b.Placeable {
+				return false
+			}
 		}
-	}
+		return true
+	})
 	// The watches are live again, not just connected: a move made now
 	// reaches the session that lived through the outage.
 	dest := "dovecot1"
@@ -980,7 +985,7 @@ func BenchmarkConsulLogin(b *testing.B) {
 	e := startConsulEnv(b, []backendSpec{{"dovecot1", "1", routing.SecurityNone}, {"dovecot2", "1", routing.SecurityNone}})
 	e.join(b, "dovecot1")
 	e.join(b, "dovecot2")
-	g := e.gate(b, func(c *consul.ConsulConfig) { c.Logger = nil }, func(o *Options) { o.Logger = zap.NewNop() })
+	g := e.gate(b, func(c *consul.ConsulConfig) { c.Logger = nil }, func(o *proxy.Options) { o.Logger = zap.NewNop() })
 	users := consulFamily("bench", 16)
 	for _, u := range users {
 		g.landsOn(b, u)
@@ -1005,7 +1010,7 @@ func BenchmarkConsulLogin(b *testing.B) {
 		return s.logout()
 	}
 	report := func(b *testing.B, start time.Time, cpu0 time.Duration) {
-		elapsed, cpu := time.Since(start), selfCPU(b)-cpu0
+		elapsed, cpu := time.Since(start), testenv.SelfCPU(b)-cpu0
 		b.ReportMetric(float64(b.N)/elapsed.Seconds(), "logins/s")
 		b.ReportMetric(float64(cpu.Microseconds())/float64(b.N), "cpu-us/login")
 	}
@@ -1020,7 +1025,7 @@ func BenchmarkConsulLogin(b *testing.B) {
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			var next atomic.Int64
-			cpu0, start := selfCPU(b), time.Now()
+			cpu0, start := testenv.SelfCPU(b), time.Now()
 			if !bc.parallel {
 				for b.Loop() {
 					if err := bc.once(users[next.Add(1)%int64(len(users))]); err != nil {
@@ -1042,12 +1047,4 @@ func BenchmarkConsulLogin(b *testing.B) {
 			report(b, start, cpu0)
 		})
 	}
-}
-
-func selfCPU(b *testing.B) time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		b.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -1,9 +1,10 @@
-package proxy
+package test
 
 import (
 	"context"
 	"crypto/tls"
 	"encoding/base64"
+	"github.com/imapgate/imapgate/proxy"
 	"net"
 	"strconv"
 	"strings"
@@ -74,8 +75,8 @@ func TestConsulMoveAllProtocols(t *testing.T) {
 	})
 
 	ca := testenv.NewTestCA(t)
-	srv, err := NewServer(Options{Router: r, TLS: &tls.Config{Certificates: []tls.Certificate{ca.ServerCert}},
-		Logger: zaptest.NewLogger(t), Limits: Limits{AuthFailureDelay: -1}})
+	srv, err := proxy.NewServer(proxy.Options{Router: r, TLS: &tls.Config{Certificates: []tls.Certificate{ca.ServerCert}},
+		Logger: zaptest.NewLogger(t), Limits: proxy.Limits{AuthFailureDelay: -1}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -83,9 +84,9 @@ func TestConsulMoveAllProtocols(t *testing.T) {
 	h := &harness{srv: srv}
 	t.Cleanup(func() { srv.Close(); h.wg.Wait() })
 	clientTLS := &tls.Config{RootCAs: ca.Pool, ServerName: "localhost"}
-	pop3s := serveExtra(t, h, Listener{Protocol: routing.ProtocolPOP3, Mode: ImplicitTLS})
-	sieves := serveExtra(t, h, Listener{Protocol: routing.ProtocolSieve, Mode: ImplicitTLS})
-	lmtpAddr := serveExtra(t, h, Listener{Protocol: routing.ProtocolLMTP, Mode: StartTLS})
+	pop3s := serveExtra(t, h, proxy.Listener{Protocol: routing.ProtocolPOP3, Mode: proxy.ImplicitTLS})
+	sieves := serveExtra(t, h, proxy.Listener{Protocol: routing.ProtocolSieve, Mode: proxy.ImplicitTLS})
+	lmtpAddr := serveExtra(t, h, proxy.Listener{Protocol: routing.ProtocolLMTP, Mode: proxy.StartTLS})
 
 	const user = "alice@example.org"
 	if err := r.Pin(ctx, user, "p1"); err != nil {
@@ -97,32 +98,32 @@ func TestConsulMoveAllProtocols(t *testing.T) {
 	})
 	plain := base64.StdEncoding.EncodeToString([]byte("\x00" + user + "\x00" + dovecots["p1"].Users[user]))
 	pop := dialConv(t, pop3s, clientTLS)
-	pop.expect("+OK")
-	pop.send("AUTH PLAIN " + plain + "\r\n")
-	pop.expect("+OK")
+	pop.Expect("+OK")
+	pop.Send("AUTH PLAIN " + plain + "\r\n")
+	pop.Expect("+OK")
 	sv := dialConv(t, sieves, clientTLS)
-	readSieveResp(sv)
-	sv.send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
-	sv.expect("OK")
+	sv.SieveResponse()
+	sv.Send("AUTHENTICATE \"PLAIN\" \"" + plain + "\"\r\n")
+	sv.Expect("OK")
 	if got := len(srv.Sessions(user, "p1")); got != 2 {
 		t.Fatalf("%d sessions of %s on p1, want POP3 and ManageSieve", got, user)
 	}
-	c := lmtpDial(t, lmtpAddr, "")
-	if re, de := deliver(t, c, strings.NewReader(message("before the move", "x")), user); len(re)+len(de) != 0 {
+	c := testenv.LMTPDial(t, lmtpAddr, "")
+	if re, de := testenv.Deliver(t, c, strings.NewReader(testenv.Message("before the move", "x")), user); len(re)+len(de) != 0 {
 		t.Fatalf("delivery: %v %v", re, de)
 	}
 
 	if err := r.Pin(ctx, user, "p2"); err != nil {
 		t.Fatal(err)
 	}
-	pop.expect("-ERR [SYS/TEMP] Your mailbox moved")
+	pop.Expect("-ERR [SYS/TEMP] Your mailbox moved")
 	evicted := time.Now()
-	pop.expectClosedPOP3()
-	sv.expect(`BYE (TRYLATER) "Your mailbox moved`)
-	sv.expectClosedPOP3()
+	pop.ExpectClosed("")
+	sv.Expect(`BYE (TRYLATER) "Your mailbox moved`)
+	sv.ExpectClosed("")
 
 	// The delivery waits for the move's hold, as a login does.
-	if re, de := deliver(t, c, strings.NewReader(message("after the move", "x")), user); len(re)+len(de) != 0 {
+	if re, de := testenv.Deliver(t, c, strings.NewReader(testenv.Message("after the move", "x")), user); len(re)+len(de) != 0 {
 		t.Fatalf("delivery after the move: %v %v", re, de)
 	}
 	if d := time.Since(evicted); d < hold-200*time.Millisecond {
@@ -136,10 +137,10 @@ func TestConsulMoveAllProtocols(t *testing.T) {
 	}
 	// The next POP3 login lands on the new backend and sees the new mail.
 	pop = dialConv(t, pop3s, clientTLS)
-	pop.expect("+OK")
-	pop.send("AUTH PLAIN " + plain + "\r\nSTAT\r\n")
-	pop.expect("+OK")
-	pop.expect("+OK 1 ")
+	pop.Expect("+OK")
+	pop.Send("AUTH PLAIN " + plain + "\r\nSTAT\r\n")
+	pop.Expect("+OK")
+	pop.Expect("+OK 1 ")
 	if got := len(srv.Sessions(user, "p2")); got != 1 {
 		t.Errorf("%d sessions on p2 after the move, want 1", got)
 	}

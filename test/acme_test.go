@@ -1,4 +1,4 @@
-package proxy
+package test
 
 // Certificates from the tls package's Manager on the proxy's listeners:
 // ACME against a real Pebble (HTTP-01, and TLS-ALPN-01 answered by the
@@ -11,6 +11,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"github.com/imapgate/imapgate/proxy"
 	"net"
 	"os"
 	"path/filepath"
@@ -32,7 +33,7 @@ import (
 // pebble-challtestsrv resolves every name to 127.0.0.1.
 const acmeName = "imap.test.example"
 
-// certProxy is a Server in front of an in-process backend on an
+// certProxy is a proxy.Server in front of an in-process backend on an
 // implicit-TLS listener and a STARTTLS one, with what it logged.
 type certProxy struct {
 	*harness
@@ -45,13 +46,13 @@ func serveCertProxy(t *testing.T, tlsCfg *tls.Config, implicit net.Listener) *ce
 	t.Helper()
 	backend := startMemBackend(t)
 	log, logs := observedLogger(t)
-	opts := Options{
+	opts := proxy.Options{
 		Router: fixedRouter(&routing.Backend{ID: "mem1", Addr: backend}),
 		TLS:    tlsCfg,
 		Logger: log,
 	}
 	opts.Limits.AuthFailureDelay = -1
-	srv, err := NewServer(opts)
+	srv, err := proxy.NewServer(opts)
 	if err != nil {
 		implicit.Close()
 		t.Fatal(err)
@@ -64,12 +65,12 @@ func serveCertProxy(t *testing.T, tlsCfg *tls.Config, implicit net.Listener) *ce
 	h := &harness{srv: srv, tlsAddr: implicit.Addr().String(), startTLSAddr: st.Addr().String()}
 	for _, s := range []struct {
 		ln net.Listener
-		l  Listener
-	}{{implicit, Listener{Mode: ImplicitTLS}}, {st, Listener{Mode: StartTLS}}} {
+		l  proxy.Listener
+	}{{implicit, proxy.Listener{Mode: proxy.ImplicitTLS}}, {st, proxy.Listener{Mode: proxy.StartTLS}}} {
 		h.wg.Add(1)
 		go func() {
 			defer h.wg.Done()
-			if err := srv.Serve(s.ln, s.l); !errors.Is(err, ErrServerClosed) {
+			if err := srv.Serve(s.ln, s.l); !errors.Is(err, proxy.ErrServerClosed) {
 				t.Errorf("Serve: %v", err)
 			}
 		}()
@@ -166,32 +167,32 @@ func clientFor(name string, roots *x509.CertPool) *tls.Config {
 
 // leaf returns the certificate a conversation's TLS connection verified,
 // failing the test if it did not verify a chain.
-func (c *conv) leaf() *x509.Certificate {
-	c.t.Helper()
-	tc, ok := c.c.(*tls.Conn)
+func leaf(c *conv) *x509.Certificate {
+	c.T.Helper()
+	tc, ok := c.C.(*tls.Conn)
 	if !ok {
-		c.t.Fatal("not a TLS connection")
+		c.T.Fatal("not a TLS connection")
 	}
 	st := tc.ConnectionState()
 	if len(st.VerifiedChains) == 0 {
-		c.t.Fatal("no verified chain")
+		c.T.Fatal("no verified chain")
 	}
 	if st.NegotiatedProtocol != "imap" {
-		c.t.Errorf("negotiated ALPN %q, want imap", st.NegotiatedProtocol)
+		c.T.Errorf("negotiated ALPN %q, want imap", st.NegotiatedProtocol)
 	}
 	return st.PeerCertificates[0]
 }
 
 // refresh gives a long-lived conversation another 20 s before its deadline.
-func (c *conv) refresh() { c.c.SetDeadline(time.Now().Add(20 * time.Second)) }
+func refresh(c *conv) { c.C.SetDeadline(time.Now().Add(20 * time.Second)) }
 
 // implicitSession connects with implicit TLS, checks the greeting and
 // returns the conversation and the certificate it verified.
 func implicitSession(t *testing.T, addr string, cfg *tls.Config) (*conv, *x509.Certificate) {
 	t.Helper()
 	c := dialConv(t, addr, cfg)
-	leaf := c.leaf()
-	g := c.expect("* OK [CAPABILITY ")
+	leaf := leaf(c)
+	g := c.Expect("* OK [CAPABILITY ")
 	if !strings.Contains(g, " AUTH=PLAIN") || strings.Contains(g, "STARTTLS") {
 		t.Errorf("implicit-TLS greeting %q", g)
 	}
@@ -203,13 +204,13 @@ func implicitSession(t *testing.T, addr string, cfg *tls.Config) (*conv, *x509.C
 func startTLSSession(t *testing.T, addr string, cfg *tls.Config) (*conv, *x509.Certificate) {
 	t.Helper()
 	c := dialConv(t, addr, nil)
-	if g := c.expect("* OK [CAPABILITY "); !strings.Contains(g, " STARTTLS") || !strings.Contains(g, " LOGINDISABLED") {
+	if g := c.Expect("* OK [CAPABILITY "); !strings.Contains(g, " STARTTLS") || !strings.Contains(g, " LOGINDISABLED") {
 		t.Errorf("cleartext greeting %q", g)
 	}
-	c.starttls(cfg)
-	leaf := c.leaf()
-	c.send("c CAPABILITY\r\n")
-	l, un := c.tagged("c")
+	c.StartTLS(cfg)
+	leaf := leaf(c)
+	c.Send("c CAPABILITY\r\n")
+	l, un := c.Tagged("c")
 	if !strings.HasPrefix(l, "c OK") || len(un) != 1 || !strings.Contains(un[0], " AUTH=PLAIN") || strings.Contains(un[0], "STARTTLS") {
 		t.Errorf("CAPABILITY after STARTTLS: %q %q", un, l)
 	}
@@ -218,31 +219,31 @@ func startTLSSession(t *testing.T, addr string, cfg *tls.Config) (*conv, *x509.C
 
 // loginAndSelect logs in as alice and selects INBOX: the session is then
 // spliced to the backend.
-func (c *conv) loginAndSelect() {
-	c.t.Helper()
-	c.send("a LOGIN alice@example.org alicepass\r\n")
-	c.expect("a OK")
-	c.send("s SELECT INBOX\r\n")
-	if l, _ := c.tagged("s"); !strings.HasPrefix(l, "s OK") {
-		c.t.Fatalf("SELECT: %q", l)
+func loginAndSelect(c *conv) {
+	c.T.Helper()
+	c.Send("a LOGIN alice@example.org alicepass\r\n")
+	c.Expect("a OK")
+	c.Send("s SELECT INBOX\r\n")
+	if l, _ := c.Tagged("s"); !strings.HasPrefix(l, "s OK") {
+		c.T.Fatalf("SELECT: %q", l)
 	}
 }
 
 // stillSpliced checks a spliced session still carries traffic both ways:
 // a NOOP, then an APPEND whose message the backend reports.
-func (c *conv) stillSpliced(tag string) {
-	c.t.Helper()
-	c.refresh()
-	c.send(tag + "n NOOP\r\n")
-	if l, _ := c.tagged(tag + "n"); !strings.HasPrefix(l, tag+"n OK") {
-		c.t.Fatalf("NOOP on the spliced session: %q", l)
+func stillSpliced(c *conv, tag string) {
+	c.T.Helper()
+	refresh(c)
+	c.Send(tag + "n NOOP\r\n")
+	if l, _ := c.Tagged(tag + "n"); !strings.HasPrefix(l, tag+"n OK") {
+		c.T.Fatalf("NOOP on the spliced session: %q", l)
 	}
 	msg := "Subject: " + tag + "\r\n\r\nstill here\r\n"
-	c.send(fmt.Sprintf("%sa APPEND INBOX {%d}\r\n", tag, len(msg)))
-	c.expect("+")
-	c.send(msg + "\r\n")
-	if l, _ := c.tagged(tag + "a"); !strings.HasPrefix(l, tag+"a OK") {
-		c.t.Fatalf("APPEND on the spliced session: %q", l)
+	c.Send(fmt.Sprintf("%sa APPEND INBOX {%d}\r\n", tag, len(msg)))
+	c.Expect("+")
+	c.Send(msg + "\r\n")
+	if l, _ := c.Tagged(tag + "a"); !strings.HasPrefix(l, tag+"a OK") {
+		c.T.Fatalf("APPEND on the spliced session: %q", l)
 	}
 }
 
@@ -304,10 +305,10 @@ func TestACMEProxyListeners(t *testing.T) {
 			if !il.Equal(sl) {
 				t.Errorf("implicit TLS and STARTTLS serve different certificates (serials %x, %x)", il.SerialNumber, sl.SerialNumber)
 			}
-			ic.loginAndSelect()
-			sc.loginAndSelect()
-			ic.stillSpliced("i")
-			sc.stillSpliced("s")
+			loginAndSelect(ic)
+			loginAndSelect(sc)
+			stillSpliced(ic, "i")
+			stillSpliced(sc, "s")
 
 			refusedHandshakes(t, px, cfg)
 		})
@@ -331,9 +332,9 @@ func refusedHandshakes(t *testing.T, px *certProxy, good *tls.Config) {
 	for what, mod := range bad {
 		cfg := good.Clone()
 		mod(cfg)
-		for _, mode := range []ListenMode{ImplicitTLS, StartTLS} {
+		for _, mode := range []proxy.ListenMode{proxy.ImplicitTLS, proxy.StartTLS} {
 			var err error
-			if mode == ImplicitTLS {
+			if mode == proxy.ImplicitTLS {
 				var c *tls.Conn
 				c, err = tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", px.tlsAddr, cfg)
 				if err == nil {
@@ -341,10 +342,10 @@ func refusedHandshakes(t *testing.T, px *certProxy, good *tls.Config) {
 				}
 			} else {
 				c := dialConv(t, px.startTLSAddr, nil)
-				c.expect("* OK")
-				c.send("st STARTTLS\r\n")
-				c.expect("st OK")
-				err = tls.Client(c.c, cfg).Handshake()
+				c.Expect("* OK")
+				c.Send("st STARTTLS\r\n")
+				c.Expect("st OK")
+				err = tls.Client(c.C, cfg).Handshake()
 			}
 			// A refusal is the server's alert ("remote error"), not the
 			// client giving up on its own.
@@ -357,11 +358,11 @@ func refusedHandshakes(t *testing.T, px *certProxy, good *tls.Config) {
 		}
 	}
 	// Each refusal is a session that ended in its handshake.
-	waitFor(t, func() bool { return px.sessionEnds("tls_handshake")-before == refused })
+	testenv.WaitFor(t, func() bool { return px.sessionEnds("tls_handshake")-before == refused })
 	// The policy leaves the good client alone.
 	c, _ := implicitSession(t, px.tlsAddr, good)
-	c.send("l LOGOUT\r\n")
-	c.expect("* BYE")
+	c.Send("l LOGOUT\r\n")
+	c.Expect("* BYE")
 }
 
 // TestACMEProxyRenewal has Pebble issue 30 s certificates renewed at half
@@ -389,8 +390,8 @@ func TestACMEProxyRenewal(t *testing.T) {
 		// the whole life); then the live session is under that one.
 		t.Logf("the live session's certificate expires %v, the first %v", firstLeaf.NotAfter, first.NotAfter)
 	}
-	live.loginAndSelect()
-	live.stillSpliced("a")
+	loginAndSelect(live)
+	stillSpliced(live, "a")
 	challengesBefore := px.sessionEnds("acme_challenge")
 
 	start := time.Now()
@@ -412,7 +413,7 @@ func TestACMEProxyRenewal(t *testing.T) {
 				name, leaf.NotAfter, leaf.SerialNumber, renewed.NotAfter)
 		}
 	}
-	live.stillSpliced("b")
+	stillSpliced(live, "b")
 	if got := p.Issued(); got < 2 {
 		t.Errorf("Pebble issued %d certificates, want at least 2", got)
 	}
@@ -467,15 +468,15 @@ func TestFileCertReplacedThroughProxy(t *testing.T) {
 		t.Fatalf("serving serial %x, not the installed certificate's %x", leaf.SerialNumber, oldLeaf.SerialNumber)
 	}
 	sc, _ := startTLSSession(t, px.startTLSAddr, cfg)
-	ic.loginAndSelect()
-	sc.loginAndSelect()
+	loginAndSelect(ic)
+	loginAndSelect(sc)
 
 	install(newCA)
 	// The watcher polls; wait for a handshake that sees the new file.
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		c, leaf := implicitSession(t, px.tlsAddr, cfg)
-		c.c.Close()
+		c.C.Close()
 		if leaf.Equal(newLeaf) {
 			break
 		}
@@ -490,12 +491,12 @@ func TestFileCertReplacedThroughProxy(t *testing.T) {
 	if _, leaf := startTLSSession(t, px.startTLSAddr, cfg); !leaf.Equal(newLeaf) {
 		t.Errorf("STARTTLS after the replacement got serial %x, want %x", leaf.SerialNumber, newLeaf.SerialNumber)
 	}
-	ic.stillSpliced("i")
-	sc.stillSpliced("s")
+	stillSpliced(ic, "i")
+	stillSpliced(sc, "s")
 	// Nothing was cut: both sessions log out normally.
 	for _, c := range []*conv{ic, sc} {
-		c.send("z LOGOUT\r\n")
-		if l, _ := c.tagged("z"); !strings.HasPrefix(l, "z OK") {
+		c.Send("z LOGOUT\r\n")
+		if l, _ := c.Tagged("z"); !strings.HasPrefix(l, "z OK") {
 			t.Errorf("LOGOUT: %q", l)
 		}
 	}
