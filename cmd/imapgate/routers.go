@@ -40,6 +40,10 @@ func (a *app) newRouter(ctx context.Context, cfg *config.Config, ev *lateEvictor
 		if err != nil {
 			return nil, err
 		}
+		watch, err := consul.ParseUsersWatch(cfg.Consul.UsersWatch)
+		if err != nil {
+			return nil, fmt.Errorf("consul.users_watch: %w", err)
+		}
 		c, err := consul.NewConsul(ctx, consul.ConsulConfig{
 			Address:    cfg.Consul.Address,
 			Token:      cfg.Consul.Token,
@@ -51,6 +55,8 @@ func (a *app) newRouter(ctx context.Context, cfg *config.Config, ev *lateEvictor
 			Evictor:    ev,
 			Grace:      cfg.Consul.Grace.D(),
 			PlaceRate:  cfg.Consul.PlaceRate,
+			UsersWatch: watch,
+			CacheSize:  cfg.Consul.CacheSize,
 			// A start while Consul is unreachable serves from this.
 			SnapshotFile:   cfg.Consul.SnapshotPath(),
 			SnapshotMaxAge: cfg.Consul.SnapshotMaxAge.D(),

@@ -238,6 +238,10 @@ type Consul struct {
 	Prefix     string   `toml:"prefix"`
 	Grace      Duration `toml:"grace"`
 	PlaceRate  float64  `toml:"place_rate"`
+	// UsersWatch is "full" (default) or "feed" (routing/consul.UsersWatch);
+	// CacheSize bounds the feed's user cache (0: 100,000).
+	UsersWatch string `toml:"users_watch"`
+	CacheSize  int    `toml:"cache_size"`
 	// SnapshotFile and SnapshotMaxAge: see consul_snapshot.go.
 	SnapshotFile   string   `toml:"snapshot_file"`
 	SnapshotMaxAge Duration `toml:"snapshot_max_age"`
@@ -344,6 +348,9 @@ func (c *Config) Validate() error {
 	case "consul":
 		if c.Consul.Service == "" {
 			errs = append(errs, errors.New("consul.service is required with routing.router = \"consul\""))
+		}
+		if _, err := consul.ParseUsersWatch(c.Consul.UsersWatch); err != nil {
+			errs = append(errs, fmt.Errorf("consul.users_watch: %w", err))
 		}
 		if _, err := c.backendTLS(c.Backend.CAFile, "", c.Backend.InsecureSkipVerify); err != nil {
 			errs = append(errs, err)
