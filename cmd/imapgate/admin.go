@@ -27,6 +27,7 @@ import (
 //	POST /admin/users/{user}/kick              close a user's sessions here
 //	GET  /admin/users/{user}                   where the user lives and why
 //	POST /admin/users/{user}/move              {"backend": ID}
+//	POST /admin/users/{user}/announce          a hand-made KV change, to the change feed
 //	GET  /admin/backends                       backends and their state
 //	POST /admin/backends/{id}/drain            place no new users there
 //	POST /admin/backends/{id}/undrain
@@ -61,6 +62,7 @@ func (a *app) adminRoutes(mux *http.ServeMux) {
 	h("GET /admin/sessions", a.handleSessions)
 	h("POST /admin/users/{user}/kick", a.handleKick)
 	h("POST /admin/users/{user}/move", a.handleMove)
+	h("POST /admin/users/{user}/announce", a.handleAnnounce)
 	h("GET /admin/users/{user}", a.handleWhere)
 	h("GET /admin/backends", a.handleBackends)
 	h("POST /admin/backends/{id}/drain", a.handleDrain(true))

@@ -29,6 +29,7 @@ Commands (against a running imapgate's admin API):
   undrain BACKEND                   allow new users on BACKEND again
   move USER BACKEND                 pin USER to BACKEND and close their sessions elsewhere
   where USER                        where USER lives and why, and their sessions on that instance
+  announce USER                     after a hand-made consul kv put/delete of USER (users_watch = "feed")
   reload                            reload the configuration, as SIGHUP does
 
 Flags (before or after the command):
@@ -85,7 +86,7 @@ func ctl(args []string, stdout, stderr io.Writer) int {
 		return usageExit(err)
 	}
 	rest := sub.Args()
-	want := map[string]int{"sessions": 0, "kick": 1, "backends": 0, "drain": 1, "undrain": 1, "move": 2, "reload": 0, "where": 1}
+	want := map[string]int{"sessions": 0, "kick": 1, "backends": 0, "drain": 1, "undrain": 1, "move": 2, "reload": 0, "where": 1, "announce": 1}
 	n, ok := want[cmd]
 	if !ok {
 		fmt.Fprintf(stderr, "imapgate ctl: unknown command %q\n", cmd)
@@ -113,6 +114,8 @@ func ctl(args []string, stdout, stderr io.Writer) int {
 		err = c.reload(ctx)
 	case "where":
 		err = c.where(ctx, rest[0])
+	case "announce":
+		err = c.announce(ctx, rest[0])
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "imapgate ctl %s: %v\n", cmd, err)

@@ -98,16 +98,6 @@ func (uc *userCache) del(user string, index uint64) {
 	uc.m[user] = uc.lru.PushFront(&cacheEntry{user: user, a: assignment{index: index}})
 }
 
-// drop forgets user altogether.
-func (uc *userCache) drop(user string) {
-	uc.mu.Lock()
-	defer uc.mu.Unlock()
-	if e, ok := uc.m[user]; ok {
-		uc.lru.Remove(e)
-		delete(uc.m, user)
-	}
-}
-
 // retainShard drops every entry of a feed shard whose user is not in
 // keep, and returns how many it dropped.
 func (uc *userCache) retainShard(shard int, keep map[string]bool) int {

@@ -273,8 +273,11 @@ func (c *Consul) Announce(ctx context.Context, users ...string) error {
 		}
 	}
 	if c.cache != nil {
-		// This instance reads them now too.
-		c.refreshUsers(ctx, users)
+		// This instance reads them now too (if that fails, its feed
+		// query does it again).
+		if err := c.refreshUsers(ctx, users); err != nil {
+			c.log.Debug("re-reading announced users failed; the change feed retries", zap.Error(err))
+		}
 	}
 	return nil
 }
@@ -327,7 +330,10 @@ func (c *Consul) feedLoop(ctx context.Context, shard int, index uint64, seq uint
 		if p != nil {
 			if fv, err = decodeFeed(p.Value); err != nil {
 				c.log.Warn("change feed key unreadable; resyncing", zap.String("key", key), zap.Error(err))
-				c.resync(ctx, shard, "unreadable change feed")
+				if err := c.resync(ctx, shard, "unreadable change feed"); err != nil {
+					backoff, index = c.feedRetry(ctx, h, err, backoff)
+					continue
+				}
 				seq, known, index = 0, false, next
 				continue
 			}
@@ -338,20 +344,36 @@ func (c *Consul) feedLoop(ctx context.Context, shard int, index uint64, seq uint
 			// Start-up: nothing before now concerns us, unless we hold
 			// users from a snapshot.
 			if c.feedResyncAtStart.Load() {
-				c.resync(ctx, shard, "start from a snapshot")
+				err = c.resync(ctx, shard, "start from a snapshot")
 			}
 		case fv.Seq < seq:
-			c.resync(ctx, shard, "change feed went backwards (restored cluster?)")
+			err = c.resync(ctx, shard, "change feed went backwards (restored cluster?)")
 		case fv.Seq > seq && first > seq+1:
 			c.metrics.feedGaps.Inc()
-			c.resync(ctx, shard, "missed more changes than the feed keeps")
+			err = c.resync(ctx, shard, "missed more changes than the feed keeps")
 		case fv.Seq > seq:
-			c.refreshUsers(ctx, fv.Users[len(fv.Users)-int(fv.Seq-seq):])
+			err = c.refreshUsers(ctx, fv.Users[len(fv.Users)-int(fv.Seq-seq):])
+		}
+		if err != nil {
+			// Not applied: the same entries (or a resync) come again
+			// with the next answer; until then the cache keeps the old
+			// entries and Commit writes nothing.
+			backoff, index = c.feedRetry(ctx, h, err, backoff)
+			continue
 		}
 		seq, known, index = fv.Seq, true, next
 		c.feedSeq[shard].Store(seq)
 		c.noteCaughtUp()
 	}
+}
+
+// feedRetry marks a shard failing after changes it could not apply,
+// waits, and returns the next back-off and the index to query (0: answer
+// at once).
+func (c *Consul) feedRetry(ctx context.Context, h *watchHealth, err error, backoff time.Duration) (time.Duration, uint64) {
+	c.noteResult("changes", h, err)
+	sleepCtx(ctx, backoff)
+	return min(2*backoff, c.cfg.RetryMax), 0
 }
 
 // feedFailing reports whether any shard's query is failing.
@@ -377,7 +399,7 @@ func (c *Consul) usersFailing() bool {
 // right (live sessions, unrecorded routes) and drops the shard's other
 // cached entries: whatever the shard's changes were, the cache is right
 // again for that shard.
-func (c *Consul) resync(ctx context.Context, shard int, why string) {
+func (c *Consul) resync(ctx context.Context, shard int, why string) error {
 	start := time.Now()
 	live := c.liveUsers()
 	keep := map[string]bool{}
@@ -397,10 +419,13 @@ func (c *Consul) resync(ctx context.Context, shard int, why string) {
 			c.cache.del(u, 0)
 		}
 	}
-	c.refreshUsers(ctx, users)
+	if err := c.refreshUsers(ctx, users); err != nil {
+		return err
+	}
 	c.metrics.feedResyncs.Inc()
 	c.log.Info("change feed resync", zap.Int("shard", shard), zap.String("why", why), zap.Int("reread", len(users)),
 		zap.Int("dropped", dropped), zap.Duration("took", time.Since(start)))
+	return nil
 }
 
 // liveUsers are the users whose entries this instance must not forget:
@@ -417,8 +442,10 @@ func (c *Consul) liveUsers() map[string]bool {
 
 // refreshUsers re-reads those of users that this instance caches or
 // serves unrecorded, updates the cache and evicts the sessions that are
-// now on the wrong backend.
-func (c *Consul) refreshUsers(ctx context.Context, users []string) {
+// now on the wrong backend. A failed read is returned (the users read
+// before it are applied): the caller must try again, the entries not
+// re-read stay as they were.
+func (c *Consul) refreshUsers(ctx context.Context, users []string) error {
 	var want []string
 	seen := map[string]bool{}
 	unrec := c.unrecordedRoutes()
@@ -433,21 +460,18 @@ func (c *Consul) refreshUsers(ctx context.Context, users []string) {
 		}
 	}
 	if len(want) == 0 {
-		return
+		return nil
 	}
 	var ev []kvEviction
+	defer func() {
+		c.evictUsers(ev)
+		c.viewChanged() // reconcile the unrecorded routes against the news
+	}()
 	for len(want) > 0 {
 		n := min(len(want), txnMaxOps)
 		got, index, err := c.readUsers(ctx, want[:n])
 		if err != nil {
-			// The entries stay as they are; a later resync (the query
-			// fails too, then resyncs) or the next change corrects them.
-			c.log.Warn("cannot re-read changed users; dropping them from the cache", zap.Int("users", n), zap.Error(err))
-			for _, u := range want[:n] {
-				c.cache.drop(u)
-			}
-			want = want[n:]
-			continue
+			return fmt.Errorf("re-reading %d changed users: %w", len(want), err)
 		}
 		for _, u := range want[:n] {
 			a, ok := got[u]
@@ -455,8 +479,7 @@ func (c *Consul) refreshUsers(ctx context.Context, users []string) {
 		}
 		want = want[n:]
 	}
-	c.evictUsers(ev)
-	c.viewChanged() // reconcile the unrecorded routes against the news
+	return nil
 }
 
 // cacheChange stores user's entry as just read or written (ok false: it
