@@ -49,7 +49,12 @@ func (uc *userCache) get(user string) (assignment, bool) {
 	}
 	uc.lru.MoveToFront(e)
 	a := e.Value.(*cacheEntry).a
-	return a, a.backend != ""
+	if a.backend == "" {
+		// A tombstone: no entry, so a write over it checks-and-sets
+		// over index 0.
+		return assignment{}, false
+	}
+	return a, true
 }
 
 // has reports whether user has an entry or a tombstone.

@@ -430,8 +430,13 @@ func (c *Consul) resync(ctx context.Context, shard int, why string) error {
 
 // liveUsers are the users whose entries this instance must not forget:
 // those with sessions here and those served unrecorded.
+// An Evictor that cannot list its users (not a routing.UserLister) makes
+// every cached user count as live.
 func (c *Consul) liveUsers() map[string]bool {
 	live := c.routedHere()
+	if _, ok := c.cfg.Evictor.(routing.UserLister); !ok {
+		c.cache.each(func(u string, _ assignment) { live[u] = true })
+	}
 	c.umu.Lock()
 	for u := range c.unrec {
 		live[u] = true

@@ -38,7 +38,14 @@ func readSnapshotFile(t testing.TB, path string) *snapshotState {
 // second one started while Consul is down serves the known users from it,
 // reports degraded and records nothing; when Consul returns it catches up
 // and evicts the sessions of a user moved while it was down.
-func TestConsulSnapshotStart(t *testing.T) {
+func TestConsulSnapshotStart(t *testing.T) { runSnapshotStart(t, WatchFull) }
+
+// TestFeedSnapshotStart is the same with the change feed: the snapshot
+// holds the cached users, and once Consul answers the restarted router
+// re-reads them (it cannot know what the feed said meanwhile).
+func TestFeedSnapshotStart(t *testing.T) { runSnapshotStart(t, WatchFeed) }
+
+func runSnapshotStart(t *testing.T, watch UsersWatch) {
 	f := newFixture(t)
 	f.backend("imap1", nil)
 	f.backend("imap2", nil)
@@ -47,6 +54,7 @@ func TestConsulSnapshotStart(t *testing.T) {
 		c.SnapshotFile = path
 		c.SnapshotInterval = 50 * time.Millisecond
 		c.PlaceTimeout = 300 * time.Millisecond
+		c.UsersWatch = watch
 	}
 
 	r1, _ := f.router(snap)
