@@ -221,6 +221,7 @@ type Consul struct {
 	cache             *userCache
 	feedHealth        [feedShards]watchHealth
 	feedSeq           [feedShards]atomic.Uint64
+	feedGen           [feedShards]atomic.Uint64 // bumped when a shard changes (fetchUser)
 	feedResyncAtStart atomic.Bool
 
 	mu       sync.Mutex // guards the fields below, and building views
@@ -465,18 +466,19 @@ func (c *Consul) Route(ctx context.Context, user string) (*routing.Backend, erro
 			return nil, err
 		}
 	}
-	if c.cache != nil {
-		if _, ok := c.cache.get(key); !ok {
-			// First time this instance sees the user (or forgot them):
-			// one consistent read of their key. A failure routes as a new
-			// user would; Commit's check-and-set over no entry then finds
-			// the entry if there is one.
-			if _, _, err := c.fetchUser(ctx, key); err != nil {
-				c.log.Debug("cannot read user entry; routing by hashing", zap.String("user", key), zap.Error(err))
-			}
+	v := c.view.Load()
+	a, ok := c.lookup(v, key)
+	if c.cache != nil && !ok {
+		// First time this instance sees the user (or forgot them):
+		// one consistent read of their key. A failure routes as a new
+		// user would; Commit's check-and-set over no entry then finds
+		// the entry if there is one.
+		var err error
+		if a, ok, err = c.fetchUser(ctx, key); err != nil {
+			c.log.Debug("cannot read user entry; routing by hashing", zap.String("user", key), zap.Error(err))
 		}
 	}
-	b, _, err := c.answer(c.view.Load(), key)
+	b, _, err := c.decide(v, key, a, ok)
 	if err != nil {
 		c.metrics.placements.WithLabelValues("nobackend").Inc()
 	}
@@ -487,6 +489,11 @@ func (c *Consul) Route(ctx context.Context, user string) (*routing.Backend, erro
 // user's entry (ok false: none).
 func (c *Consul) answer(v *consulView, user string) (*routing.Backend, assignment, error) {
 	a, ok := c.lookup(v, user)
+	return c.decide(v, user, a, ok)
+}
+
+// decide is answer for user's entry a (ok false: none).
+func (c *Consul) decide(v *consulView, user string, a assignment, ok bool) (*routing.Backend, assignment, error) {
 	if ok {
 		if b := v.routable[a.backend]; b != nil {
 			return b, a, nil
@@ -576,15 +583,17 @@ func (c *Consul) cas(ctx context.Context, user, id string, over uint64) (casResu
 		}
 	}
 	// A default (leader) read, not a stale one: it must see the winner.
+	gen := c.feedGen[shardOf(user)].Load()
 	p, _, err := c.client.KV().Get(path, (&api.QueryOptions{}).WithContext(ctx))
 	if err != nil {
 		return casReadFailed, 0, nil, err
 	}
 	if p == nil {
 		p = &api.KVPair{}
-	} else if c.cache != nil {
+	} else if c.cache != nil && c.feedGen[shardOf(user)].Load() == gen {
 		// The feed does not announce first placements: learn the winner
-		// here.
+		// here (unless the feed announced a change meanwhile: then the
+		// next lookup reads again).
 		if val := strings.TrimSpace(string(p.Value)); val != "" {
 			c.cache.put(user, assignment{backend: val, flags: p.Flags, index: p.ModifyIndex})
 		}
@@ -607,6 +616,7 @@ func (c *Consul) writeWithFeedIndex(ctx context.Context, w userWrite) (uint64, e
 func (c *Consul) remember(user, id string, idx uint64) {
 	if c.cache != nil {
 		c.cache.put(user, assignment{backend: id, index: idx})
+		c.snapshotChanged()
 		return
 	}
 	if _, loaded := c.overlay.Swap(user, &overlayEntry{backend: id, minIdx: idx, at: time.Now()}); !loaded {

@@ -339,6 +339,11 @@ func (c *Consul) feedLoop(ctx context.Context, shard int, index uint64, seq uint
 			}
 		}
 		first := fv.Seq - uint64(len(fv.Users)) + 1
+		if !known || fv.Seq != seq {
+			// Reads of this shard's users running now may predate the
+			// change: fetchUser reads again.
+			c.feedGen[shard].Add(1)
+		}
 		switch {
 		case !known:
 			// Start-up: nothing before now concerns us, unless we hold
@@ -474,13 +479,16 @@ func (c *Consul) refreshUsers(ctx context.Context, users []string) error {
 	}()
 	for len(want) > 0 {
 		n := min(len(want), txnMaxOps)
-		got, index, err := c.readUsers(ctx, want[:n])
+		got, _, err := c.readUsers(ctx, want[:n])
 		if err != nil {
 			return fmt.Errorf("re-reading %d changed users: %w", len(want), err)
 		}
 		for _, u := range want[:n] {
 			a, ok := got[u]
-			ev = c.cacheChange(ev, u, a, ok, index)
+			// A tombstone just above the entry it replaces (index 0):
+			// the batch's index could be above a re-creation that
+			// happened while the batch was read.
+			ev = c.cacheChange(ev, u, a, ok, 0)
 		}
 		want = want[n:]
 	}
@@ -498,6 +506,7 @@ func (c *Consul) cacheChange(ev []kvEviction, user string, a assignment, ok bool
 	} else {
 		c.cache.del(user, index)
 	}
+	c.snapshotChanged()
 	switch {
 	case ok && (!had || old.backend != a.backend):
 		ev = append(ev, kvEviction{user: user, keep: a.backend, moved: had})
@@ -568,25 +577,40 @@ func (c *Consul) readUsers(ctx context.Context, users []string) (map[string]assi
 const readUsersParallel = 8
 
 // fetchUser reads one user's entry for Route's cache miss (consistent: it
-// must see the last move). ok is false if there is none.
+// must see the last move) and caches it. ok is false if there is none.
+//
+// A read races the feed: if the user's shard announced a change while
+// the read ran, the feed skipped the user (not cached yet) and the read
+// may be older than the change; then it is read again (twice at most,
+// then answered without caching: Commit's check-and-set settles it).
 func (c *Consul) fetchUser(ctx context.Context, user string) (assignment, bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.PlaceTimeout)
 	defer cancel()
-	p, _, err := c.client.KV().Get(c.userPath(user), (&api.QueryOptions{}).WithContext(ctx))
-	if err != nil {
-		return assignment{}, false, err
+	gen := &c.feedGen[shardOf(user)]
+	for try := 0; ; try++ {
+		g := gen.Load()
+		p, _, err := c.client.KV().Get(c.userPath(user), (&api.QueryOptions{}).WithContext(ctx))
+		if err != nil {
+			return assignment{}, false, err
+		}
+		c.metrics.cacheMisses.Inc()
+		val := ""
+		if p != nil {
+			val = strings.TrimSpace(string(p.Value))
+		}
+		if val == "" {
+			return assignment{}, false, nil
+		}
+		a := assignment{backend: val, flags: p.Flags, index: p.ModifyIndex}
+		if gen.Load() == g {
+			c.cache.put(user, a)
+			c.snapshotChanged()
+			return a, true, nil
+		}
+		if try == 2 {
+			return a, true, nil
+		}
 	}
-	c.metrics.cacheMisses.Inc()
-	val := ""
-	if p != nil {
-		val = strings.TrimSpace(string(p.Value))
-	}
-	if val == "" {
-		return assignment{}, false, nil
-	}
-	a := assignment{backend: val, flags: p.Flags, index: p.ModifyIndex}
-	c.cache.put(user, a)
-	return a, true, nil
 }
 
 // loadFeed reads each shard key once at start-up and returns the indexes

@@ -259,7 +259,21 @@ func runScale(t *testing.T, n int) {
 			books[i].Add(u, b.ID)
 		}
 	}
-	t.Logf("SCALE users=%d live=%d heap_per_instance_mb=%.1f", n, live, (heapMB()-heap0)/float64(instances))
+	t.Logf("SCALE users=%d live=%d heap_per_instance_mb=%.1f users_in_memory=%d", n, live, (heapMB()-heap0)/float64(instances), routers[0].userCount())
+
+	// Returning users this instance never saw: one read each (feed), or
+	// nothing (full watch).
+	cold := min(2000, n/2)
+	cpu0, ccpu0 := selfCPU(), procCPU(pid)
+	t0 := time.Now()
+	for k := range cold {
+		if _, err := routers[0].Route(ctx, names[n-1-k]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("SCALE users=%d phase=cold-routes routes=%d us_per_route=%.0f imapgate_cpu_us_per_route=%.0f consul_cpu_us_per_route=%.0f cached=%d",
+		n, cold, float64(time.Since(t0).Microseconds())/float64(cold), float64((selfCPU()-cpu0).Microseconds())/float64(cold),
+		float64((procCPU(pid)-ccpu0).Microseconds())/float64(cold), routers[0].userCount())
 
 	next := 0
 	move := func() []time.Duration {
@@ -299,7 +313,7 @@ func runScale(t *testing.T, n int) {
 
 	moves := envInt("IMAPGATE_SCALE_MOVES", 30)
 	var lat []time.Duration
-	cpu0, ccpu0 := selfCPU(), procCPU(pid)
+	cpu0, ccpu0 = selfCPU(), procCPU(pid)
 	for range moves {
 		lat = append(lat, move()...)
 	}
@@ -349,7 +363,7 @@ func runScale(t *testing.T, n int) {
 	lat = lat[:0]
 	stormMoves := 0
 	cpu0, ccpu0 = selfCPU(), procCPU(pid)
-	t0 := time.Now()
+	t0 = time.Now()
 	for sctx.Err() == nil {
 		lat = append(lat, move()...)
 		stormMoves++
