@@ -89,18 +89,49 @@ func (uc *userCache) put(user string, a assignment) {
 	}
 }
 
-// del records that user's entry was deleted at index (0: unknown, after
-// whatever is cached).
+// del records that user's entry was deleted as of index (a read that
+// found no entry, or the deleting write's index), unless the cache holds
+// an entry newer than that.
 func (uc *userCache) del(user string, index uint64) {
-	uc.mu.Lock()
-	defer uc.mu.Unlock()
-	if e, ok := uc.m[user]; ok {
-		ce := e.Value.(*cacheEntry)
-		ce.a = assignment{index: max(index, ce.a.index+1)}
-		uc.lru.MoveToFront(e)
-		return
+	uc.apply(user, assignment{}, false, index)
+}
+
+// apply stores what a read or a write says about user: entry a (ok), or
+// none as of index (!ok). It is ignored if the cache already holds
+// something newer (a read that started before this instance's own write
+// finishes after it). It returns the entry the cache held before (had:
+// not a tombstone) and whether the news was applied.
+func (uc *userCache) apply(user string, a assignment, ok bool, index uint64) (old assignment, had, applied bool) {
+	if !ok {
+		a = assignment{index: index}
 	}
-	uc.m[user] = uc.lru.PushFront(&cacheEntry{user: user, a: assignment{index: index}})
+	uc.mu.Lock()
+	e, found := uc.m[user]
+	if found {
+		ce := e.Value.(*cacheEntry)
+		old, had = ce.a, ce.a.backend != ""
+		uc.lru.MoveToFront(e)
+		if ce.a.index > a.index || (ce.a.index == a.index && !ok && had) {
+			uc.mu.Unlock()
+			return old, had, false
+		}
+		ce.a = a
+		uc.mu.Unlock()
+		if !had {
+			old = assignment{}
+		}
+		return old, had, true
+	}
+	uc.m[user] = uc.lru.PushFront(&cacheEntry{user: user, a: a})
+	over := len(uc.m) > uc.size
+	uc.mu.Unlock()
+	if over {
+		select {
+		case uc.wake <- struct{}{}:
+		default:
+		}
+	}
+	return assignment{}, false, true
 }
 
 // retainShard drops every entry of a feed shard whose user is not in

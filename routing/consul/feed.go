@@ -479,16 +479,13 @@ func (c *Consul) refreshUsers(ctx context.Context, users []string) error {
 	}()
 	for len(want) > 0 {
 		n := min(len(want), txnMaxOps)
-		got, _, err := c.readUsers(ctx, want[:n])
+		got, err := c.readUsers(ctx, want[:n])
 		if err != nil {
 			return fmt.Errorf("re-reading %d changed users: %w", len(want), err)
 		}
 		for _, u := range want[:n] {
-			a, ok := got[u]
-			// A tombstone just above the entry it replaces (index 0):
-			// the batch's index could be above a re-creation that
-			// happened while the batch was read.
-			ev = c.cacheChange(ev, u, a, ok, 0)
+			r := got[u]
+			ev = c.cacheChange(ev, u, r.a, r.ok, r.index)
 		}
 		want = want[n:]
 	}
@@ -500,11 +497,9 @@ func (c *Consul) refreshUsers(ctx context.Context, users []string) error {
 // implies: a new backend closes the sessions elsewhere; a deleted entry
 // closes them everywhere but where the next placement lands.
 func (c *Consul) cacheChange(ev []kvEviction, user string, a assignment, ok bool, index uint64) []kvEviction {
-	old, had := c.cache.get(user)
-	if ok {
-		c.cache.put(user, a)
-	} else {
-		c.cache.del(user, index)
+	old, had, applied := c.cache.apply(user, a, ok, index)
+	if !applied {
+		return ev // the cache knows something newer
 	}
 	c.snapshotChanged()
 	switch {
@@ -523,17 +518,15 @@ func (c *Consul) cacheChange(ev []kvEviction, user string, a assignment, ok bool
 // readUsers reads users' entries (at most txnMaxOps), consistently,
 // readUsersParallel at a time. Consul 1.13's transactions have no
 // "get-or-empty" (a get of a missing key fails the whole transaction), so
-// these are single reads. Missing users are absent from the map; index is
-// the highest index Consul reported.
-func (c *Consul) readUsers(ctx context.Context, users []string) (map[string]assignment, uint64, error) {
+// these are single reads. A missing entry is !ok with the index Consul
+// answered at: every later write has a higher one.
+func (c *Consul) readUsers(ctx context.Context, users []string) (map[string]userRead, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.PlaceTimeout)
 	defer cancel()
 	type result struct {
-		user  string
-		a     assignment
-		ok    bool
-		index uint64
-		err   error
+		user string
+		r    userRead
+		err  error
 	}
 	results := make(chan result, len(users))
 	sem := make(chan struct{}, readUsersParallel)
@@ -542,35 +535,41 @@ func (c *Consul) readUsers(ctx context.Context, users []string) (map[string]assi
 		go func() {
 			defer func() { <-sem }()
 			p, meta, err := c.client.KV().Get(c.userPath(u), (&api.QueryOptions{}).WithContext(ctx))
-			r := result{user: u, err: err}
+			res := result{user: u, err: err}
 			if err == nil {
-				r.index = meta.LastIndex
+				res.r.index = meta.LastIndex
 				if p != nil {
 					if val := strings.TrimSpace(string(p.Value)); val != "" {
-						r.a, r.ok = assignment{backend: val, flags: p.Flags, index: p.ModifyIndex}, true
+						res.r.a, res.r.ok = assignment{backend: val, flags: p.Flags, index: p.ModifyIndex}, true
+					} else {
+						res.r.index = max(res.r.index, p.ModifyIndex)
 					}
 				}
 			}
-			results <- r
+			results <- res
 		}()
 	}
-	out := make(map[string]assignment, len(users))
-	var index uint64
+	out := make(map[string]userRead, len(users))
 	var errs []error
 	for range users {
 		r := <-results
-		switch {
-		case r.err != nil:
+		if r.err != nil {
 			errs = append(errs, r.err)
-		case r.ok:
-			out[r.user] = r.a
+			continue
 		}
-		index = max(index, r.index)
+		out[r.user] = r.r
 	}
 	if len(errs) > 0 {
-		return nil, 0, errors.Join(errs...)
+		return nil, errors.Join(errs...)
 	}
-	return out, index, nil
+	return out, nil
+}
+
+// userRead is one user's entry as read: a (ok), or none as of index.
+type userRead struct {
+	a     assignment
+	ok    bool
+	index uint64
 }
 
 // readUsersParallel bounds the reads one refresh runs at once.

@@ -523,7 +523,17 @@ func (m *model) settled() string {
 		}
 		for _, w := range where {
 			if w != where[0] {
-				return fmt.Sprintf("instances disagree on %s: %v", s.user, where)
+				var why []string
+				for _, g := range m.gates {
+					p, _ := g.r.Where(ctx, s.user)
+					why = append(why, fmt.Sprintf("%+v %s", p, consul.CacheEntry(g.r.(*consul.Consul), s.user)))
+				}
+				pair, _, _ := m.api.KV().Get("imapgate/users/"+s.user, nil)
+				idx := uint64(0)
+				if pair != nil {
+					idx = pair.ModifyIndex
+				}
+				return fmt.Sprintf("instances disagree on %s: %v (consul records %q at %d; %s)", s.user, where, kv[s.user], idx, strings.Join(why, "; "))
 			}
 		}
 		if s.backend != where[0] {
