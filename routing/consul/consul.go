@@ -184,11 +184,14 @@ func (cfg *ConsulConfig) defaults() {
 //     user is placed by weighted rendezvous hashing over the passing,
 //     non-draining backends (or their domain's pool) and the placement is
 //     written with check-and-set, so racing instances agree;
-//   - the whole prefix is watched, so a changed entry (an operator's move)
-//     closes the user's sessions everywhere through the Evictor.
+//   - a changed entry (an operator's move) closes the user's sessions
+//     everywhere through the Evictor: with WatchFull every instance
+//     watches the whole users prefix; with WatchFeed each keeps the users
+//     it has seen and follows the change feed (feed.go).
 //
-// Route answers from memory: a known user costs Consul nothing. If Consul
-// becomes unreachable, Route keeps answering from the last view.
+// Route answers from memory: a known user costs Consul nothing (with
+// WatchFeed, one read the first time an instance sees the user). If
+// Consul becomes unreachable, Route keeps answering from the last view.
 type Consul struct {
 	cfg     ConsulConfig
 	log     *zap.Logger
