@@ -599,6 +599,7 @@ func (c *Consul) cas(ctx context.Context, user, id string, over uint64) (casResu
 		// next lookup reads again).
 		if val := strings.TrimSpace(string(p.Value)); val != "" {
 			c.cache.put(user, assignment{backend: val, flags: p.Flags, index: p.ModifyIndex})
+			c.viewChanged() // an unrecorded route may diverge now
 		}
 	}
 	return casLost, 0, p, nil
