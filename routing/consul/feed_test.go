@@ -186,3 +186,38 @@ func TestParseUsersWatch(t *testing.T) {
 		}
 	}
 }
+
+// A re-placement after the old backend is gone goes through the feed: an
+// instance that cached the user on the old backend follows it, so when
+// the old backend returns the user is not split over both.
+func TestFeedReplacementAnnounced(t *testing.T) {
+	f := newFixture(t)
+	b1 := f.backend("imap1", nil)
+	f.backend("imap2", nil)
+	grace := func(c *ConsulConfig) { c.Grace = time.Second }
+	r1, _ := f.router(feedMode, grace)
+	r2, _ := f.router(feedMode, grace)
+	waitFor(t, 5*time.Second, "both placeable", placeable(r1, "imap1", "imap2"))
+	waitFor(t, 5*time.Second, "both placeable", placeable(r2, "imap1", "imap2"))
+	var user string
+	for i := 0; user == ""; i++ {
+		if u := fmt.Sprintf("r%d@example.org", i); route(t, r1, u) == "imap1" {
+			user = u
+		}
+	}
+	if got := route(t, r2, user); got != "imap1" {
+		t.Fatalf("second instance routes %s to %s, want imap1", user, got)
+	}
+
+	b1.down(t)
+	waitFor(t, 10*time.Second, "imap1 gone on the first instance", func() bool { return route(t, r1, user) == "imap2" })
+	waitFor(t, 5*time.Second, "the second instance to follow the re-placement", func() bool {
+		a, ok := r2.cache.get(user)
+		return ok && a.backend == "imap2"
+	})
+	b1.up(t)
+	waitFor(t, 10*time.Second, "imap1 back", placeable(r2, "imap1", "imap2"))
+	if got := route(t, r2, user); got != "imap2" {
+		t.Errorf("after imap1 returned the second instance routes %s to %s, want imap2 (where the first re-placed them)", user, got)
+	}
+}
