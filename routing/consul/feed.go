@@ -22,7 +22,8 @@ import (
 // placement (Pin, Unpin, Move, Forget, Announce, a re-placement after
 // the old backend is gone) also appends the user's name to one of
 // feedShards change-log keys, <prefix>/changes/<00..0f>, in the SAME
-// Consul transaction, with check-and-set on both. A shard's value is a
+// Consul transaction, with check-and-set on the shard key (and on the
+// user's key where the write is conditional). A shard's value is a
 // bounded ring: the sequence number of its last entry and the last
 // feedRing user names. With UsersWatch = WatchFeed every instance holds
 // one blocking query per shard key; a change wakes only that shard's
@@ -147,9 +148,10 @@ var errUserCAS = errors.New("user entry changed meanwhile")
 
 // writeWithFeed writes the placement changes ws (all in one shard, at most
 // txnMaxOps-1) together with their entries in that shard's change log, in
-// one transaction. It returns each written user's new ModifyIndex (0 for
-// a delete: the transaction's index), or errUserCAS if a user's check-and-set failed. Announce-only
-// writes (announce) append to the log without touching users/.
+// one transaction. It returns each written user's new ModifyIndex (for a
+// delete: the transaction's index), or errUserCAS if a user's
+// check-and-set failed. Announce-only writes (announce) append to the log
+// without touching users/.
 func (c *Consul) writeWithFeed(ctx context.Context, shard int, ws []userWrite, announce []string) (map[string]uint64, error) {
 	key := c.feedKey(shard)
 	kv, txn := c.client.KV(), c.client.Txn()
