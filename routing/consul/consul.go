@@ -472,13 +472,16 @@ func (c *Consul) Route(ctx context.Context, user string) (*routing.Backend, erro
 	v := c.view.Load()
 	a, ok := c.lookup(v, key)
 	if c.cache != nil && !ok {
-		// First time this instance sees the user (or forgot them):
-		// one consistent read of their key. A failure routes as a new
-		// user would; Commit's check-and-set over no entry then finds
-		// the entry if there is one.
+		// First time this instance sees the user (or forgot them): one
+		// consistent read of their key. If it fails (Consul unreachable)
+		// the user is refused, not guessed: they may be live on another
+		// instance on a backend the hash does not pick, and nothing here
+		// could tell when to evict a guess.
 		var err error
 		if a, ok, err = c.fetchUser(ctx, key); err != nil {
-			c.log.Debug("cannot read user entry; routing by hashing", zap.String("user", key), zap.Error(err))
+			c.metrics.placements.WithLabelValues("nobackend").Inc()
+			c.log.Debug("cannot read user entry; refusing the login", zap.String("user", key), zap.Error(err))
+			return nil, fmt.Errorf("%w: cannot look the user up in consul: %w", routing.ErrNoBackend, err)
 		}
 	}
 	b, _, err := c.decide(v, key, a, ok)
