@@ -36,6 +36,7 @@ func (s *Server) adminRoutes() {
 	h("GET /admin/sessions", s.handleSessions)
 	h("POST /admin/users/{user}/kick", s.handleKick)
 	h("POST /admin/users/{user}/move", s.handleMove)
+	h("POST /admin/users/{user}/announce", s.handleAnnounce)
 	h("GET /admin/users/{user}", s.handleWhere)
 	h("GET /admin/backends", s.handleBackends)
 	h("POST /admin/backends/{id}/drain", s.handleDrain(true))

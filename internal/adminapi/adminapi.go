@@ -10,6 +10,7 @@
 //	POST /admin/users/{user}/kick                        KickReply
 //	GET  /admin/users/{user}                             WhereReply
 //	POST /admin/users/{user}/move    MoveRequest  ->     Events, MoveResult
+//	POST /admin/users/{user}/announce              ->     AnnounceReply
 //	GET  /admin/backends                                 BackendsReply
 //	POST /admin/backends/{id}/drain                      Events, DrainResult
 //	POST /admin/backends/{id}/undrain                    Events, DrainResult
@@ -180,4 +181,10 @@ type VersionReply struct {
 	Version
 	Started       time.Time `json:"started"`
 	UptimeSeconds float64   `json:"uptime_seconds"`
+}
+
+// AnnounceReply is the answer to POST /admin/users/{user}/announce: the
+// user whose hand-made placement change went onto the Consul change feed.
+type AnnounceReply struct {
+	User string `json:"user"`
 }

@@ -259,6 +259,10 @@ type Consul struct {
 	Grace      Duration `toml:"grace"`
 	PlaceRate  float64  `toml:"place_rate"`
 	MoveHold   Duration `toml:"move_hold"` // a moved user's logins wait this long; default 0
+	// UsersWatch is "full" (default) or "feed" (routing/consul.UsersWatch);
+	// CacheSize bounds the feed's user cache (0: 100,000).
+	UsersWatch string `toml:"users_watch"`
+	CacheSize  int    `toml:"cache_size"`
 	// SnapshotFile and SnapshotMaxAge: see consul_snapshot.go.
 	SnapshotFile   string   `toml:"snapshot_file"`
 	SnapshotMaxAge Duration `toml:"snapshot_max_age"`
@@ -362,6 +366,9 @@ func (c *Config) Validate() error {
 	case RouterConsul:
 		if c.Consul.Service == "" {
 			errs = append(errs, errors.New("consul.service is required with routing.router = \"consul\""))
+		}
+		if _, err := consul.ParseUsersWatch(c.Consul.UsersWatch); err != nil {
+			errs = append(errs, fmt.Errorf("consul.users_watch: %w", err))
 		}
 		if _, err := c.BackendTLS(); err != nil {
 			errs = append(errs, err)

@@ -133,6 +133,7 @@ func TestValidateErrors(t *testing.T) {
 		{"duplicate domain after normalisation", base + "[backends.b]\naddr = \"127.0.0.1:144\"\n[routing.domains]\n\"X.example\" = [\"a\"]\n\"x.example\" = [\"b\"]\n", "same domain \"x.example\""},
 		{"unknown router", base + "[routing]\nrouter = \"dns\"\n", "unknown router"},
 		{"consul without service", base + "[routing]\nrouter = \"consul\"\n", "consul.service"},
+		{"unknown users_watch", base + "[routing]\nrouter = \"consul\"\n[consul]\nservice = \"imap\"\nusers_watch = \"cache\"\n", "consul.users_watch"},
 		{"master without verify", base + "[backend.master]\nuser = \"m\"\npassword = \"p\"\n", "verify"},
 		{"master bad form", base + "[backend.master]\nuser = \"m\"\npassword = \"p\"\nform = \"x\"\nverify = \"backend\"\n", "form"},
 		{"missing CA file", base + "[backend]\nca_file = \"/nonexistent/ca.pem\"\n", "CA file"},

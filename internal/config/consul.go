@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"net"
 	"os"
 
@@ -17,6 +18,10 @@ func (c *Config) ConsulRouter() (consul.ConsulConfig, error) {
 	if err != nil {
 		return consul.ConsulConfig{}, err
 	}
+	watch, err := consul.ParseUsersWatch(c.Consul.UsersWatch)
+	if err != nil {
+		return consul.ConsulConfig{}, fmt.Errorf("consul.users_watch: %w", err)
+	}
 	return consul.ConsulConfig{
 		Address:    c.Consul.Address,
 		Token:      c.Consul.Token,
@@ -28,6 +33,8 @@ func (c *Config) ConsulRouter() (consul.ConsulConfig, error) {
 		Grace:      c.Consul.Grace.D(),
 		PlaceRate:  c.Consul.PlaceRate,
 		MoveHold:   c.Consul.MoveHold.D(),
+		UsersWatch: watch,
+		CacheSize:  c.Consul.CacheSize,
 		// A start while Consul is unreachable serves from this.
 		SnapshotFile:   c.Consul.SnapshotPath(),
 		SnapshotMaxAge: c.Consul.SnapshotMaxAge.D(),

@@ -38,6 +38,7 @@ Commands (against a running imapgate's admin API):
   undrain BACKEND                   allow new users on BACKEND again
   move USER BACKEND                 pin USER to BACKEND and close their sessions elsewhere
   where USER                        where USER lives and why, and their sessions on that instance
+  announce USER                     after a hand-made consul kv put/delete of USER (users_watch = "feed")
   reload                            reload the configuration, as SIGHUP does
 
 Flags (before or after the command):
@@ -94,7 +95,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		return usageExit(err)
 	}
 	rest := sub.Args()
-	want := map[string]int{"sessions": 0, "kick": 1, "backends": 0, "drain": 1, "undrain": 1, "move": 2, "reload": 0, "where": 1}
+	want := map[string]int{"sessions": 0, "kick": 1, "backends": 0, "drain": 1, "undrain": 1, "move": 2, "reload": 0, "where": 1, "announce": 1}
 	n, ok := want[cmd]
 	if !ok {
 		fmt.Fprintf(stderr, "imapgate ctl: unknown command %q\n", cmd)
@@ -122,6 +123,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		err = c.reload(ctx)
 	case "where":
 		err = c.where(ctx, rest[0])
+	case "announce":
+		err = c.announce(ctx, rest[0])
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "imapgate ctl %s: %v\n", cmd, err)
@@ -430,4 +433,15 @@ func plural(n int, one, many string) string {
 		return one
 	}
 	return many
+}
+
+// announce tells the fleet, through the Consul change feed, that USER's
+// placement was changed by hand (consul kv put/delete).
+func (c *client) announce(ctx context.Context, user string) error {
+	var r adminapi.AnnounceReply
+	if err := c.get(ctx, "POST", "/admin/users/"+url.PathEscape(user)+"/announce", nil, &r); err != nil || c.json {
+		return err
+	}
+	fmt.Fprintf(c.stdout, "announced %s: every instance re-reads the entry\n", r.User)
+	return nil
 }

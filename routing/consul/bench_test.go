@@ -162,3 +162,47 @@ func cpuTime(b *testing.B) time.Duration {
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
+
+// BenchmarkConsulRouteFeed is BenchmarkConsulRoute with users_watch =
+// "feed": 20,000 users, every one read once (the cache miss) before the
+// timed lookups, which then answer from the bounded cache.
+func BenchmarkConsulRouteFeed(b *testing.B) {
+	const users = 20000
+	c, names := benchConsul(b, users)
+	r, err := NewConsul(context.Background(), ConsulConfig{Address: c.HTTPAddr, Service: testService, UsersWatch: WatchFeed})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer r.Close()
+	ctx := context.Background()
+	start := time.Now()
+	for _, u := range names {
+		if _, err := r.Route(ctx, u); err != nil {
+			b.Fatal(err)
+		}
+	}
+	miss := time.Since(start) / users
+	b.Run("throughput", func(b *testing.B) {
+		b.ReportAllocs()
+		i := 0
+		for b.Loop() {
+			if _, err := r.Route(ctx, names[i%users]); err != nil {
+				b.Fatal(err)
+			}
+			i += 7919
+		}
+		b.ReportMetric(float64(miss.Microseconds()), "miss-us")
+	})
+	b.Run("parallel", func(b *testing.B) {
+		b.RunParallel(func(pb *testing.PB) {
+			i := 0
+			for pb.Next() {
+				if _, err := r.Route(ctx, names[i%users]); err != nil {
+					b.Error(err)
+					return
+				}
+				i += 7919
+			}
+		})
+	})
+}

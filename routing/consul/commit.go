@@ -69,7 +69,7 @@ func (c *Consul) Commit(ctx context.Context, user string, b *routing.Backend) (*
 		c.metrics.placements.WithLabelValues("ratelimited").Inc()
 		return c.serveUnrecorded(key, b)
 	}
-	if c.kvHealth[kvUsers].failing.Load() {
+	if c.usersFailing() {
 		// The watch cannot reach Consul: do not make the login wait
 		// PlaceTimeout for a write that would fail.
 		c.metrics.placements.WithLabelValues("unrecorded").Inc()
@@ -82,7 +82,7 @@ func (c *Consul) Commit(ctx context.Context, user string, b *routing.Backend) (*
 // over (0: no entry). If another instance won, its choice is returned.
 func (c *Consul) record(ctx context.Context, user string, b *routing.Backend, over uint64) (*routing.Backend, error) {
 	for range 3 {
-		res, winner, err := c.cas(ctx, user, b.ID, over)
+		res, idx, winner, err := c.cas(ctx, user, b.ID, over)
 		if err != nil && ctx.Err() != nil {
 			return nil, fmt.Errorf("%w: %w", routing.ErrNoBackend, ctx.Err())
 		}
@@ -97,7 +97,7 @@ func (c *Consul) record(ctx context.Context, user string, b *routing.Backend, ov
 			// only way not to split the user over two backends.
 			return nil, fmt.Errorf("%w: placement race lost and winner unreadable: %w", routing.ErrNoBackend, err)
 		case casWon:
-			c.remember(user, b.ID, over+1)
+			c.remember(user, b.ID, idx)
 			c.forgetUnrecorded(user, "")
 			if over == 0 {
 				c.metrics.placements.WithLabelValues("created").Inc()
@@ -217,7 +217,7 @@ func (c *Consul) reconcile() {
 func (c *Consul) retryUnrecorded(ctx context.Context) {
 	routes := c.unrecordedRoutes()
 	for user, e := range routes {
-		if ctx.Err() != nil || c.kvHealth[kvUsers].failing.Load() {
+		if ctx.Err() != nil || c.usersFailing() {
 			return
 		}
 		if c.limit != nil && !c.limit.Allow() {
@@ -228,10 +228,10 @@ func (c *Consul) retryUnrecorded(ctx context.Context) {
 		if err != nil || want.ID != e.backend {
 			continue // reconcile evicts it
 		}
-		res, _, err := c.cas(ctx, user, e.backend, a.index)
+		res, idx, _, err := c.cas(ctx, user, e.backend, a.index)
 		switch res {
 		case casWon:
-			c.remember(user, e.backend, a.index+1)
+			c.remember(user, e.backend, idx)
 			c.forgetUnrecorded(user, e.backend)
 			c.metrics.placements.WithLabelValues("recorded_late").Inc()
 			c.log.Info("unrecorded route recorded", zap.String("user", user), zap.String("backend", e.backend))

@@ -120,6 +120,18 @@ type ConsulConfig struct {
 	// snapshot. Zero means 5s.
 	SnapshotInterval time.Duration
 
+	// UsersWatch is how the router learns that a placement changed: the
+	// zero value WatchFull lists every user at each change (up to about
+	// 100,000 users); WatchFeed caches the users seen and follows the
+	// change feed, at a cost per change independent of the number of
+	// users, but placements changed by hand must be announced (Announce).
+	// See the README's "Scaling".
+	UsersWatch UsersWatch
+	// CacheSize bounds the users a WatchFeed router keeps in memory (users
+	// with a live session here are kept beyond it). Zero means 100,000.
+	// Ignored with WatchFull, which holds every user.
+	CacheSize int
+
 	// Logger receives the router's log. Nil means no logging.
 	Logger *zap.Logger
 	// Registerer receives the router's metrics (imapgate_consul_*). Nil
@@ -151,6 +163,9 @@ func (cfg *ConsulConfig) defaults() {
 	if cfg.SnapshotInterval <= 0 {
 		cfg.SnapshotInterval = 5 * time.Second
 	}
+	if cfg.CacheSize <= 0 {
+		cfg.CacheSize = 100000
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
@@ -169,11 +184,14 @@ func (cfg *ConsulConfig) defaults() {
 //     user is placed by weighted rendezvous hashing over the passing,
 //     non-draining backends (or their domain's pool) and the placement is
 //     written with check-and-set, so racing instances agree;
-//   - the whole prefix is watched, so a changed entry (an operator's move)
-//     closes the user's sessions everywhere through the Evictor.
+//   - a changed entry (an operator's move) closes the user's sessions
+//     everywhere through the Evictor: with WatchFull every instance
+//     watches the whole users prefix; with WatchFeed each keeps the users
+//     it has seen and follows the change feed (feed.go).
 //
-// Route answers from memory: a known user costs Consul nothing. If Consul
-// becomes unreachable, Route keeps answering from the last view.
+// Route answers from memory: a known user costs Consul nothing (with
+// WatchFeed, one read the first time an instance sees the user). If
+// Consul becomes unreachable, Route keeps answering from the last view.
 type Consul struct {
 	cfg     ConsulConfig
 	log     *zap.Logger
@@ -198,6 +216,16 @@ type Consul struct {
 
 	catalogHealth watchHealth
 	kvHealth      [kvKinds]watchHealth
+
+	// cache holds the users seen, with WatchFeed (nil with WatchFull);
+	// feedHealth and feedSeq are the change feed's shards (feed.go);
+	// feedResyncAtStart makes the feed re-read the cached users once
+	// Consul answers (after a start from a snapshot).
+	cache             *userCache
+	feedHealth        [feedShards]watchHealth
+	feedSeq           [feedShards]atomic.Uint64
+	feedGen           [feedShards]atomic.Uint64 // bumped when a shard changes (fetchUser)
+	feedResyncAtStart atomic.Bool
 
 	mu       sync.Mutex // guards the fields below, and building views
 	states   map[string]*backendState
@@ -286,6 +314,9 @@ func NewConsul(ctx context.Context, cfg ConsulConfig) (*Consul, error) {
 		}
 		c.client, c.ownHTTP = client, tr
 	}
+	if cfg.UsersWatch == WatchFeed {
+		c.cache = newUserCache(cfg.CacheSize)
+	}
 	if cfg.PlaceRate > 0 {
 		c.limit = rate.NewLimiter(rate.Limit(cfg.PlaceRate), int(2*cfg.PlaceRate)+1)
 	}
@@ -297,7 +328,7 @@ func NewConsul(ctx context.Context, cfg ConsulConfig) (*Consul, error) {
 		}
 	}
 
-	catIdx, kvIdx, err := c.load(ctx)
+	st, err := c.load(ctx)
 	if err != nil {
 		err = fmt.Errorf("routing: consul at %s unreachable at start-up: %w", c.addr(), err)
 		if serr := c.startFromSnapshot(err); serr != nil {
@@ -305,45 +336,85 @@ func NewConsul(ctx context.Context, cfg ConsulConfig) (*Consul, error) {
 			c.closeIdle()
 			return nil, serr
 		}
-		catIdx, kvIdx = 0, [kvKinds]uint64{}
+		st = startIndexes{}
 	}
-	c.startWatches(catIdx, kvIdx)
+	c.startWatches(st)
 	v := c.view.Load()
 	c.log.Info("consul router ready",
 		zap.Int("backends", len(v.routable)), zap.Int("placeable", v.def.Len()),
-		zap.Int("users", len(v.users)), zap.String("prefix", cfg.Prefix))
+		zap.Int("users", c.userCount()), zap.String("users_watch", cfg.UsersWatch.String()), zap.String("prefix", cfg.Prefix))
 	return c, nil
 }
 
-// load reads the catalog and every KV sub-prefix once and returns the
-// indexes the watches start from.
-func (c *Consul) load(ctx context.Context) (catIdx uint64, kvIdx [kvKinds]uint64, err error) {
-	if catIdx, err = c.fetchCatalog(ctx, 0); err != nil {
-		return 0, kvIdx, err
-	}
-	for kind := range kvKinds {
-		if kvIdx[kind], err = c.fetchKV(ctx, kind, 0); err != nil {
-			return 0, kvIdx, err
-		}
-	}
-	return catIdx, kvIdx, nil
+// startIndexes are where the watches start (zero: from scratch).
+type startIndexes struct {
+	catalog uint64
+	kv      [kvKinds]uint64
+	// feed, feedSeq: each change-feed shard's index and last sequence
+	// number; feedKnown is false when they are unknown (a start from a
+	// snapshot).
+	feed, feedSeq [feedShards]uint64
+	feedKnown     bool
 }
 
-// startWatches starts a watch on the catalog and each KV sub-prefix from
-// where the read left off (0: from scratch), and the router's other
+// load reads the catalog and every KV sub-prefix once (with WatchFeed:
+// not the users, only the change feed's shard keys) and returns the
+// indexes the watches start from.
+func (c *Consul) load(ctx context.Context) (st startIndexes, err error) {
+	if st.catalog, err = c.fetchCatalog(ctx, 0); err != nil {
+		return st, err
+	}
+	for kind := range kvKinds {
+		if kind == kvUsers && c.cache != nil {
+			continue
+		}
+		if st.kv[kind], err = c.fetchKV(ctx, kind, 0); err != nil {
+			return st, err
+		}
+	}
+	if c.cache != nil {
+		if st.feed, st.feedSeq, err = c.loadFeed(ctx); err != nil {
+			return st, err
+		}
+		st.feedKnown = true
+	}
+	return st, nil
+}
+
+// startWatches starts a watch on the catalog and each KV sub-prefix (or
+// the change feed) from where the read left off, and the router's other
 // loops.
-func (c *Consul) startWatches(catIdx uint64, kvIdx [kvKinds]uint64) {
+func (c *Consul) startWatches(st startIndexes) {
 	wctx, cancel := context.WithCancel(context.Background())
 	c.cancel = cancel
-	c.wg.Add(5 + int(kvKinds))
+	c.wg.Add(5)
 	go c.snapshotLoop(wctx)
-	go c.catalogLoop(wctx, catIdx)
+	go c.catalogLoop(wctx, st.catalog)
 	go c.reconcileLoop(wctx)
 	go c.evictLoop(wctx)
 	for kind := range kvKinds {
-		go c.kvLoop(wctx, kind, kvIdx[kind])
+		if kind == kvUsers && c.cache != nil {
+			continue
+		}
+		c.wg.Add(1)
+		go c.kvLoop(wctx, kind, st.kv[kind])
+	}
+	if c.cache != nil {
+		c.wg.Add(1 + feedShards)
+		go c.cacheTrimLoop(wctx)
+		for s := range feedShards {
+			go c.feedLoop(wctx, s, st.feed[s], st.feedSeq[s], st.feedKnown)
+		}
 	}
 	go c.graceLoop(wctx)
+}
+
+// userCount is how many user entries the router holds in memory.
+func (c *Consul) userCount() int {
+	if c.cache != nil {
+		return c.cache.len()
+	}
+	return len(c.view.Load().users)
 }
 
 func (c *Consul) addr() string {
@@ -398,7 +469,22 @@ func (c *Consul) Route(ctx context.Context, user string) (*routing.Backend, erro
 			return nil, err
 		}
 	}
-	b, _, err := c.answer(c.view.Load(), key)
+	v := c.view.Load()
+	a, ok := c.lookup(v, key)
+	if c.cache != nil && !ok {
+		// First time this instance sees the user (or forgot them): one
+		// consistent read of their key. If it fails (Consul unreachable)
+		// the user is refused, not guessed: they may be live on another
+		// instance on a backend the hash does not pick, and nothing here
+		// could tell when to evict a guess.
+		var err error
+		if a, ok, err = c.fetchUser(ctx, key); err != nil {
+			c.metrics.placements.WithLabelValues("nobackend").Inc()
+			c.log.Debug("cannot read user entry; refusing the login", zap.String("user", key), zap.Error(err))
+			return nil, fmt.Errorf("%w: cannot look the user up in consul: %w", routing.ErrNoBackend, err)
+		}
+	}
+	b, _, err := c.decide(v, key, a, ok)
 	if err != nil {
 		c.metrics.placements.WithLabelValues("nobackend").Inc()
 	}
@@ -409,6 +495,11 @@ func (c *Consul) Route(ctx context.Context, user string) (*routing.Backend, erro
 // user's entry (ok false: none).
 func (c *Consul) answer(v *consulView, user string) (*routing.Backend, assignment, error) {
 	a, ok := c.lookup(v, user)
+	return c.decide(v, user, a, ok)
+}
+
+// decide is answer for user's entry a (ok false: none).
+func (c *Consul) decide(v *consulView, user string, a assignment, ok bool) (*routing.Backend, assignment, error) {
 	if ok {
 		if b := v.routable[a.backend]; b != nil {
 			return b, a, nil
@@ -442,11 +533,14 @@ func (c *Consul) waitHold(ctx context.Context, user string) error {
 // lookup finds user's assignment in the view or in this instance's newer
 // placements.
 func (c *Consul) lookup(v *consulView, user string) (assignment, bool) {
+	if c.cache != nil {
+		return c.cache.get(user)
+	}
 	a, ok := v.users[user]
 	if c.overlayN.Load() > 0 {
 		if o, found := c.overlay.Load(user); found {
 			if e := o.(*overlayEntry); a.index < e.minIdx {
-				return assignment{backend: e.backend, index: e.minIdx - 1}, true
+				return assignment{backend: e.backend, index: e.minIdx}, true
 			}
 		}
 	}
@@ -463,32 +557,76 @@ const (
 )
 
 // cas writes user → id if the entry's ModifyIndex is still over (0: if it
-// does not exist). On a lost race it returns the current entry (a zero
-// KVPair if it was deleted meanwhile).
-func (c *Consul) cas(ctx context.Context, user, id string, over uint64) (casResult, *api.KVPair, error) {
+// does not exist), and returns the entry's new ModifyIndex. Replacing an
+// entry (over > 0) appends the user to the change feed in the same
+// transaction; a first placement does not (feed.go says why). On a lost
+// race it returns the current entry (a zero KVPair if it was deleted
+// meanwhile).
+func (c *Consul) cas(ctx context.Context, user, id string, over uint64) (casResult, uint64, *api.KVPair, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.PlaceTimeout)
 	defer cancel()
 	path := c.userPath(user)
-	ok, _, err := c.client.KV().CAS(&api.KVPair{Key: path, Value: []byte(id), ModifyIndex: over}, (&api.WriteOptions{}).WithContext(ctx))
-	switch {
-	case err != nil:
-		return casWriteFailed, nil, err
-	case ok:
-		return casWon, nil, nil
+	var idx uint64
+	var err error
+	if over == 0 {
+		var ok bool
+		var resp *api.TxnResponse
+		ops := api.TxnOps{{KV: &api.KVTxnOp{Verb: api.KVCAS, Key: path, Value: []byte(id), Index: 0}}}
+		ok, resp, _, err = c.client.Txn().Txn(ops, (&api.QueryOptions{}).WithContext(ctx))
+		switch {
+		case err != nil:
+			return casWriteFailed, 0, nil, err
+		case ok && len(resp.Results) == 1 && resp.Results[0].KV != nil:
+			return casWon, resp.Results[0].KV.ModifyIndex, nil, nil
+		}
+	} else {
+		idx, err = c.writeWithFeedIndex(ctx, userWrite{user: user, backend: id, cas: true, index: over})
+		switch {
+		case err == nil:
+			return casWon, idx, nil, nil
+		case !errors.Is(err, errUserCAS):
+			return casWriteFailed, 0, nil, err
+		}
 	}
 	// A default (leader) read, not a stale one: it must see the winner.
+	gen := c.feedGen[shardOf(user)].Load()
 	p, _, err := c.client.KV().Get(path, (&api.QueryOptions{}).WithContext(ctx))
 	if err != nil {
-		return casReadFailed, nil, err
+		return casReadFailed, 0, nil, err
 	}
 	if p == nil {
 		p = &api.KVPair{}
+	} else if c.cache != nil && c.feedGen[shardOf(user)].Load() == gen {
+		// The feed does not announce first placements: learn the winner
+		// here (unless the feed announced a change meanwhile: then the
+		// next lookup reads again).
+		if val := strings.TrimSpace(string(p.Value)); val != "" {
+			c.cache.put(user, assignment{backend: val, flags: p.Flags, index: p.ModifyIndex})
+			c.viewChanged() // an unrecorded route may diverge now
+		}
 	}
-	return casLost, p, nil
+	return casLost, 0, p, nil
 }
 
-func (c *Consul) remember(user, id string, minIdx uint64) {
-	if _, loaded := c.overlay.Swap(user, &overlayEntry{backend: id, minIdx: minIdx, at: time.Now()}); !loaded {
+// writeWithFeedIndex writes one user's change with the feed and returns
+// its new ModifyIndex (without touching the cache: the caller remembers).
+func (c *Consul) writeWithFeedIndex(ctx context.Context, w userWrite) (uint64, error) {
+	idx, err := c.writeWithFeed(ctx, shardOf(w.user), []userWrite{w}, nil)
+	if err != nil {
+		return 0, err
+	}
+	return idx[w.user], nil
+}
+
+// remember keeps this instance's own placement (entry index idx) until
+// the watch brings it back (WatchFull), or in the cache (WatchFeed).
+func (c *Consul) remember(user, id string, idx uint64) {
+	if c.cache != nil {
+		c.cache.put(user, assignment{backend: id, index: idx})
+		c.snapshotChanged()
+		return
+	}
+	if _, loaded := c.overlay.Swap(user, &overlayEntry{backend: id, minIdx: idx, at: time.Now()}); !loaded {
 		c.overlayN.Add(1)
 	}
 }
@@ -509,9 +647,7 @@ func (c *Consul) Pin(ctx context.Context, user, backendID string) error {
 	if !known {
 		return fmt.Errorf("%w %q (pinning %q)", routing.ErrUnknownBackend, backendID, key)
 	}
-	_, err := c.client.KV().Put(&api.KVPair{Key: c.userPath(key), Value: []byte(backendID), Flags: FlagPinned},
-		(&api.WriteOptions{}).WithContext(ctx))
-	if err != nil {
+	if _, err := c.writeUser(ctx, userWrite{user: key, backend: backendID, flags: FlagPinned}); err != nil {
 		return fmt.Errorf("routing: pin %q to %q: %w", key, backendID, err)
 	}
 	c.log.Info("user pinned", zap.String("user", key), zap.String("backend", backendID))
@@ -536,14 +672,13 @@ func (c *Consul) Unpin(ctx context.Context, user string) error {
 		if p == nil || p.Flags&FlagPinned == 0 {
 			return nil
 		}
-		p.Flags &^= FlagPinned
-		ok, _, err := kv.CAS(p, (&api.WriteOptions{}).WithContext(ctx))
-		if err != nil {
-			return fmt.Errorf("routing: unpin %q: %w", key, err)
-		}
-		if ok {
+		_, err = c.writeUser(ctx, userWrite{user: key, backend: string(p.Value), flags: p.Flags &^ FlagPinned, cas: true, index: p.ModifyIndex})
+		switch {
+		case err == nil:
 			c.log.Info("user unpinned", zap.String("user", key), zap.String("backend", string(p.Value)))
 			return nil
+		case !errors.Is(err, errUserCAS):
+			return fmt.Errorf("routing: unpin %q: %w", key, err)
 		}
 	}
 	return fmt.Errorf("routing: unpin %q: entry keeps changing", key)
@@ -577,10 +712,13 @@ type BackendState struct {
 // by ID. It counts users, so it costs a pass over the view: it is meant
 // for the admin API, not for the login path.
 func (c *Consul) States() []BackendState {
-	v := c.view.Load()
 	users := map[string]int{}
-	for _, a := range v.users {
-		users[a.backend]++
+	if c.cache != nil {
+		c.cache.each(func(_ string, a assignment) { users[a.backend]++ })
+	} else {
+		for _, a := range c.view.Load().users {
+			users[a.backend]++
+		}
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -616,6 +754,9 @@ func (c *Consul) ViewAge() time.Duration {
 	age := c.catalogHealth.age()
 	for i := range c.kvHealth {
 		age = max(age, c.kvHealth[i].age())
+	}
+	for i := range c.feedHealth {
+		age = max(age, c.feedHealth[i].age())
 	}
 	return age
 }

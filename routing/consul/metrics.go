@@ -19,6 +19,11 @@ type consulMetrics struct {
 	snapshotAge    prometheus.GaugeFunc
 	degraded       prometheus.GaugeFunc
 	snapshotWrites *prometheus.CounterVec
+	// The change feed and the user cache (WatchFeed): see feed.go.
+	feedGaps    prometheus.Counter
+	feedResyncs prometheus.Counter
+	cacheMisses prometheus.Counter
+	cached      prometheus.GaugeFunc
 }
 
 func newConsulMetrics(c *Consul) *consulMetrics {
@@ -64,11 +69,33 @@ func newConsulMetrics(c *Consul) *consulMetrics {
 			Name: "imapgate_consul_snapshot_writes_total",
 			Help: "Writes of the router's snapshot file (consul.snapshot_file), by result: ok, error.",
 		}, []string{"result"}),
+		feedGaps: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imapgate_consul_feed_gaps_total",
+			Help: "Times this instance missed more changes of a change-feed shard than the shard keeps (each is followed by a resync).",
+		}),
+		feedResyncs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imapgate_consul_feed_resyncs_total",
+			Help: "Re-reads of the live users' entries after a gap in the change feed, a restored cluster or a start from a snapshot.",
+		}),
+		cacheMisses: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imapgate_consul_user_reads_total",
+			Help: "Consistent reads of one user's entry at a login the user cache could not answer (users_watch = \"feed\").",
+		}),
+		cached: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imapgate_consul_cached_users",
+			Help: "User entries in the user cache (users_watch = \"feed\"), tombstones included.",
+		}, func() float64 {
+			if c.cache == nil {
+				return 0
+			}
+			return float64(c.cache.len())
+		}),
 	}
 }
 
 func (m *consulMetrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.watchErrors, m.stale, m.placements, m.evictions, m.users, m.viewAge, m.snapshotAge, m.degraded, m.snapshotWrites}
+	return []prometheus.Collector{m.watchErrors, m.stale, m.placements, m.evictions, m.users, m.viewAge, m.snapshotAge, m.degraded, m.snapshotWrites,
+		m.feedGaps, m.feedResyncs, m.cacheMisses, m.cached}
 }
 
 func (m *consulMetrics) register(r prometheus.Registerer) error {

@@ -523,7 +523,17 @@ func (m *model) settled() string {
 		}
 		for _, w := range where {
 			if w != where[0] {
-				return fmt.Sprintf("instances disagree on %s: %v", s.user, where)
+				var why []string
+				for _, g := range m.gates {
+					p, _ := g.r.Where(ctx, s.user)
+					why = append(why, fmt.Sprintf("%+v %s", p, consul.CacheEntry(g.r.(*consul.Consul), s.user)))
+				}
+				pair, _, _ := m.api.KV().Get("imapgate/users/"+s.user, nil)
+				idx := uint64(0)
+				if pair != nil {
+					idx = pair.ModifyIndex
+				}
+				return fmt.Sprintf("instances disagree on %s: %v (consul records %q at %d; %s)", s.user, where, kv[s.user], idx, strings.Join(why, "; "))
 			}
 		}
 		if s.backend != where[0] {
@@ -609,7 +619,15 @@ func (m *model) run(actions []action) {
 	}
 }
 
-func TestModelConsul(t *testing.T) {
+func TestModelConsul(t *testing.T) { runModelConsul(t, false) }
+
+// TestModelConsulFeed runs the same schedule on a fleet where two
+// instances follow the change feed (consul.WatchFeed) and one the full
+// users watch, as during the switch to the feed; hand-made KV writes are
+// announced (Announce), the documented operator story.
+func TestModelConsulFeed(t *testing.T) { runModelConsul(t, true) }
+
+func runModelConsul(t *testing.T, feed bool) {
 	m := newModel(t, 150)
 	m.consul = testenv.StartConsul(t)
 	fds := openFDs(t)
@@ -631,11 +649,15 @@ func TestModelConsul(t *testing.T) {
 		if i == 0 {
 			rate = 1 // place_rate exhaustion: most placements here wait to be recorded
 		}
+		watch := consul.WatchFull
+		if feed && i < 2 {
+			watch = consul.WatchFeed
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		r, err := consul.NewConsul(ctx, consul.ConsulConfig{
 			Address: m.consul.HTTPAddr, Service: modelService, Evictor: ev,
 			Grace: modelGrace, RetryMax: 300 * time.Millisecond, PlaceTimeout: 500 * time.Millisecond,
-			PlaceRate: rate, Logger: zap.NewNop(),
+			PlaceRate: rate, Logger: zap.NewNop(), UsersWatch: watch,
 		})
 		cancel()
 		if err != nil {
@@ -680,6 +702,17 @@ func TestModelConsul(t *testing.T) {
 		}
 		return out
 	}
+	// announce is `imapgate ctl announce USER` after a hand-made change,
+	// through a random instance; needed only by the feed's instances.
+	announce := func(u string) {
+		if !feed {
+			return
+		}
+		g := m.rng.IntN(len(m.gates))
+		if err := m.gates[g].r.(*consul.Consul).Announce(ctx, u); err != nil {
+			m.note("  announce via gate %d failed: %v", g, err)
+		}
+	}
 	consulActions := []action{
 		{5, func() { // operator move through a random instance
 			u, b, g := pick(m.rng, m.users), pick(m.rng, m.backends), m.rng.IntN(len(m.gates))
@@ -708,6 +741,7 @@ func TestModelConsul(t *testing.T) {
 			if _, err := m.api.KV().Put(&api.KVPair{Key: "imapgate/users/" + u, Value: []byte(b.id), Flags: flags}, nil); err != nil {
 				m.fail("kv put: %v", err)
 			}
+			announce(u)
 		}},
 		{3, func() { // consul kv delete
 			u := pick(m.rng, m.users)
@@ -716,6 +750,7 @@ func TestModelConsul(t *testing.T) {
 			if _, err := m.api.KV().Delete("imapgate/users/"+u, nil); err != nil {
 				m.fail("kv delete: %v", err)
 			}
+			announce(u)
 		}},
 		{2, func() { // unpin
 			u := pick(m.rng, m.users)

@@ -88,10 +88,17 @@ func (c *Consul) Move(ctx context.Context, user, id string) error {
 }
 
 // Where says where user lives and why. It implements Operator.
-func (c *Consul) Where(_ context.Context, user string) (routing.Placement, error) {
+func (c *Consul) Where(ctx context.Context, user string) (routing.Placement, error) {
 	key := routing.NormalizeUser(user)
 	if key == "" {
 		return routing.Placement{}, errors.New("routing: where: empty user name")
+	}
+	if c.cache != nil {
+		if _, ok := c.cache.get(key); !ok {
+			if _, _, err := c.fetchUser(ctx, key); err != nil {
+				return routing.Placement{}, fmt.Errorf("routing: where: reading the user's entry: %w", err)
+			}
+		}
 	}
 	v := c.view.Load()
 	p := routing.Placement{User: key, Pool: "default pool"}

@@ -250,9 +250,17 @@ func (c *Consul) encodeSnapshot(taken time.Time) ([]byte, error) {
 	users, domains, drain := c.kvUsers, c.kvDomain, c.kvDrain
 	c.mu.Unlock()
 	f.Domains, f.Drain = domains, drain
-	f.Users = make([]snapshotUser, 0, len(users))
-	for u, a := range users {
-		f.Users = append(f.Users, snapshotUser{User: u, Backend: a.backend, Flags: a.flags, Index: a.index})
+	if c.cache != nil {
+		// WatchFeed: only the users this instance has seen.
+		f.Users = make([]snapshotUser, 0, c.cache.len())
+		c.cache.each(func(u string, a assignment) {
+			f.Users = append(f.Users, snapshotUser{User: u, Backend: a.backend, Flags: a.flags, Index: a.index})
+		})
+	} else {
+		f.Users = make([]snapshotUser, 0, len(users))
+		for u, a := range users {
+			f.Users = append(f.Users, snapshotUser{User: u, Backend: a.backend, Flags: a.flags, Index: a.index})
+		}
 	}
 	slices.SortFunc(f.Backends, func(a, b snapshotBackend) int { return strings.Compare(a.ID, b.ID) })
 	// Users stay unsorted: sorting 100,000 names cost a third of a write.
@@ -427,7 +435,17 @@ func (c *Consul) readSnapshot(now time.Time) (*snapshotState, error) {
 // moved meanwhile are evicted.
 func (c *Consul) restoreSnapshot(s *snapshotState) {
 	c.mu.Lock()
-	c.states, c.kvUsers, c.kvDomain, c.kvDrain = s.states, s.users, s.domains, s.drain
+	c.states, c.kvDomain, c.kvDrain = s.states, s.domains, s.drain
+	if c.cache != nil {
+		// The feed cannot say what changed since: it re-reads these users
+		// once Consul answers.
+		for u, a := range s.users {
+			c.cache.put(u, a)
+		}
+		c.feedResyncAtStart.Store(true)
+	} else {
+		c.kvUsers = s.users
+	}
 	c.buildView()
 	c.mu.Unlock()
 	c.metrics.users.Set(float64(len(s.users)))
@@ -435,8 +453,17 @@ func (c *Consul) restoreSnapshot(s *snapshotState) {
 	c.catalogHealth.okAt.Store(at)
 	c.catalogHealth.failing.Store(true)
 	for i := range c.kvHealth {
+		if i == int(kvUsers) && c.cache != nil {
+			continue
+		}
 		c.kvHealth[i].okAt.Store(at)
 		c.kvHealth[i].failing.Store(true)
+	}
+	for i := range c.feedHealth {
+		if c.cache != nil {
+			c.feedHealth[i].okAt.Store(at)
+			c.feedHealth[i].failing.Store(true)
+		}
 	}
 	c.snapAt.Store(at)
 }

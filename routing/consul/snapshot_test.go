@@ -3,6 +3,7 @@ package consul
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -38,7 +39,14 @@ func readSnapshotFile(t testing.TB, path string) *snapshotState {
 // second one started while Consul is down serves the known users from it,
 // reports degraded and records nothing; when Consul returns it catches up
 // and evicts the sessions of a user moved while it was down.
-func TestConsulSnapshotStart(t *testing.T) {
+func TestConsulSnapshotStart(t *testing.T) { runSnapshotStart(t, WatchFull) }
+
+// TestFeedSnapshotStart is the same with the change feed: the snapshot
+// holds the cached users, and once Consul answers the restarted router
+// re-reads them (it cannot know what the feed said meanwhile).
+func TestFeedSnapshotStart(t *testing.T) { runSnapshotStart(t, WatchFeed) }
+
+func runSnapshotStart(t *testing.T, watch UsersWatch) {
 	f := newFixture(t)
 	f.backend("imap1", nil)
 	f.backend("imap2", nil)
@@ -47,6 +55,7 @@ func TestConsulSnapshotStart(t *testing.T) {
 		c.SnapshotFile = path
 		c.SnapshotInterval = 50 * time.Millisecond
 		c.PlaceTimeout = 300 * time.Millisecond
+		c.UsersWatch = watch
 	}
 
 	r1, _ := f.router(snap)
@@ -92,11 +101,19 @@ func TestConsulSnapshotStart(t *testing.T) {
 			t.Errorf("from the snapshot %s routed to %s, want %s", u, got, id)
 		}
 	}
-	// A new user is served by hashing, as an unrecorded route.
+	// A new user is served by hashing, as an unrecorded route (on the
+	// feed: refused, since this instance cannot know whether the user
+	// lives elsewhere).
 	newbie := "newbie@example.org"
-	nb := route(t, r2, newbie)
-	if e, ok := r2.unrecordedRoutes()[newbie]; !ok || e.backend != nb {
-		t.Errorf("new user while degraded: unrecorded routes %v, want %s → %s", r2.unrecordedRoutes(), newbie, nb)
+	if watch == WatchFeed {
+		if _, err := r2.Route(context.Background(), newbie); !errors.Is(err, routing.ErrNoBackend) {
+			t.Errorf("feed: a user not in the snapshot while Consul is down: err %v, want ErrNoBackend", err)
+		}
+	} else {
+		nb := route(t, r2, newbie)
+		if e, ok := r2.unrecordedRoutes()[newbie]; !ok || e.backend != nb {
+			t.Errorf("new user while degraded: unrecorded routes %v, want %s → %s", r2.unrecordedRoutes(), newbie, nb)
+		}
 	}
 	if got := counterValue(t, r2.metrics.snapshotWrites.WithLabelValues("ok")); got != 0 {
 		t.Errorf("%v snapshot writes while degraded, want none", got)
