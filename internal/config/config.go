@@ -263,6 +263,8 @@ type Consul struct {
 	// CacheSize bounds the feed's user cache (0: 100,000).
 	UsersWatch string `toml:"users_watch"`
 	CacheSize  int    `toml:"cache_size"`
+	// VerifyInterval: the feed's periodic check of the live users (0: 10m).
+	VerifyInterval Duration `toml:"verify_interval"`
 	// SnapshotFile and SnapshotMaxAge: see consul_snapshot.go.
 	SnapshotFile   string   `toml:"snapshot_file"`
 	SnapshotMaxAge Duration `toml:"snapshot_max_age"`

@@ -131,6 +131,10 @@ type ConsulConfig struct {
 	// with a live session here are kept beyond it). Zero means 100,000.
 	// Ignored with WatchFull, which holds every user.
 	CacheSize int
+	// VerifyInterval is how often a WatchFeed router re-reads the entries
+	// of its live users, to catch a hand-made change nobody announced
+	// (verify.go). Zero means 10 minutes; negative turns the check off.
+	VerifyInterval time.Duration
 
 	// Logger receives the router's log. Nil means no logging.
 	Logger *zap.Logger
@@ -165,6 +169,9 @@ func (cfg *ConsulConfig) defaults() {
 	}
 	if cfg.CacheSize <= 0 {
 		cfg.CacheSize = 100000
+	}
+	if cfg.VerifyInterval == 0 {
+		cfg.VerifyInterval = 10 * time.Minute
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
@@ -402,6 +409,10 @@ func (c *Consul) startWatches(st startIndexes) {
 	if c.cache != nil {
 		c.wg.Add(1 + feedShards)
 		go c.cacheTrimLoop(wctx)
+		if c.cfg.VerifyInterval > 0 {
+			c.wg.Add(1)
+			go c.verifyLoop(wctx)
+		}
 		for s := range feedShards {
 			go c.feedLoop(wctx, s, st.feed[s], st.feedSeq[s], st.feedKnown)
 		}

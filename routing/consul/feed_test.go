@@ -221,3 +221,25 @@ func TestFeedReplacementAnnounced(t *testing.T) {
 		t.Errorf("after imap1 returned the second instance routes %s to %s, want imap2 (where the first re-placed them)", user, got)
 	}
 }
+
+// A hand-made put nobody announced is still caught: the periodic check
+// re-reads the live users' entries and evicts, so such a change splits a
+// user for at most VerifyInterval (here 300ms), not for ever.
+func TestFeedVerifyCatchesUnannouncedPut(t *testing.T) {
+	f := newFixture(t)
+	f.backend("imap1", nil)
+	f.backend("imap2", nil)
+	r, ev := f.router(feedMode, func(c *ConsulConfig) { c.VerifyInterval = 300 * time.Millisecond })
+	waitFor(t, 5*time.Second, "both placeable", placeable(r, "imap1", "imap2"))
+	const user = "unannounced@example.org"
+	home := route(t, r, user)
+	other := map[string]string{"imap1": "imap2", "imap2": "imap1"}[home]
+	f.kvPut("imapgate/users/"+user, other, 0)
+	ev.waitUser(t, user, other, 5*time.Second)
+	if got := route(t, r, user); got != other {
+		t.Errorf("after the check Route = %s, want %s", got, other)
+	}
+	if n := counterValue(t, r.metrics.verified); n < 1 {
+		t.Errorf("verified users = %v, want at least 1", n)
+	}
+}

@@ -22,6 +22,7 @@ type consulMetrics struct {
 	// The change feed and the user cache (WatchFeed): see feed.go.
 	feedGaps    prometheus.Counter
 	feedResyncs prometheus.Counter
+	verified    prometheus.Counter
 	cacheMisses prometheus.Counter
 	cached      prometheus.GaugeFunc
 }
@@ -77,6 +78,10 @@ func newConsulMetrics(c *Consul) *consulMetrics {
 			Name: "imapgate_consul_feed_resyncs_total",
 			Help: "Re-reads of the live users' entries after a gap in the change feed, a restored cluster or a start from a snapshot.",
 		}),
+		verified: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imapgate_consul_verified_users_total",
+			Help: "Entries of live users re-read by the periodic check for changes nobody announced (users_watch = \"feed\", consul.verify_interval).",
+		}),
 		cacheMisses: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imapgate_consul_user_reads_total",
 			Help: "Consistent reads of one user's entry at a login the user cache could not answer (users_watch = \"feed\").",
@@ -95,7 +100,7 @@ func newConsulMetrics(c *Consul) *consulMetrics {
 
 func (m *consulMetrics) collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.watchErrors, m.stale, m.placements, m.evictions, m.users, m.viewAge, m.snapshotAge, m.degraded, m.snapshotWrites,
-		m.feedGaps, m.feedResyncs, m.cacheMisses, m.cached}
+		m.feedGaps, m.feedResyncs, m.verified, m.cacheMisses, m.cached}
 }
 
 func (m *consulMetrics) register(r prometheus.Registerer) error {
