@@ -86,7 +86,10 @@ type TLS struct {
 	NoSelfSigned bool       `toml:"no_self_signed"`
 	MinVersion   string     `toml:"min_version"`
 	CipherSuites []string   `toml:"cipher_suites"`
-	ACME         ACME       `toml:"acme"`
+	// RecordTakeover hands TLS 1.3 client sessions to imapgate's own
+	// record layer after login (proxy.RecordsTakeover). Nil means true.
+	RecordTakeover *bool `toml:"record_takeover"`
+	ACME           ACME  `toml:"acme"`
 	// SessionTickets shares TLS session ticket keys across a fleet.
 	SessionTickets SessionTickets `toml:"session_tickets"`
 }
@@ -529,6 +532,9 @@ func (c *Config) ProxyOptions() (proxy.Options, error) {
 		},
 	}
 	o.Backend.NoForwardID = c.Backend.NoForwardID
+	if c.TLS.RecordTakeover != nil && !*c.TLS.RecordTakeover {
+		o.TLSRecords = proxy.RecordsCryptoTLS
+	}
 	o.LMTP = proxy.LMTPOptions{
 		Hostname:           c.LMTP.Hostname,
 		MaxMessageBytes:    c.LMTP.MaxMessageSize,
