@@ -124,21 +124,36 @@ func parkedSession(t *testing.T, srv *Server) *session {
 	return nil
 }
 
-// assertAsleep checks what a parked taken-over session holds.
-func assertAsleep(t *testing.T, s *session) *recordConn {
+// assertAsleep checks what a parked taken-over session holds. It looks
+// while holding the parker's lock with both directions parked: the parker
+// cannot start either again meanwhile, so the test reads their state
+// after their last writes and before their next ones.
+func assertAsleep(t *testing.T, srv *Server, s *session) {
 	t.Helper()
-	rc := s.rec.Load()
-	if rc == nil {
-		t.Fatal("the TLS 1.3 session was not taken over")
+	p := srv.parker.Load()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		p.mu.Lock()
+		if !s.up.parked.Load() || !s.down.parked.Load() {
+			p.mu.Unlock()
+			continue
+		}
+		rc := s.rec.Load()
+		if rc == nil {
+			p.mu.Unlock()
+			t.Fatal("the TLS 1.3 session was not taken over")
+		}
+		s.wmu.Lock()
+		_, isRec := s.client.(*recordConn)
+		awake := rc.l.Awake()
+		s.wmu.Unlock()
+		buf, keys := rc.rbuf != nil, rc.nbConn.keys != nil
+		p.mu.Unlock()
+		if !isRec || awake || buf || keys {
+			t.Fatalf("parked session holds: client is record conn %v, AEAD %v, buffer %v, keys %v", isRec, awake, buf, keys)
+		}
+		return
 	}
-	s.wmu.Lock()
-	_, isRec := s.client.(*recordConn)
-	awake := rc.l.Awake()
-	s.wmu.Unlock()
-	if !isRec || awake || rc.rbuf != nil || rc.nbConn.keys != nil {
-		t.Fatalf("parked session holds: client is record conn %v, AEAD %v, buffer %v, keys %v", isRec, awake, rc.rbuf != nil, rc.nbConn.keys != nil)
-	}
-	return rc
+	t.Fatal("the session did not park within 10s")
 }
 
 // A TLS 1.3 session through imapgate to a real Dovecot is handed over to
@@ -175,7 +190,7 @@ func TestDovecotRecordTakeover(t *testing.T) {
 		t.Fatal("bytes after the login's OK")
 	}
 	s := parkedSession(t, h.srv)
-	assertAsleep(t, s)
+	assertAsleep(t, h.srv, s)
 
 	// The client hands its side over too.
 	l, err := tls13.Takeover(tc, keys)
@@ -201,8 +216,7 @@ func TestDovecotRecordTakeover(t *testing.T) {
 	if rc.empty != 1 {
 		t.Fatalf("%d KeyUpdates from imapgate, want 1", rc.empty)
 	}
-	parkedSession(t, h.srv)
-	assertAsleep(t, s)
+	assertAsleep(t, h.srv, s)
 
 	// Wake with an upload of 64 KiB: full records, cut across reads.
 	body := bigMessage(64 << 10)
@@ -228,8 +242,7 @@ func TestDovecotRecordTakeover(t *testing.T) {
 	if got := rc.tagged("e"); !strings.HasPrefix(got, "e OK") {
 		t.Fatalf("FETCH: %q", got)
 	}
-	parkedSession(t, h.srv)
-	assertAsleep(t, s)
+	assertAsleep(t, h.srv, s)
 
 	// LOGOUT: Dovecot's BYE, then imapgate's close_notify.
 	rc.send([]byte("z LOGOUT\r\n"))
