@@ -322,3 +322,29 @@ func TestKernelTLSProbe(t *testing.T) {
 		t.Fatal("no state")
 	}
 }
+
+// A client that pipelines past its LOGIN, in records of their own, may
+// leave records in crypto/tls at the splice: the hand-off is then refused
+// or not, depending on timing, and the session must work either way.
+func TestDovecotRecordsPipelinedLogin(t *testing.T) {
+	d := startDovecot(t)
+	h := newHarness(t, fixedRouter(dovecotBackend(d, routing.SecurityNone)), nil)
+	const user = "alice@example.org"
+	for i := range 5 {
+		c := dialConv(t, h.tlsAddr, h.clientTLS)
+		c.expect("* OK")
+		c.send("a LOGIN " + user + " " + d.Users[user] + "\r\n")
+		c.send("b SELECT INBOX\r\n")
+		c.send("c NOOP\r\n")
+		for _, tag := range []string{"a", "b", "c"} {
+			if last, _ := c.tagged(tag); !strings.HasPrefix(last, tag+" OK") {
+				t.Fatalf("round %d: %q", i, last)
+			}
+		}
+		c.send("z LOGOUT\r\n")
+		if last, _ := c.tagged("z"); !strings.HasPrefix(last, "z OK") {
+			t.Fatalf("round %d: LOGOUT: %q", i, last)
+		}
+		c.c.Close()
+	}
+}
