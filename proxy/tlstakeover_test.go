@@ -30,7 +30,6 @@ type recClient struct {
 	have    int
 	pending []byte // application data read, not yet consumed
 	empty   int    // records without application data (KeyUpdates)
-	eof     error  // how the stream ended
 }
 
 func (r *recClient) record() error {
