@@ -29,15 +29,16 @@ type Server struct {
 	// parker holds idle spliced directions; started with the first
 	// splice (NewServer has no side effects), nil when directions wait in
 	// goroutines instead.
-	parker atomic.Pointer[parker]
+	parker     atomic.Pointer[parker]
+	parkerOnce sync.Once
+	stopOnce   sync.Once
+	parkAfter  time.Duration // parkAfter, shorter in tests
+	limiters   atomic.Pointer[limiters]
+	lmtp       lmtpFront    // the LMTP front end, if an LMTP listener is served
+	pool       *backendPool // Options.Backend.Pool's connections
+
 	// kernelTLSOnce logs, once, how TLS records are carried after login.
 	kernelTLSOnce sync.Once
-	parkerOnce    sync.Once
-	stopOnce      sync.Once
-	parkAfter     time.Duration // parkAfter, shorter in tests
-	limiters      atomic.Pointer[limiters]
-	lmtp          lmtpFront    // the LMTP front end, if an LMTP listener is served
-	pool          *backendPool // Options.Backend.Pool's connections
 
 	closing atomic.Bool
 	// base is cancelled by Close: it ends every session's blocking work.

@@ -86,12 +86,13 @@ type TLS struct {
 	NoSelfSigned bool       `toml:"no_self_signed"`
 	MinVersion   string     `toml:"min_version"`
 	CipherSuites []string   `toml:"cipher_suites"`
+	ACME         ACME       `toml:"acme"`
+	// SessionTickets shares TLS session ticket keys across a fleet.
+	SessionTickets SessionTickets `toml:"session_tickets"`
+
 	// RecordTakeover hands TLS 1.3 client sessions to imapgate's own
 	// record layer after login (proxy.RecordsTakeover). Nil means true.
 	RecordTakeover *bool `toml:"record_takeover"`
-	ACME           ACME  `toml:"acme"`
-	// SessionTickets shares TLS session ticket keys across a fleet.
-	SessionTickets SessionTickets `toml:"session_tickets"`
 }
 
 // SessionTickets configures where the fleet's TLS session ticket keys
