@@ -5,7 +5,9 @@ import (
 	"net"
 	"os"
 	"syscall"
+	"unsafe"
 
+	"github.com/imapgate/imapgate/proxy/internal/tls13"
 	"golang.org/x/sys/unix"
 )
 
@@ -89,6 +91,45 @@ func (r *nbReader) read(p []byte) (int, error) {
 	return n, nil
 }
 
+// readv is read into a, then b, with one system call.
+func (r *nbReader) readv(a, b []byte) (int, error) {
+	if r.drained {
+		return 0, errWouldBlock
+	}
+	var iov [2]unix.Iovec
+	iov[0].Base, iov[1].Base = &a[0], &b[0]
+	iov[0].SetLen(len(a))
+	iov[1].SetLen(len(b))
+	var (
+		n     int
+		errno unix.Errno
+	)
+	err := r.rc.Control(func(fd uintptr) {
+		for {
+			r1, _, e := unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
+			if e != unix.EINTR {
+				n, errno = int(r1), e
+				return
+			}
+		}
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case errno == unix.EAGAIN:
+		r.drained = true
+		return 0, errWouldBlock
+	case errno != 0:
+		return 0, os.NewSyscallError("readv", errno)
+	case n == 0:
+		return 0, io.EOF
+	}
+	if n < len(a)+len(b) {
+		r.drained = true
+	}
+	return n, nil
+}
+
 // wait blocks on the runtime's poller until the socket is readable (or
 // its read deadline passes, or it is closed).
 //
@@ -125,7 +166,8 @@ func (r *nbReader) wait() error {
 type nbConn struct {
 	*net.TCPConn
 	nb       nbReader
-	nonblock bool // set once, by the splice, before its direction reads
+	nonblock bool          // set once, by the splice, before its direction reads
+	keys     *tls13.KeyLog // the handshake's secrets, until the splice (tlstakeover_linux.go)
 }
 
 // wrapForSplice returns c wrapped so that the splice can read the TLS

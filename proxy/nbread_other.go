@@ -21,4 +21,6 @@ type nbConn struct {
 	nonblock bool
 }
 
+func (r *nbReader) readv(a, b []byte) (int, error) { panic("unreachable") }
+
 var errWouldBlock error = syscall.EAGAIN

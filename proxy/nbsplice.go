@@ -46,6 +46,12 @@ func (d *direction) loopNB() {
 // copyNB copies until the source would block (errWouldBlock), ends or
 // fails.
 func (d *direction) copyNB() error {
+	if d.rec != nil {
+		if d.recSrc {
+			return d.copyRecordsIn()
+		}
+		return d.copyRecordsOut()
+	}
 	var bp *[]byte
 	defer func() {
 		if bp != nil {
@@ -110,6 +116,9 @@ func (d *direction) awaitNB() error {
 		if d.srcTLS != nil {
 			// Idle for parkAfter: what crypto/tls's reads grew goes back.
 			releaseTLSBuffers(d.srcTLS)
+		}
+		if d.rec != nil {
+			d.rec.sleep(d.recSrc) // no AEAD, no buffer while parked
 		}
 		if p.park(d) {
 			return errParked

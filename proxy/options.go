@@ -19,6 +19,9 @@ type Options struct {
 	// STARTTLS. Required unless every listener is cleartext with
 	// InsecureAuth covering every client.
 	TLS *tls.Config
+	// TLSRecords says who carries a client's TLS records once its session
+	// is spliced. The zero value is RecordsTakeover.
+	TLSRecords RecordMode
 	// Logger receives one line per session end and per failure. Nil means
 	// no logging.
 	Logger *zap.Logger
@@ -222,6 +225,22 @@ type Timeouts struct {
 	// autologout and IDLE lasts 29 minutes.
 	Idle time.Duration
 }
+
+// RecordMode says who carries a TLS client's records after login
+// (tlstakeover_linux.go, internal/tls13).
+type RecordMode uint8
+
+const (
+	// RecordsTakeover (the zero value): a TLS 1.3 session is handed from
+	// crypto/tls to imapgate's own record layer when the splice starts,
+	// so that an idle session keeps only its traffic secrets and sequence
+	// numbers. TLS 1.2 sessions, and any session that cannot be handed
+	// over exactly (bytes still buffered in crypto/tls, an unknown Go
+	// version), stay on crypto/tls. Linux only.
+	RecordsTakeover RecordMode = iota
+	// RecordsCryptoTLS keeps every session on crypto/tls for its life.
+	RecordsCryptoTLS
+)
 
 // ListenMode is how a listener's clients start.
 type ListenMode uint8

@@ -38,6 +38,9 @@ type Server struct {
 	lmtp       lmtpFront    // the LMTP front end, if an LMTP listener is served
 	pool       *backendPool // Options.Backend.Pool's connections
 
+	// kernelTLSOnce logs, once, how TLS records are carried after login.
+	kernelTLSOnce sync.Once
+
 	closing atomic.Bool
 	// base is cancelled by Close: it ends every session's blocking work.
 	base       context.Context

@@ -68,6 +68,8 @@ type session struct {
 
 	dirsLeft atomic.Int32 // directions of the splice still running
 
+	rec atomic.Pointer[recordConn] // the client leg, once the record layer carries it
+
 	in, out atomic.Int64 // bytes client→backend and backend→client
 }
 
@@ -294,7 +296,8 @@ func (s *session) startTLS(ctx context.Context) error {
 	if s.srv.o().TLS == nil {
 		return errors.New("no TLS configuration")
 	}
-	tc := tls.Server(wrapForSplice(s.raw), s.srv.o().TLS)
+	conn := wrapForSplice(s.raw)
+	tc := tls.Server(conn, s.keyLogFor(conn, s.srv.o().TLS)) // tlstakeover_linux.go
 	if err := handshakeBy(ctx, tc, s.raw, s.srv.o().Timeouts.TLSHandshake); err != nil {
 		return err
 	}

@@ -58,6 +58,7 @@ type direction struct {
 	counter   *atomic.Int64
 	idle      time.Duration
 	tcpSplice bool // src and dst are both *net.TCPConn
+	recSrc    bool // rec is src (client→backend), not dst
 
 	drained bool        // the TLS source's leftovers from the login were copied
 	parked  atomic.Bool // registered with the parker, no goroutine running
@@ -71,6 +72,10 @@ type direction struct {
 	nbOwn    nbReader      // nb when src is plain TCP
 	lastData time.Duration // when bytes last moved (since monoStart), for parkAfter
 	armed    time.Duration // src's read deadline as last set (since monoStart)
+
+	// rec is the client leg once the record layer carries it
+	// (tlstakeover_linux.go): src when recSrc, else dst.
+	rec *recordConn
 }
 
 func newDirection(name string, src, dst net.Conn, counter *atomic.Int64, idle time.Duration) *direction {
@@ -82,6 +87,13 @@ func newDirection(name string, src, dst net.Conn, counter *atomic.Int64, idle ti
 		if nc, ok := under.(*nbConn); ok {
 			d.nb, d.nbc = &nc.nb, nc
 		}
+	}
+	if rc, ok := src.(*recordConn); ok {
+		d.rec, d.recSrc, under = rc, true, rc.nbConn
+		d.nb, d.nbc = &rc.nb, rc.nbConn
+	}
+	if rc, ok := dst.(*recordConn); ok {
+		d.rec = rc
 	}
 	if sc, ok := under.(syscall.Conn); ok {
 		d.srcRaw, _ = sc.SyscallConn()
@@ -323,6 +335,8 @@ func (s *session) splice(bl *backendLogin) bool {
 		s.out.Add(int64(n))
 	}
 
+	// After the last write through crypto/tls, before the directions.
+	s.takeOverRecords()
 	idle := s.srv.o().Timeouts.Idle
 	up := newDirection("client", s.client, bl.conn, &s.in, idle)
 	down := newDirection("backend", bl.conn, s.client, &s.out, idle)
@@ -399,6 +413,9 @@ func (s *session) closeConns() {
 	s.mu.Lock()
 	bc, up, down := s.bconn, s.up, s.down
 	s.mu.Unlock()
+	if rc := s.rec.Load(); rc != nil {
+		rc.closeNotify()
+	}
 	s.raw.Close()
 	if bc != nil {
 		bc.Close()

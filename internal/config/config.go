@@ -111,6 +111,10 @@ type TLS struct {
 	ACME         ACME       `toml:"acme" reload:"restart"` // its challenge listeners start once
 	// SessionTickets shares TLS session ticket keys across a fleet.
 	SessionTickets SessionTickets `toml:"session_tickets" reload:"restart"`
+
+	// RecordTakeover hands TLS 1.3 client sessions to imapgate's own
+	// record layer after login (proxy.RecordsTakeover). Nil means true.
+	RecordTakeover *bool `toml:"record_takeover"`
 }
 
 // SessionTickets configures where the fleet's TLS session ticket keys
@@ -546,6 +550,9 @@ func (c *Config) ProxyOptions() (proxy.Options, error) {
 		},
 	}
 	o.Backend.NoForwardID = c.Backend.NoForwardID
+	if c.TLS.RecordTakeover != nil && !*c.TLS.RecordTakeover {
+		o.TLSRecords = proxy.RecordsCryptoTLS
+	}
 	o.LMTP = proxy.LMTPOptions{
 		Hostname:           c.LMTP.Hostname,
 		MaxMessageBytes:    c.LMTP.MaxMessageSize,

@@ -1,0 +1,218 @@
+package tls13
+
+import (
+	"bytes"
+	"crypto/subtle"
+	"crypto/tls"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"io"
+	"reflect"
+	"sync"
+	"sync/atomic"
+	"unsafe"
+)
+
+// KeyLog collects one connection's application traffic secrets from
+// crypto/tls: set it as the Config.KeyLogWriter of that connection alone
+// (the config GetConfigForClient returns), never of a shared config. It
+// keeps CLIENT_TRAFFIC_SECRET_0 and SERVER_TRAFFIC_SECRET_0 and ignores
+// the rest (handshake secrets); Next, if set, gets every line too (an
+// operator's SSLKEYLOGFILE).
+type KeyLog struct {
+	Next io.Writer
+
+	mu             sync.Mutex
+	random         [32]byte
+	client, server []byte
+	bad            bool // a line that did not parse, or two client randoms
+}
+
+// Write takes one NSS key log line, as crypto/tls writes them.
+func (k *KeyLog) Write(line []byte) (int, error) {
+	if k.Next != nil {
+		k.Next.Write(line)
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	fields := bytes.Fields(line)
+	if len(fields) != 3 {
+		k.bad = true
+		return len(line), nil
+	}
+	var dst *[]byte
+	switch string(fields[0]) {
+	case "CLIENT_TRAFFIC_SECRET_0":
+		dst = &k.client
+	case "SERVER_TRAFFIC_SECRET_0":
+		dst = &k.server
+	default:
+		return len(line), nil
+	}
+	var random [32]byte
+	secret := make([]byte, hex.DecodedLen(len(fields[2])))
+	if len(fields[1]) != 2*len(random) {
+		k.bad = true
+		return len(line), nil
+	}
+	if _, err := hex.Decode(random[:], fields[1]); err != nil {
+		k.bad = true
+		return len(line), nil
+	}
+	if _, err := hex.Decode(secret, fields[2]); err != nil || *dst != nil {
+		k.bad = true
+		return len(line), nil
+	}
+	if (k.client != nil || k.server != nil) && random != k.random {
+		k.bad = true
+	}
+	k.random, *dst = random, secret
+	return len(line), nil
+}
+
+// Forget wipes and drops the secrets (after a hand-off, or when the
+// connection stays on crypto/tls).
+func (k *KeyLog) Forget() {
+	k.mu.Lock()
+	clear(k.client)
+	clear(k.server)
+	k.client, k.server = nil, nil
+	k.mu.Unlock()
+}
+
+// ErrNotTaken says why a connection stays on crypto/tls; the connection
+// is untouched and fully usable.
+type ErrNotTaken struct{ Reason string }
+
+func (e *ErrNotTaken) Error() string { return "tls13: staying on crypto/tls: " + e.Reason }
+
+func notTaken(r string) error { return &ErrNotTaken{Reason: r} }
+
+// Takeover returns the record layer state of tc, whose TLS 1.3 handshake
+// is complete, so that the caller can carry its records from now on. It
+// fails, leaving tc as it was, unless everything below holds: the version
+// of crypto/tls is one whose fields it knows (found by name and type at
+// start-up); tc negotiated TLS 1.3 with a suite the layer has; keys holds
+// both traffic secrets and they are the ones tc uses now (no KeyUpdate
+// since); and tc holds no byte the caller has not seen: no buffered
+// record, partial record, plaintext or handshake message, no record
+// waiting to be sent, no error and no close_notify sent. The caller must
+// ensure nobody reads, writes or closes tc during the call, and must never
+// use tc again once it succeeds (closing the socket under it is fine).
+func Takeover(tc *tls.Conn, keys *KeyLog) (*Layer, error) {
+	o := &connLayout
+	if !o.ok {
+		return nil, notTaken("crypto/tls internals not recognised")
+	}
+	cs := tc.ConnectionState()
+	switch {
+	case !cs.HandshakeComplete:
+		return nil, notTaken("handshake not complete")
+	case cs.Version != tls.VersionTLS13:
+		return nil, notTaken("not TLS 1.3")
+	case !supported(cs.CipherSuite):
+		return nil, notTaken("cipher suite")
+	}
+	keys.mu.Lock()
+	client, server, bad := keys.client, keys.server, keys.bad
+	keys.mu.Unlock()
+	if bad || client == nil || server == nil {
+		return nil, notTaken("traffic secrets not logged")
+	}
+	base := unsafe.Pointer(tc)
+	at := func(off uintptr) unsafe.Pointer { return unsafe.Add(base, off) }
+	if *(*bool)(at(o.buffering)) || len(*(*[]byte)(at(o.sendBuf))) != 0 ||
+		(*bytes.Buffer)(at(o.rawInput)).Len() != 0 || (*bytes.Reader)(at(o.input)).Len() != 0 ||
+		(*bytes.Buffer)(at(o.hand)).Len() != 0 {
+		return nil, notTaken("bytes buffered in crypto/tls")
+	}
+	if *(*bool)(at(o.closeNotifySent)) || (*atomic.Int32)(at(o.activeCall)).Load() != 0 {
+		return nil, notTaken("closing or writing")
+	}
+	in, out := at(o.in), at(o.out)
+	if *(*error)(unsafe.Add(in, o.hcErr)) != nil || *(*error)(unsafe.Add(out, o.hcErr)) != nil {
+		return nil, notTaken("connection failed")
+	}
+	if *(*bool)(at(o.isClient)) {
+		client, server = server, client // read what the server writes
+	}
+	inSecret := *(*[]byte)(unsafe.Add(in, o.hcSecret))
+	outSecret := *(*[]byte)(unsafe.Add(out, o.hcSecret))
+	if subtle.ConstantTimeCompare(inSecret, client) != 1 || subtle.ConstantTimeCompare(outSecret, server) != 1 {
+		return nil, notTaken("traffic secrets changed (a KeyUpdate) or not this connection's")
+	}
+	inSeq := binary.BigEndian.Uint64((*[8]byte)(unsafe.Add(in, o.hcSeq))[:])
+	outSeq := binary.BigEndian.Uint64((*[8]byte)(unsafe.Add(out, o.hcSeq))[:])
+	l := &Layer{
+		in:  half{suite: cs.CipherSuite, secret: bytes.Clone(client), seq: inSeq},
+		out: half{suite: cs.CipherSuite, secret: bytes.Clone(server), seq: outSeq},
+	}
+	return l, nil
+}
+
+// New returns a Layer from secrets and sequence numbers directly (tests,
+// vectors): in protects what is read, out what is written.
+func New(suite uint16, inSecret, outSecret []byte, inSeq, outSeq uint64) (*Layer, error) {
+	if !supported(suite) {
+		return nil, errors.New("tls13: unsupported suite")
+	}
+	return &Layer{
+		in:  half{suite: suite, secret: bytes.Clone(inSecret), seq: inSeq},
+		out: half{suite: suite, secret: bytes.Clone(outSecret), seq: outSeq},
+	}, nil
+}
+
+// Supported reports whether this Go's crypto/tls is one Takeover knows.
+func Supported() bool { return connLayout.ok }
+
+// connLayout is where tls.Conn keeps what Takeover reads, found once by
+// name and type; if any field is missing or retyped, ok is false and every
+// connection stays on crypto/tls (TestLayoutFound fails on such a Go).
+var connLayout = findLayout()
+
+type layout struct {
+	ok                                              bool
+	isClient, in, out, rawInput, input, hand        uintptr
+	buffering, sendBuf, closeNotifySent, activeCall uintptr
+	hcErr, hcSeq, hcSecret                          uintptr
+}
+
+func findLayout() layout {
+	var o layout
+	ok := true
+	field := func(t reflect.Type, name string, typ reflect.Type) uintptr {
+		f, found := t.FieldByName(name)
+		if !found || len(f.Index) != 1 || (typ != nil && f.Type != typ) {
+			ok = false
+			return 0
+		}
+		return f.Offset
+	}
+	conn := reflect.TypeFor[tls.Conn]()
+	o.isClient = field(conn, "isClient", reflect.TypeFor[bool]())
+	o.rawInput = field(conn, "rawInput", reflect.TypeFor[bytes.Buffer]())
+	o.input = field(conn, "input", reflect.TypeFor[bytes.Reader]())
+	o.hand = field(conn, "hand", reflect.TypeFor[bytes.Buffer]())
+	o.buffering = field(conn, "buffering", reflect.TypeFor[bool]())
+	o.sendBuf = field(conn, "sendBuf", reflect.TypeFor[[]byte]())
+	o.closeNotifySent = field(conn, "closeNotifySent", reflect.TypeFor[bool]())
+	o.activeCall = field(conn, "activeCall", reflect.TypeFor[atomic.Int32]())
+	o.in = field(conn, "in", nil)
+	o.out = field(conn, "out", nil)
+	if !ok {
+		return layout{}
+	}
+	hc, _ := conn.FieldByName("in")
+	if out, _ := conn.FieldByName("out"); hc.Type != out.Type || hc.Type.Kind() != reflect.Struct || hc.Type.Name() != "halfConn" {
+		return layout{}
+	}
+	o.hcErr = field(hc.Type, "err", reflect.TypeFor[error]())
+	o.hcSeq = field(hc.Type, "seq", reflect.TypeFor[[8]byte]())
+	o.hcSecret = field(hc.Type, "trafficSecret", reflect.TypeFor[[]byte]())
+	o.ok = ok
+	if !ok {
+		return layout{}
+	}
+	return o
+}

@@ -1,0 +1,310 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"errors"
+	"io"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/imapgate/imapgate/proxy/internal/tls13"
+	"go.uber.org/zap"
+)
+
+// The record-layer hand-off (Options.TLSRecords, internal/tls13): a TLS
+// 1.3 client session is carried by crypto/tls through its handshake and
+// the login, and by imapgate's own record layer from the splice on. The
+// traffic secrets come from a KeyLogWriter set on that connection's
+// configuration alone, the sequence numbers from crypto/tls's fields
+// (internal/tls13.Takeover, which refuses unless the hand-off is exact:
+// any doubt leaves the session on crypto/tls, never a wrong byte).
+//
+// What it buys: a parked session keeps two secrets and two sequence
+// numbers (no tls.Conn, no AEAD, no buffer); a direction that wakes
+// rebuilds its AEAD. The backend-to-client direction reads up to two
+// records' worth of plaintext with one readv into a buffer laid out for
+// sealing in place, and writes them with one write; the client-to-backend
+// direction opens records in the buffer it read them into.
+
+// recBufs are the record directions' buffers: two sealed records, or one
+// whole record from the client and the start of the next.
+var recBufs = sync.Pool{New: func() any { b := make([]byte, tls13.SealBufLen); return &b }}
+
+// recordConn is the client leg once taken over: its socket (the nbConn
+// under the former tls.Conn) and the record layer. Writes are serialised
+// by the session's wmu: Write is called with it held (the session's own
+// writes, a kick's BYE), the other writers take it.
+type recordConn struct {
+	*nbConn
+	l   *tls13.Layer
+	wmu *sync.Mutex
+
+	// The client-to-backend direction's buffer while a record is partly
+	// read; carry keeps that part while the direction is parked.
+	rbuf  *[]byte
+	have  int
+	carry []byte
+}
+
+var _ closeWriter = (*recordConn)(nil)
+
+// keyLogFor returns the TLS configuration for one client handshake on
+// conn: cfg itself, or, when the session may be taken over later, a copy
+// that logs the handshake's secrets into conn's KeyLog. The KeyLogWriter
+// must sit on the configuration crypto/tls settles on, which is the one
+// cfg's GetConfigForClient returns if it has one.
+func (s *session) keyLogFor(conn any, cfg *tls.Config) *tls.Config {
+	nc, ok := conn.(*nbConn)
+	if !ok || s.srv.o().TLSRecords != RecordsTakeover || !tls13.Supported() {
+		return cfg
+	}
+	keys := new(tls13.KeyLog)
+	nc.keys = keys
+	outer := cfg.Clone() // per handshake: the ticket keys as they are now
+	if cfg.GetConfigForClient == nil {
+		keys.Next, outer.KeyLogWriter = cfg.KeyLogWriter, keys
+		return outer
+	}
+	outer.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		c, err := cfg.GetConfigForClient(hello)
+		if err != nil || !slices.Contains(hello.SupportedVersions, tls.VersionTLS13) {
+			return c, err
+		}
+		if c == nil {
+			c = cfg
+		}
+		c = c.Clone()
+		keys.Next, c.KeyLogWriter = c.KeyLogWriter, keys
+		return c, nil
+	}
+	return outer
+}
+
+// takeOverRecords hands the client leg to the record layer if it can be
+// handed over exactly; otherwise the session stays on crypto/tls. It runs
+// in the session's goroutine as the splice starts, before any direction.
+func (s *session) takeOverRecords() {
+	tc, ok := s.client.(*tls.Conn)
+	if !ok {
+		return
+	}
+	nc, ok := tc.NetConn().(*nbConn)
+	if !ok || nc.keys == nil {
+		return
+	}
+	keys := nc.keys
+	nc.keys = nil
+	defer keys.Forget()
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	l, err := tls13.Takeover(tc, keys)
+	if err != nil {
+		var nt *tls13.ErrNotTaken
+		if !errors.As(err, &nt) || nt.Reason != "not TLS 1.3" {
+			s.logger().Debug("tls records stay on crypto/tls", zap.Error(err))
+		}
+		return
+	}
+	rc := &recordConn{nbConn: nc, l: l, wmu: &s.wmu}
+	s.client = rc
+	s.rec.Store(rc)
+	s.srv.kernelTLSOnce.Do(func() {
+		s.srv.log.Info("tls records: TLS 1.3 sessions are carried by imapgate's record layer after login",
+			zap.String("kernel_tls", kernelTLSState()))
+	})
+}
+
+// Write seals p as application data and writes it; wmu is held.
+func (rc *recordConn) Write(p []byte) (int, error) {
+	var out []byte
+	written := 0
+	for len(p) > 0 {
+		m := min(len(p), tls13.MaxPlaintext)
+		var err error
+		if out, err = rc.l.SealRecord(out[:0], p[:m]); err != nil {
+			return written, err
+		}
+		if _, err := rc.TCPConn.Write(out); err != nil {
+			return written, err
+		}
+		written += m
+		p = p[m:]
+	}
+	return written, nil
+}
+
+// Read is never used: the splice reads the socket itself.
+func (rc *recordConn) Read([]byte) (int, error) {
+	return 0, errors.New("proxy: recordConn is read by its direction only")
+}
+
+// CloseWrite sends close_notify, as tls.Conn.CloseWrite does.
+func (rc *recordConn) CloseWrite() error {
+	rc.wmu.Lock()
+	defer rc.wmu.Unlock()
+	return rc.alertLocked(tls13.CloseNotify)
+}
+
+// closeNotify ends the client's stream as the session closes.
+func (rc *recordConn) closeNotify() { rc.sendAlert(tls13.CloseNotify) }
+
+// sendAlert sends a fatal alert or close_notify unless a write to the
+// client is under way (a slow client): the connection closes next anyway.
+func (rc *recordConn) sendAlert(a tls13.Alert) {
+	if !rc.wmu.TryLock() {
+		return
+	}
+	defer rc.wmu.Unlock()
+	rc.alertLocked(a)
+}
+
+func (rc *recordConn) alertLocked(a tls13.Alert) error {
+	if rc.l.WriteClosed() {
+		return nil
+	}
+	var b [32]byte
+	rec, err := rc.l.SealAlert(b[:0], a)
+	if err != nil {
+		return err
+	}
+	rc.TCPConn.SetWriteDeadline(time.Now().Add(time.Second))
+	_, err = rc.TCPConn.Write(rec)
+	return err
+}
+
+// sleep drops what a direction's side holds while it is parked: the
+// read side's AEAD and buffer (a partial record moves to carry), or the
+// write side's AEAD.
+func (rc *recordConn) sleep(read bool) {
+	if !read {
+		rc.wmu.Lock()
+		rc.l.SleepWrite()
+		rc.wmu.Unlock()
+		return
+	}
+	rc.l.SleepRead()
+	if rc.rbuf != nil {
+		if rc.have > 0 {
+			rc.carry = append([]byte(nil), (*rc.rbuf)[:rc.have]...)
+		}
+		recBufs.Put(rc.rbuf)
+		rc.rbuf, rc.have = nil, 0
+	}
+}
+
+// copyRecordsIn is copyNB for the client-to-backend direction of a
+// taken-over session: it reads records, opens them in place and writes
+// their application data to the backend, until the client would block.
+func (d *direction) copyRecordsIn() error {
+	rc := d.rec
+	if rc.rbuf == nil {
+		rc.rbuf = recBufs.Get().(*[]byte)
+		rc.have = copy(*rc.rbuf, rc.carry)
+		rc.carry = nil
+	}
+	buf := *rc.rbuf
+	defer func() {
+		if rc.have == 0 && rc.rbuf != nil {
+			recBufs.Put(rc.rbuf)
+			rc.rbuf = nil
+		}
+	}()
+	for {
+		n, rerr := d.nb.read(buf[rc.have:])
+		rc.have += n
+		off := 0
+		for {
+			rl, err := rc.l.RecordLen(buf[off:rc.have])
+			if err == nil && rl == 0 {
+				break // more bytes needed
+			}
+			var (
+				data []byte
+				upd  bool
+			)
+			if err == nil {
+				data, upd, err = rc.l.Open(buf[off : off+rl])
+				off += rl
+			}
+			if err == nil && upd {
+				err = rc.sendKeyUpdate()
+			}
+			if err == nil && len(data) > 0 {
+				err = d.write(data)
+			}
+			if err != nil {
+				rc.have = 0
+				if a, ok := tls13.AlertOf(err); ok {
+					rc.sendAlert(a)
+				}
+				return err
+			}
+		}
+		if off > 0 {
+			rc.have = copy(buf, buf[off:rc.have])
+		}
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) && rc.have > 0 {
+				rerr = io.ErrUnexpectedEOF // the client stopped inside a record
+			}
+			return rerr
+		}
+	}
+}
+
+// sendKeyUpdate answers the client's KeyUpdate with update_requested
+// before any more application data goes to it.
+func (rc *recordConn) sendKeyUpdate() error {
+	rc.wmu.Lock()
+	defer rc.wmu.Unlock()
+	var b [32]byte
+	rec, err := rc.l.SealKeyUpdate(b[:0], false)
+	if err != nil {
+		return err
+	}
+	_, err = rc.TCPConn.Write(rec)
+	return err
+}
+
+// copyRecordsOut is copyNB for the backend-to-client direction of a
+// taken-over session: up to two records' worth of plaintext per readv,
+// sealed in place, one write.
+func (d *direction) copyRecordsOut() error {
+	bp := recBufs.Get().(*[]byte)
+	defer recBufs.Put(bp)
+	buf := *bp
+	for {
+		n, err := d.nb.readv(tls13.Slot(buf, 0), tls13.Slot(buf, 1))
+		if n > 0 {
+			if werr := d.writeRecords(buf, n); werr != nil {
+				return werr
+			}
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+func (d *direction) writeRecords(buf []byte, n int) error {
+	var last byte
+	if n <= tls13.MaxPlaintext {
+		last = tls13.Slot(buf, 0)[n-1]
+	} else {
+		last = tls13.Slot(buf, 1)[n-1-tls13.MaxPlaintext]
+	}
+	d.dstWmu.Lock()
+	defer d.dstWmu.Unlock()
+	wire, err := d.rec.l.Seal(buf, n)
+	if err != nil {
+		return err
+	}
+	w, err := d.rec.TCPConn.Write(wire)
+	done := err == nil && w == len(wire)
+	if done {
+		d.counter.Add(int64(n))
+	}
+	*d.boundary = done && last == '\n'
+	return err
+}
