@@ -174,10 +174,6 @@ func (s *session) setEnd(r EndReason) {
 	s.mu.Unlock()
 }
 
-// setReason is setEnd for the splice's reasons, which it builds from a
-// direction's name ("client" + "_closed"): always one of the EndReason
-// constants.
-func (s *session) setReason(r string) { s.setEnd(EndReason(r)) }
 
 func (s *session) setState(to State) {
 	s.mu.Lock()
@@ -351,12 +347,12 @@ func (s *session) clientHelloOnCleartext() bool {
 // wait for the next command (preauth_idle), or the whole Not
 // Authenticated state (login_timeout). The caller says goodbye.
 func (s *session) timedOut() {
-	reason := "preauth_idle"
+	reason := EndPreAuthIdle
 	if !time.Now().Before(s.deadline) {
-		reason = "login_timeout"
+		reason = EndLoginTimeout
 	}
-	s.srv.o().Metrics.LimitHit(reason)
-	s.setReason(reason)
+	s.srv.o().Metrics.LimitHit(reason.String())
+	s.setEnd(reason)
 }
 
 // endOnReadError records why reading a command failed.

@@ -120,7 +120,7 @@ func (d *direction) loop() {
 	defer func() {
 		if p := recover(); p != nil {
 			d.sess.logger().Error("splice panic", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
-			d.sess.setReason("panic")
+			d.sess.setEnd(EndPanic)
 			d.sess.closeConns()
 			d.sess.directionDone()
 		}
@@ -316,14 +316,14 @@ func (s *session) splice(bl *backendLogin) bool {
 		early = append([]byte(nil), b...)
 	}
 	s.r = nil // the pre-auth buffer goes back to the heap
-	s.setState(stateSpliced)
+	s.setState(StateSpliced)
 	if len(early) > 0 {
 		// Commands the client pipelined after its login: the backend must
 		// see them before anything else the client sends.
 		n, err := bl.conn.Write(early)
 		s.in.Add(int64(n))
 		if err != nil {
-			s.setReason("backend_write_error")
+			s.setEnd(EndBackendWriteError)
 			return false
 		}
 	}
@@ -371,13 +371,22 @@ func (s *session) directionDone() {
 	s.srv.endSession(s)
 }
 
+// ended is the reason for d's end: client's if d reads from the client,
+// else backend's.
+func (d *direction) ended(client, backend EndReason) EndReason {
+	if d.name == "backend" {
+		return backend
+	}
+	return client
+}
+
 // directionEnded reacts to one direction's end: after the client's clean
 // EOF the backend is told by a half-close and given Timeouts.HalfClose to
 // answer; after the backend's EOF, or an error, both connections close at
 // once.
 func (s *session) directionEnded(d *direction, err error) {
 	if errors.Is(err, io.EOF) {
-		s.setReason(d.name + "_closed")
+		s.setEnd(d.ended(EndClientClosed, EndBackendClosed))
 		if cw, ok := d.dst.(closeWriter); ok {
 			cw.CloseWrite()
 		}
@@ -397,11 +406,11 @@ func (s *session) directionEnded(d *direction, err error) {
 	}
 	switch {
 	case errors.Is(err, os.ErrDeadlineExceeded):
-		s.setReason("idle")
+		s.setEnd(EndIdle)
 	case errors.Is(err, net.ErrClosed):
-		s.setReason("closed")
+		s.setEnd(EndClosed)
 	default:
-		s.setReason(d.name + "_error")
+		s.setEnd(d.ended(EndClientError, EndBackendError))
 	}
 	s.closeConns()
 }

@@ -36,12 +36,6 @@ func (s State) String() string {
 	return "unknown"
 }
 
-// The splice's names for the states it sets (splice.go).
-const (
-	statePreAuth = StatePreAuth
-	stateSpliced = StateSpliced
-)
-
 // EndReason is how a session ended: the "end" field of its summary line
 // and Metrics.SessionEnded's reason, a small fixed set. The first reason
 // set wins: a session kicked for a move that then sees its socket closed
