@@ -174,7 +174,6 @@ func (s *session) setEnd(r EndReason) {
 	s.mu.Unlock()
 }
 
-
 func (s *session) setState(to State) {
 	s.mu.Lock()
 	from := s.state
