@@ -259,35 +259,28 @@ func (c *Consul) routedHere() map[string]bool {
 
 // catalogLoop keeps the backend states current until ctx ends.
 func (c *Consul) catalogLoop(ctx context.Context, index uint64) {
-	defer c.wg.Done()
-	backoff := retryMin
-	for {
-		next, err := c.fetchCatalog(ctx, index)
-		if ctx.Err() != nil {
-			return
-		}
-		if err != nil {
-			if !sleepCtx(ctx, backoff) {
-				return
-			}
-			// Re-sync with a plain read: a restarted (or restored) cluster
-			// may be behind our index and would hold a blocking query
-			// until it catches up.
-			backoff, index = min(2*backoff, c.cfg.RetryMax), 0
-			continue
-		}
-		backoff, index = retryMin, next
-		c.noteCaughtUp()
-	}
+	c.follow(ctx, index, c.fetchCatalog, nil)
 }
 
-// kvLoop keeps one kind of KV state current until ctx ends.
+// kvLoop keeps one kind of KV state current until ctx ends, at most one
+// listing per kvInterval(kind).
 func (c *Consul) kvLoop(ctx context.Context, kind kvKind, index uint64) {
+	fetch := func(ctx context.Context, index uint64) (uint64, error) { return c.fetchKV(ctx, kind, index) }
+	c.follow(ctx, index, fetch, func() time.Duration { return c.kvInterval(kind) })
+}
+
+// follow runs a blocking query (fetch, from index; it returns the index
+// to wait on next) until ctx ends, the loop of every watch but the change
+// feed's. A failure backs off, doubling from retryMin up to RetryMax, and
+// re-syncs with a plain read: a restarted (or restored) cluster may be
+// behind our index and would hold a blocking query until it catches up.
+// With interval set, two answers are at least interval() apart.
+func (c *Consul) follow(ctx context.Context, index uint64, fetch func(context.Context, uint64) (uint64, error), interval func() time.Duration) {
 	defer c.wg.Done()
 	backoff := retryMin
 	for {
 		start := time.Now()
-		next, err := c.fetchKV(ctx, kind, index)
+		next, err := fetch(ctx, index)
 		if ctx.Err() != nil {
 			return
 		}
@@ -295,15 +288,12 @@ func (c *Consul) kvLoop(ctx context.Context, kind kvKind, index uint64) {
 			if !sleepCtx(ctx, backoff) {
 				return
 			}
-			// Re-sync with a plain read: a restarted (or restored) cluster
-			// may be behind our index and would hold a blocking query
-			// until it catches up.
 			backoff, index = min(2*backoff, c.cfg.RetryMax), 0
 			continue
 		}
 		backoff, index = retryMin, next
 		c.noteCaughtUp()
-		if !sleepCtx(ctx, c.kvInterval(kind)-time.Since(start)) {
+		if interval != nil && !sleepCtx(ctx, interval()-time.Since(start)) {
 			return
 		}
 	}
