@@ -27,20 +27,7 @@ func (d *direction) loopNB() {
 	}
 	d.nb.drained = false // started by the parker, or for the first time: try a read
 	d.lastData = mono()
-	for {
-		err := d.copyNB()
-		if errors.Is(err, errWouldBlock) {
-			err = d.awaitNB()
-			if errors.Is(err, errParked) {
-				return
-			}
-		}
-		if err != nil {
-			d.sess.directionEnded(d, err)
-			d.sess.directionDone()
-			return
-		}
-	}
+	d.run(d.copyNB, errWouldBlock, d.awaitNB)
 }
 
 // copyNB copies until the source would block (errWouldBlock), ends or

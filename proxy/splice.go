@@ -129,10 +129,17 @@ func (d *direction) loop() {
 		d.loopNB()
 		return
 	}
+	d.run(d.step, errIdle, d.await)
+}
+
+// run copies with step until it fails: on idle (nothing to read) it
+// waits with wait, and returns without ending the direction if wait
+// parked it; any other error ends the direction.
+func (d *direction) run(step func() error, idle error, wait func() error) {
 	for {
-		err := d.step()
-		if errors.Is(err, errIdle) {
-			err = d.await()
+		err := step()
+		if errors.Is(err, idle) {
+			err = wait()
 			if errors.Is(err, errParked) {
 				return
 			}

@@ -78,6 +78,12 @@ func (uc *userCache) put(user string, a assignment) {
 		uc.mu.Unlock()
 		return
 	}
+	uc.insertAndUnlock(user, a)
+}
+
+// insertAndUnlock adds a new entry for user, releases uc.mu (held by the
+// caller) and, if the cache is now over its size, wakes the trimmer.
+func (uc *userCache) insertAndUnlock(user string, a assignment) {
 	uc.m[user] = uc.lru.PushFront(&cacheEntry{user: user, a: a})
 	over := len(uc.m) > uc.size
 	uc.mu.Unlock()
@@ -122,15 +128,7 @@ func (uc *userCache) apply(user string, a assignment, ok bool, index uint64) (ol
 		}
 		return old, had, true
 	}
-	uc.m[user] = uc.lru.PushFront(&cacheEntry{user: user, a: a})
-	over := len(uc.m) > uc.size
-	uc.mu.Unlock()
-	if over {
-		select {
-		case uc.wake <- struct{}{}:
-		default:
-		}
-	}
+	uc.insertAndUnlock(user, a)
 	return assignment{}, false, true
 }
 
