@@ -271,8 +271,10 @@ func idle(t *testing.T, dir, name, gen string, args []string, n int, self bench.
 	pprofTop(t, dir, name+".heap.traces", "-traces", "-sample_index=inuse_space", "-diff_base", baseHeap, heap)
 }
 
-// writeProfile writes the named runtime profile to file.
+// writeProfile writes the named runtime profile to file. The allocation
+// profile is as of the last GC: one is forced first.
 func writeProfile(t *testing.T, profile, file string) {
+	runtime.GC()
 	f, err := os.Create(file)
 	if err != nil {
 		t.Fatal(err)
