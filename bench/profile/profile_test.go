@@ -9,6 +9,10 @@
 //
 // Profiles and pprof listings are written to $IMAPGATE_PROFILE_DIR
 // (default /tmp/imapgate-profile); the test log has the summary.
+// IMAPGATE_PROFILE_ONLY picks scenarios (login, login-x25519,
+// login-resume, fetch, idle, idle-append) and
+// IMAPGATE_PROFILE_LOGIN_DURATION sets the length of each login one.
+// BenchmarkServerHandshake (handshake_test.go) is the TLS handshake alone.
 package profile
 
 import (
