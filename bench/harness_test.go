@@ -187,8 +187,10 @@ func buildImapgate(t *testing.T, dir, rev string) (bin, commit string) {
 // imapgateConfig is the configuration the harness runs imapgate with:
 // one implicit-TLS listener, Dovecot's cleartext port as the only
 // backend (as HAProxy's server line), no per-IP limit (every benchmark
-// client is 127.0.0.1), and otherwise the defaults, logging included.
-func imapgateConfig(listen, backend, cert, key string) string {
+// client is 127.0.0.1), session ticket keys in a file as a fleet without
+// Consul shares them (so the resumed login row resumes with those keys),
+// and otherwise the defaults, logging included.
+func imapgateConfig(listen, backend, cert, key, ticketKeys string) string {
 	return fmt.Sprintf(`[log]
 format = "json"
 
@@ -198,6 +200,10 @@ mode = "tls"
 
 [tls]
 certificates = [{ cert = %q, key = %q }]
+
+[tls.session_tickets]
+store = "file"
+file = %q
 
 [limits]
 max_connections_per_ip = -1
@@ -211,7 +217,7 @@ default = ["dovecot"]
 
 [http]
 addr = "off"
-`, listen, cert, key, backend)
+`, listen, cert, key, ticketKeys, backend)
 }
 
 func startImapgate(t *testing.T, dir, bin string, d *testenv.Dovecot) *server {
@@ -224,7 +230,7 @@ func startImapgateWith(t *testing.T, dir, bin string, d *testenv.Dovecot, extra 
 	t.Helper()
 	addr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
 	conf := filepath.Join(dir, "imapgate.toml")
-	if err := os.WriteFile(conf, []byte(imapgateConfig(addr, d.Addr, d.CA.ServerCertFile, d.CA.ServerKeyFile)+extra), 0o644); err != nil {
+	if err := os.WriteFile(conf, []byte(imapgateConfig(addr, d.Addr, d.CA.ServerCertFile, d.CA.ServerKeyFile, filepath.Join(dir, "ticket-keys.json"))+extra), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	return startServerEnv(t, "imapgate", addr, filepath.Join(dir, "imapgate.log"), d.CA, env, bin, "-config", conf)

@@ -52,7 +52,7 @@ func TestLoadChurn(t *testing.T) {
 	addr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
 	httpAddr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
 	conf := filepath.Join(dir, "imapgate.toml")
-	text := strings.Replace(imapgateConfig(addr, d.Addr, d.CA.ServerCertFile, d.CA.ServerKeyFile),
+	text := strings.Replace(imapgateConfig(addr, d.Addr, d.CA.ServerCertFile, d.CA.ServerKeyFile, filepath.Join(dir, "ticket-keys.json")),
 		"[http]\naddr = \"off\"", fmt.Sprintf("[http]\naddr = %q", httpAddr), 1)
 	if err := os.WriteFile(conf, []byte(text), 0o644); err != nil {
 		t.Fatal(err)

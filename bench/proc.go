@@ -23,27 +23,36 @@ const clockTicks = 100
 // CPU returns the user plus system CPU time the process has used, all its
 // threads included, with 10 ms resolution.
 func (p Proc) CPU() (time.Duration, error) {
+	user, sys, err := p.Times()
+	return user + sys, err
+}
+
+// Times returns the user and the system CPU time the process has used, all
+// its threads included, with 10 ms resolution. System time is the kernel's
+// work for it: system calls, and on loopback much of the TCP work of both
+// ends of its connections.
+func (p Proc) Times() (user, sys time.Duration, err error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.PID))
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	// The command name (field 2) is in parentheses and may hold spaces;
 	// fields are counted after its closing parenthesis.
 	i := bytes.LastIndexByte(b, ')')
 	if i < 0 {
-		return 0, fmt.Errorf("/proc/%d/stat: no command name", p.PID)
+		return 0, 0, fmt.Errorf("/proc/%d/stat: no command name", p.PID)
 	}
 	f := strings.Fields(string(b[i+1:]))
 	// After ")": state(3) ppid(4) ... utime(14) stime(15), so index 11 and 12.
 	if len(f) < 13 {
-		return 0, fmt.Errorf("/proc/%d/stat: %d fields", p.PID, len(f))
+		return 0, 0, fmt.Errorf("/proc/%d/stat: %d fields", p.PID, len(f))
 	}
 	ut, err1 := strconv.ParseInt(f[11], 10, 64)
 	st, err2 := strconv.ParseInt(f[12], 10, 64)
 	if err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("/proc/%d/stat: utime %q stime %q", p.PID, f[11], f[12])
+		return 0, 0, fmt.Errorf("/proc/%d/stat: utime %q stime %q", p.PID, f[11], f[12])
 	}
-	return time.Duration(ut+st) * time.Second / clockTicks, nil
+	return time.Duration(ut) * time.Second / clockTicks, time.Duration(st) * time.Second / clockTicks, nil
 }
 
 // RSS returns the process's resident set size in bytes (VmRSS).

@@ -30,6 +30,9 @@ func Describe(r Result) string {
 	}
 	if r.CPU > 0 {
 		fmt.Fprintf(&b, "  proxy CPU %v = %v/%s", r.CPU.Round(time.Millisecond), us(r.CPUPerOp), r.Unit)
+		if r.SysCPU > 0 {
+			fmt.Fprintf(&b, " (%.0f%% system)", 100*float64(r.SysCPU)/float64(r.CPU))
+		}
 	}
 	if r.RSSDuring > 0 {
 		fmt.Fprintf(&b, "  RSS %.1f → %.1f MiB = %.1f KiB/session", mib(r.RSSBefore), mib(r.RSSDuring), kib(r.RSSPerSession))
@@ -193,6 +196,12 @@ func (rep *Report) Markdown() string {
 	for _, sc := range rep.scenarios("login") {
 		row(sc+": logins/s", sc, func(r Result) string { return fmt.Sprintf("%.0f", r.Rate) })
 		row(sc+": **proxy CPU per login**", sc, cpu)
+		row(sc+": of which system (kernel)", sc, func(r Result) string {
+			if r.SysCPU == 0 || r.Amount == 0 {
+				return ""
+			}
+			return us(time.Duration(float64(r.SysCPU) / r.Amount))
+		})
 		row(sc+": login cycle p50 / p99", sc, latency)
 		row(sc+": TLS", sc, func(r Result) string { return r.TLS })
 		row(sc+": errors", sc, errCell)

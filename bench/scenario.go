@@ -172,6 +172,8 @@ type Result struct {
 	// scenario, and CPUPerOp that divided by Amount. Zero without Proc.
 	CPU      time.Duration `json:"proxy_cpu_ns,omitempty"`
 	CPUPerOp time.Duration `json:"proxy_cpu_per_op_ns,omitempty"`
+	// SysCPU is the system (kernel) part of CPU.
+	SysCPU time.Duration `json:"proxy_sys_cpu_ns,omitempty"`
 	// ClientCPU is the load generator's own CPU time.
 	ClientCPU time.Duration `json:"client_cpu_ns"`
 	// Idle only: the proxy's RSS before the sessions were opened and
@@ -201,19 +203,19 @@ func (e *errs) add(err error) {
 // meter brackets a scenario with CPU readings of the proxy and of this
 // process.
 type meter struct {
-	proc      *Proc
-	cpu0, me0 time.Duration
-	start     time.Time
+	proc            *Proc
+	cpu0, sys0, me0 time.Duration
+	start           time.Time
 }
 
 func startMeter(p *Proc) (*meter, error) {
 	m := &meter{proc: p, me0: selfCPU(), start: time.Now()}
 	if p != nil {
-		c, err := p.CPU()
+		u, sys, err := p.Times()
 		if err != nil {
 			return nil, err
 		}
-		m.cpu0 = c
+		m.cpu0, m.sys0 = u+sys, sys
 	}
 	return m, nil
 }
@@ -228,11 +230,11 @@ func (m *meter) stop(r *Result) error {
 	if m.proc == nil {
 		return nil
 	}
-	c, err := m.proc.CPU()
+	u, sys, err := m.proc.Times()
 	if err != nil {
 		return err
 	}
-	r.CPU = c - m.cpu0
+	r.CPU, r.SysCPU = u+sys-m.cpu0, sys-m.sys0
 	if r.Amount > 0 {
 		r.CPUPerOp = time.Duration(float64(r.CPU) / r.Amount)
 	}
@@ -646,6 +648,7 @@ func Merge(rs []Result) Result {
 			m.FirstError = r.FirstError
 		}
 		m.CPU += r.CPU
+		m.SysCPU += r.SysCPU
 		m.ClientCPU += r.ClientCPU
 		m.samples = append(m.samples, r.samples...)
 		if r.Latency != nil {

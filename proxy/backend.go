@@ -245,7 +245,8 @@ func (s *Server) loginOn(lctx, sctx context.Context, a backendAttempt) (*backend
 	if err != nil {
 		return nil, err
 	}
-	bc := &backendConn{conn: conn, br: bufio.NewReaderSize(conn, backendReadBuffer)}
+	bc := &backendConn{conn: conn, br: getBackendReader(conn)}
+	defer func() { putBackendReader(bc.br) }()
 	greet, err := bc.readLine()
 	if err != nil {
 		return nil, fmt.Errorf("reading greeting: %w", err)
@@ -273,7 +274,8 @@ func (s *Server) loginOn(lctx, sctx context.Context, a backendAttempt) (*backend
 			return nil, fmt.Errorf("STARTTLS handshake: %w", err)
 		}
 		conn = tc
-		bc = &backendConn{conn: conn, br: bufio.NewReaderSize(conn, backendReadBuffer), n: bc.n}
+		putBackendReader(bc.br)
+		bc.conn, bc.br = conn, getBackendReader(conn)
 		if caps, err = bc.capability(); err != nil {
 			return nil, err
 		}
@@ -393,8 +395,11 @@ func (bc *backendConn) readLine() (string, error) {
 			return "", err
 		}
 		line = bytes.TrimRight(line, "\r\n")
-		sb.Write(line)
 		n, ok := literalSuffix(line)
+		if !ok && sb.Len() == 0 {
+			return string(line), nil // the usual line: one copy, no builder
+		}
+		sb.Write(line)
 		if !ok {
 			return sb.String(), nil
 		}

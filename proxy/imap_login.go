@@ -35,7 +35,7 @@ func (s *session) login(ctx context.Context, cr credentials) (*backendLogin, err
 		return nil, imapClientBug("Invalid characters in credentials")
 	}
 	user := routing.NormalizeUser(cr.routingUser())
-	log := s.logger().With(zap.String("user", user), zap.String("mech", cr.mech))
+	log := s.logger(zap.String("user", user), zap.String("mech", cr.mech))
 	res := s.runLogin(ctx, &cr, user, log, func(lctx context.Context, b *routing.Backend) (*backendLogin, error) {
 		return s.srv.loginBackend(lctx, b, &cr, s.clientInfo(), s.readContinuation)
 	})

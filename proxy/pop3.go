@@ -292,7 +292,7 @@ func (s *session) pop3Login(ctx context.Context, cr credentials) (*backendLogin,
 		return nil, pop3Bad("Invalid characters in credentials")
 	}
 	user := routing.NormalizeUser(cr.routingUser())
-	log := s.logger().With(zap.String("user", user), zap.String("mech", cr.mech), zap.String("protocol", "pop3"))
+	log := s.logger(zap.String("user", user), zap.String("mech", cr.mech), zap.String("protocol", "pop3"))
 	res := s.runLogin(ctx, &cr, user, log, func(lctx context.Context, b *routing.Backend) (*backendLogin, error) {
 		return s.srv.pop3LoginBackend(lctx, b, &cr, s.clientInfo(), s.pop3Relay)
 	})

@@ -95,8 +95,15 @@ func newSession(s *Server, c net.Conn, l *Listener, remote, local netip.AddrPort
 // logger returns the session's logger. It is built per use rather than
 // kept: a zap logger with fields holds an encoder buffer of about 1 KiB,
 // and an idle session should cost as little as possible.
-func (s *session) logger() *zap.Logger {
-	return s.srv.log.With(zap.String("session", s.id), zap.String("client", s.remote.String()), zap.String("listener", s.lst.Name))
+func (s *session) logger(extra ...zap.Field) *zap.Logger {
+	return s.srv.log.With(s.logFields(extra...)...)
+}
+
+// logFields are the session's fields followed by extra, for a line logged
+// without a With (which copies the encoder: about half of what a session
+// line costs).
+func (s *session) logFields(extra ...zap.Field) []zap.Field {
+	return append([]zap.Field{zap.String("session", s.id), zap.String("client", s.remote.String()), zap.String("listener", s.lst.Name)}, extra...)
 }
 
 // serve runs the session up to the splice, in the listener's protocol
@@ -159,10 +166,10 @@ func (s *session) finish() {
 	m := s.srv.o().Metrics
 	m.SessionState(s.lst.Name, bid, from, StateClosed)
 	m.SessionEnded(s.lst.Name, bid, reason, in, out, d)
-	s.logger().Info("session end",
+	s.srv.log.Info("session end", s.logFields(
 		zap.String("user", user), zap.String("backend", bid),
 		zap.Int64("bytes_in", in), zap.Int64("bytes_out", out),
-		zap.Duration("duration", d), zap.Stringer("end", reason))
+		zap.Duration("duration", d), zap.Stringer("end", reason))...)
 }
 
 // setEnd records how the session ended, unless that is known already.

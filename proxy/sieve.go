@@ -277,7 +277,7 @@ func (s *session) sieveLogin(ctx context.Context, cr credentials) (*backendLogin
 		return nil, sieveBad("Invalid characters in credentials")
 	}
 	user := routing.NormalizeUser(cr.routingUser())
-	log := s.logger().With(zap.String("user", user), zap.String("mech", cr.mech), zap.String("protocol", "sieve"))
+	log := s.logger(zap.String("user", user), zap.String("mech", cr.mech), zap.String("protocol", "sieve"))
 	res := s.runLogin(ctx, &cr, user, log, func(lctx context.Context, b *routing.Backend) (*backendLogin, error) {
 		return s.srv.sieveLoginBackend(lctx, b, &cr, s.clientInfo())
 	})

@@ -9,6 +9,10 @@
 //
 // Profiles and pprof listings are written to $IMAPGATE_PROFILE_DIR
 // (default /tmp/imapgate-profile); the test log has the summary.
+// IMAPGATE_PROFILE_ONLY picks scenarios (login, login-x25519,
+// login-resume, fetch, idle, idle-append) and
+// IMAPGATE_PROFILE_LOGIN_DURATION sets the length of each login one.
+// BenchmarkServerHandshake (handshake_test.go) is the TLS handshake alone.
 package profile
 
 import (
@@ -23,6 +27,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -34,6 +39,7 @@ import (
 	"github.com/imapgate/imapgate/proxy"
 	"github.com/imapgate/imapgate/routing"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 const benchPass = "benchpass"
@@ -78,13 +84,10 @@ func TestProfile(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer logFile.Close()
-	zc := zap.NewProductionConfig()
-	zc.OutputPaths = []string{logFile.Name()}
-	zc.Sampling = nil
-	log, err := zc.Build()
-	if err != nil {
-		t.Fatal(err)
-	}
+	// Buffered as cmd/imapgate's (64 KiB, flushed every 250 ms).
+	ws := &zapcore.BufferedWriteSyncer{WS: logFile, Size: 64 << 10, FlushInterval: 250 * time.Millisecond}
+	defer ws.Stop()
+	log := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), ws, zap.InfoLevel), zap.AddCaller())
 	backend := &routing.Backend{ID: "dovecot", Addr: d.Addr}
 	srv, err := proxy.NewServer(proxy.Options{
 		Router: routing.RouterFunc(func(context.Context, string) (*routing.Backend, error) { return backend, nil }),
@@ -112,6 +115,7 @@ func TestProfile(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		writeProfile(t, "allocs", filepath.Join(dir, name+"-base.allocs.pprof"))
 		c0, _ := self.CPU()
 		if err := pprof.StartCPUProfile(f); err != nil {
 			t.Fatal(err)
@@ -142,15 +146,45 @@ func TestProfile(t *testing.T) {
 		}
 		t.Logf("%s CPU profile:\n%s", name, pprofTop(t, dir, name+".cpu.top", "-top", "-nodecount=35", f.Name()))
 		pprofTop(t, dir, name+".cpu.cum", "-top", "-cum", "-nodecount=60", f.Name())
+		// What the scenario allocated (sampled at the default rate).
+		allocs := filepath.Join(dir, name+".allocs.pprof")
+		writeProfile(t, "allocs", allocs)
+		pprofTop(t, dir, name+".allocs.top", "-top", "-sample_index=alloc_space", "-nodecount=40",
+			"-diff_base", filepath.Join(dir, name+"-base.allocs.pprof"), allocs)
 	}
-	cpuProfile("login", "-scenario", "login", "-workers", "8", "-duration", "15s")
-	cpuProfile("fetch", "-scenario", "fetch", "-duration", "8s")
+	// IMAPGATE_PROFILE_ONLY picks some of login, login-x25519,
+	// login-resume, fetch, idle, idle-append (default: all).
+	only := os.Getenv("IMAPGATE_PROFILE_ONLY")
+	want := func(name string) bool {
+		return only == "" || slices.Contains(strings.Split(only, ","), name)
+	}
+	loginDuration := "15s"
+	if v := os.Getenv("IMAPGATE_PROFILE_LOGIN_DURATION"); v != "" {
+		loginDuration = v
+	}
+	login := []string{"-scenario", "login", "-workers", "8", "-duration", loginDuration}
+	if want("login") {
+		cpuProfile("login", login...)
+	}
+	if want("login-x25519") {
+		cpuProfile("login-x25519", append(login, "-curves", "X25519")...)
+	}
+	if want("login-resume") {
+		cpuProfile("login-resume", append(login, "-resume")...)
+	}
+	if want("fetch") {
+		cpuProfile("fetch", "-scenario", "fetch", "-duration", "8s")
+	}
 
 	// Then an idle session's memory, every allocation sampled.
 	runtime.MemProfileRate = 1
-	idle(t, dir, "idle", gen, args, sessions, self)
+	if want("idle") {
+		idle(t, dir, "idle", gen, args, sessions, self)
+	}
 	// The same after each session uploaded 64 KiB (APPEND) before IDLE.
-	idle(t, dir, "idle-append", gen, append(append([]string{}, args...), "-append", "65536"), sessions, self)
+	if want("idle-append") {
+		idle(t, dir, "idle-append", gen, append(append([]string{}, args...), "-append", "65536"), sessions, self)
+	}
 }
 
 // snapshot is the process's memory at one moment, after a GC.
@@ -239,6 +273,20 @@ func idle(t *testing.T, dir, name, gen string, args []string, n int, self bench.
 		pprofTop(t, dir, name+".heap.top", "-top", "-sample_index=inuse_space", "-nodecount=40", "-diff_base", baseHeap, heap))
 	pprofTop(t, dir, name+".heap.lines", "-top", "-lines", "-sample_index=inuse_space", "-nodecount=60", "-diff_base", baseHeap, heap)
 	pprofTop(t, dir, name+".heap.traces", "-traces", "-sample_index=inuse_space", "-diff_base", baseHeap, heap)
+}
+
+// writeProfile writes the named runtime profile to file. The allocation
+// profile is as of the last GC: one is forced first.
+func writeProfile(t *testing.T, profile, file string) {
+	runtime.GC()
+	f, err := os.Create(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := pprof.Lookup(profile).WriteTo(f, 0); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // pprofTop runs go tool pprof with args, saves the output as dir/name and

@@ -63,6 +63,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		insecure  = fs.Bool("insecure", false, "do not verify the server's certificate")
 		sni       = fs.String("servername", "", "TLS server name (default: the host of -addr)")
 		curves    = fs.String("curves", "", "comma-separated TLS key exchanges to offer, e.g. X25519 (default: Go's)")
+		resume    = fs.Bool("resume", false, "keep a TLS session cache shared by the workers, so logins after the first resume with the server's ticket")
 		user      = fs.String("user", "", "user name; %d in it is replaced by 0..-users-1")
 		users     = fs.Int("users", 1, "how many users -user's %d pattern makes")
 		pass      = fs.String("pass", "", "password of every -user")
@@ -117,6 +118,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return fail("%v", err)
 		}
 		tc.CurvePreferences = ids
+	}
+	if *resume {
+		tc.ClientSessionCache = tls.NewLRUClientSessionCache(64)
 	}
 	d := bench.Dialer{Addr: *addr, TLS: tc}
 	switch {
