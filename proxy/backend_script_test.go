@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imapgate/imapgate/internal/testenv"
 	"github.com/imapgate/imapgate/routing"
 )
 
@@ -20,31 +21,21 @@ func scriptedBackend(t *testing.T, greeting string, answer func(tag, cmd string)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
+	testenv.Accept(t, ln, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		c.Write([]byte(greeting + "\r\n"))
+		br := bufio.NewReader(c)
 		for {
-			c, err := ln.Accept()
+			l, err := br.ReadString('\n')
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(20 * time.Second))
-				c.Write([]byte(greeting + "\r\n"))
-				br := bufio.NewReader(c)
-				for {
-					l, err := br.ReadString('\n')
-					if err != nil {
-						return
-					}
-					tag, cmd, _ := strings.Cut(strings.TrimRight(l, "\r\n"), " ")
-					if a := answer(tag, cmd); a != "" {
-						c.Write([]byte(a))
-					}
-				}
-			}()
+			tag, cmd, _ := strings.Cut(strings.TrimRight(l, "\r\n"), " ")
+			if a := answer(tag, cmd); a != "" {
+				c.Write([]byte(a))
+			}
 		}
-	}()
+	})
 	return ln.Addr().String()
 }
 

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imapgate/imapgate/internal/testenv"
 	"github.com/imapgate/imapgate/routing"
 )
 
@@ -20,42 +21,32 @@ func startSplitBackend(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
+	testenv.Accept(t, ln, func(c net.Conn) {
+		w := func(s string) { c.Write([]byte(s)) }
+		w("* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] split backend\r\n")
+		br := bufio.NewReader(c)
 		for {
-			c, err := ln.Accept()
+			line, err := br.ReadString('\n')
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				w := func(s string) { c.Write([]byte(s)) }
-				w("* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] split backend\r\n")
-				br := bufio.NewReader(c)
-				for {
-					line, err := br.ReadString('\n')
-					if err != nil {
-						return
-					}
-					tag, rest, _ := strings.Cut(strings.TrimRight(line, "\r\n"), " ")
-					cmd, _, _ := strings.Cut(rest, " ")
-					switch strings.ToUpper(cmd) {
-					case "AUTHENTICATE", "LOGIN":
-						w(tag + " OK [CAPABILITY IMAP4rev1] logged in\r\n")
-					case "NOOP":
-						w("* 1 EXISTS\r\n")
-						w(tag + " OK NOOP done\r\n")
-					case "LOGOUT":
-						w("* BYE bye\r\n")
-						w(tag + " OK LOGOUT done\r\n")
-						return
-					default:
-						w(tag + " OK\r\n")
-					}
-				}
-			}()
+			tag, rest, _ := strings.Cut(strings.TrimRight(line, "\r\n"), " ")
+			cmd, _, _ := strings.Cut(rest, " ")
+			switch strings.ToUpper(cmd) {
+			case "AUTHENTICATE", "LOGIN":
+				w(tag + " OK [CAPABILITY IMAP4rev1] logged in\r\n")
+			case "NOOP":
+				w("* 1 EXISTS\r\n")
+				w(tag + " OK NOOP done\r\n")
+			case "LOGOUT":
+				w("* BYE bye\r\n")
+				w(tag + " OK LOGOUT done\r\n")
+				return
+			default:
+				w(tag + " OK\r\n")
+			}
 		}
-	}()
+	})
 	return ln.Addr().String()
 }
 

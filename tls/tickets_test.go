@@ -5,6 +5,7 @@ import (
 	stdtls "crypto/tls"
 	"crypto/x509"
 	"io"
+	"net"
 	"path/filepath"
 	"testing"
 	"time"
@@ -29,21 +30,11 @@ func ticketServer(t *testing.T, cert *stdtls.Certificate, store TicketKeyStore) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				c.Write([]byte("*"))
-				io.Copy(io.Discard, c)
-			}()
-		}
-	}()
+	testenv.Accept(t, ln, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		c.Write([]byte("*"))
+		io.Copy(io.Discard, c)
+	})
 	return ln.Addr().String()
 }
 
