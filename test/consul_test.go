@@ -7,7 +7,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"github.com/imapgate/imapgate/proxy"
 	"io"
 	"maps"
 	"net"
@@ -20,6 +19,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/imapgate/imapgate/proxy"
 
 	"github.com/imapgate/imapgate/routing/consul"
 
@@ -201,29 +202,11 @@ type gate struct {
 	reg *prometheus.Registry
 }
 
-// lateEvictor lets the router be built before the server it evicts
-// through: the server needs the router, the router needs an Evictor.
-type lateEvictor struct{ srv atomic.Pointer[proxy.Server] }
-
-func (l *lateEvictor) EvictUser(user, keepID string) int {
-	if s := l.srv.Load(); s != nil {
-		return s.EvictUser(user, keepID)
-	}
-	return 0
-}
-
-func (l *lateEvictor) EvictBackend(id string) int {
-	if s := l.srv.Load(); s != nil {
-		return s.EvictBackend(id)
-	}
-	return 0
-}
-
 // gate starts an imapgate instance. Cleanup closes the server, then the
 // router.
 func (e *consulEnv) gate(t testing.TB, mod func(*consul.ConsulConfig), srvMod func(*proxy.Options)) *gate {
 	t.Helper()
-	ev := &lateEvictor{}
+	ev := &proxy.LateEvictor{}
 	g := &gate{reg: prometheus.NewRegistry()}
 	cfg := consul.ConsulConfig{
 		Address:    e.consul.HTTPAddr,
@@ -248,7 +231,7 @@ func (e *consulEnv) gate(t testing.TB, mod func(*consul.ConsulConfig), srvMod fu
 	// The cleartext listener lets loopback clients log in without TLS,
 	// for tests whose subject is not the client's TLS (loginPlain).
 	g.h = newHarnessListeners(t, r, srvMod, proxy.Listener{Mode: proxy.StartTLS, InsecureAuth: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}})
-	ev.srv.Store(g.h.srv)
+	ev.Set(g.h.srv)
 	return g
 }
 

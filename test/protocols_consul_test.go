@@ -4,12 +4,13 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/base64"
-	"github.com/imapgate/imapgate/proxy"
 	"net"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imapgate/imapgate/proxy"
 
 	"github.com/imapgate/imapgate/routing/consul"
 
@@ -53,7 +54,7 @@ func TestConsulMoveAllProtocols(t *testing.T) {
 		}
 	}
 	const hold = 800 * time.Millisecond
-	ev := &lateEvictor{}
+	ev := &proxy.LateEvictor{}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	r, err := consul.NewConsul(ctx, consul.ConsulConfig{
@@ -80,7 +81,7 @@ func TestConsulMoveAllProtocols(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ev.srv.Store(srv)
+	ev.Set(srv)
 	h := &harness{srv: srv}
 	t.Cleanup(func() { srv.Close(); h.wg.Wait() })
 	clientTLS := &tls.Config{RootCAs: ca.Pool, ServerName: "localhost"}

@@ -46,7 +46,7 @@ type app struct {
 	tlsProxy  *stdtls.Config                // what the proxy holds: forwards to tlsServer
 
 	router  placement // the rules live in package routing
-	evictor *lateEvictor
+	evictor *proxy.LateEvictor
 	srv     *proxy.Server
 	popts   proxy.Options // as given to srv: reload keeps its Router, TLS, Logger, Metrics and derived limits
 
@@ -70,7 +70,7 @@ type app struct {
 }
 
 func newApp(ctx context.Context, cfg *config.Config, log *zap.Logger, level *zap.AtomicLevel) (*app, error) {
-	a := &app{log: log, level: level, boot: cfg, reg: prometheus.NewRegistry(), evictor: &lateEvictor{},
+	a := &app{log: log, level: level, boot: cfg, reg: prometheus.NewRegistry(), evictor: &proxy.LateEvictor{},
 		force: make(chan struct{})}
 	a.cfg.Store(cfg)
 	a.metrics = admin.NewMetrics(a.reg, admin.MetricsOptions{
@@ -206,7 +206,7 @@ func (a *app) start(ctx context.Context, nofile uint64, lns []boundListener) (er
 	if err != nil {
 		return err
 	}
-	a.evictor.srv.Store(srv)
+	a.evictor.Set(srv)
 	a.srv = srv
 	a.closers = append(a.closers, func() { srv.Close(); a.serveWG.Wait() })
 

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"sync/atomic"
 
 	"github.com/imapgate/imapgate/routing/consul"
 
@@ -24,7 +23,7 @@ type placement interface {
 
 // newRouter builds the router cfg names. ev closes the sessions the
 // router decides are in the wrong place.
-func (a *app) newRouter(ctx context.Context, cfg *config.Config, ev *lateEvictor) (placement, error) {
+func (a *app) newRouter(ctx context.Context, cfg *config.Config, ev *proxy.LateEvictor) (placement, error) {
 	switch cfg.Routing.Router {
 	case config.RouterStatic:
 		sc, err := cfg.StaticConfig()
@@ -95,34 +94,4 @@ func (a *app) directory(r directoryRouter) placement {
 	a.closers = append(a.closers, r.Close)
 	admin.RegisterDirectory(a.reg, r.Stats)
 	return r
-}
-
-// lateEvictor lets the router, built before the proxy, evict sessions of
-// the proxy built after it.
-type lateEvictor struct{ srv atomic.Pointer[proxy.Server] }
-
-var (
-	_ routing.Evictor    = (*lateEvictor)(nil)
-	_ routing.UserLister = (*lateEvictor)(nil)
-)
-
-func (l *lateEvictor) EvictUser(user, keep string) int {
-	if s := l.srv.Load(); s != nil {
-		return s.EvictUser(user, keep)
-	}
-	return 0
-}
-
-func (l *lateEvictor) EvictBackend(id string) int {
-	if s := l.srv.Load(); s != nil {
-		return s.EvictBackend(id)
-	}
-	return 0
-}
-
-func (l *lateEvictor) RoutedUsers() []string {
-	if s := l.srv.Load(); s != nil {
-		return s.RoutedUsers()
-	}
-	return nil
 }

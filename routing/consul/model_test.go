@@ -105,31 +105,6 @@ type mgate struct {
 	served chan struct{}
 }
 
-// lateEvictor hands the router, built before the proxy, the proxy's
-// Server.
-type lateEvictor struct{ s atomic.Pointer[proxy.Server] }
-
-func (l *lateEvictor) EvictUser(u, keep string) int {
-	if s := l.s.Load(); s != nil {
-		return s.EvictUser(u, keep)
-	}
-	return 0
-}
-
-func (l *lateEvictor) EvictBackend(id string) int {
-	if s := l.s.Load(); s != nil {
-		return s.EvictBackend(id)
-	}
-	return 0
-}
-
-func (l *lateEvictor) RoutedUsers() []string {
-	if s := l.s.Load(); s != nil {
-		return s.RoutedUsers()
-	}
-	return nil
-}
-
 // msession is one client session, by the backend's own word.
 type msession struct {
 	user    string
@@ -257,7 +232,7 @@ func (m *model) setHealth(b *mbackend, critical bool) error {
 }
 
 // startGate starts one imapgate instance around router r.
-func (m *model) startGate(r placer, closeR func(), ev *lateEvictor) {
+func (m *model) startGate(r placer, closeR func(), ev *proxy.LateEvictor) {
 	srv, err := proxy.NewServer(proxy.Options{
 		Router: r,
 		Logger: zap.NewNop(),
@@ -269,7 +244,7 @@ func (m *model) startGate(r placer, closeR func(), ev *lateEvictor) {
 	if err != nil {
 		m.t.Fatal(err)
 	}
-	ev.s.Store(srv)
+	ev.Set(srv)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		m.t.Fatal(err)
@@ -644,7 +619,7 @@ func runModelConsul(t *testing.T, feed bool) {
 	t.Cleanup(m.closeAll)
 
 	for i := range 3 {
-		ev := &lateEvictor{}
+		ev := &proxy.LateEvictor{}
 		rate := -1.0
 		if i == 0 {
 			rate = 1 // place_rate exhaustion: most placements here wait to be recorded
@@ -951,7 +926,7 @@ func TestModelStatic(t *testing.T) {
 	}
 	ids := []string{"mb1", "mb2", "mb3"}
 	for range 3 {
-		ev := &lateEvictor{}
+		ev := &proxy.LateEvictor{}
 		tb, err := routing.NewTable(table(nil, []string{"mb1", "mb2"}), ev, zap.NewNop())
 		if err != nil {
 			t.Fatal(err)
