@@ -331,3 +331,8 @@ func def[T int | time.Duration](v *T, d T) {
 		*v = d
 	}
 }
+
+// handshakeConfig pairs a TLS configuration with the handshake
+// configuration built for it while records may be taken over
+// (Server.handshakeConfig, tlstakeover_linux.go).
+type handshakeConfig struct{ base, outer *tls.Config }

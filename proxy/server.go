@@ -26,6 +26,9 @@ var ErrBadPassword = errors.New("proxy: wrong password")
 type Server struct {
 	opts atomic.Pointer[Options] // replaced whole by SetOptions
 	log  *zap.Logger
+	// hsConfig is the client handshakes' configuration while TLS records
+	// may be taken over (tlstakeover_linux.go); nil until the first.
+	hsConfig atomic.Pointer[handshakeConfig]
 
 	// parker holds idle spliced directions; started with the first
 	// splice (NewServer has no side effects), nil when directions wait in

@@ -50,34 +50,55 @@ type recordConn struct {
 var _ closeWriter = (*recordConn)(nil)
 
 // keyLogFor returns the TLS configuration for one client handshake on
-// conn: cfg itself, or, when the session may be taken over later, a copy
-// that logs the handshake's secrets into conn's KeyLog. The KeyLogWriter
-// must sit on the configuration crypto/tls settles on, which is the one
-// cfg's GetConfigForClient returns if it has one.
+// conn: cfg itself, or, when the session may be taken over later, the
+// server's handshake configuration for cfg (handshakeConfig), which logs
+// the handshake's secrets into conn's KeyLog.
 func (s *session) keyLogFor(conn any, cfg *tls.Config) *tls.Config {
-	nc, ok := conn.(*nbConn)
-	if !ok || s.srv.o().TLSRecords != RecordsTakeover || !tls13.Supported() {
+	if s.srv.o().TLSRecords != RecordsTakeover || !tls13.Supported() {
 		return cfg
 	}
-	keys := new(tls13.KeyLog)
-	nc.keys = keys
-	outer := cfg.Clone() // per handshake: the ticket keys as they are now
-	if cfg.GetConfigForClient == nil {
-		keys.Next, outer.KeyLogWriter = cfg.KeyLogWriter, keys
-		return outer
+	if nc, ok := conn.(*nbConn); ok {
+		nc.keys = new(tls13.KeyLog)
 	}
+	return s.srv.handshakeConfig(cfg)
+}
+
+// handshakeConfig is the configuration every client handshake on cfg
+// starts from while records may be taken over: one per cfg, kept until
+// the options bring another. Its GetConfigForClient settles on cfg (or
+// what cfg's own GetConfigForClient returns), copied per handshake so that
+// the ticket keys are the ones set now, with the KeyLogWriter of the
+// connection's KeyLog: crypto/tls reads the KeyLogWriter from the
+// configuration it settles on.
+//
+// It must be one per cfg, not a copy per handshake: without ticket keys
+// set by the caller, crypto/tls makes its own automatic ones on the
+// configuration given to tls.Server, and a fresh copy each time would
+// make every ticket one no later handshake can open (TestDovecotResumedLogin
+// caught it).
+func (srv *Server) handshakeConfig(cfg *tls.Config) *tls.Config {
+	if hc := srv.hsConfig.Load(); hc != nil && hc.base == cfg {
+		return hc.outer
+	}
+	outer := cfg.Clone()
 	outer.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
-		c, err := cfg.GetConfigForClient(hello)
-		if err != nil || !slices.Contains(hello.SupportedVersions, tls.VersionTLS13) {
-			return c, err
-		}
-		if c == nil {
-			c = cfg
+		c := cfg
+		if cfg.GetConfigForClient != nil {
+			got, err := cfg.GetConfigForClient(hello)
+			if err != nil {
+				return nil, err
+			}
+			if got != nil {
+				c = got
+			}
 		}
 		c = c.Clone()
-		keys.Next, c.KeyLogWriter = c.KeyLogWriter, keys
+		if nc, ok := hello.Conn.(*nbConn); ok && nc.keys != nil && slices.Contains(hello.SupportedVersions, tls.VersionTLS13) {
+			nc.keys.Next, c.KeyLogWriter = c.KeyLogWriter, nc.keys
+		}
 		return c, nil
 	}
+	srv.hsConfig.Store(&handshakeConfig{base: cfg, outer: outer})
 	return outer
 }
 
