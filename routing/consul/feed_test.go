@@ -242,4 +242,13 @@ func TestFeedVerifyCatchesUnannouncedPut(t *testing.T) {
 	if n := counterValue(t, r.metrics.verified); n < 1 {
 		t.Errorf("verified users = %v, want at least 1", n)
 	}
+
+	// With Consul down the check fails (logged, nothing evicted, the loop
+	// goes on); a put made while it was down is caught once it is back.
+	f.consul.Stop(t)
+	failed := r.metrics.watchErrors.WithLabelValues("verify")
+	waitFor(t, 10*time.Second, "a failed check with Consul down", func() bool { return counterValue(t, failed) >= 1 })
+	f.consul.Start(t)
+	f.kvPut("imapgate/users/"+user, home, 0)
+	ev.waitUser(t, user, home, 10*time.Second)
 }

@@ -45,6 +45,7 @@ func (c *Consul) verifyLoop(ctx context.Context) {
 			n := min(len(users), txnMaxOps)
 			if err := c.refreshUsers(ctx, users[:n]); err != nil {
 				if ctx.Err() == nil {
+					c.metrics.watchErrors.WithLabelValues("verify").Inc()
 					c.log.Warn("verifying the cached placements failed; next round in "+every.String(), zap.Int("read", read), zap.Error(err))
 				}
 				break
