@@ -89,17 +89,27 @@ func startTestApp(t *testing.T) *testApp {
 // startTestAppWith is startTestApp with edit applied to the config text.
 func startTestAppWith(t *testing.T, edit func(string) string) *testApp {
 	t.Helper()
+	ta, _, _ := startTestAppText(t, func(b1, b2 string) string {
+		text := testConfig(b1, b2, "")
+		if edit != nil {
+			text = edit(text)
+		}
+		return text
+	})
+	return ta
+}
+
+// startTestAppText starts an app on the config text(b1, b2) over two
+// in-memory backends, which it returns with the app.
+func startTestAppText(t *testing.T, text func(b1, b2 string) string) (*testApp, string, string) {
+	t.Helper()
 	// Registered first, so it runs after every other cleanup.
 	before := goleak.IgnoreCurrent()
 	t.Cleanup(func() { goleak.VerifyNone(t, before) })
 	b1 := opsBackend(t, "b1", testUsers)
 	b2 := opsBackend(t, "b2", testUsers)
 	path := filepath.Join(t.TempDir(), "imapgate.toml")
-	text := testConfig(b1, b2, "")
-	if edit != nil {
-		text = edit(text)
-	}
-	if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+	if err := os.WriteFile(path, []byte(text(b1, b2)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	cfg, err := config.Load(path)
@@ -125,7 +135,7 @@ func startTestAppWith(t *testing.T, edit func(string) string) *testApp {
 	if err := a.start(ctx, 0, lns); err != nil {
 		t.Fatal(err)
 	}
-	return &testApp{app: a, path: path, imap: a.lnAddrs[0].String(), admin: "http://" + a.httpAddr.String()}
+	return &testApp{app: a, path: path, imap: a.lnAddrs[0].String(), admin: "http://" + a.httpAddr.String()}, b1, b2
 }
 
 // home logs user in and returns the client and the backend it reached.

@@ -18,49 +18,15 @@ import (
 	"github.com/imapgate/imapgate/internal/adminapi"
 	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/internal/testenv"
-	"go.uber.org/goleak"
-	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
-	"go.uber.org/zap/zaptest"
 )
 
 // startDirectoryApp is startTestApp with routing.router = router and the
 // section extra, over the two in-memory backends b1 and b2 (returned).
 func startDirectoryApp(t *testing.T, router, extra string) (*testApp, string, string) {
 	t.Helper()
-	before := goleak.IgnoreCurrent()
-	t.Cleanup(func() { goleak.VerifyNone(t, before) })
-	b1 := opsBackend(t, "b1", testUsers)
-	b2 := opsBackend(t, "b2", testUsers)
-	text := strings.Replace(testConfig(b1, b2, extra), "[routing]\n", fmt.Sprintf("[routing]\nrouter = %q\n", router), 1)
-	path := filepath.Join(t.TempDir(), "imapgate.toml")
-	if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := config.Load(path)
-	if err == nil {
-		err = cfg.Validate()
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	log := zaptest.NewLogger(t, zaptest.Level(zapcore.WarnLevel))
-	lvl := zap.NewAtomicLevelAt(zapcore.InfoLevel)
-	ctx := context.Background()
-	a, err := newApp(ctx, cfg, log, &lvl)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a.flags = &flags{config: path}
-	t.Cleanup(a.close)
-	lns, err := bindListeners(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := a.start(ctx, 0, lns); err != nil {
-		t.Fatal(err)
-	}
-	return &testApp{app: a, path: path, imap: a.lnAddrs[0].String(), admin: "http://" + a.httpAddr.String()}, b1, b2
+	return startTestAppText(t, func(b1, b2 string) string {
+		return strings.Replace(testConfig(b1, b2, extra), "[routing]\n", fmt.Sprintf("[routing]\nrouter = %q\n", router), 1)
+	})
 }
 
 // nginxAuth is an auth_http service: users map to a backend address.
