@@ -273,12 +273,14 @@ func (d *directory) backend(host string, port int) (*Backend, error) {
 	return b, nil
 }
 
-// validHost reports whether h is an IP address or a DNS name (letters,
-// digits, '-', '_' and dots, at most 253 bytes): what a directory may name
-// for imapgate to dial.
+// validHost reports whether h is an IP address without a zone or a DNS
+// name (letters, digits, '-', '_' and dots, at most 253 bytes): what a
+// directory may name for imapgate to dial. A zone ("fe80::1%eth0") names
+// this host's interfaces, which a directory cannot know, and its text is
+// free-form ("::%/" was found by FuzzAuthReply).
 func validHost(h string) bool {
-	if _, err := netip.ParseAddr(h); err == nil {
-		return true
+	if a, err := netip.ParseAddr(h); err == nil {
+		return a.Zone() == ""
 	}
 	if h == "" || len(h) > 253 {
 		return false

@@ -116,6 +116,7 @@ func TestHTTPRouterAnswers(t *testing.T) {
 		"dave@example.org":  "10.0.0.4:99999",
 		"erin@example.org":  "0]0:1", // found by FuzzAuthReply: once dialled as "0]0:1"
 		"frank@example.org": "user@evil:143",
+		"gina@example.org":  "[::%/]:1", // found by FuzzAuthReply: an IPv6 zone made "[::%/]:1"
 	})
 	known := &Backend{ID: "dovecot1", Addr: "10.0.0.1:1143", Security: SecurityStartTLS}
 	h := newTestHTTP(t, a, HTTPConfig{Directory: DirectoryOptions{DefaultPort: 10143, Known: []*Backend{known}}})
@@ -133,6 +134,7 @@ func TestHTTPRouterAnswers(t *testing.T) {
 		{user: "dave@example.org", fails: true},
 		{user: "erin@example.org", fails: true},
 		{user: "frank@example.org", fails: true},
+		{user: "gina@example.org", fails: true},
 	} {
 		b, err := h.Route(ctx, tc.user)
 		var r *RefusedError
