@@ -91,15 +91,18 @@ func (r *nbReader) read(p []byte) (int, error) {
 	return n, nil
 }
 
-// readv is read into a, then b, with one system call.
-func (r *nbReader) readv(a, b []byte) (int, error) {
+// readv is read into the slots in order, with one system call.
+func (r *nbReader) readv(slots *[tls13.Slots][]byte) (int, error) {
 	if r.drained {
 		return 0, errWouldBlock
 	}
-	var iov [2]unix.Iovec
-	iov[0].Base, iov[1].Base = &a[0], &b[0]
-	iov[0].SetLen(len(a))
-	iov[1].SetLen(len(b))
+	var iov [tls13.Slots]unix.Iovec
+	want := 0
+	for i, b := range slots {
+		iov[i].Base = &b[0]
+		iov[i].SetLen(len(b))
+		want += len(b)
+	}
 	var (
 		n     int
 		errno unix.Errno
@@ -124,7 +127,7 @@ func (r *nbReader) readv(a, b []byte) (int, error) {
 	case n == 0:
 		return 0, io.EOF
 	}
-	if n < len(a)+len(b) {
+	if n < want {
 		r.drained = true
 	}
 	return n, nil

@@ -21,6 +21,4 @@ type nbConn struct {
 	nonblock bool
 }
 
-func (r *nbReader) readv(a, b []byte) (int, error) { panic("unreachable") }
-
 var errWouldBlock error = syscall.EAGAIN

@@ -295,8 +295,12 @@ func (d *direction) copyRecordsOut() error {
 	bp := recBufs.Get().(*[]byte)
 	defer recBufs.Put(bp)
 	buf := *bp
+	var slots [tls13.Slots][]byte
+	for i := range slots {
+		slots[i] = tls13.Slot(buf, i)
+	}
 	for {
-		n, err := d.nb.readv(tls13.Slot(buf, 0), tls13.Slot(buf, 1))
+		n, err := d.nb.readv(&slots)
 		if n > 0 {
 			if werr := d.writeRecords(buf, n); werr != nil {
 				return werr
@@ -309,12 +313,8 @@ func (d *direction) copyRecordsOut() error {
 }
 
 func (d *direction) writeRecords(buf []byte, n int) error {
-	var last byte
-	if n <= tls13.MaxPlaintext {
-		last = tls13.Slot(buf, 0)[n-1]
-	} else {
-		last = tls13.Slot(buf, 1)[n-1-tls13.MaxPlaintext]
-	}
+	i := (n - 1) / tls13.MaxPlaintext
+	last := tls13.Slot(buf, i)[n-1-i*tls13.MaxPlaintext]
 	d.dstWmu.Lock()
 	defer d.dstWmu.Unlock()
 	wire, err := d.rec.l.Seal(buf, n)
