@@ -22,13 +22,13 @@ import (
 //
 // What it buys: a parked session keeps two secrets and two sequence
 // numbers (no tls.Conn, no AEAD, no buffer); a direction that wakes
-// rebuilds its AEAD. The backend-to-client direction reads up to two
-// records' worth of plaintext with one readv into a buffer laid out for
+// rebuilds its AEAD. The backend-to-client direction reads up to four
+// records' worth of plaintext (tls13.Slots) with one readv into a buffer laid out for
 // sealing in place, and writes them with one write; the client-to-backend
 // direction opens records in the buffer it read them into.
 
-// recBufs are the record directions' buffers: two sealed records, or one
-// whole record from the client and the start of the next.
+// recBufs are the record directions' buffers: tls13.Slots sealed records, or
+// the client's records as they arrive (whole ones and the start of the next).
 var recBufs = sync.Pool{New: func() any { b := make([]byte, tls13.SealBufLen); return &b }}
 
 // recordConn is the client leg once taken over: its socket (the nbConn
@@ -289,7 +289,7 @@ func (rc *recordConn) sendKeyUpdate() error {
 }
 
 // copyRecordsOut is copyNB for the backend-to-client direction of a
-// taken-over session: up to two records' worth of plaintext per readv,
+// taken-over session: up to tls13.Slots records' worth of plaintext per readv,
 // sealed in place, one write.
 func (d *direction) copyRecordsOut() error {
 	bp := recBufs.Get().(*[]byte)
