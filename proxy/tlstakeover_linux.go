@@ -22,7 +22,7 @@ import (
 //
 // What it buys: a parked session keeps two secrets and two sequence
 // numbers (no tls.Conn, no AEAD, no buffer); a direction that wakes
-// rebuilds its AEAD. The backend-to-client direction reads up to four
+// rebuilds its AEAD. The backend-to-client direction reads up to eight
 // records' worth of plaintext (tls13.Slots) with one readv into a buffer laid out for
 // sealing in place, and writes them with one write; the client-to-backend
 // direction opens records in the buffer it read them into.

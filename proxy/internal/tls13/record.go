@@ -52,7 +52,7 @@ const (
 	// SlotLen is one full record on the wire as Seal writes it.
 	SlotLen = MaxPlaintext + Overhead
 	// Slots is how many records Seal writes at most per call.
-	Slots = 4
+	Slots = 8
 	// SealBufLen is the buffer Seal needs: Slots full records and room
 	// for a KeyUpdate after them.
 	SealBufLen   = Slots*SlotLen + keyUpdateLen
