@@ -158,7 +158,7 @@ func (s *Server) dialLogin(ctx context.Context, b *routing.Backend, cr *credenti
 // reports the backend login to the metrics (a NO to the credentials is an
 // answer: the backend is up) and closes the connection if login fails.
 func (s *Server) dialThen(ctx context.Context, b *routing.Backend, addr string, t0 time.Time, login func(net.Conn) (*backendLogin, error)) (*backendLogin, error) {
-	d := net.Dialer{Timeout: s.o().Timeouts.BackendConnect}
+	d := s.o().Timeouts.dialer()
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	dialTook := time.Since(t0)
 	if err != nil {

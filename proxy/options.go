@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"crypto/tls"
+	"net"
 	"net/netip"
 	"time"
 
@@ -224,6 +225,31 @@ type Timeouts struct {
 	// way. Zero or negative means never: IMAP servers have their own
 	// autologout and IDLE lasts 29 minutes.
 	Idle time.Duration
+	// KeepAlive is how long either leg of a session (the client's
+	// connection accepted by Serve, the backend connection imapgate
+	// dials) may be silent before TCP keep-alive probes start; then one
+	// every 30 s, and the connection is dropped after 4 unanswered, so a
+	// dead peer is found within KeepAlive plus 2 min. Zero means 2 min
+	// (Go's own default is 15 s: eight times the probes, for a mostly idle
+	// population); negative turns keep-alive off.
+	KeepAlive time.Duration
+}
+
+// keepAlive is the keep-alive configuration of both legs for t.
+func (t Timeouts) keepAlive() net.KeepAliveConfig {
+	if t.KeepAlive < 0 {
+		return net.KeepAliveConfig{}
+	}
+	return net.KeepAliveConfig{Enable: true, Idle: t.KeepAlive, Interval: 30 * time.Second, Count: 4}
+}
+
+// dialer dials backends with t's connect timeout and keep-alive.
+func (t Timeouts) dialer() net.Dialer {
+	d := net.Dialer{Timeout: t.BackendConnect, KeepAliveConfig: t.keepAlive()}
+	if !d.KeepAliveConfig.Enable {
+		d.KeepAlive = -1
+	}
+	return d
 }
 
 // RecordMode says who carries a TLS client's records after login
@@ -323,6 +349,7 @@ func (o *Options) withDefaults() Options {
 	def(&t.BackendLogin, 15*time.Second)
 	def(&t.BackendAuth, 60*time.Second)
 	def(&t.HalfClose, 10*time.Second)
+	def(&t.KeepAlive, 2*time.Minute)
 	return r
 }
 

@@ -154,7 +154,7 @@ func (s *Server) greet(addr string) *pooled {
 	t := s.o().Timeouts
 	ctx, cancel := context.WithTimeout(s.base, t.BackendLogin)
 	defer cancel()
-	d := net.Dialer{Timeout: t.BackendConnect}
+	d := t.dialer()
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil

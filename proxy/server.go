@@ -193,6 +193,11 @@ func isTemporary(err error) bool {
 
 // serveConn runs one client connection from accept to close.
 func (s *Server) serveConn(c net.Conn, l *Listener) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		// A listener made with KeepAlive < 0 (as cmd/imapgate's are) left
+		// this to us; one made with Go's defaults gets ours on top.
+		tc.SetKeepAliveConfig(s.o().Timeouts.keepAlive())
+	}
 	remote, local := addr.Of(c.RemoteAddr()), addr.Of(c.LocalAddr())
 	if addr.In(l.ProxyProtocolFrom, remote.Addr()) {
 		c.SetReadDeadline(time.Now().Add(s.o().Timeouts.TLSHandshake))

@@ -148,8 +148,10 @@ func raiseOpenFileLimit(log *zap.Logger) uint64 {
 
 // listen opens a TCP listener with SO_REUSEPORT, so that a new imapgate
 // can bind the same ports while an old one drains (zero-downtime upgrade).
+// Keep-alive is left to the proxy (Timeouts.KeepAlive), which sets it on
+// each connection it serves.
 func listen(ctx context.Context, addr string) (net.Listener, error) {
-	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+	lc := net.ListenConfig{KeepAlive: -1, Control: func(_, _ string, c syscall.RawConn) error {
 		var serr error
 		err := c.Control(func(fd uintptr) {
 			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)

@@ -197,6 +197,7 @@ type Timeouts struct {
 	BackendAuth    Duration `toml:"backend_auth"`
 	HalfClose      Duration `toml:"half_close"`
 	Idle           Duration `toml:"idle"`
+	KeepAlive      Duration `toml:"keepalive"`
 }
 
 // BackendDefaults apply to every backend unless it says otherwise.
@@ -547,6 +548,7 @@ func (c *Config) ProxyOptions() (proxy.Options, error) {
 			BackendAuth:    c.Timeouts.BackendAuth.D(),
 			HalfClose:      c.Timeouts.HalfClose.D(),
 			Idle:           c.Timeouts.Idle.D(),
+			KeepAlive:      c.Timeouts.KeepAlive.D(),
 		},
 	}
 	o.Backend.NoForwardID = c.Backend.NoForwardID
