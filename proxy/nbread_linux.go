@@ -67,11 +67,10 @@ func (r *nbReader) read(p []byte) (int, error) {
 		errno error
 	)
 	err := r.rc.Control(func(fd uintptr) {
-		for {
-			n, errno = unix.Read(int(fd), p)
-			if errno != unix.EINTR {
-				return
-			}
+		var e unix.Errno
+		n, e = tryRead(fd, p) // rawio_linux.go
+		if e != 0 {
+			errno = e
 		}
 	})
 	switch {
@@ -109,7 +108,7 @@ func (r *nbReader) readv(slots *[tls13.Slots][]byte) (int, error) {
 	)
 	err := r.rc.Control(func(fd uintptr) {
 		for {
-			r1, _, e := unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
+			r1, _, e := unix.RawSyscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
 			if e != unix.EINTR {
 				n, errno = int(r1), e
 				return
@@ -149,7 +148,7 @@ func (r *nbReader) wait() error {
 		}
 		looked = true
 		for {
-			_, _, errno := unix.Recvfrom(int(fd), r.one[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+			_, _, errno := unix.RawSyscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&r.one[0])), 1, unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
 			switch errno {
 			case unix.EINTR:
 				continue
@@ -191,5 +190,9 @@ func (c *nbConn) Read(p []byte) (int, error) {
 	if c.nonblock {
 		return c.nb.read(p)
 	}
-	return c.TCPConn.Read(p)
+	return rawRead(c.nb.rc, p)
 }
+
+// Write writes p as TCPConn.Write does, without entering the runtime's
+// system-call state (rawio_linux.go).
+func (c *nbConn) Write(p []byte) (int, error) { return rawWrite(c.nb.rc, p) }

@@ -53,8 +53,9 @@ type direction struct {
 	srcRaw    syscall.RawConn // src's socket, to peek at without a buffer; nil if unknown
 	srcTLS    *tls.Conn       // src when it is TLS: its buffered records are drained before waiting
 	dst       net.Conn
-	dstWmu    *sync.Mutex // held around writes to dst (the client side)
-	boundary  *bool       // under dstWmu: the last byte written ended a line
+	dstRaw    syscall.RawConn // dst's socket when dst is a *net.TCPConn: written by rawWrite
+	dstWmu    *sync.Mutex     // held around writes to dst (the client side)
+	boundary  *bool           // under dstWmu: the last byte written ended a line
 	counter   *atomic.Int64
 	idle      time.Duration
 	tcpSplice bool // src and dst are both *net.TCPConn
@@ -102,7 +103,10 @@ func newDirection(name string, src, dst net.Conn, counter *atomic.Int64, idle ti
 		}
 	}
 	_, srcTCP := src.(*net.TCPConn)
-	_, dstTCP := dst.(*net.TCPConn)
+	dtc, dstTCP := dst.(*net.TCPConn)
+	if dstTCP && rawIO {
+		d.dstRaw, _ = dtc.SyscallConn()
+	}
 	d.tcpSplice = srcTCP && dstTCP && canSplice
 	if srcTCP && !d.tcpSplice && d.nbOwn.init(src) {
 		d.nb = &d.nbOwn
@@ -281,7 +285,15 @@ func (d *direction) write(b []byte) error {
 		d.dstWmu.Lock()
 		defer d.dstWmu.Unlock()
 	}
-	n, err := d.dst.Write(b)
+	var (
+		n   int
+		err error
+	)
+	if d.dstRaw != nil {
+		n, err = rawWrite(d.dstRaw, b) // rawio_linux.go
+	} else {
+		n, err = d.dst.Write(b)
+	}
 	d.counter.Add(int64(n))
 	if d.boundary != nil {
 		*d.boundary = n == len(b) && b[len(b)-1] == '\n'

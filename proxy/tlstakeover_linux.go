@@ -146,7 +146,7 @@ func (rc *recordConn) Write(p []byte) (int, error) {
 		if out, err = rc.l.SealRecord(out[:0], p[:m]); err != nil {
 			return written, err
 		}
-		if _, err := rc.TCPConn.Write(out); err != nil {
+		if _, err := rc.nbConn.Write(out); err != nil {
 			return written, err
 		}
 		written += m
@@ -190,7 +190,7 @@ func (rc *recordConn) alertLocked(a tls13.Alert) error {
 		return err
 	}
 	rc.TCPConn.SetWriteDeadline(time.Now().Add(time.Second))
-	_, err = rc.TCPConn.Write(rec)
+	_, err = rc.nbConn.Write(rec)
 	return err
 }
 
@@ -284,7 +284,7 @@ func (rc *recordConn) sendKeyUpdate() error {
 	if err != nil {
 		return err
 	}
-	_, err = rc.TCPConn.Write(rec)
+	_, err = rc.nbConn.Write(rec)
 	return err
 }
 
@@ -321,7 +321,7 @@ func (d *direction) writeRecords(buf []byte, n int) error {
 	if err != nil {
 		return err
 	}
-	w, err := d.rec.TCPConn.Write(wire)
+	w, err := d.rec.nbConn.Write(wire)
 	done := err == nil && w == len(wire)
 	if done {
 		d.counter.Add(int64(n))
