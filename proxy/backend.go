@@ -245,7 +245,8 @@ func (s *Server) loginOn(lctx, sctx context.Context, a backendAttempt) (*backend
 	if err != nil {
 		return nil, err
 	}
-	bc := &backendConn{conn: conn, br: getBackendReader(conn)}
+	bc := &backendConn{conn: rawIOConn(conn), br: nil}
+	bc.br = getBackendReader(bc.conn)
 	defer func() { putBackendReader(bc.br) }()
 	greet, err := bc.readLine()
 	if err != nil {

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"io"
+	"net"
 	"os"
 	"syscall"
 	"unsafe"
@@ -98,4 +99,28 @@ func rawWrite(rc syscall.RawConn, p []byte) (int, error) {
 		err = os.NewSyscallError("write", errno)
 	}
 	return done, err
+}
+
+// rawTCPConn is a *net.TCPConn read and written with rawRead and rawWrite.
+type rawTCPConn struct {
+	*net.TCPConn
+	rc syscall.RawConn
+}
+
+func (c *rawTCPConn) Read(p []byte) (int, error)  { return rawRead(c.rc, p) }
+func (c *rawTCPConn) Write(p []byte) (int, error) { return rawWrite(c.rc, p) }
+
+// rawIOConn returns c read and written as rawTCPConn when it is a
+// *net.TCPConn, else c: for the backend login's exchange, which keeps
+// the *net.TCPConn itself for the splice.
+func rawIOConn(c net.Conn) net.Conn {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return c
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return c
+	}
+	return &rawTCPConn{TCPConn: tc, rc: rc}
 }
