@@ -116,6 +116,9 @@ func parkedSession(t *testing.T, srv *Server) *session {
 			if up != nil && down != nil && up.parked.Load() && down.parked.Load() {
 				return s
 			}
+			if es := s.ev.Load(); es != nil && loopAsleep(es) {
+				return s
+			}
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -129,6 +132,10 @@ func parkedSession(t *testing.T, srv *Server) *session {
 // after their last writes and before their next ones.
 func assertAsleep(t *testing.T, srv *Server, s *session) {
 	t.Helper()
+	if es := s.ev.Load(); es != nil {
+		assertLoopAsleep(t, es)
+		return
+	}
 	p := srv.parker.Load()
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
 		p.mu.Lock()
@@ -189,6 +196,9 @@ func TestDovecotRecordTakeover(t *testing.T) {
 		t.Fatal("bytes after the login's OK")
 	}
 	s := parkedSession(t, h.srv)
+	if s.ev.Load() == nil {
+		t.Fatal("the taken-over session is not on an event loop")
+	}
 	assertAsleep(t, h.srv, s)
 
 	// The client hands its side over too.
