@@ -33,6 +33,9 @@ import (
 //	IMAPGATE_BENCH_REV       build imapgate from this git revision instead of the working tree
 //	IMAPGATE_BENCH_BASE      also build this git revision and run it as the
 //	                         target "imapgate@REV": before and after in one run
+//	IMAPGATE_BENCH_BASE_CONFIG  extra TOML appended to the base's configuration
+//	                         ("\n" for a newline), e.g. "[splice]\nevent_loop = false"
+//	                         with IMAPGATE_BENCH_BASE=HEAD: one switch on and off
 //	IMAPGATE_BENCH_ENV       environment for the imapgate process under test,
 //	                         space-separated (e.g. "GOGC=50 GOMEMLIMIT=150MiB")
 //	IMAPGATE_BENCH_POOL      backend.pool of the extra login-only column
@@ -121,7 +124,11 @@ func TestBenchmarkReport(t *testing.T) {
 		ig := startImapgateWith(t, dir, bin, d, "", env)
 		ts := []target{{"imapgate", ig.addr, ig}}
 		if baseBin != "" {
-			b := startImapgate(t, filepath.Join(dir, "base"), baseBin, d)
+			extra := strings.ReplaceAll(os.Getenv("IMAPGATE_BENCH_BASE_CONFIG"), `\n`, "\n")
+			if extra != "" {
+				extra = "\n" + extra + "\n"
+			}
+			b := startImapgateWith(t, filepath.Join(dir, "base"), baseBin, d, extra, nil)
 			ts = append(ts, target{baseName, b.addr, b})
 		}
 		if use("haproxy") {
@@ -170,7 +177,7 @@ func TestBenchmarkReport(t *testing.T) {
 		setup = append(setup, fmt.Sprintf("**%s**: imapgate with `[backend] pool = %d` (greeted backend connections kept ready), login rows only.", poolName, pool))
 	}
 	if baseName != "" {
-		setup = append(setup, fmt.Sprintf("**%s**: the same configuration, built from that commit (the \"before\" of this run).", baseName))
+		setup = append(setup, fmt.Sprintf("**%s**: the same configuration, built from that commit (the \"before\" of this run)%s.", baseName, baseConfigNote()))
 	}
 	setup = append(setup, "**haproxy**: `haproxy -db -f haproxy.cfg`, `mode tcp`, `bind … ssl crt combined.pem`, `server s1` = Dovecot's cleartext port, `maxconn 9950`, no logging, threads default (2).")
 	if withNginx {
@@ -332,4 +339,12 @@ func TestBenchmarkReport(t *testing.T) {
 		}
 		t.Logf("wrote %s", out)
 	}
+}
+
+// baseConfigNote says what IMAPGATE_BENCH_BASE_CONFIG added to the base.
+func baseConfigNote() string {
+	if c := os.Getenv("IMAPGATE_BENCH_BASE_CONFIG"); c != "" {
+		return fmt.Sprintf(", with `%s` appended to its configuration", c)
+	}
+	return ""
 }
