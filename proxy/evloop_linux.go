@@ -201,8 +201,8 @@ func (s *session) startLoop(up, down *direction) bool {
 	s.wmu.Lock()
 	rc.loop, rc.sent = true, down.counter
 	s.wmu.Unlock()
-	s.ev.Store(es)
 	es.loop = ls.pick()
+	s.ev.Store(es)
 	es.loop.notify(es)
 	return true
 }

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imapgate/imapgate/internal/testenv"
 	"github.com/imapgate/imapgate/proxy/internal/tls13"
 	"github.com/imapgate/imapgate/routing"
 	"golang.org/x/sys/unix"
@@ -166,9 +167,17 @@ func assertAsleep(t *testing.T, srv *Server, s *session) {
 // imapgate's record layer at the splice, parks holding no AEAD and no
 // buffer, wakes for commands, a 64 KiB APPEND and its FETCH, answers a
 // KeyUpdate, and ends with close_notify.
+//
+// It runs on both data paths: the event loop (the default) and, with
+// the loop off, the goroutines of the parker path.
 func TestDovecotRecordTakeover(t *testing.T) {
 	d := startDovecot(t)
-	h := newHarness(t, fixedRouter(dovecotBackend(d, routing.SecurityNone)), nil)
+	t.Run("event loop", func(t *testing.T) { testRecordTakeover(t, d, LoopAuto) })
+	t.Run("goroutines", func(t *testing.T) { testRecordTakeover(t, d, LoopOff) })
+}
+
+func testRecordTakeover(t *testing.T, d *testenv.Dovecot, loop LoopMode) {
+	h := newHarness(t, fixedRouter(dovecotBackend(d, routing.SecurityNone)), func(o *Options) { o.SpliceLoop = loop })
 	const user = "alice@example.org"
 
 	keys := new(tls13.KeyLog)
@@ -196,8 +205,8 @@ func TestDovecotRecordTakeover(t *testing.T) {
 		t.Fatal("bytes after the login's OK")
 	}
 	s := parkedSession(t, h.srv)
-	if s.ev.Load() == nil {
-		t.Fatal("the taken-over session is not on an event loop")
+	if onLoop := s.ev.Load() != nil; onLoop != (loop == LoopAuto) {
+		t.Fatalf("the taken-over session on an event loop: %v, with %v", onLoop, loop)
 	}
 	assertAsleep(t, h.srv, s)
 
