@@ -233,7 +233,10 @@ func (l *evLoop) do(f func()) {
 	l.mu.Unlock()
 	var one = [8]byte{1}
 	unix.Write(l.evfd, one[:])
-	<-done
+	select {
+	case <-done:
+	case <-l.done: // stopped: nothing left to look at
+	}
 }
 
 // stop ends run and closes the epoll set.

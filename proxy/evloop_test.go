@@ -433,3 +433,12 @@ func TestDovecotLoopLargeAppend(t *testing.T) {
 		t.Fatalf("FETCH: %q", last)
 	}
 }
+
+// loopParked is 2 when sess is on an event loop and asleep there (both
+// directions "parked": no goroutine, no AEAD, no buffer), else 0.
+func loopParked(sess *session) int {
+	if es := sess.ev.Load(); es != nil && loopAsleep(es) {
+		return 2
+	}
+	return 0
+}
