@@ -442,3 +442,23 @@ func loopParked(sess *session) int {
 	}
 	return 0
 }
+
+// A loop's sockets leave the runtime's epoll set: the loop found that set,
+// and it no longer lists the session's client socket.
+func TestLoopLeavesRuntimePoller(t *testing.T) {
+	h, _ := loopHarness(t, nil)
+	c, s := loginLoop(t, h)
+	c.Send("b NOOP\r\n")
+	c.Expect("b OK")
+	es := s.ev.Load()
+	var rt int
+	es.loop.do(func() { rt = es.loop.rtEpfd })
+	if rt <= 0 {
+		t.Fatalf("the runtime's epoll set was not found (%d)", rt)
+	}
+	var fd int
+	es.crw.Control(func(f uintptr) { fd = int(f) })
+	if got := findRuntimeEpoll(fd, es.loop.epfd); got != -1 {
+		t.Fatalf("the client socket is still in epoll set %d", got)
+	}
+}
