@@ -23,10 +23,11 @@ import (
 // The event-loop data path (Options.SpliceLoop): a spliced session whose
 // client leg is carried by imapgate's record layer (a *recordConn) and
 // whose backend leg is plain TCP is served by one of a few loop
-// goroutines, one per GOMAXPROCS, each blocked in epoll_wait on an epoll
+// goroutines, each blocked in epoll_wait on an epoll
 // set of its own. On readiness the loop goroutine itself reads, opens or
 // seals records and writes: no goroutine is woken per message, and an
 // idle session costs no goroutine either (the parker is not involved).
+// There are GOMAXPROCS-1 loops (evLoopCount), none with a single P.
 //
 // Both sockets are registered once, edge-triggered, keyed by the
 // session's loop key and side (never by descriptor number). Every read
@@ -921,7 +922,11 @@ func (srv *Server) getLoops() *evLoops {
 		if srv.o().SpliceLoop == LoopOff || srv.closing.Load() {
 			return
 		}
-		ls, err := newEvLoops(srv, runtime.GOMAXPROCS(0))
+		n := evLoopCount(runtime.GOMAXPROCS(0))
+		if n == 0 {
+			return
+		}
+		ls, err := newEvLoops(srv, n)
 		if err != nil {
 			srv.log.Warn("no event loops for spliced sessions; they run in goroutines", zap.Error(err))
 			return
@@ -929,6 +934,17 @@ func (srv *Server) getLoops() *evLoops {
 		srv.loops.Store(ls)
 	})
 	return srv.loops.Load()
+}
+
+// evLoopCount is how many loops a process with procs Ps runs: one P is
+// always left without a loop. A loop blocked in epoll_wait keeps its P
+// (the runtime's sysmon hands it off only later, after up to 10 ms when
+// its poll has backed off), so loops on every P delayed every other
+// goroutine, logins and handshakes, until sysmon came round (measured:
+// login p50 33 ms instead of 7 ms with two loops on two Ps). With a
+// single P there is no loop at all.
+func evLoopCount(procs int) int {
+	return procs - 1
 }
 
 // stopLoops ends the loops once no session needs them.
