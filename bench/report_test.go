@@ -36,6 +36,7 @@ import (
 //	IMAPGATE_BENCH_BASE_CONFIG  extra TOML appended to the base's configuration
 //	                         ("\n" for a newline), e.g. "[splice]\nevent_loop = false"
 //	                         with IMAPGATE_BENCH_BASE=HEAD: one switch on and off
+//	IMAPGATE_BENCH_CONFIG    the same for the imapgate column itself
 //	IMAPGATE_BENCH_ENV       environment for the imapgate process under test,
 //	                         space-separated (e.g. "GOGC=50 GOMEMLIMIT=150MiB")
 //	IMAPGATE_BENCH_POOL      backend.pool of the extra login-only column
@@ -121,14 +122,10 @@ func TestBenchmarkReport(t *testing.T) {
 	use := func(n string) bool { return len(cols) == 0 || cols[n] }
 	// start starts the proxies, in the order of the columns.
 	start := func() []target {
-		ig := startImapgateWith(t, dir, bin, d, "", env)
+		ig := startImapgateWith(t, dir, bin, d, extraConfig("IMAPGATE_BENCH_CONFIG"), env)
 		ts := []target{{"imapgate", ig.addr, ig}}
 		if baseBin != "" {
-			extra := strings.ReplaceAll(os.Getenv("IMAPGATE_BENCH_BASE_CONFIG"), `\n`, "\n")
-			if extra != "" {
-				extra = "\n" + extra + "\n"
-			}
-			b := startImapgateWith(t, filepath.Join(dir, "base"), baseBin, d, extra, nil)
+			b := startImapgateWith(t, filepath.Join(dir, "base"), baseBin, d, extraConfig("IMAPGATE_BENCH_BASE_CONFIG"), nil)
 			ts = append(ts, target{baseName, b.addr, b})
 		}
 		if use("haproxy") {
@@ -168,7 +165,7 @@ func TestBenchmarkReport(t *testing.T) {
 	}
 	setup := []string{
 		"One Dovecot (internal/testenv, plus `imap_hibernate_timeout = 2s` and limits for 10,000 sessions), ECDSA P-256 certificate; users bench0…bench199.",
-		"**imapgate**: `bin/imapgate -config imapgate.toml` built from this commit; implicit TLS listener, Dovecot's cleartext port as backend (`security = \"none\"`), `max_connections_per_ip = -1`, session ticket keys shared through a file (`[tls.session_tickets] store = \"file\"`, as a fleet without Consul), logging at the default level (info, JSON) to a file; GOMAXPROCS default (2).",
+		"**imapgate**: `bin/imapgate -config imapgate.toml` built from this commit; implicit TLS listener, Dovecot's cleartext port as backend (`security = \"none\"`), `max_connections_per_ip = -1`, session ticket keys shared through a file (`[tls.session_tickets] store = \"file\"`, as a fleet without Consul), logging at the default level (info, JSON) to a file; GOMAXPROCS default (2)."+mainConfigNote(),
 	}
 	if len(env) > 0 {
 		setup = append(setup, fmt.Sprintf("imapgate's environment: `%s`.", strings.Join(env, " ")))
@@ -347,4 +344,22 @@ func baseConfigNote() string {
 		return fmt.Sprintf(", with `%s` appended to its configuration", c)
 	}
 	return ""
+}
+
+// mainConfigNote says what IMAPGATE_BENCH_CONFIG added to imapgate's.
+func mainConfigNote() string {
+	if c := os.Getenv("IMAPGATE_BENCH_CONFIG"); c != "" {
+		return fmt.Sprintf(" With `%s` appended to its configuration.", c)
+	}
+	return ""
+}
+
+// extraConfig is the TOML in the environment variable name, "\n" read
+// as a newline, on lines of its own.
+func extraConfig(name string) string {
+	extra := strings.ReplaceAll(os.Getenv(name), `\n`, "\n")
+	if extra != "" {
+		extra = "\n" + extra + "\n"
+	}
+	return extra
 }
