@@ -165,7 +165,7 @@ func TestBenchmarkReport(t *testing.T) {
 	}
 	setup := []string{
 		"One Dovecot (internal/testenv, plus `imap_hibernate_timeout = 2s` and limits for 10,000 sessions), ECDSA P-256 certificate; users bench0…bench199.",
-		"**imapgate**: `bin/imapgate -config imapgate.toml` built from this commit; implicit TLS listener, Dovecot's cleartext port as backend (`security = \"none\"`), `max_connections_per_ip = -1`, session ticket keys shared through a file (`[tls.session_tickets] store = \"file\"`, as a fleet without Consul), logging at the default level (info, JSON) to a file; GOMAXPROCS default (2)."+mainConfigNote(),
+		"**imapgate**: `bin/imapgate -config imapgate.toml` built from this commit; implicit TLS listener, Dovecot's cleartext port as backend (`security = \"none\"`), `max_connections_per_ip = -1`, session ticket keys shared through a file (`[tls.session_tickets] store = \"file\"`, as a fleet without Consul), logging at the default level (info, JSON) to a file; GOMAXPROCS default (2)." + mainConfigNote(),
 	}
 	if len(env) > 0 {
 		setup = append(setup, fmt.Sprintf("imapgate's environment: `%s`.", strings.Join(env, " ")))
