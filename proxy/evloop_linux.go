@@ -125,6 +125,7 @@ type evLoop struct {
 	turn     uint64
 	now      time.Duration // mono() at the start of the turn
 	rtEpfd   int           // the runtime's epoll set: 0 not looked for yet, -1 none found
+	op       *ioOp
 	sweepAt  time.Duration
 }
 
@@ -177,7 +178,7 @@ func newEvLoop(srv *Server) (*evLoop, error) {
 		unix.Close(evfd)
 		return nil, err
 	}
-	l := &evLoop{srv: srv, epfd: epfd, evfd: evfd, done: make(chan struct{}), sessions: make(map[uint64]*evSession)}
+	l := &evLoop{srv: srv, epfd: epfd, evfd: evfd, done: make(chan struct{}), sessions: make(map[uint64]*evSession), op: newIOOp()}
 	go l.run() // goroutine "evloop"
 	return l, nil
 }
@@ -640,7 +641,7 @@ func (es *evSession) readClient() (more bool, err error) {
 		}
 		buf := *rc.rbuf
 		room := len(buf) - rc.have
-		n, again, rerr := readNB(es.crw, buf[rc.have:])
+		n, again, rerr := es.loop.op.read(es.crw, buf[rc.have:])
 		if again || (n < room && !es.cHup) {
 			es.cIn = false
 		}
@@ -654,7 +655,7 @@ func (es *evSession) readClient() (more bool, err error) {
 			es.kuOwed = true
 		}
 		if w > 0 {
-			wn, blocked, werr := writeNB(es.brw, buf[:w])
+			wn, blocked, werr := es.loop.op.write(es.brw, buf[:w])
 			es.up.counter.Add(int64(wn))
 			if werr != nil {
 				return false, werr
@@ -694,7 +695,7 @@ func (es *evSession) readClient() (more bool, err error) {
 func (es *evSession) flushUp() error {
 	rc := es.rc
 	buf := *rc.rbuf
-	wn, blocked, err := writeNB(es.brw, buf[:es.upPend])
+	wn, blocked, err := es.loop.op.write(es.brw, buf[:es.upPend])
 	es.up.counter.Add(int64(wn))
 	if err != nil {
 		return err
@@ -751,7 +752,7 @@ func (es *evSession) clientSide() (more, eof bool, upErr, err error) {
 		}
 		bp := recBufs.Get().(*[]byte)
 		buf := *bp
-		n, again, rerr := readvNB(es.brw, tls13.Slot(buf, 0), tls13.Slot(buf, 1))
+		n, again, rerr := es.loop.op.readv(es.brw, tls13.Slot(buf, 0), tls13.Slot(buf, 1))
 		if again || (n < tls13.Slots*tls13.MaxPlaintext && !es.bHup) {
 			es.bIn = false
 		}
@@ -788,7 +789,7 @@ func (es *evSession) clientSide() (more, eof bool, upErr, err error) {
 // in a pooled copy. bp, when given and not kept, goes back to the pool.
 func (es *evSession) writeClient(wire []byte, bp *[]byte, n int, nl bool) error {
 	rc := es.rc
-	wn, blocked, err := writeNB(es.crw, wire)
+	wn, blocked, err := es.loop.op.write(es.crw, wire)
 	if !blocked && err == nil {
 		es.down.counter.Add(int64(n))
 		if n > 0 {
@@ -834,85 +835,118 @@ func (es *evSession) flushPendNB() bool {
 	return false
 }
 
-// readNB reads what is queued: again when nothing was, io.EOF at the end.
-func readNB(c syscall.RawConn, p []byte) (n int, again bool, err error) {
-	var errno error
-	cerr := c.Control(func(fd uintptr) {
-		for {
-			n, errno = unix.Read(int(fd), p)
-			if errno != unix.EINTR {
-				return
-			}
+// ioOp is one non-blocking system call on a socket, run inside
+// RawConn.Control. A loop keeps one and reuses it, with its function
+// bound once, so that the data path does not allocate per call (a
+// closure over its results would, for each of them).
+type ioOp struct {
+	kind  uint8 // opRead, opReadv, opWrite
+	a, b  []byte
+	iov   [2]unix.Iovec
+	n     int
+	errno syscall.Errno
+	run   func(fd uintptr)
+}
+
+const (
+	opRead = iota
+	opReadv
+	opWrite
+)
+
+func newIOOp() *ioOp {
+	op := new(ioOp)
+	op.run = op.do
+	return op
+}
+
+func (op *ioOp) do(fd uintptr) {
+	op.n, op.errno = 0, 0
+	for {
+		var (
+			r uintptr
+			e syscall.Errno
+		)
+		switch op.kind {
+		case opRead:
+			r, _, e = unix.Syscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(unsafe.SliceData(op.a))), uintptr(len(op.a)))
+		case opReadv:
+			r, _, e = unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&op.iov[0])), uintptr(len(op.iov)))
+		case opWrite:
+			r, _, e = unix.Syscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(unsafe.SliceData(op.a[op.n:]))), uintptr(len(op.a)-op.n))
 		}
-	})
+		switch {
+		case e == unix.EINTR:
+			continue
+		case e != 0:
+			op.errno = e
+			return
+		}
+		if op.kind != opWrite {
+			op.n = int(r)
+			return
+		}
+		op.n += int(r)
+		if op.n == len(op.a) {
+			return
+		}
+	}
+}
+
+// read reads what is queued: again when nothing was, io.EOF at the end.
+func (op *ioOp) read(c syscall.RawConn, p []byte) (n int, again bool, err error) {
+	op.kind, op.a = opRead, p
+	cerr := c.Control(op.run)
+	op.a = nil
+	return op.result(cerr, "read", len(p))
+}
+
+// readv is read into a, then b, with one system call.
+func (op *ioOp) readv(c syscall.RawConn, a, b []byte) (n int, again bool, err error) {
+	op.kind = opReadv
+	op.iov[0].Base, op.iov[1].Base = &a[0], &b[0]
+	op.iov[0].SetLen(len(a))
+	op.iov[1].SetLen(len(b))
+	cerr := c.Control(op.run)
+	op.iov[0].Base, op.iov[1].Base = nil, nil
+	return op.result(cerr, "readv", len(a)+len(b))
+}
+
+func (op *ioOp) result(cerr error, call string, offered int) (n int, again bool, err error) {
 	switch {
 	case cerr != nil:
 		return 0, false, cerr
-	case errno == unix.EAGAIN:
+	case op.errno == unix.EAGAIN:
 		return 0, true, nil
-	case errno != nil:
-		return 0, false, os.NewSyscallError("read", errno)
-	case n == 0 && len(p) > 0:
+	case op.errno != 0:
+		return 0, false, os.NewSyscallError(call, op.errno)
+	case op.n == 0 && offered > 0:
 		return 0, false, io.EOF
 	}
-	return n, false, nil
+	return op.n, false, nil
 }
 
-// readvNB is readNB into a, then b, with one system call.
-func readvNB(c syscall.RawConn, a, b []byte) (n int, again bool, err error) {
-	var iov [2]unix.Iovec
-	iov[0].Base, iov[1].Base = &a[0], &b[0]
-	iov[0].SetLen(len(a))
-	iov[1].SetLen(len(b))
-	var errno unix.Errno
-	cerr := c.Control(func(fd uintptr) {
-		for {
-			r1, _, e := unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
-			if e != unix.EINTR {
-				n, errno = int(r1), e
-				return
-			}
-		}
-	})
-	switch {
-	case cerr != nil:
-		return 0, false, cerr
-	case errno == unix.EAGAIN:
-		return 0, true, nil
-	case errno != 0:
-		return 0, false, os.NewSyscallError("readv", errno)
-	case n == 0:
-		return 0, false, io.EOF
-	}
-	return n, false, nil
-}
-
-// writeNB writes p without blocking: blocked when the socket took less
+// write writes p without blocking: blocked when the socket took less
 // than all of it (n says how much it took).
-func writeNB(c syscall.RawConn, p []byte) (n int, blocked bool, err error) {
-	var errno error
-	cerr := c.Control(func(fd uintptr) {
-		for n < len(p) {
-			w, e := unix.Write(int(fd), p[n:])
-			if e == unix.EINTR {
-				continue
-			}
-			if e != nil {
-				errno = e
-				return
-			}
-			n += w
-		}
-	})
+func (op *ioOp) write(c syscall.RawConn, p []byte) (n int, blocked bool, err error) {
+	op.kind, op.a = opWrite, p
+	cerr := c.Control(op.run)
+	op.a = nil
 	switch {
 	case cerr != nil:
-		return n, false, cerr
-	case errno == unix.EAGAIN:
-		return n, true, nil
-	case errno != nil:
-		return n, false, os.NewSyscallError("write", errno)
+		return op.n, false, cerr
+	case op.errno == unix.EAGAIN:
+		return op.n, true, nil
+	case op.errno != 0:
+		return op.n, false, os.NewSyscallError("write", op.errno)
 	}
-	return n, false, nil
+	return op.n, false, nil
+}
+
+// writeNB is ioOp.write for the rare writes outside a loop's data path
+// (an alert, a flush under a kick's wmu): a fresh op each.
+func writeNB(c syscall.RawConn, p []byte) (n int, blocked bool, err error) {
+	return newIOOp().write(c, p)
 }
 
 // getLoops returns the event loops, starting them the first time; nil
