@@ -462,6 +462,7 @@ func (l *evLoop) serve(es *evSession) (more, retry bool) {
 			s.setEnd(EndPanic)
 			s.closeConns()
 			l.endAll(es, net.ErrClosed)
+			l.remove(es)
 			more, retry = false, false
 		}
 	}()
