@@ -503,9 +503,7 @@ func (es *evSession) step() (more, retry bool) {
 		if !es.rc.wmu.TryLock() {
 			return more, true
 		}
-		m, eof, upErr, err := es.clientSide()
-		es.cPend = es.rc.pend != nil
-		es.rc.wmu.Unlock()
+		m, eof, upErr, err := es.clientSideLocked()
 		switch {
 		case upErr != nil:
 			es.end(es.up, upErr)
@@ -714,6 +712,13 @@ func (es *evSession) flushUp() error {
 		rc.rbuf = nil
 	}
 	return nil
+}
+
+// clientSideLocked is clientSide, then wmu unlocked (a panic included).
+func (es *evSession) clientSideLocked() (more, eof bool, upErr, err error) {
+	defer es.rc.wmu.Unlock()
+	defer func() { es.cPend = es.rc.pend != nil }()
+	return es.clientSide()
 }
 
 // clientSide runs under wmu: the client's pending records, an owed
