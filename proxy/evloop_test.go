@@ -462,3 +462,35 @@ func TestLoopLeavesRuntimePoller(t *testing.T) {
 		t.Fatalf("the client socket is still in epoll set %d", got)
 	}
 }
+
+// A panic in one session's work on a loop ends that session (panic), and
+// the loop goes on serving the others.
+func TestLoopPanicEndsOneSession(t *testing.T) {
+	h, m := loopHarness(t, nil)
+	other, os := loginLoop(t, h)
+	// Sessions go to the loops in turn: one of the next len(loops) shares
+	// the first one's loop.
+	var (
+		c  *conv
+		es *evSession
+	)
+	for range h.srv.loops.Load().loops {
+		var s *session
+		c, s = loginLoop(t, h)
+		if es = s.ev.Load(); es.loop == os.ev.Load().loop {
+			break
+		}
+	}
+	es.loop.do(func() {
+		// A read offset past the buffer: the next read slices out of range.
+		es.rc.rbuf = recBufs.Get().(*[]byte)
+		es.rc.have = 1 << 20
+	})
+	c.Send("p NOOP\r\n")
+	io.ReadAll(c.R)
+	if e := m.waitEnd(t); e.reason != EndPanic {
+		t.Fatalf("ended %v, want %v", e.reason, EndPanic)
+	}
+	other.Send("b NOOP\r\n")
+	other.Expect("b OK")
+}
