@@ -284,12 +284,7 @@ func (l *evLoop) run() {
 		}
 		l.turn++
 		l.now = mono()
-		l.work = append(l.work[:0], l.ready...)
-		l.work = append(l.work, l.retry...)
-		for _, es := range l.work {
-			es.mark = l.turn
-		}
-		l.ready, l.retry = l.ready[:0], l.retry[:0]
+		l.work = l.work[:0]
 		for i := range events[:n] {
 			key := eventKey(&events[i])
 			if key == 0 {
@@ -313,6 +308,17 @@ func (l *evLoop) run() {
 			}
 			l.enqueue(es)
 		}
+		// The sessions with more queued, and those waiting for wmu, after
+		// the ones the edges named.
+		for _, es := range l.ready {
+			l.enqueue(es)
+		}
+		for _, es := range l.retry {
+			l.enqueue(es)
+		}
+		clear(l.ready)
+		clear(l.retry)
+		l.ready, l.retry = l.ready[:0], l.retry[:0]
 		for _, es := range l.work {
 			if es.gone {
 				continue
@@ -326,6 +332,7 @@ func (l *evLoop) run() {
 				l.ready = append(l.ready, es)
 			}
 		}
+		clear(l.work) // no ended session stays reachable from here
 		if len(l.awake) > 0 && l.now >= l.sweepAt {
 			l.sweep(l.srv.parkAfter)
 		}
