@@ -125,7 +125,12 @@ func TestBenchmarkReport(t *testing.T) {
 		ig := startImapgateWith(t, dir, bin, d, extraConfig("IMAPGATE_BENCH_CONFIG"), env)
 		ts := []target{{"imapgate", ig.addr, ig}}
 		if baseBin != "" {
-			b := startImapgateWith(t, filepath.Join(dir, "base"), baseBin, d, extraConfig("IMAPGATE_BENCH_BASE_CONFIG"), nil)
+			var b *server
+			if extra := extraConfig("IMAPGATE_BENCH_BASE_CONFIG"); extra != "" {
+				b = startImapgateWith(t, filepath.Join(dir, "base"), baseBin, d, extra, nil)
+			} else {
+				b = startImapgate(t, filepath.Join(dir, "base"), baseBin, d)
+			}
 			ts = append(ts, target{baseName, b.addr, b})
 		}
 		if use("haproxy") {

@@ -854,7 +854,7 @@ func (es *evSession) flushPendNB() bool {
 // closure over its results would, for each of them).
 type ioOp struct {
 	kind  uint8 // opRead, opReadv, opWrite
-	a, b  []byte
+	a     []byte
 	iov   [2]unix.Iovec
 	n     int
 	errno syscall.Errno
