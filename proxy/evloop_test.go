@@ -5,7 +5,9 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -493,4 +495,30 @@ func TestLoopPanicEndsOneSession(t *testing.T) {
 	}
 	other.Send("b NOOP\r\n")
 	other.Expect("b OK")
+}
+
+// Shutdown whose context ends while a loop session is still open closes
+// it (BYE, reason shutdown), returns the context's error, and stops the
+// loops after the session ended.
+func TestLoopShutdownForced(t *testing.T) {
+	h, m := loopHarness(t, nil)
+	c, s := loginLoop(t, h)
+	l := s.ev.Load().loop
+	c.Send("b NOOP\r\n")
+	c.Expect("b OK")
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := h.srv.Shutdown(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Shutdown = %v, want %v", err, context.Canceled)
+	}
+	c.Expect("* BYE [UNAVAILABLE] Server shutting down")
+	expectCloseNotify(t, c)
+	if e := m.waitEnd(t); e.reason != EndShutdown {
+		t.Fatalf("ended %v, want %v", e.reason, EndShutdown)
+	}
+	select {
+	case <-l.done:
+	default:
+		t.Fatal("the loop still runs after Shutdown returned")
+	}
 }
