@@ -69,6 +69,9 @@ const loopKeepRuntimePoller LoopMode = 255
 // turn before the loop serves the others.
 const evLoopBudget = 4
 
+// evYield is how often a loop passes through the scheduler (run).
+const evYield = 2 * time.Millisecond
+
 // evRetry is the epoll_wait timeout while a session waits for wmu.
 const evRetry = time.Millisecond
 
@@ -126,6 +129,7 @@ type evLoop struct {
 	now      time.Duration // mono() at the start of the turn
 	rtEpfd   int           // the runtime's epoll set: 0 not looked for yet, -1 none found
 	op       *ioOp
+	yieldAt  time.Duration // next pass through the scheduler (run)
 	sweepAt  time.Duration
 }
 
@@ -284,6 +288,16 @@ func (l *evLoop) run() {
 		}
 		l.turn++
 		l.now = mono()
+		if l.now >= l.yieldAt {
+			// Returning from a system call is not a pass through the
+			// scheduler: without one now and then, sysmon takes the loop
+			// for a goroutine that has run for 10 ms, preempts it with a
+			// signal and hands its P off, and then polls every 20 µs again
+			// (measured: half a nanosleep and a context switch per NOOP
+			// round trip, twice HAProxy's context switches in a fetch).
+			runtime.Gosched()
+			l.yieldAt = l.now + evYield
+		}
 		l.work = l.work[:0]
 		for i := range events[:n] {
 			key := eventKey(&events[i])
