@@ -70,7 +70,7 @@ const loopKeepRuntimePoller LoopMode = 255
 const evLoopBudget = 4
 
 // evYield is how often a loop passes through the scheduler (run).
-const evYield = 2 * time.Millisecond
+const evYield = 5 * time.Millisecond
 
 // evRetry is the epoll_wait timeout while a session waits for wmu.
 const evRetry = time.Millisecond
