@@ -61,10 +61,6 @@ import (
 //   - A panic in one session's work ends that session (EndPanic), not the
 //     loop.
 
-// loopKeepRuntimePoller is a LoopMode for measurements only: the loop,
-// with its sockets left in the runtime's epoll set too.
-const loopKeepRuntimePoller LoopMode = 255
-
 // evLoopBudget is how many reads one direction of a session gets per
 // turn before the loop serves the others.
 const evLoopBudget = 4
@@ -406,9 +402,6 @@ func (l *evLoop) register(es *evSession) {
 	add(es.crw, sideClient)
 	add(es.brw, sideBackend)
 	es.lastData = l.now
-	if l.srv.o().SpliceLoop == loopKeepRuntimePoller {
-		return
-	}
 	for _, rc := range []syscall.RawConn{es.crw, es.brw} {
 		rc.Control(func(fd uintptr) { l.leaveRuntimePoller(int(fd)) })
 	}
