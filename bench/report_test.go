@@ -33,6 +33,10 @@ import (
 //	IMAPGATE_BENCH_REV       build imapgate from this git revision instead of the working tree
 //	IMAPGATE_BENCH_BASE      also build this git revision and run it as the
 //	                         target "imapgate@REV": before and after in one run
+//	IMAPGATE_BENCH_BASE_CONFIG  extra TOML appended to the base's configuration
+//	                         ("\n" for a newline), e.g. "[splice]\nevent_loop = false"
+//	                         with IMAPGATE_BENCH_BASE=HEAD: one switch on and off
+//	IMAPGATE_BENCH_CONFIG    the same for the imapgate column itself
 //	IMAPGATE_BENCH_ENV       environment for the imapgate process under test,
 //	                         space-separated (e.g. "GOGC=50 GOMEMLIMIT=150MiB")
 //	IMAPGATE_BENCH_POOL      backend.pool of the extra login-only column
@@ -118,10 +122,15 @@ func TestBenchmarkReport(t *testing.T) {
 	use := func(n string) bool { return len(cols) == 0 || cols[n] }
 	// start starts the proxies, in the order of the columns.
 	start := func() []target {
-		ig := startImapgateWith(t, dir, bin, d, "", env)
+		ig := startImapgateWith(t, dir, bin, d, extraConfig("IMAPGATE_BENCH_CONFIG"), env)
 		ts := []target{{"imapgate", ig.addr, ig}}
 		if baseBin != "" {
-			b := startImapgate(t, filepath.Join(dir, "base"), baseBin, d)
+			var b *server
+			if extra := extraConfig("IMAPGATE_BENCH_BASE_CONFIG"); extra != "" {
+				b = startImapgateWith(t, filepath.Join(dir, "base"), baseBin, d, extra, nil)
+			} else {
+				b = startImapgate(t, filepath.Join(dir, "base"), baseBin, d)
+			}
 			ts = append(ts, target{baseName, b.addr, b})
 		}
 		if use("haproxy") {
@@ -161,7 +170,7 @@ func TestBenchmarkReport(t *testing.T) {
 	}
 	setup := []string{
 		"One Dovecot (internal/testenv, plus `imap_hibernate_timeout = 2s` and limits for 10,000 sessions), ECDSA P-256 certificate; users bench0…bench199.",
-		"**imapgate**: `bin/imapgate -config imapgate.toml` built from this commit; implicit TLS listener, Dovecot's cleartext port as backend (`security = \"none\"`), `max_connections_per_ip = -1`, session ticket keys shared through a file (`[tls.session_tickets] store = \"file\"`, as a fleet without Consul), logging at the default level (info, JSON) to a file; GOMAXPROCS default (2).",
+		"**imapgate**: `bin/imapgate -config imapgate.toml` built from this commit; implicit TLS listener, Dovecot's cleartext port as backend (`security = \"none\"`), `max_connections_per_ip = -1`, session ticket keys shared through a file (`[tls.session_tickets] store = \"file\"`, as a fleet without Consul), logging at the default level (info, JSON) to a file; GOMAXPROCS default (2)." + mainConfigNote(),
 	}
 	if len(env) > 0 {
 		setup = append(setup, fmt.Sprintf("imapgate's environment: `%s`.", strings.Join(env, " ")))
@@ -170,7 +179,7 @@ func TestBenchmarkReport(t *testing.T) {
 		setup = append(setup, fmt.Sprintf("**%s**: imapgate with `[backend] pool = %d` (greeted backend connections kept ready), login rows only.", poolName, pool))
 	}
 	if baseName != "" {
-		setup = append(setup, fmt.Sprintf("**%s**: the same configuration, built from that commit (the \"before\" of this run).", baseName))
+		setup = append(setup, fmt.Sprintf("**%s**: the same configuration, built from that commit (the \"before\" of this run)%s.", baseName, baseConfigNote()))
 	}
 	setup = append(setup, "**haproxy**: `haproxy -db -f haproxy.cfg`, `mode tcp`, `bind … ssl crt combined.pem`, `server s1` = Dovecot's cleartext port, `maxconn 9950`, no logging, threads default (2).")
 	if withNginx {
@@ -332,4 +341,30 @@ func TestBenchmarkReport(t *testing.T) {
 		}
 		t.Logf("wrote %s", out)
 	}
+}
+
+// baseConfigNote says what IMAPGATE_BENCH_BASE_CONFIG added to the base.
+func baseConfigNote() string {
+	if c := os.Getenv("IMAPGATE_BENCH_BASE_CONFIG"); c != "" {
+		return fmt.Sprintf(", with `%s` appended to its configuration", c)
+	}
+	return ""
+}
+
+// mainConfigNote says what IMAPGATE_BENCH_CONFIG added to imapgate's.
+func mainConfigNote() string {
+	if c := os.Getenv("IMAPGATE_BENCH_CONFIG"); c != "" {
+		return fmt.Sprintf(" With `%s` appended to its configuration.", c)
+	}
+	return ""
+}
+
+// extraConfig is the TOML in the environment variable name, "\n" read
+// as a newline, on lines of its own.
+func extraConfig(name string) string {
+	extra := strings.ReplaceAll(os.Getenv(name), `\n`, "\n")
+	if extra != "" {
+		extra = "\n" + extra + "\n"
+	}
+	return extra
 }

@@ -38,7 +38,10 @@
 // wait in one epoll set per Server (see splice.go); such a session ends
 // when a socket closes or fails, or a kick closes it: the direction that
 // notices records the EndReason, and the last of the two directions to
-// stop calls Server.endSession, which logs the summary line. README.md in
+// stop calls Server.endSession, which logs the summary line. A TLS 1.3
+// session taken over by the record layer, with a plain-TCP backend, runs
+// no direction goroutines at all: one of a few event loops serves it
+// (evloop_linux.go), and ends it through the same steps. README.md in
 // this directory tells the whole life of a session, step by step, and
 // what a client sees when things fail.
 package proxy

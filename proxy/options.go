@@ -23,6 +23,11 @@ type Options struct {
 	// TLSRecords says who carries a client's TLS records once its session
 	// is spliced. The zero value is RecordsTakeover.
 	TLSRecords RecordMode
+	// SpliceLoop says whether taken-over TLS 1.3 sessions are carried by
+	// the event loops (evloop_linux.go) instead of a goroutine per
+	// direction. The zero value, LoopAuto, uses a loop wherever it
+	// applies.
+	SpliceLoop LoopMode
 	// Logger receives one line per session end and per failure. Nil means
 	// no logging.
 	Logger *zap.Logger
@@ -266,6 +271,20 @@ const (
 	RecordsTakeover RecordMode = iota
 	// RecordsCryptoTLS keeps every session on crypto/tls for its life.
 	RecordsCryptoTLS
+)
+
+// LoopMode says which data path carries a spliced session.
+type LoopMode uint8
+
+const (
+	// LoopAuto (the zero value): a session whose client leg is carried by
+	// imapgate's record layer (RecordsTakeover) and whose backend leg is
+	// plain TCP is served by one of the Server's event loops, on Linux,
+	// when no Timeouts.Idle is set. Every other session runs its two
+	// directions in goroutines.
+	LoopAuto LoopMode = iota
+	// LoopOff runs every spliced session in goroutines.
+	LoopOff
 )
 
 // ListenMode is how a listener's clients start.

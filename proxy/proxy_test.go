@@ -668,12 +668,13 @@ func TestLoginRechecksRoute(t *testing.T) {
 }
 
 // parkedDirections counts the directions of user's sessions that sit in
-// the parker with no goroutine.
+// the parker with no goroutine, or asleep on an event loop.
 func parkedDirections(srv *Server, user string) int {
 	srv.mu.Lock()
-	defer srv.mu.Unlock()
+	sessions := append([]*session(nil), srv.byUser[user]...)
+	srv.mu.Unlock()
 	n := 0
-	for _, sess := range srv.byUser[user] {
+	for _, sess := range sessions {
 		sess.mu.Lock()
 		for _, d := range []*direction{sess.up, sess.down} {
 			if d != nil && d.parked.Load() {
@@ -681,18 +682,26 @@ func parkedDirections(srv *Server, user string) int {
 			}
 		}
 		sess.mu.Unlock()
+		n += loopParked(sess) // the loop's lock is not to be held with ours
 	}
 	return n
 }
 
 // TestParkedSessions: idle spliced sessions park both directions (no
 // goroutine), wake for traffic either way, and can still be kicked.
+//
+// It runs on both data paths: the event loop and the parker's goroutines.
 func TestParkedSessions(t *testing.T) {
 	if !canSplice {
 		t.Skip("parking is Linux only")
 	}
 	d := startDovecot(t)
-	h := newHarness(t, fixedRouter(dovecotBackend(d, routing.SecurityNone)), nil)
+	t.Run("event loop", func(t *testing.T) { testParkedSessions(t, d, LoopAuto) })
+	t.Run("goroutines", func(t *testing.T) { testParkedSessions(t, d, LoopOff) })
+}
+
+func testParkedSessions(t *testing.T, d *testenv.Dovecot, loop LoopMode) {
+	h := newHarness(t, fixedRouter(dovecotBackend(d, routing.SecurityNone)), func(o *Options) { o.SpliceLoop = loop })
 	h.srv.parkAfter = 20 * time.Millisecond
 	const user = "alice@example.org"
 	cl, exists := dialWatching(t, h, user, d.Users[user])

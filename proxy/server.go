@@ -35,11 +35,15 @@ type Server struct {
 	// goroutines instead.
 	parker     atomic.Pointer[parker]
 	parkerOnce sync.Once
-	stopOnce   sync.Once
-	parkAfter  time.Duration // parkAfter, shorter in tests
-	limiters   atomic.Pointer[limiters]
-	lmtp       lmtpFront    // the LMTP front end, if an LMTP listener is served
-	pool       *backendPool // Options.Backend.Pool's connections
+	// loops carry taken-over sessions (evloop_linux.go); started with
+	// the first such splice.
+	loops     atomic.Pointer[evLoops]
+	loopsOnce sync.Once
+	stopOnce  sync.Once
+	parkAfter time.Duration // parkAfter, shorter in tests
+	limiters  atomic.Pointer[limiters]
+	lmtp      lmtpFront    // the LMTP front end, if an LMTP listener is served
+	pool      *backendPool // Options.Backend.Pool's connections
 
 	// kernelTLSOnce logs, once, how TLS records are carried after login.
 	kernelTLSOnce sync.Once
@@ -491,6 +495,7 @@ func (s *Server) stopParker() {
 		if p := s.parker.Load(); p != nil {
 			p.stop()
 		}
+		s.stopLoops()
 	})
 }
 

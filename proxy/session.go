@@ -69,6 +69,7 @@ type session struct {
 	dirsLeft atomic.Int32 // directions of the splice still running
 
 	rec atomic.Pointer[recordConn] // the client leg, once the record layer carries it
+	ev  atomic.Pointer[evSession]  // the splice, when an event loop carries it
 
 	in, out atomic.Int64 // bytes client→backend and backend→client
 }

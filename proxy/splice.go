@@ -366,6 +366,9 @@ func (s *session) splice(bl *backendLogin) bool {
 	s.mu.Unlock()
 	s.srv.getParker()
 	s.dirsLeft.Store(2)
+	if s.startLoop(up, down) { // evloop_linux.go
+		return true
+	}
 	go up.loop()
 	go down.loop()
 	return true
@@ -404,8 +407,8 @@ func (d *direction) ended(client, backend EndReason) EndReason {
 // answer; after the backend's EOF, or an error, both connections close at
 // once.
 func (s *session) directionEnded(d *direction, err error) {
+	s.setEnd(d.endReason(err))
 	if errors.Is(err, io.EOF) {
-		s.setEnd(d.ended(EndClientClosed, EndBackendClosed))
 		if cw, ok := d.dst.(closeWriter); ok {
 			cw.CloseWrite()
 		}
@@ -423,15 +426,20 @@ func (s *session) directionEnded(d *direction, err error) {
 		s.mu.Unlock()
 		return
 	}
-	switch {
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		s.setEnd(EndIdle)
-	case errors.Is(err, net.ErrClosed):
-		s.setEnd(EndClosed)
-	default:
-		s.setEnd(d.ended(EndClientError, EndBackendError))
-	}
 	s.closeConns()
+}
+
+// endReason is how the session ended if d ended it with err.
+func (d *direction) endReason(err error) EndReason {
+	switch {
+	case errors.Is(err, io.EOF):
+		return d.ended(EndClientClosed, EndBackendClosed)
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return EndIdle
+	case errors.Is(err, net.ErrClosed):
+		return EndClosed
+	}
+	return d.ended(EndClientError, EndBackendError)
 }
 
 // closeConns closes both legs, which ends both directions: a parked one
@@ -448,6 +456,7 @@ func (s *session) closeConns() {
 	if bc != nil {
 		bc.Close()
 	}
+	s.loopClosed() // evloop_linux.go
 	for _, d := range []*direction{up, down} {
 		if d != nil && d.parked.CompareAndSwap(true, false) {
 			go d.loop()

@@ -6,6 +6,7 @@ import (
 	"io"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/imapgate/imapgate/proxy/internal/tls13"
@@ -45,6 +46,20 @@ type recordConn struct {
 	rbuf  *[]byte
 	have  int
 	carry []byte
+
+	// Sealed records an event loop (evloop_linux.go) could not write yet,
+	// pend[pendOff:pendEnd], under wmu: they go before anything sealed
+	// later, so that sequence numbers stay in wire order. pendPlain is
+	// the application data they carry, added to sent once written.
+	pend             *[]byte
+	pendOff, pendEnd int
+	pendPlain        int
+	pendNL           bool
+	sent             *atomic.Int64
+	// loop: an event loop carries the session, and writes to the
+	// client that are not Write's never block (alerts are dropped when
+	// the socket is full: the connection closes next).
+	loop bool
 }
 
 var _ closeWriter = (*recordConn)(nil)
@@ -138,6 +153,14 @@ func (s *session) takeOverRecords() {
 
 // Write seals p as application data and writes it; wmu is held.
 func (rc *recordConn) Write(p []byte) (int, error) {
+	if rc.pend != nil {
+		// What an event loop sealed before goes first (a kick's BYE
+		// waits for it, within the kick's write deadline).
+		if _, err := rc.TCPConn.Write((*rc.pend)[rc.pendOff:rc.pendEnd]); err != nil {
+			return 0, err
+		}
+		rc.pendDone()
+	}
 	var out []byte
 	written := 0
 	for len(p) > 0 {
@@ -184,9 +207,18 @@ func (rc *recordConn) alertLocked(a tls13.Alert) error {
 	if rc.l.WriteClosed() {
 		return nil
 	}
+	if rc.pend != nil && !rc.flushPend() {
+		// Records sealed before it are still unsent: an alert after them
+		// cannot go first, and the connection closes next anyway.
+		return nil
+	}
 	var b [32]byte
 	rec, err := rc.l.SealAlert(b[:0], a)
 	if err != nil {
+		return err
+	}
+	if rc.loop {
+		_, _, err := writeNB(rc.nb.rc, rec)
 		return err
 	}
 	rc.TCPConn.SetWriteDeadline(time.Now().Add(time.Second))
@@ -234,43 +266,56 @@ func (d *direction) copyRecordsIn() error {
 	for {
 		n, rerr := d.nb.read(buf[rc.have:])
 		rc.have += n
-		off := 0
-		for {
-			rl, err := rc.l.RecordLen(buf[off:rc.have])
-			if err == nil && rl == 0 {
-				break // more bytes needed
-			}
-			var (
-				data []byte
-				upd  bool
-			)
-			if err == nil {
-				data, upd, err = rc.l.Open(buf[off : off+rl])
-				off += rl
-			}
-			if err == nil && upd {
-				err = rc.sendKeyUpdate()
-			}
-			if err == nil && len(data) > 0 {
-				err = d.write(data)
-			}
-			if err != nil {
-				rc.have = 0
-				if a, ok := tls13.AlertOf(err); ok {
-					rc.sendAlert(a)
-				}
-				return err
+		w, off, upd, err := openRecords(rc.l, buf, rc.have)
+		if err == nil && upd {
+			err = rc.sendKeyUpdate()
+		}
+		if w > 0 {
+			if werr := d.write(buf[:w]); werr != nil && err == nil {
+				err = werr
 			}
 		}
-		if off > 0 {
-			rc.have = copy(buf, buf[off:rc.have])
+		if err != nil {
+			rc.have = 0
+			if a, ok := tls13.AlertOf(err); ok {
+				rc.sendAlert(a)
+			}
+			return err
 		}
+		rc.have = copy(buf, buf[off:rc.have])
 		if rerr != nil {
 			if errors.Is(rerr, io.EOF) && rc.have > 0 {
 				rerr = io.ErrUnexpectedEOF // the client stopped inside a record
 			}
 			return rerr
 		}
+	}
+}
+
+// openRecords opens the whole records at the start of buf[:have] in
+// place and gathers their application data at buf[:w] (each record's
+// data moves down over its own header, never past what is still to be
+// opened). off is where the first record not yet whole starts; keyUpdate
+// says the client asked for a KeyUpdate in return (several asks get one
+// answer, as RFC 8446, section 4.6.3, allows). On an error, buf[:w] is
+// the data of the records before the one that failed; its alert is
+// AlertOf(err). Both data paths use it: copyRecordsIn and the event loop.
+func openRecords(l *tls13.Layer, buf []byte, have int) (w, off int, keyUpdate bool, err error) {
+	for {
+		rl, err := l.RecordLen(buf[off:have])
+		if err != nil {
+			return w, off, keyUpdate, err
+		}
+		if rl == 0 {
+			return w, off, keyUpdate, nil // more bytes needed
+		}
+		data, upd, err := l.Open(buf[off : off+rl])
+		if err != nil {
+			return w, off, keyUpdate, err
+		}
+		off += rl
+		keyUpdate = keyUpdate || upd
+		w += copy(buf[w:], data)
 	}
 }
 
@@ -313,11 +358,9 @@ func (d *direction) copyRecordsOut() error {
 }
 
 func (d *direction) writeRecords(buf []byte, n int) error {
-	i := (n - 1) / tls13.MaxPlaintext
-	last := tls13.Slot(buf, i)[n-1-i*tls13.MaxPlaintext]
 	d.dstWmu.Lock()
 	defer d.dstWmu.Unlock()
-	wire, err := d.rec.l.Seal(buf, n)
+	wire, last, err := sealSlots(d.rec.l, buf, n)
 	if err != nil {
 		return err
 	}
@@ -328,4 +371,41 @@ func (d *direction) writeRecords(buf []byte, n int) error {
 	}
 	*d.boundary = done && last == '\n'
 	return err
+}
+
+// sealSlots seals n bytes of plaintext laid out in buf's slots (Slot) in
+// place; last is the plaintext's last byte, for the line boundary. The
+// caller holds wmu. Both data paths use it: writeRecords and the event
+// loop.
+func sealSlots(l *tls13.Layer, buf []byte, n int) (wire []byte, last byte, err error) {
+	i := (n - 1) / tls13.MaxPlaintext
+	last = tls13.Slot(buf, i)[n-1-i*tls13.MaxPlaintext]
+	wire, err = l.Seal(buf, n)
+	return wire, last, err
+}
+
+// flushPend writes what an event loop left sealed but unsent, without
+// blocking; wmu is held. It reports whether nothing is left.
+func (rc *recordConn) flushPend() bool {
+	if rc.pend == nil {
+		return true
+	}
+	n, _, err := writeNB(rc.nb.rc, (*rc.pend)[rc.pendOff:rc.pendEnd])
+	rc.pendOff += n
+	if err != nil || rc.pendOff < rc.pendEnd {
+		return false
+	}
+	rc.pendDone()
+	return true
+}
+
+// pendDone gives the written pending records' buffer back and counts
+// their application data; wmu is held.
+func (rc *recordConn) pendDone() {
+	recBufs.Put(rc.pend)
+	rc.pend, rc.pendOff, rc.pendEnd = nil, 0, 0
+	if rc.sent != nil {
+		rc.sent.Add(int64(rc.pendPlain))
+	}
+	rc.pendPlain = 0
 }

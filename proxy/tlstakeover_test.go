@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imapgate/imapgate/internal/testenv"
 	"github.com/imapgate/imapgate/proxy/internal/tls13"
 	"github.com/imapgate/imapgate/routing"
 	"golang.org/x/sys/unix"
@@ -116,6 +117,9 @@ func parkedSession(t *testing.T, srv *Server) *session {
 			if up != nil && down != nil && up.parked.Load() && down.parked.Load() {
 				return s
 			}
+			if es := s.ev.Load(); es != nil && loopAsleep(es) {
+				return s
+			}
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -129,6 +133,10 @@ func parkedSession(t *testing.T, srv *Server) *session {
 // after their last writes and before their next ones.
 func assertAsleep(t *testing.T, srv *Server, s *session) {
 	t.Helper()
+	if es := s.ev.Load(); es != nil {
+		assertLoopAsleep(t, es)
+		return
+	}
 	p := srv.parker.Load()
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
 		p.mu.Lock()
@@ -159,9 +167,17 @@ func assertAsleep(t *testing.T, srv *Server, s *session) {
 // imapgate's record layer at the splice, parks holding no AEAD and no
 // buffer, wakes for commands, a 64 KiB APPEND and its FETCH, answers a
 // KeyUpdate, and ends with close_notify.
+//
+// It runs on both data paths: the event loop (the default) and, with
+// the loop off, the goroutines of the parker path.
 func TestDovecotRecordTakeover(t *testing.T) {
 	d := startDovecot(t)
-	h := newHarness(t, fixedRouter(dovecotBackend(d, routing.SecurityNone)), nil)
+	t.Run("event loop", func(t *testing.T) { testRecordTakeover(t, d, LoopAuto) })
+	t.Run("goroutines", func(t *testing.T) { testRecordTakeover(t, d, LoopOff) })
+}
+
+func testRecordTakeover(t *testing.T, d *testenv.Dovecot, loop LoopMode) {
+	h := newHarness(t, fixedRouter(dovecotBackend(d, routing.SecurityNone)), func(o *Options) { o.SpliceLoop = loop })
 	const user = "alice@example.org"
 
 	keys := new(tls13.KeyLog)
@@ -189,6 +205,9 @@ func TestDovecotRecordTakeover(t *testing.T) {
 		t.Fatal("bytes after the login's OK")
 	}
 	s := parkedSession(t, h.srv)
+	if onLoop := s.ev.Load() != nil; onLoop != (loop == LoopAuto) {
+		t.Fatalf("the taken-over session on an event loop: %v, with %v", onLoop, loop)
+	}
 	assertAsleep(t, h.srv, s)
 
 	// The client hands its side over too.

@@ -68,7 +68,8 @@ type Config struct {
 	Consul   Consul             `toml:"consul" reload:"restart"` // the router and the registration take it once
 	HTTP     HTTP               `toml:"http" reload:"live"`
 	Shutdown Shutdown           `toml:"shutdown" reload:"live"`
-	LMTP     LMTP               `toml:"lmtp" reload:"restart"` // the LMTP front end is built once
+	LMTP     LMTP               `toml:"lmtp" reload:"restart"`   // the LMTP front end is built once
+	Splice   Splice             `toml:"splice" reload:"restart"` // the event loops start once
 }
 
 // Log configures logging.
@@ -115,6 +116,14 @@ type TLS struct {
 	// RecordTakeover hands TLS 1.3 client sessions to imapgate's own
 	// record layer after login (proxy.RecordsTakeover). Nil means true.
 	RecordTakeover *bool `toml:"record_takeover"`
+}
+
+// Splice shapes the data path of logged-in sessions.
+type Splice struct {
+	// EventLoop carries taken-over TLS 1.3 sessions on the event loops
+	// (proxy.LoopAuto) rather than a goroutine per direction
+	// (proxy.LoopOff). Nil means true.
+	EventLoop *bool `toml:"event_loop"`
 }
 
 // SessionTickets configures where the fleet's TLS session ticket keys
@@ -554,6 +563,9 @@ func (c *Config) ProxyOptions() (proxy.Options, error) {
 	o.Backend.NoForwardID = c.Backend.NoForwardID
 	if c.TLS.RecordTakeover != nil && !*c.TLS.RecordTakeover {
 		o.TLSRecords = proxy.RecordsCryptoTLS
+	}
+	if c.Splice.EventLoop != nil && !*c.Splice.EventLoop {
+		o.SpliceLoop = proxy.LoopOff
 	}
 	o.LMTP = proxy.LMTPOptions{
 		Hostname:           c.LMTP.Hostname,
