@@ -582,7 +582,7 @@ func (l *evLoop) remove(es *evSession) {
 func (es *evSession) releaseRead() {
 	rc := es.rc
 	if rc.rbuf != nil {
-		recBufs.Put(rc.rbuf)
+		recvBufs.Put(rc.rbuf)
 		rc.rbuf, rc.have = nil, 0
 	}
 	es.upPend = 0
@@ -642,13 +642,13 @@ func (es *evSession) readClient() (more bool, err error) {
 	rc := es.rc
 	defer func() {
 		if rc.have == 0 && rc.rbuf != nil {
-			recBufs.Put(rc.rbuf)
+			recvBufs.Put(rc.rbuf)
 			rc.rbuf = nil
 		}
 	}()
 	for range evLoopBudget {
 		if rc.rbuf == nil {
-			rc.rbuf = recBufs.Get().(*[]byte)
+			rc.rbuf = recvBufs.Get().(*[]byte)
 			rc.have = copy(*rc.rbuf, rc.carry)
 			rc.carry = nil
 		}
@@ -722,7 +722,7 @@ func (es *evSession) flushUp() error {
 	rc.have = copy(buf, buf[es.upPend:rc.have])
 	es.upPend = 0
 	if rc.have == 0 {
-		recBufs.Put(rc.rbuf)
+		recvBufs.Put(rc.rbuf)
 		rc.rbuf = nil
 	}
 	return nil

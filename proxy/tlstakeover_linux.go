@@ -28,9 +28,18 @@ import (
 // sealing in place, and writes them with one write; the client-to-backend
 // direction opens records in the buffer it read them into.
 
-// recBufs are the record directions' buffers: tls13.Slots sealed records, or
-// the client's records as they arrive (whole ones and the start of the next).
+// recBufs are the backend-to-client buffers: tls13.Slots records sealed in
+// place (about 131 KiB), held while bytes move or the client is slow to
+// read them.
 var recBufs = sync.Pool{New: func() any { b := make([]byte, tls13.SealBufLen); return &b }}
+
+// recvBufs are the client's records as they arrive: whole ones, opened in
+// place, and the start of the next. Three records of the largest size a
+// peer may send (about 49 KiB), not a seal buffer: a slow uploader holds
+// one for as long as a record is partly read.
+var recvBufs = sync.Pool{New: func() any { b := make([]byte, recvBufLen); return &b }}
+
+const recvBufLen = 3 * (tls13.HeaderLen + tls13.MaxPlaintext + 256)
 
 // recordConn is the client leg once taken over: its socket (the nbConn
 // under the former tls.Conn) and the record layer. Writes are serialised
@@ -241,7 +250,7 @@ func (rc *recordConn) sleep(read bool) {
 		if rc.have > 0 {
 			rc.carry = append([]byte(nil), (*rc.rbuf)[:rc.have]...)
 		}
-		recBufs.Put(rc.rbuf)
+		recvBufs.Put(rc.rbuf)
 		rc.rbuf, rc.have = nil, 0
 	}
 }
@@ -252,14 +261,14 @@ func (rc *recordConn) sleep(read bool) {
 func (d *direction) copyRecordsIn() error {
 	rc := d.rec
 	if rc.rbuf == nil {
-		rc.rbuf = recBufs.Get().(*[]byte)
+		rc.rbuf = recvBufs.Get().(*[]byte)
 		rc.have = copy(*rc.rbuf, rc.carry)
 		rc.carry = nil
 	}
 	buf := *rc.rbuf
 	defer func() {
 		if rc.have == 0 && rc.rbuf != nil {
-			recBufs.Put(rc.rbuf)
+			recvBufs.Put(rc.rbuf)
 			rc.rbuf = nil
 		}
 	}()
