@@ -162,20 +162,8 @@ const (
 )
 
 func newEvLoop(srv *Server) (*evLoop, error) {
-	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	epfd, evfd, err := newEpollSet() // parker_linux.go
 	if err != nil {
-		return nil, err
-	}
-	evfd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
-	if err != nil {
-		unix.Close(epfd)
-		return nil, err
-	}
-	// Key 0 is the eventfd; sessions get keys from 1.
-	ev := unix.EpollEvent{Events: unix.EPOLLIN}
-	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, evfd, &ev); err != nil {
-		unix.Close(epfd)
-		unix.Close(evfd)
 		return nil, err
 	}
 	l := &evLoop{srv: srv, epfd: epfd, evfd: evfd, done: make(chan struct{}), sessions: make(map[uint64]*evSession), op: newIOOp()}

@@ -26,21 +26,31 @@ type parker struct {
 	done chan struct{}
 }
 
-func newParker() (*parker, error) {
-	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+// newEpollSet makes an epoll set with an eventfd in it under key 0, to
+// wake its waiter; the parker's directions and a loop's sessions get
+// keys from 1.
+func newEpollSet() (epfd, evfd int, err error) {
+	epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
-		return nil, err
+		return -1, -1, err
 	}
-	evfd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	evfd, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
 		unix.Close(epfd)
-		return nil, err
+		return -1, -1, err
 	}
-	// Key 0 is the eventfd; directions get keys from 1.
 	ev := unix.EpollEvent{Events: unix.EPOLLIN}
 	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, evfd, &ev); err != nil {
 		unix.Close(epfd)
 		unix.Close(evfd)
+		return -1, -1, err
+	}
+	return epfd, evfd, nil
+}
+
+func newParker() (*parker, error) {
+	epfd, evfd, err := newEpollSet()
+	if err != nil {
 		return nil, err
 	}
 	p := &parker{epfd: epfd, evfd: evfd, dirs: make(map[uint64]*direction), done: make(chan struct{})}

@@ -3,10 +3,8 @@ package main
 import (
 	"bytes"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -14,7 +12,6 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/imapgate/imapgate/internal/ctl"
-	"github.com/imapgate/imapgate/internal/testenv"
 )
 
 // TestBinaryCtlAnnounce: the operator story of consul.users_watch =
@@ -24,26 +21,7 @@ import (
 // down the announce fails with the API's 503 and exit status 1, and says
 // why.
 func TestBinaryCtlAnnounce(t *testing.T) {
-	consul := testenv.StartConsul(t)
-	cfg := api.DefaultConfig()
-	cfg.Address = consul.HTTPAddr
-	client, err := api.NewClient(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cfg.Transport.CloseIdleConnections)
-	for _, name := range []string{"b1", "b2"} {
-		addr := opsBackend(t, name, testUsers)
-		_, port, _ := net.SplitHostPort(addr)
-		n, _ := strconv.Atoi(port)
-		err := client.Agent().ServiceRegister(&api.AgentServiceRegistration{
-			ID: name, Name: "imap", Address: "127.0.0.1", Port: n,
-			Check: &api.AgentServiceCheck{TCP: addr, Interval: "1s", Timeout: "500ms", Status: api.HealthPassing},
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
+	consul, client := consulWithBackends(t) // snapshot_e2e_test.go
 	dir := t.TempDir()
 	imapAddr, httpAddr := freeAddr(t), freeAddr(t)
 	conf := filepath.Join(dir, "imapgate.toml")

@@ -33,27 +33,7 @@ func waitUntilSnap(t testing.TB, timeout time.Duration, what string, cond func()
 // a known user to the same backend, and /readyz and the metrics say it is
 // degraded; when Consul returns it catches up and registers.
 func TestBinaryConsulSnapshot(t *testing.T) {
-	consul := testenv.StartConsul(t)
-	cfg := api.DefaultConfig()
-	cfg.Address = consul.HTTPAddr
-	client, err := api.NewClient(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cfg.Transport.CloseIdleConnections)
-	for _, name := range []string{"b1", "b2"} {
-		addr := opsBackend(t, name, testUsers)
-		_, port, _ := net.SplitHostPort(addr)
-		n, _ := strconv.Atoi(port)
-		err := client.Agent().ServiceRegister(&api.AgentServiceRegistration{
-			ID: name, Name: "imap", Address: "127.0.0.1", Port: n,
-			Check: &api.AgentServiceCheck{TCP: addr, Interval: "1s", Timeout: "500ms", Status: api.HealthPassing},
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-
+	consul, client := consulWithBackends(t)
 	dir := t.TempDir()
 	snap := filepath.Join(dir, "state", "consul-snapshot.json")
 	imapAddr, httpAddr := freeAddr(t), freeAddr(t)
@@ -154,4 +134,33 @@ grace = "1s"
 	}
 	p2.signal(syscall.SIGTERM)
 	p2.wait(t, 30*time.Second)
+}
+
+// consulWithBackends starts a Consul with two in-memory backends, b1 and
+// b2, registered as service "imap" with TCP checks, and returns it with
+// a client.
+func consulWithBackends(t *testing.T) (*testenv.Consul, *api.Client) {
+	t.Helper()
+	consul := testenv.StartConsul(t)
+	cfg := api.DefaultConfig()
+	cfg.Address = consul.HTTPAddr
+	client, err := api.NewClient(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cfg.Transport.CloseIdleConnections)
+	for _, name := range []string{"b1", "b2"} {
+		addr := opsBackend(t, name, testUsers)
+		_, port, _ := net.SplitHostPort(addr)
+		n, _ := strconv.Atoi(port)
+		err := client.Agent().ServiceRegister(&api.AgentServiceRegistration{
+			ID: name, Name: "imap", Address: "127.0.0.1", Port: n,
+			Check: &api.AgentServiceCheck{TCP: addr, Interval: "1s", Timeout: "500ms", Status: api.HealthPassing},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	return consul, client
 }
