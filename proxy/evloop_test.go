@@ -17,7 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/imapgate/imapgate/internal/testenv"
 	"github.com/imapgate/imapgate/proxy/internal/tls13"
 	"github.com/imapgate/imapgate/routing"
 )
@@ -107,54 +106,32 @@ func pattern(seed, n int) []byte {
 //	t QUIT       * BYE, and a close (the backend's EOF)
 //	t STREAM     pattern bytes without end, until the connection fails
 func startLoopBackend(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	testenv.Accept(t, ln, func(c net.Conn) {
-		w := func(s string) { c.Write([]byte(s)) }
-		w("* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] loop backend\r\n")
-		br := bufio.NewReader(c)
-		for {
-			line, err := br.ReadString('\n')
-			if err != nil {
-				return
-			}
-			f := strings.Fields(line)
-			if len(f) < 2 {
-				w("* BAD\r\n")
-				continue
-			}
-			tag := f[0]
-			switch strings.ToUpper(f[1]) {
-			case "AUTHENTICATE", "LOGIN":
-				w(tag + " OK [CAPABILITY IMAP4rev1] logged in\r\n")
-			case "BIG":
-				n, _ := strconv.Atoi(f[2])
-				w(fmt.Sprintf("* BIG {%d}\r\n", n))
-				c.Write(pattern(n, n))
-				w("\r\n" + tag + " OK\r\n")
-			case "ECHO":
-				w(tag + " OK echo\r\n")
-				io.Copy(c, br)
-				w("* echo done\r\n")
-				return
-			case "QUIT":
-				w("* BYE\r\n")
-				return
-			case "STREAM":
-				for i := 0; ; i++ {
-					if _, err := c.Write(pattern(i, 4096)); err != nil {
-						return
-					}
+	return startScriptBackend(t, "loop", func(c net.Conn, br *bufio.Reader, w func(string), tag, cmd string, args []string) bool { // nbsplice_test.go
+		switch cmd {
+		case "BIG":
+			n, _ := strconv.Atoi(args[0])
+			w(fmt.Sprintf("* BIG {%d}\r\n", n))
+			c.Write(pattern(n, n))
+			w("\r\n" + tag + " OK\r\n")
+		case "ECHO":
+			w(tag + " OK echo\r\n")
+			io.Copy(c, br)
+			w("* echo done\r\n")
+			return false
+		case "QUIT":
+			w("* BYE\r\n")
+			return false
+		case "STREAM":
+			for i := 0; ; i++ {
+				if _, err := c.Write(pattern(i, 4096)); err != nil {
+					return false
 				}
-			default:
-				w(tag + " OK\r\n")
 			}
+		default:
+			w(tag + " OK\r\n")
 		}
+		return true
 	})
-	return ln.Addr().String()
 }
 
 // loopHarness is a harness on startLoopBackend whose session ends reach

@@ -16,6 +16,27 @@ import (
 // in two writes (an untagged line, then the tagged one), so that bytes
 // often arrive while the proxy is still forwarding the first part.
 func startSplitBackend(t *testing.T) string {
+	return startScriptBackend(t, "split", func(c net.Conn, br *bufio.Reader, w func(string), tag, cmd string, _ []string) bool {
+		switch cmd {
+		case "NOOP":
+			w("* 1 EXISTS\r\n")
+			w(tag + " OK NOOP done\r\n")
+		case "LOGOUT":
+			w("* BYE bye\r\n")
+			w(tag + " OK LOGOUT done\r\n")
+			return false
+		default:
+			w(tag + " OK\r\n")
+		}
+		return true
+	})
+}
+
+// startScriptBackend is a scripted IMAP backend: it greets, accepts any
+// LOGIN or AUTHENTICATE, and hands every other command line (its tag, its
+// name in upper case and its other words) to answer, until answer returns
+// false or the connection ends.
+func startScriptBackend(t *testing.T, name string, answer func(c net.Conn, br *bufio.Reader, w func(string), tag, cmd string, args []string) bool) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -23,27 +44,25 @@ func startSplitBackend(t *testing.T) string {
 	}
 	testenv.Accept(t, ln, func(c net.Conn) {
 		w := func(s string) { c.Write([]byte(s)) }
-		w("* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] split backend\r\n")
+		w("* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] " + name + " backend\r\n")
 		br := bufio.NewReader(c)
 		for {
 			line, err := br.ReadString('\n')
 			if err != nil {
 				return
 			}
-			tag, rest, _ := strings.Cut(strings.TrimRight(line, "\r\n"), " ")
-			cmd, _, _ := strings.Cut(rest, " ")
-			switch strings.ToUpper(cmd) {
-			case "AUTHENTICATE", "LOGIN":
+			f := strings.Fields(line)
+			if len(f) < 2 {
+				w("* BAD\r\n")
+				continue
+			}
+			tag, cmd := f[0], strings.ToUpper(f[1])
+			if cmd == "AUTHENTICATE" || cmd == "LOGIN" {
 				w(tag + " OK [CAPABILITY IMAP4rev1] logged in\r\n")
-			case "NOOP":
-				w("* 1 EXISTS\r\n")
-				w(tag + " OK NOOP done\r\n")
-			case "LOGOUT":
-				w("* BYE bye\r\n")
-				w(tag + " OK LOGOUT done\r\n")
+				continue
+			}
+			if !answer(c, br, w, tag, cmd, f[2:]) {
 				return
-			default:
-				w(tag + " OK\r\n")
 			}
 		}
 	})
