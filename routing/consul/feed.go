@@ -536,7 +536,7 @@ func (c *Consul) readUsers(ctx context.Context, users []string) (map[string]user
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem }()
-			p, meta, err := c.client.KV().Get(c.userPath(u), (&api.QueryOptions{}).WithContext(ctx))
+			p, meta, err := c.client.KV().Get(c.userPath(u), consistentRead(ctx))
 			res := result{user: u, err: err}
 			if err == nil {
 				res.r.index = meta.LastIndex
@@ -567,6 +567,19 @@ func (c *Consul) readUsers(ctx context.Context, users []string) (map[string]user
 	return out, nil
 }
 
+// consistentRead are the options of a read that must see every write
+// acknowledged before it. Consul's default mode is not enough: a server
+// that has just become leader (a restarted single server, a new leader
+// after an election) answers from its state machine before it has
+// applied the log it inherited, and a feed instance that resynced from
+// such an answer (start from a snapshot, TestFeedSnapshotStart) kept a
+// placement moved before the restart for good, since no change-feed entry
+// comes for it again. A consistent read is refused until the leader is
+// ready for it ("Not ready to serve consistent reads"), and then retried.
+func consistentRead(ctx context.Context) *api.QueryOptions {
+	return (&api.QueryOptions{RequireConsistent: true}).WithContext(ctx)
+}
+
 // userRead is one user's entry as read: a (ok), or none as of index.
 type userRead struct {
 	a     assignment
@@ -590,7 +603,7 @@ func (c *Consul) fetchUser(ctx context.Context, user string) (assignment, bool, 
 	gen := &c.feedGen[shardOf(user)]
 	for try := 0; ; try++ {
 		g := gen.Load()
-		p, _, err := c.client.KV().Get(c.userPath(user), (&api.QueryOptions{}).WithContext(ctx))
+		p, _, err := c.client.KV().Get(c.userPath(user), consistentRead(ctx))
 		if err != nil {
 			return assignment{}, false, err
 		}
