@@ -1,9 +1,7 @@
 package proxy
 
 import (
-	"io"
 	"net"
-	"os"
 	"syscall"
 	"unsafe"
 
@@ -25,6 +23,7 @@ import (
 // Only the goroutine that runs the direction uses it.
 type nbReader struct {
 	rc      syscall.RawConn
+	op      *ioOp   // rawio_linux.go; nil until the first read
 	drained bool    // the last read emptied the socket's queue
 	one     [1]byte // wait's peek, here so that it does not escape per call
 }
@@ -62,32 +61,7 @@ func (r *nbReader) read(p []byte) (int, error) {
 	if r.drained {
 		return 0, errWouldBlock
 	}
-	var (
-		n     int
-		errno error
-	)
-	err := r.rc.Control(func(fd uintptr) {
-		var e unix.Errno
-		n, e = tryRead(fd, p) // rawio_linux.go
-		if e != 0 {
-			errno = e
-		}
-	})
-	switch {
-	case err != nil:
-		return 0, err // closed
-	case errno == unix.EAGAIN:
-		r.drained = true
-		return 0, errWouldBlock
-	case errno != nil:
-		return 0, os.NewSyscallError("read", errno)
-	case n == 0 && len(p) > 0:
-		return 0, io.EOF
-	}
-	if n < len(p) {
-		r.drained = true
-	}
-	return n, nil
+	return r.done(r.ioOp().read(r.rc, p))
 }
 
 // readv is read into the slots in order, with one system call.
@@ -95,38 +69,29 @@ func (r *nbReader) readv(slots *[tls13.Slots][]byte) (int, error) {
 	if r.drained {
 		return 0, errWouldBlock
 	}
-	var iov [tls13.Slots]unix.Iovec
-	want := 0
-	for i, b := range slots {
-		iov[i].Base = &b[0]
-		iov[i].SetLen(len(b))
-		want += len(b)
+	return r.done(r.ioOp().readv(r.rc, slots))
+}
+
+// ioOp is the reader's reusable system call, made at its first read: a
+// session carried by an event loop never reads through its nbReader.
+func (r *nbReader) ioOp() *ioOp {
+	if r.op == nil {
+		r.op = newIOOp()
 	}
-	var (
-		n     int
-		errno unix.Errno
-	)
-	err := r.rc.Control(func(fd uintptr) {
-		for {
-			r1, _, e := unix.RawSyscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
-			if e != unix.EINTR {
-				n, errno = int(r1), e
-				return
-			}
-		}
-	})
+	return r.op
+}
+
+// done marks the reader drained after a read that found nothing queued,
+// or less than it was offered.
+func (r *nbReader) done(n int, again bool, err error) (int, error) {
 	switch {
-	case err != nil:
-		return 0, err
-	case errno == unix.EAGAIN:
+	case again:
 		r.drained = true
 		return 0, errWouldBlock
-	case errno != 0:
-		return 0, os.NewSyscallError("readv", errno)
-	case n == 0:
-		return 0, io.EOF
+	case err != nil:
+		return 0, err
 	}
-	if n < want {
+	if r.op.short {
 		r.drained = true
 	}
 	return n, nil

@@ -7,6 +7,7 @@ import (
 	"syscall"
 	"unsafe"
 
+	"github.com/imapgate/imapgate/proxy/internal/tls13"
 	"golang.org/x/sys/unix"
 )
 
@@ -123,4 +124,115 @@ func rawIOConn(c net.Conn) net.Conn {
 		return c
 	}
 	return &rawTCPConn{TCPConn: tc, rc: rc}
+}
+
+// ioOp is one non-blocking system call on a socket, run inside
+// RawConn.Control. An event loop keeps one, and so does a spliced
+// direction's nbReader, and reuses it, with its function bound once, so
+// that the data path does not allocate per call (a closure over its
+// results would, for each of them).
+type ioOp struct {
+	kind  uint8 // opRead, opReadv, opWrite
+	a     []byte
+	iov   [tls13.Slots]unix.Iovec
+	n     int
+	errno syscall.Errno
+	short bool // the last read returned less than it was offered
+	run   func(fd uintptr)
+}
+
+const (
+	opRead = iota
+	opReadv
+	opWrite
+)
+
+func newIOOp() *ioOp {
+	op := new(ioOp)
+	op.run = op.do
+	return op
+}
+
+func (op *ioOp) do(fd uintptr) {
+	op.n, op.errno = 0, 0
+	switch op.kind {
+	case opRead:
+		op.n, op.errno = tryRead(fd, op.a)
+	case opReadv:
+		for {
+			r, _, e := unix.RawSyscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&op.iov[0])), uintptr(len(op.iov)))
+			if e != unix.EINTR {
+				op.n, op.errno = int(r), e
+				if e != 0 {
+					op.n = 0
+				}
+				return
+			}
+		}
+	case opWrite:
+		for op.n < len(op.a) {
+			n, e := tryWrite(fd, op.a[op.n:])
+			if e != 0 {
+				op.errno = e
+				return
+			}
+			op.n += n
+		}
+	}
+}
+
+// read reads what is queued: again when nothing was, io.EOF at the end.
+func (op *ioOp) read(c syscall.RawConn, p []byte) (n int, again bool, err error) {
+	op.kind, op.a = opRead, p
+	cerr := c.Control(op.run)
+	op.a = nil
+	return op.result(cerr, "read", len(p))
+}
+
+// readv is read into the slots in order, with one system call.
+func (op *ioOp) readv(c syscall.RawConn, slots *[tls13.Slots][]byte) (n int, again bool, err error) {
+	op.kind = opReadv
+	offered := 0
+	for i, b := range slots {
+		op.iov[i].Base = &b[0]
+		op.iov[i].SetLen(len(b))
+		offered += len(b)
+	}
+	cerr := c.Control(op.run)
+	for i := range op.iov {
+		op.iov[i].Base = nil
+	}
+	return op.result(cerr, "readv", offered)
+}
+
+func (op *ioOp) result(cerr error, call string, offered int) (n int, again bool, err error) {
+	op.short = op.n < offered
+	switch {
+	case cerr != nil:
+		return 0, false, cerr
+	case op.errno == unix.EAGAIN:
+		return 0, true, nil
+	case op.errno != 0:
+		return 0, false, os.NewSyscallError(call, op.errno)
+	case op.n == 0 && offered > 0:
+		return 0, false, io.EOF
+	}
+	return op.n, false, nil
+}
+
+// write writes p without blocking: blocked when the socket took less
+// than all of it (n says how much it took).
+func (op *ioOp) write(c syscall.RawConn, p []byte) (n int, blocked bool, err error) {
+	op.kind, op.a = opWrite, p
+	cerr := c.Control(op.run)
+	op.a = nil
+	switch {
+	case cerr != nil:
+		return op.n, false, cerr
+	case op.errno == unix.EAGAIN:
+		return op.n, true, nil
+	case op.errno != 0:
+		return op.n, false, os.NewSyscallError("write", op.errno)
+	}
+	return op.n, false, nil
 }
