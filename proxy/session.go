@@ -97,7 +97,7 @@ func newSession(s *Server, c net.Conn, l *Listener, remote, local netip.AddrPort
 // kept: a zap logger with fields holds an encoder buffer of about 1 KiB,
 // and an idle session should cost as little as possible.
 func (s *session) logger(extra ...zap.Field) *zap.Logger {
-	return s.srv.log.With(s.logFields(extra...)...)
+	return s.srv.slog.With(s.logFields(extra...)...)
 }
 
 // logFields are the session's fields followed by extra, for a line logged
@@ -167,7 +167,7 @@ func (s *session) finish() {
 	m := s.srv.o().Metrics
 	m.SessionState(s.lst.Name, bid, from, StateClosed)
 	m.SessionEnded(s.lst.Name, bid, reason, in, out, d)
-	s.srv.log.Info("session end", s.logFields(
+	s.srv.slog.Info("session end", s.logFields(
 		zap.String("user", user), zap.String("backend", bid),
 		zap.Int64("bytes_in", in), zap.Int64("bytes_out", out),
 		zap.Duration("duration", d), zap.Stringer("end", reason))...)
@@ -274,8 +274,10 @@ func (s *session) writeString(str string) bool { return s.write([]byte(str)) }
 
 func (s *session) newReader() {
 	lim := s.srv.o().Limits
+	br := cmdReaders.Get().(*bufio.Reader)
+	br.Reset(s.client)
 	s.r = &cmdReader{
-		br:   bufio.NewReaderSize(s.client, cmdReaderBuffer),
+		br:   br,
 		cont: s,
 		lim: readLimits{
 			maxLine:    lim.MaxLineLength,
@@ -284,6 +286,22 @@ func (s *session) newReader() {
 			maxArgs:    256,
 		},
 	}
+}
+
+// cmdReaders keeps the pre-auth readers' buffers between sessions: a
+// login would otherwise allocate (and the GC collect) cmdReaderBuffer
+// bytes that live for a few milliseconds.
+var cmdReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, cmdReaderBuffer) }}
+
+// dropReader gives the pre-auth reader's buffer back; what it still
+// buffers is thrown away (callers copy what they keep first).
+func (s *session) dropReader() {
+	if s.r == nil {
+		return
+	}
+	s.r.br.Reset(nil)
+	cmdReaders.Put(s.r.br)
+	s.r = nil
 }
 
 // continueLiteral implements continuer.
@@ -384,7 +402,7 @@ func (s *session) upgradeTLS(ctx context.Context, command string) bool {
 	if n := s.r.br.Buffered(); n > 0 {
 		s.logger().Warn("discarding bytes pipelined after "+command, zap.Int("bytes", n))
 	}
-	s.r = nil
+	s.dropReader()
 	if err := s.startTLS(ctx); err != nil {
 		s.setEnd(EndTLSHandshake)
 		s.logger().Debug(command+" handshake failed", zap.Error(err))

@@ -334,7 +334,7 @@ func (s *session) splice(bl *backendLogin) bool {
 		b, _ := s.r.br.Peek(n)
 		early = append([]byte(nil), b...)
 	}
-	s.r = nil // the pre-auth buffer goes back to the heap
+	s.dropReader() // the pre-auth buffer goes back to its pool
 	s.setState(StateSpliced)
 	if len(early) > 0 {
 		// Commands the client pipelined after its login: the backend must
