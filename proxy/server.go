@@ -203,14 +203,20 @@ func (s *Server) untrack(ln net.Listener) {
 // adjusts its whole depth twice (about 3% of a login's CPU in perf).
 const stackPad = 12 << 10
 
-var stackSink, stackIndex byte
+// stackIndex is never written: reading pad through it, and storing the
+// byte read, keeps the compiler from dropping pad (an atomic store: every
+// session goroutine makes it).
+var (
+	stackIndex byte
+	stackSink  atomic.Uint32
+)
 
 // growStack grows the calling goroutine's stack to 16 KiB at once.
 //
 //go:noinline
 func growStack() {
 	var pad [stackPad]byte
-	stackSink = pad[stackIndex]
+	stackSink.Store(uint32(pad[stackIndex]))
 }
 
 // isTemporary reports accept errors worth retrying (EMFILE, ENFILE,
