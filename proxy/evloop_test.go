@@ -499,3 +499,99 @@ func TestLoopShutdownForced(t *testing.T) {
 		t.Fatal("the loop still runs after Shutdown returned")
 	}
 }
+
+// With the runtime's epoll set not found (findRuntimeEpoll failing, as
+// where /proc is not mounted), a loop keeps serving its sessions with
+// their sockets in both sets: the runtime's edges wake nobody who acts
+// on them. Round trips, a stream larger than the socket buffers with a
+// stalled reader, and the next command all work.
+func TestLoopKeepsRuntimePoller(t *testing.T) {
+	h, _ := loopHarness(t, nil)
+	c0, _ := loginLoop(t, h) // starts the loops
+	c0.Send("z NOOP\r\n")
+	c0.Expect("z OK")
+	for _, l := range h.srv.loops.Load().loops {
+		l.do(func() { l.rtEpfd = -1 })
+	}
+	c, s := loginLoop(t, h)
+	es := s.ev.Load()
+	var fd int
+	es.crw.Control(func(f uintptr) { fd = int(f) })
+	if got := findRuntimeEpoll(fd, es.loop.epfd); got <= 0 {
+		t.Fatalf("the client socket left the runtime's epoll set (%d) though it was not to be looked for", got)
+	}
+	for i := range 50 {
+		c.Send(fmt.Sprintf("n%d NOOP\r\n", i))
+		c.Expect(fmt.Sprintf("n%d OK", i))
+	}
+	const n = 16 << 20
+	c.Send(fmt.Sprintf("b BIG %d\r\n", n))
+	waitStalled(t, s, n)
+	if l := c.Line(); l != fmt.Sprintf("* BIG {%d}", n) {
+		t.Fatalf("got %q", l)
+	}
+	if got := readN(t, c, n); !bytes.Equal(got, pattern(n, n)) {
+		t.Fatal("the 16 MiB arrived changed")
+	}
+	c.Expect("")
+	c.Expect("b OK")
+	c.Send("c NOOP\r\n")
+	c.Expect("c OK")
+}
+
+// waitStalled waits until s has sent part of an n-byte answer and sends
+// no more: its writer waits on the client's full socket.
+func waitStalled(t *testing.T, s *session, n int64) {
+	t.Helper()
+	last, same := int64(-1), 0
+	for deadline := time.Now().Add(10 * time.Second); same < 20; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the session never stalled on the client: %d of %d bytes out", s.out.Load(), n)
+		}
+		out := s.out.Load()
+		if out == last && out > 0 && out < n {
+			same++
+		} else {
+			same = 0
+		}
+		last = out
+	}
+}
+
+// On the goroutine path (event_loop off) the backend-to-client writer
+// waits on a full client socket (rawWrite's wait for writability) and
+// resumes when the client reads: the stream arrives whole, and the
+// session goes on.
+func TestSpliceGoroutineSlowClient(t *testing.T) {
+	h, _ := loopHarness(t, func(o *Options) { o.SpliceLoop = LoopOff })
+	c := dialConv(t, h.tlsAddr, h.clientTLS)
+	c.C.SetDeadline(time.Now().Add(30 * time.Second))
+	c.Expect("* OK")
+	c.Send("a LOGIN user pass\r\n")
+	c.Expect("a OK")
+	var s *session
+	for deadline := time.Now().Add(10 * time.Second); s == nil; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no spliced session")
+		}
+		if ss := h.srv.spliceSessions(); len(ss) == 1 {
+			s = ss[0]
+		}
+	}
+	if s.ev.Load() != nil {
+		t.Fatal("the session is on an event loop with event_loop off")
+	}
+	const n = 32 << 20
+	c.Send(fmt.Sprintf("b BIG %d\r\n", n))
+	waitStalled(t, s, n)
+	if l := c.Line(); l != fmt.Sprintf("* BIG {%d}", n) {
+		t.Fatalf("got %q", l)
+	}
+	if got := readN(t, c, n); !bytes.Equal(got, pattern(n, n)) {
+		t.Fatal("the 32 MiB arrived changed")
+	}
+	c.Expect("")
+	c.Expect("b OK")
+	c.Send("c NOOP\r\n")
+	c.Expect("c OK")
+}

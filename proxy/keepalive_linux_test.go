@@ -71,3 +71,32 @@ func TestKeepAliveBothLegs(t *testing.T) {
 		})
 	}
 }
+
+// TestKeepAliveLMTP: LMTP connections get Timeouts.KeepAlive too (the
+// binary's listeners set none), through the listener serveLMTP wraps.
+func TestKeepAliveLMTP(t *testing.T) {
+	srv, err := NewServer(Options{Router: fixedRouter(nil), Timeouts: Timeouts{KeepAlive: 50 * time.Second}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc := net.ListenConfig{KeepAlive: -1} // as cmd/imapgate listens
+	ln, err := lc.Listen(t.Context(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	kl := keepAliveListener{ln, srv}
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	sc, err := kl.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sc.Close()
+	if on, idle, intvl, cnt := sockKeepAlive(t, sc); !on || idle != 50 || intvl != 30 || cnt != 4 {
+		t.Errorf("keep-alive %v idle %d s interval %d s count %d; want on, 50 s, 30 s, 4", on, idle, intvl, cnt)
+	}
+}

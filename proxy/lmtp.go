@@ -87,7 +87,7 @@ func (s *Server) serveLMTP(ln net.Listener, l Listener) error {
 		return ErrServerClosed
 	}
 	defer s.untrack(ln)
-	err = srv.Serve(ln, lmtp.Listener{Name: l.Name, AllowFrom: l.AllowFrom, TLS: l.Mode == ImplicitTLS})
+	err = srv.Serve(keepAliveListener{ln, s}, lmtp.Listener{Name: l.Name, AllowFrom: l.AllowFrom, TLS: l.Mode == ImplicitTLS})
 	if s.closing.Load() {
 		return ErrServerClosed
 	}
@@ -127,4 +127,20 @@ func lmtpMetrics(m Metrics) lmtp.Metrics {
 		return lm
 	}
 	return nil
+}
+
+// keepAliveListener gives every connection it accepts Timeouts.KeepAlive,
+// as serveConn does for the other protocols: the binary's listeners leave
+// keep-alive to the proxy.
+type keepAliveListener struct {
+	net.Listener
+	s *Server
+}
+
+func (l keepAliveListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetKeepAliveConfig(l.s.o().Timeouts.keepAlive())
+	}
+	return c, err
 }

@@ -9,6 +9,8 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/imapgate/imapgate/internal/gcpolicy"
+
 	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/internal/logging"
 	"github.com/imapgate/imapgate/internal/sdnotify"
@@ -23,6 +25,11 @@ func run(ctx context.Context, cfg *config.Config, f *flags, demo bool, log *zap.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	nofile := raiseOpenFileLimit(log)
+	if gc := gcpolicy.Start(gcpolicy.Options{MaxHeadroom: cfg.Runtime.GCHeadroom()}); gc != nil {
+		defer gc.Stop()
+	} else if gcpolicy.Chosen() {
+		log.Info("GOGC or GOMEMLIMIT set: the collector's policy is the environment's")
+	}
 	if demo {
 		log.Info("no configuration given: running the embedded demo (see README; -config FILE for a real setup)")
 		stop, err := startDemo(cfg, log)

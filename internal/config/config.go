@@ -70,6 +70,26 @@ type Config struct {
 	Shutdown Shutdown           `toml:"shutdown" reload:"live"`
 	LMTP     LMTP               `toml:"lmtp" reload:"restart"`   // the LMTP front end is built once
 	Splice   Splice             `toml:"splice" reload:"restart"` // the event loops start once
+	Runtime  Runtime            `toml:"runtime" reload:"restart"`
+}
+
+// Runtime tunes the Go runtime under imapgate.
+type Runtime struct {
+	// GCHeadroomMiB bounds the room the collector gets above the live
+	// heap while imapgate allocates fast (internal/gcpolicy: a burst of
+	// logins collects about every 2 s instead of many times a second; a
+	// quiet instance keeps Go's own policy). Zero means 32; negative
+	// leaves Go's policy alone. GOGC or GOMEMLIMIT in the environment
+	// take precedence.
+	GCHeadroomMiB int `toml:"gc_headroom_mib"`
+}
+
+// GCHeadroom is Runtime.GCHeadroomMiB as gcpolicy.Options.MaxHeadroom.
+func (r Runtime) GCHeadroom() int64 {
+	if r.GCHeadroomMiB < 0 {
+		return -1
+	}
+	return int64(r.GCHeadroomMiB) << 20
 }
 
 // Log configures logging.
