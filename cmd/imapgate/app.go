@@ -258,7 +258,7 @@ func (a *app) startHTTP(ctx context.Context, specs []config.ListenerSpec) error 
 	if addr == "" {
 		return nil
 	}
-	ln, err := listen(ctx, addr)
+	ln, err := listen(ctx, addr, false)
 	if err != nil {
 		return fmt.Errorf("http listener %s: %w", addr, err)
 	}

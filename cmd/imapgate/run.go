@@ -10,6 +10,7 @@ import (
 	"syscall"
 
 	"github.com/imapgate/imapgate/internal/gcpolicy"
+	"github.com/imapgate/imapgate/proxy"
 
 	"github.com/imapgate/imapgate/internal/config"
 	"github.com/imapgate/imapgate/internal/logging"
@@ -157,11 +158,20 @@ func raiseOpenFileLimit(log *zap.Logger) uint64 {
 // can bind the same ports while an old one drains (zero-downtime upgrade).
 // Keep-alive is left to the proxy (Timeouts.KeepAlive), which sets it on
 // each connection it serves.
-func listen(ctx context.Context, addr string) (net.Listener, error) {
+//
+// clientFirst (an implicit-TLS listener: the client's ClientHello comes
+// before anything imapgate says) sets TCP_DEFER_ACCEPT: the kernel hands
+// the connection over once its first bytes are there, so the session's
+// first read finds them instead of waiting for them (one wake-up less
+// per login). Never on a listener whose clients wait for a greeting.
+func listen(ctx context.Context, addr string, clientFirst bool) (net.Listener, error) {
 	lc := net.ListenConfig{KeepAlive: -1, Control: func(_, _ string, c syscall.RawConn) error {
 		var serr error
 		err := c.Control(func(fd uintptr) {
 			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+			if serr == nil && clientFirst {
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 1)
+			}
 		})
 		return errors.Join(err, serr)
 	}}
@@ -182,7 +192,7 @@ func bindListeners(ctx context.Context, cfg *config.Config) ([]boundListener, er
 	}
 	var out []boundListener
 	for _, sp := range specs {
-		ln, err := listen(ctx, sp.Addr)
+		ln, err := listen(ctx, sp.Addr, sp.Listener.Mode == proxy.ImplicitTLS)
 		if err != nil {
 			closeListeners(out)
 			return nil, fmt.Errorf("listen %s: %w", sp.Addr, err)
