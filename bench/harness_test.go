@@ -253,7 +253,7 @@ defaults
     timeout server 1h
 
 frontend imaps
-    bind %s ssl crt %s
+    bind %s ssl crt %s defer-accept
     default_backend dovecot
 
 backend dovecot

@@ -181,7 +181,7 @@ func TestBenchmarkReport(t *testing.T) {
 	if baseName != "" {
 		setup = append(setup, fmt.Sprintf("**%s**: the same configuration, built from that commit (the \"before\" of this run)%s.", baseName, baseConfigNote()))
 	}
-	setup = append(setup, "**haproxy**: `haproxy -db -f haproxy.cfg`, `mode tcp`, `bind … ssl crt combined.pem`, `server s1` = Dovecot's cleartext port, `maxconn 9950`, no logging, threads default (2).")
+	setup = append(setup, "**haproxy**: `haproxy -db -f haproxy.cfg`, `mode tcp`, `bind … ssl crt combined.pem defer-accept` (as imapgate defers accept on its implicit-TLS listeners), `server s1` = Dovecot's cleartext port, `maxconn 9950`, no logging, threads default (2).")
 	if withNginx {
 		setup = append(setup, "**nginx**: nginx's `mail` module (Debian's libnginx-mod-mail), `proxy on`, TLS on the listener, `auth_http` answered by the test process (every user to Dovecot's cleartext port), `ssl_session_cache shared:MAIL:10m`, one process (`master_process off`: one core, where the others may use two), no access log.")
 	}
