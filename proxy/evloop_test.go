@@ -524,14 +524,21 @@ func TestLoopKeepsRuntimePoller(t *testing.T) {
 		c.Send(fmt.Sprintf("n%d NOOP\r\n", i))
 		c.Expect(fmt.Sprintf("n%d OK", i))
 	}
-	const n = 16 << 20
+	stallThenDrain(t, c, s, 16<<20)
+}
+
+// stallThenDrain asks for n bytes, lets the session stall on the
+// client's full socket (waitStalled), then reads them all and checks
+// them, and that the session goes on.
+func stallThenDrain(t *testing.T, c *conv, s *session, n int) {
+	t.Helper()
 	c.Send(fmt.Sprintf("b BIG %d\r\n", n))
-	waitStalled(t, s, n)
+	waitStalled(t, s, int64(n))
 	if l := c.Line(); l != fmt.Sprintf("* BIG {%d}", n) {
 		t.Fatalf("got %q", l)
 	}
 	if got := readN(t, c, n); !bytes.Equal(got, pattern(n, n)) {
-		t.Fatal("the 16 MiB arrived changed")
+		t.Fatalf("the %d bytes arrived changed", n)
 	}
 	c.Expect("")
 	c.Expect("b OK")
@@ -581,17 +588,5 @@ func TestSpliceGoroutineSlowClient(t *testing.T) {
 	if s.ev.Load() != nil {
 		t.Fatal("the session is on an event loop with event_loop off")
 	}
-	const n = 32 << 20
-	c.Send(fmt.Sprintf("b BIG %d\r\n", n))
-	waitStalled(t, s, n)
-	if l := c.Line(); l != fmt.Sprintf("* BIG {%d}", n) {
-		t.Fatalf("got %q", l)
-	}
-	if got := readN(t, c, n); !bytes.Equal(got, pattern(n, n)) {
-		t.Fatal("the 32 MiB arrived changed")
-	}
-	c.Expect("")
-	c.Expect("b OK")
-	c.Send("c NOOP\r\n")
-	c.Expect("c OK")
+	stallThenDrain(t, c, s, 32<<20)
 }

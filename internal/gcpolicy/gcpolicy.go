@@ -19,7 +19,11 @@
 // rate × Period, at least twice the live heap (Go's default) and at most
 // the live heap plus MaxHeadroom. A burst of logins gets the room; once
 // the process is quiet (idle sessions), GOGC goes back to 100 within a
-// second, and the heap goal with it.
+// second, and the heap goal with it. The memory the burst's heap grew
+// into is then given back to the kernel at once (debug.FreeOSMemory: one
+// collection and a scavenge per burst): left to the runtime's background
+// scavenger, it came back only gradually, and 9,000 idle sessions opened
+// at 250 a second kept 0.8 KiB more RSS each 20 s later.
 //
 // It stays out of the way of an operator who chose: with GOGC or
 // GOMEMLIMIT in the environment, Start does nothing.
@@ -62,6 +66,8 @@ type Tuner struct {
 
 	// The tuning goroutine's own.
 	percent   int
+	peak      int // the highest percent since the last freeOS
+	freedAt   time.Time
 	lastAlloc uint64
 	lastAt    time.Time
 }
@@ -138,9 +144,23 @@ func (t *Tuner) tune(now time.Time) {
 	// Only worth a change of a tenth or more, or back to the default.
 	if p != t.percent && (p == 100 || p*10 > t.percent*11 || p*11 < t.percent*10) {
 		debug.SetGCPercent(p)
+		t.peak = max(t.peak, p)
+		if p == 100 && t.peak >= 200 && now.Sub(t.freedAt) >= freeEvery {
+			// A burst is over: at most once per freeEvery, so that a rate
+			// hovering about the threshold does not collect for it.
+			freeOS()
+			t.freedAt, t.peak = now, 100
+		}
 		t.percent = p
 	}
 }
+
+// freeOS gives the heap a burst grew into back to the kernel; tests
+// count the calls.
+var freeOS = debug.FreeOSMemory
+
+// freeEvery is the least time between two of them.
+const freeEvery = 10 * time.Second
 
 // Headroom is the room above the live heap for a collection every period
 // at rate bytes a second, at most max.

@@ -2,7 +2,9 @@ package gcpolicy
 
 import (
 	"runtime"
+	"runtime/debug"
 	"runtime/metrics"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -57,6 +59,9 @@ func TestTunerFollowsAllocation(t *testing.T) {
 	if Chosen() {
 		t.Skip("GOGC or GOMEMLIMIT is set in the environment: the Tuner stays off by design")
 	}
+	var freed atomic.Int32
+	freeOS = func() { freed.Add(1) }
+	defer func() { freeOS = debug.FreeOSMemory }()
 	tu := Start(Options{every: 20 * time.Millisecond})
 	if tu == nil {
 		t.Fatal("Start returned nil")
@@ -85,6 +90,9 @@ func TestTunerFollowsAllocation(t *testing.T) {
 	tu.Stop()
 	if p := gogc(); p != 100 {
 		t.Fatalf("after Stop GOGC = %d, want 100", p)
+	}
+	if n := freed.Load(); n != 1 {
+		t.Fatalf("memory given back %d times after one burst, want once (at most once per %v)", n, freeEvery)
 	}
 }
 
