@@ -139,8 +139,8 @@ type keepAliveListener struct {
 
 func (l keepAliveListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
-	if tc, ok := c.(*net.TCPConn); ok {
-		tc.SetKeepAliveConfig(l.s.o().Timeouts.keepAlive())
+	if err == nil {
+		l.s.setKeepAlive(c)
 	}
 	return c, err
 }

@@ -226,14 +226,19 @@ func isTemporary(err error) bool {
 	return errors.As(err, &t) && t.Temporary()
 }
 
+// setKeepAlive gives an accepted connection Timeouts.KeepAlive. A
+// listener made with KeepAlive < 0 (as cmd/imapgate's are) left this to
+// us; one made with Go's defaults gets ours on top.
+func (s *Server) setKeepAlive(c net.Conn) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetKeepAliveConfig(s.o().Timeouts.keepAlive())
+	}
+}
+
 // serveConn runs one client connection from accept to close.
 func (s *Server) serveConn(c net.Conn, l *Listener) {
 	growStack()
-	if tc, ok := c.(*net.TCPConn); ok {
-		// A listener made with KeepAlive < 0 (as cmd/imapgate's are) left
-		// this to us; one made with Go's defaults gets ours on top.
-		tc.SetKeepAliveConfig(s.o().Timeouts.keepAlive())
-	}
+	s.setKeepAlive(c)
 	remote, local := addr.Of(c.RemoteAddr()), addr.Of(c.LocalAddr())
 	if addr.In(l.ProxyProtocolFrom, remote.Addr()) {
 		c.SetReadDeadline(time.Now().Add(s.o().Timeouts.TLSHandshake))

@@ -144,14 +144,15 @@ func (t *Tuner) tune(now time.Time) {
 	// Only worth a change of a tenth or more, or back to the default.
 	if p != t.percent && (p == 100 || p*10 > t.percent*11 || p*11 < t.percent*10) {
 		debug.SetGCPercent(p)
-		t.peak = max(t.peak, p)
-		if p == 100 && t.peak >= 200 && now.Sub(t.freedAt) >= freeEvery {
-			// A burst is over: at most once per freeEvery, so that a rate
-			// hovering about the threshold does not collect for it.
-			freeOS()
-			t.freedAt, t.peak = now, 100
-		}
 		t.percent = p
+	}
+	t.peak = max(t.peak, t.percent)
+	if t.percent == 100 && t.peak >= 200 && now.Sub(t.freedAt) >= freeEvery {
+		// A burst is over: at most once per freeEvery, so that a rate
+		// hovering about the threshold does not collect for it (a burst
+		// that ends sooner is given back on a later tick).
+		freeOS()
+		t.freedAt, t.peak = now, 100
 	}
 }
 
