@@ -16,8 +16,12 @@
 // RSS, well above Go's default. The Tuner instead looks at the allocation
 // rate every second and sets GOGC so that the next collection is about
 // Period away at that rate: the heap goal is the live heap plus
-// rate × Period, at least twice the live heap (Go's default) and at most
-// the live heap plus MaxHeadroom. A burst of logins gets the room; once
+// rate × Period, at least what Go's default gives and at most the live
+// heap plus MaxHeadroom. GOGC is not that goal itself: Go multiplies it
+// with the live heap and the stacks and globals it scans, and it scales
+// its 4 MiB minimum heap by it too (GOGC=2400 means a goal of at least
+// 96 MiB however small the heap), so Percent works back from the goal
+// through both. A burst of logins gets the room; once
 // the process is quiet (idle sessions), GOGC goes back to 100 within a
 // second, and the heap goal with it. The memory the burst's heap grew
 // into is then given back to the kernel at once (debug.FreeOSMemory: one
@@ -96,10 +100,13 @@ func Start(o Options) *Tuner {
 		return nil
 	}
 	t := &Tuner{o: o, stop: make(chan struct{}), done: make(chan struct{}), percent: 100,
-		sample: []metrics.Sample{{Name: "/gc/heap/allocs:bytes"}, {Name: "/gc/heap/live:bytes"}}}
+		sample: []metrics.Sample{{Name: "/gc/heap/allocs:bytes"}, {Name: "/gc/heap/live:bytes"},
+			{Name: "/gc/scan/stack:bytes"}, {Name: "/gc/scan/globals:bytes"}}}
 	metrics.Read(t.sample)
-	if t.sample[0].Value.Kind() != metrics.KindUint64 || t.sample[1].Value.Kind() != metrics.KindUint64 {
-		return nil // a Go without these metrics: leave its policy
+	for _, s := range t.sample {
+		if s.Value.Kind() != metrics.KindUint64 {
+			return nil // a Go without these metrics: leave its policy
+		}
 	}
 	t.lastAlloc, t.lastAt = t.sample[0].Value.Uint64(), time.Now()
 	go t.run() // goroutine "gcpolicy"
@@ -134,13 +141,14 @@ func (t *Tuner) run() {
 func (t *Tuner) tune(now time.Time) {
 	metrics.Read(t.sample)
 	alloc, live := t.sample[0].Value.Uint64(), t.sample[1].Value.Uint64()
+	roots := t.sample[2].Value.Uint64() + t.sample[3].Value.Uint64()
 	dt := now.Sub(t.lastAt).Seconds()
 	if dt <= 0 {
 		return
 	}
 	rate := float64(alloc-t.lastAlloc) / dt
 	t.lastAlloc, t.lastAt = alloc, now
-	p := Percent(live, Headroom(rate, t.o.Period, uint64(t.o.MaxHeadroom)))
+	p := Percent(live, roots, Headroom(rate, t.o.Period, uint64(t.o.MaxHeadroom)))
 	// Only worth a change of a tenth or more, or back to the default.
 	if p != t.percent && (p == 100 || p*10 > t.percent*11 || p*11 < t.percent*10) {
 		debug.SetGCPercent(p)
@@ -173,12 +181,22 @@ func Headroom(rate float64, period time.Duration, max uint64) uint64 {
 	return uint64(h)
 }
 
-// Percent is the GOGC that puts the heap goal at the larger of twice live
-// and live plus headroom.
-func Percent(live, headroom uint64) int {
-	if live == 0 {
-		live = 1
+// heapMinimum is the runtime's smallest heap goal at GOGC=100 (its
+// defaultHeapMinimum); at GOGC=p it is heapMinimum×p/100.
+const heapMinimum = 4 << 20
+
+// Percent is the GOGC that puts the heap goal at live plus headroom, or at
+// Go's default if that is more: roots is what the collector scans besides
+// the heap (stacks and globals), which Go's goal grows with GOGC as well:
+//
+//	goal = max(live + (live+roots)×GOGC/100, heapMinimum×GOGC/100)
+//
+// Rounded down, so that the goal stays within live plus headroom.
+func Percent(live, roots, headroom uint64) int {
+	if headroom == 0 {
+		return 100
 	}
-	p := (headroom*100 + live - 1) / live
-	return int(min(max(p, 100), maxPercent))
+	byScan := headroom * 100 / max(live+roots, 1)
+	byMinimum := (live + headroom) * 100 / heapMinimum
+	return int(min(max(min(byScan, byMinimum), 100), maxPercent))
 }

@@ -10,22 +10,51 @@ import (
 )
 
 func TestPercent(t *testing.T) {
+	const mib = 1 << 20
 	for _, tc := range []struct {
-		live, headroom uint64
-		want           int
+		live, roots, headroom uint64
+		want                  int
 	}{
-		{0, 32 << 20, maxPercent},
-		{1 << 10, 32 << 20, maxPercent}, // nearly empty: bounded
-		{4 << 20, 32 << 20, 800},        // goal 36 MiB
-		{3 << 20, 32 << 20, 1067},       // rounded up: goal ≥ live + headroom
-		{32 << 20, 32 << 20, 100},       // Go's default from here on
-		{300 << 20, 32 << 20, 100},
-		{16 << 20, 0, 100}, // quiet: Go's default
+		// A small heap: the minimum heap, scaled by GOGC, is the goal.
+		{0, 0, 32 * mib, 800},            // goal 32 MiB: 4 MiB × 8
+		{1 * mib, 1 * mib, 32 * mib, 825}, // goal 33 MiB (live + headroom), not 2×16 MiB = 64
+		{1 << 10, 0, 32 * mib, 800},
+		// A larger one: live and roots times GOGC.
+		{16 * mib, 2 * mib, 32 * mib, 177}, // goal 16 + 18×1.77 = 47.9 MiB
+		{4 * mib, 0, 32 * mib, 800},        // goal 36 MiB either way
+		{3 * mib, 1 * mib, 32 * mib, 800},  // goal max(3 + 4×8, 4×8) = 35 MiB
+		{32 * mib, 0, 32 * mib, 100},       // Go's default from here on
+		{300 * mib, 0, 32 * mib, 100},
+		{16 * mib, 0, 0, 100}, // quiet: Go's default
+		{0, 0, 1 << 40, maxPercent},
 	} {
-		if got := Percent(tc.live, tc.headroom); got != tc.want {
-			t.Errorf("Percent(%d, %d) = %d, want %d", tc.live, tc.headroom, got, tc.want)
+		if got := Percent(tc.live, tc.roots, tc.headroom); got != tc.want {
+			t.Errorf("Percent(%d, %d, %d) = %d, want %d", tc.live, tc.roots, tc.headroom, got, tc.want)
 		}
 	}
+}
+
+// goal is Go's heap goal for GOGC=p, as the runtime computes it
+// (mgcpacer.go's commit): the model Percent inverts.
+func goal(live, roots uint64, p int) uint64 {
+	return max(live+(live+roots)*uint64(p)/100, heapMinimum*uint64(p)/100)
+}
+
+// FuzzPercentBoundsGoal: whatever the heap, the goal Percent leads to is
+// at most live plus headroom, unless that is less than Go's default goal.
+func FuzzPercentBoundsGoal(f *testing.F) {
+	f.Add(uint64(1<<20), uint64(1<<20), uint64(32<<20))
+	f.Add(uint64(16<<20), uint64(2<<20), uint64(32<<20))
+	f.Fuzz(func(t *testing.T, live, roots, headroom uint64) {
+		live, roots, headroom = live%(1<<34), roots%(1<<30), headroom%(1<<34)
+		p := Percent(live, roots, headroom)
+		if p < 100 || p > maxPercent {
+			t.Fatalf("Percent = %d out of [100, %d]", p, maxPercent)
+		}
+		if g := goal(live, roots, p); p > 100 && g > live+headroom {
+			t.Fatalf("Percent(%d, %d, %d) = %d: goal %d above live + headroom %d", live, roots, headroom, p, g, live+headroom)
+		}
+	})
 }
 
 func TestHeadroom(t *testing.T) {
@@ -45,9 +74,13 @@ func TestHeadroom(t *testing.T) {
 }
 
 func gogc() int {
-	s := []metrics.Sample{{Name: "/gc/gogc:percent"}}
+	return int(read("/gc/gogc:percent"))
+}
+
+func read(name string) uint64 {
+	s := []metrics.Sample{{Name: name}}
 	metrics.Read(s)
-	return int(s[0].Value.Uint64())
+	return s[0].Value.Uint64()
 }
 
 var sink []byte
@@ -79,6 +112,12 @@ func TestTunerFollowsAllocation(t *testing.T) {
 	}
 	if p := gogc(); p > maxPercent {
 		t.Fatalf("GOGC %d above the bound", p)
+	}
+	// The runtime's own goal, not only GOGC, stays within the headroom.
+	// (A GOGC computed from the live heap alone put it at 3× the bound:
+	// Go scales its 4 MiB minimum heap by GOGC.)
+	if g, live := read("/gc/heap/goal:bytes"), read("/gc/heap/live:bytes"); g > live+DefaultMaxHeadroom+2<<20 {
+		t.Fatalf("heap goal %d MiB with %d MiB live: above live + the %d MiB headroom", g>>20, live>>20, DefaultMaxHeadroom>>20)
 	}
 	sink = nil
 	for gogc() != 100 {
