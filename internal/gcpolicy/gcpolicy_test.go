@@ -16,7 +16,7 @@ func TestPercent(t *testing.T) {
 		want                  int
 	}{
 		// A small heap: the minimum heap, scaled by GOGC, is the goal.
-		{0, 0, 32 * mib, 800},            // goal 32 MiB: 4 MiB × 8
+		{0, 0, 32 * mib, 800},             // goal 32 MiB: 4 MiB × 8
 		{1 * mib, 1 * mib, 32 * mib, 825}, // goal 33 MiB (live + headroom), not 2×16 MiB = 64
 		{1 << 10, 0, 32 * mib, 800},
 		// A larger one: live and roots times GOGC.
