@@ -25,7 +25,7 @@
 // the process is quiet (idle sessions), GOGC goes back to 100 within a
 // second, and the heap goal with it. The memory the burst's heap grew
 // into is then given back to the kernel at once (debug.FreeOSMemory: one
-// collection and a scavenge per burst): left to the runtime's background
+// collection and a scavenge per burst, after any raise): left to the runtime's background
 // scavenger, it came back only gradually, and 9,000 idle sessions opened
 // at 250 a second kept 0.8 KiB more RSS each 20 s later.
 //
@@ -155,7 +155,10 @@ func (t *Tuner) tune(now time.Time) {
 		t.percent = p
 	}
 	t.peak = max(t.peak, t.percent)
-	if t.percent == 100 && t.peak >= 200 && now.Sub(t.freedAt) >= freeEvery {
+	// Any raise counts: it let the heap grow past Go's own goal (over a
+	// 16 MiB live heap the raise is to about 177, where a GOGC bound of
+	// 200 once missed the 9,000 idle sessions' opening burst).
+	if t.percent == 100 && t.peak > 100 && now.Sub(t.freedAt) >= freeEvery {
 		// A burst is over: at most once per freeEvery, so that a rate
 		// hovering about the threshold does not collect for it (a burst
 		// that ends sooner is given back on a later tick).

@@ -135,6 +135,48 @@ func TestTunerFollowsAllocation(t *testing.T) {
 	}
 }
 
+var held []byte
+
+// TestTunerFreesAfterSmallRaise: over a large live heap the burst's raise
+// is small (GOGC about 130 over 24 MiB live), and the heap it grew into is
+// still given back once the process is quiet.
+func TestTunerFreesAfterSmallRaise(t *testing.T) {
+	if Chosen() {
+		t.Skip("GOGC or GOMEMLIMIT is set in the environment: the Tuner stays off by design")
+	}
+	var freed atomic.Int32
+	freeOS = func() { freed.Add(1) }
+	defer func() { freeOS = debug.FreeOSMemory }()
+	held = make([]byte, 24<<20)
+	defer func() { held = nil }()
+	runtime.GC() // the live heap the tuner reads is now about 24 MiB
+	tu := Start(Options{every: 20 * time.Millisecond})
+	if tu == nil {
+		t.Fatal("Start returned nil")
+	}
+	defer tu.Stop()
+	deadline := time.Now().Add(10 * time.Second)
+	for gogc() <= 100 {
+		if time.Now().After(deadline) {
+			t.Fatalf("allocating fast, GOGC stayed %d", gogc())
+		}
+		for range 64 {
+			sink = make([]byte, 64<<10)
+		}
+		runtime.Gosched()
+	}
+	if p := gogc(); p >= 200 {
+		t.Fatalf("GOGC %d over a 24 MiB live heap: the raise this test needs is below 200", p)
+	}
+	sink = nil
+	for freed.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("quiet after a raise to GOGC > 100, the heap was never given back (GOGC %d)", gogc())
+		}
+		time.Sleep(5 * time.Millisecond) // quiet is what is tested: no allocation
+	}
+}
+
 func TestOff(t *testing.T) {
 	if tu := Start(Options{MaxHeadroom: -1}); tu != nil {
 		tu.Stop()
