@@ -85,31 +85,49 @@ func read(name string) uint64 {
 
 var sink []byte
 
-// TestTunerFollowsAllocation: while the process allocates fast over a
-// small live heap, GOGC rises; once it is quiet, GOGC is back to 100;
-// Stop leaves 100 too.
-func TestTunerFollowsAllocation(t *testing.T) {
+// countFreeOS skips the test where the Tuner is off by design, and counts
+// the Tuner's freeOS calls for the rest of it instead of making them.
+func countFreeOS(t *testing.T) *atomic.Int32 {
+	t.Helper()
 	if Chosen() {
 		t.Skip("GOGC or GOMEMLIMIT is set in the environment: the Tuner stays off by design")
 	}
 	var freed atomic.Int32
 	freeOS = func() { freed.Add(1) }
-	defer func() { freeOS = debug.FreeOSMemory }()
+	t.Cleanup(func() { freeOS = debug.FreeOSMemory })
+	return &freed
+}
+
+// startAndAllocate starts a Tuner that reads every 20 ms and allocates
+// fast (about 100 MiB/s and more) until GOGC is above above; the deadline
+// it returns bounds the rest of the test.
+func startAndAllocate(t *testing.T, above int) (*Tuner, time.Time) {
+	t.Helper()
 	tu := Start(Options{every: 20 * time.Millisecond})
 	if tu == nil {
 		t.Fatal("Start returned nil")
 	}
-	defer tu.Stop()
 	deadline := time.Now().Add(10 * time.Second)
-	for gogc() <= 200 {
+	for gogc() <= above {
 		if time.Now().After(deadline) {
+			tu.Stop()
 			t.Fatalf("allocating fast, GOGC stayed %d", gogc())
 		}
 		for range 64 {
-			sink = make([]byte, 64<<10) // about 100 MiB/s and more
+			sink = make([]byte, 64<<10)
 		}
 		runtime.Gosched()
 	}
+	return tu, deadline
+}
+
+// TestTunerFollowsAllocation: while the process allocates fast over a
+// small live heap, GOGC rises; once it is quiet, GOGC is back to 100;
+// Stop leaves 100 too.
+func TestTunerFollowsAllocation(t *testing.T) {
+	freed := countFreeOS(t)
+	tu, deadline := startAndAllocate(t, 200)
+	defer tu.Stop()
 	if p := gogc(); p > maxPercent {
 		t.Fatalf("GOGC %d above the bound", p)
 	}
@@ -141,30 +159,12 @@ var held []byte
 // is small (GOGC about 130 over 24 MiB live), and the heap it grew into is
 // still given back once the process is quiet.
 func TestTunerFreesAfterSmallRaise(t *testing.T) {
-	if Chosen() {
-		t.Skip("GOGC or GOMEMLIMIT is set in the environment: the Tuner stays off by design")
-	}
-	var freed atomic.Int32
-	freeOS = func() { freed.Add(1) }
-	defer func() { freeOS = debug.FreeOSMemory }()
+	freed := countFreeOS(t)
 	held = make([]byte, 24<<20)
 	defer func() { held = nil }()
 	runtime.GC() // the live heap the tuner reads is now about 24 MiB
-	tu := Start(Options{every: 20 * time.Millisecond})
-	if tu == nil {
-		t.Fatal("Start returned nil")
-	}
+	tu, deadline := startAndAllocate(t, 100)
 	defer tu.Stop()
-	deadline := time.Now().Add(10 * time.Second)
-	for gogc() <= 100 {
-		if time.Now().After(deadline) {
-			t.Fatalf("allocating fast, GOGC stayed %d", gogc())
-		}
-		for range 64 {
-			sink = make([]byte, 64<<10)
-		}
-		runtime.Gosched()
-	}
 	if p := gogc(); p >= 200 {
 		t.Fatalf("GOGC %d over a 24 MiB live heap: the raise this test needs is below 200", p)
 	}
