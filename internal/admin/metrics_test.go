@@ -57,8 +57,10 @@ func oneLogin(m *Metrics, listener, backend string) {
 	m.SessionEnded(listener, backend, proxy.EndClientClosed, 120, 4096, time.Second)
 }
 
-// TestMetricsOfSessions checks what a session's calls leave in the
-// vectors: the cached children are the exported ones, per label set.
+// TestMetricsOfSessions checks what sessions' calls leave in the
+// vectors: a state's gauge back to zero once its sessions moved on, the
+// spliced one counting the session still there, and the counters and
+// histograms per label set.
 func TestMetricsOfSessions(t *testing.T) {
 	m := newTestMetrics(t)
 	for range 3 {
