@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -180,5 +181,52 @@ func TestMerge(t *testing.T) {
 	m := Merge([]Result{a, b})
 	if m.Amount != 4 || m.Rate != 2 || m.CPUPerOp != 10*time.Millisecond || m.Latency == nil || m.Latency.Max != 4 || m.Latency.P50 != 3 {
 		t.Errorf("Merge: %+v %+v", m, m.Latency)
+	}
+	// Each part's own figures are kept, in order: CPU per operation where
+	// it was measured, p50 where the part has latencies.
+	a.Latency, b.Latency = &Latency{P50: 7}, &Latency{P50: 5}
+	c := Result{Scenario: "noop", Amount: 1, Elapsed: time.Second} // no CPU measured
+	m = Merge([]Result{a, b, c})
+	if !slices.Equal(m.RoundCPUPerOp, []time.Duration{10 * time.Millisecond, 10 * time.Millisecond}) || !slices.Equal(m.RoundP50, []time.Duration{7, 5}) {
+		t.Errorf("Merge's rounds: CPU %v, p50 %v", m.RoundCPUPerOp, m.RoundP50)
+	}
+	if m2 := Merge([]Result{m}); len(m2.RoundCPUPerOp) != 1 {
+		t.Errorf("a merged result merged again keeps its parts' rounds: %v", m2.RoundCPUPerOp)
+	}
+}
+
+// The verdicts give the ratio of each round beside the merged one and say
+// when the rounds fall on both sides of the limit; the table has a row of
+// the rounds' figures.
+func TestReportRounds(t *testing.T) {
+	ms := func(v ...int) []time.Duration {
+		var ds []time.Duration
+		for _, x := range v {
+			ds = append(ds, time.Duration(x)*time.Microsecond)
+		}
+		return ds
+	}
+	rep := &Report{
+		Targets: []string{"imapgate", "haproxy", "nginx"},
+		Results: []Result{
+			{Scenario: "login", Target: "imapgate", Unit: "login", Amount: 300, CPU: 300 * time.Millisecond, CPUPerOp: time.Millisecond, RoundCPUPerOp: ms(900, 1000, 1100)},
+			{Scenario: "login", Target: "haproxy", Unit: "login", Amount: 300, CPU: 300 * time.Millisecond, CPUPerOp: time.Millisecond, RoundCPUPerOp: ms(1000, 1000, 1000)},
+			{Scenario: "login (X25519 only)", Target: "imapgate", Unit: "login", Amount: 300, CPU: 300 * time.Millisecond, CPUPerOp: time.Millisecond, RoundCPUPerOp: ms(1000, 1000)},
+			{Scenario: "login (X25519 only)", Target: "haproxy", Unit: "login", Amount: 300, CPU: 300 * time.Millisecond, CPUPerOp: time.Millisecond, RoundCPUPerOp: ms(1000, 1000, 1000)},
+			{Scenario: "noop", Target: "imapgate", Unit: "round trip", Latency: &Latency{P50: 100 * time.Microsecond}, RoundP50: ms(95, 110)},
+			{Scenario: "noop", Target: "nginx", Unit: "round trip", Latency: &Latency{P50: 100 * time.Microsecond}, RoundP50: ms(100, 100)},
+		},
+	}
+	md := rep.Markdown()
+	for _, want := range []string{
+		"| CPU per login (login, Go's default key exchange) ≤ 1.0× HAProxy's | 1000 µs vs 1000 µs per login = 1.00×; by round 0.90-1.10× | yes (the rounds straddle the limit) |",
+		// Rounds that do not pair up give no range.
+		"| CPU per login (login (X25519 only)) ≤ 0.9× HAProxy's | 1000 µs vs 1000 µs per login = 1.00× | **no** |",
+		"| NOOP p50 ≤ nginx's | 100 µs vs 100 µs (+0.0 µs); by round -5.0 to +10.0 µs | yes (the rounds straddle the limit) |",
+		"| login: proxy CPU per login, by round | 900 µs / 1000 µs / 1100 µs | 1000 µs / 1000 µs / 1000 µs |",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report lacks %q:\n%s", want, md)
+		}
 	}
 }

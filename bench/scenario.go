@@ -184,6 +184,12 @@ type Result struct {
 	RSSDuring     int64 `json:"rss_during,omitempty"`
 	RSSPerSession int64 `json:"rss_per_session,omitempty"`
 	FDsDuring     int   `json:"fds_during,omitempty"`
+	// Merged results only: each part's CPUPerOp (where it was measured)
+	// and latency p50 (where it has latencies), in the order merged. The
+	// rounds of a run visit the targets in turn, so round i of two targets
+	// ran minutes apart at most: their ratio is what the run can tell.
+	RoundCPUPerOp []time.Duration `json:"proxy_cpu_per_op_rounds_ns,omitempty"`
+	RoundP50      []time.Duration `json:"p50_rounds_ns,omitempty"`
 	// samples are the raw latencies where a scenario keeps them, for Merge.
 	samples []time.Duration
 }
@@ -640,6 +646,15 @@ func Merge(rs []Result) Result {
 	}
 	m := rs[0]
 	m.samples = slices.Clone(m.samples)
+	m.RoundCPUPerOp, m.RoundP50 = nil, nil
+	for _, r := range rs {
+		if r.CPU > 0 && r.Amount > 0 {
+			m.RoundCPUPerOp = append(m.RoundCPUPerOp, time.Duration(float64(r.CPU)/r.Amount))
+		}
+		if r.Latency != nil {
+			m.RoundP50 = append(m.RoundP50, r.Latency.P50)
+		}
+	}
 	for _, r := range rs[1:] {
 		m.Amount += r.Amount
 		m.Elapsed += r.Elapsed
