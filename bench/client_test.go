@@ -213,6 +213,8 @@ func TestReportRounds(t *testing.T) {
 			{Scenario: "login", Target: "haproxy", Unit: "login", Amount: 300, CPU: 300 * time.Millisecond, CPUPerOp: time.Millisecond, RoundCPUPerOp: ms(1000, 1000, 1000)},
 			{Scenario: "login (X25519 only)", Target: "imapgate", Unit: "login", Amount: 300, CPU: 300 * time.Millisecond, CPUPerOp: time.Millisecond, RoundCPUPerOp: ms(1000, 1000)},
 			{Scenario: "login (X25519 only)", Target: "haproxy", Unit: "login", Amount: 300, CPU: 300 * time.Millisecond, CPUPerOp: time.Millisecond, RoundCPUPerOp: ms(1000, 1000, 1000)},
+			{Scenario: "fetch-big", Target: "imapgate", Unit: "MiB", Amount: 10, CPU: 7 * time.Millisecond, CPUPerOp: 700 * time.Microsecond, RoundCPUPerOp: ms(690, 710)},
+			{Scenario: "fetch-big", Target: "haproxy", Unit: "MiB", Amount: 10, CPU: 10 * time.Millisecond, CPUPerOp: time.Millisecond, RoundCPUPerOp: ms(1000, 1000)},
 			{Scenario: "noop", Target: "imapgate", Unit: "round trip", Latency: &Latency{P50: 100 * time.Microsecond}, RoundP50: ms(95, 110)},
 			{Scenario: "noop", Target: "nginx", Unit: "round trip", Latency: &Latency{P50: 100 * time.Microsecond}, RoundP50: ms(100, 100)},
 		},
@@ -223,6 +225,8 @@ func TestReportRounds(t *testing.T) {
 		// Rounds that do not pair up give no range.
 		"| CPU per login (login (X25519 only)) ≤ 0.9× HAProxy's | 1000 µs vs 1000 µs per login = 1.00× | **no** |",
 		"| NOOP p50 ≤ nginx's | 100 µs vs 100 µs (+0.0 µs); by round -5.0 to +10.0 µs | yes (the rounds straddle the limit) |",
+		// Every round on the right side: no note.
+		"| CPU per MiB (10 MiB message) ≤ 0.8× HAProxy's | 700 µs vs 1000 µs per MiB = 0.70×; by round 0.69-0.71× | yes |",
 		"| login: proxy CPU per login, by round | 900 µs / 1000 µs / 1100 µs | 1000 µs / 1000 µs / 1000 µs |",
 	} {
 		if !strings.Contains(md, want) {

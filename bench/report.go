@@ -303,23 +303,29 @@ func joinDurations(ds []time.Duration) string {
 	return strings.Join(parts, " / ")
 }
 
-// roundRatios is the lowest and highest of a[i]/b[i]: the ratio each
-// round of a run gives on its own. ok is false unless both have the same
-// number of rounds, at least two, none of b's zero.
-func roundRatios(a, b []time.Duration) (lo, hi float64, ok bool) {
+// roundRange is the lowest and highest of f(a[i], b[i]): what each round
+// of a run gives on its own (round i of every target ran back to back).
+// ok is false unless both have the same number of rounds, at least two,
+// and f accepts every pair.
+func roundRange(a, b []time.Duration, f func(x, y time.Duration) (float64, bool)) (lo, hi float64, ok bool) {
 	if len(a) < 2 || len(a) != len(b) {
 		return 0, 0, false
 	}
 	lo, hi = math.Inf(1), math.Inf(-1)
 	for i := range a {
-		if b[i] <= 0 {
+		v, ok := f(a[i], b[i])
+		if !ok {
 			return 0, 0, false
 		}
-		x := float64(a[i]) / float64(b[i])
-		lo, hi = min(lo, x), max(hi, x)
+		lo, hi = min(lo, v), max(hi, v)
 	}
 	return lo, hi, true
 }
+
+// ratioOf and microsOver are roundRange's two measures: a ratio, and a
+// difference in µs.
+func ratioOf(x, y time.Duration) (float64, bool)    { return float64(x) / float64(y), y > 0 }
+func microsOver(x, y time.Duration) (float64, bool) { return float64(x-y) / 1e3, true }
 
 // verdicts compares imapgate with HAProxy and nginx against issue 13's
 // targets.
@@ -341,7 +347,7 @@ func (rep *Report) verdicts() []string {
 		x := float64(a.CPUPerOp) / float64(h.CPUPerOp)
 		measured := fmt.Sprintf("%v vs %v per %s = %.2f×", us(a.CPUPerOp), us(h.CPUPerOp), unit, x)
 		met := yes(x <= limit)
-		if lo, hi, ok := roundRatios(a.RoundCPUPerOp, h.RoundCPUPerOp); ok {
+		if lo, hi, ok := roundRange(a.RoundCPUPerOp, h.RoundCPUPerOp, ratioOf); ok {
 			measured += fmt.Sprintf("; by round %.2f-%.2f×", lo, hi)
 			if lo <= limit && limit < hi {
 				met += " (the rounds straddle the limit)"
@@ -364,12 +370,8 @@ func (rep *Report) verdicts() []string {
 			d := a.Latency.P50 - n.Latency.P50
 			measured := fmt.Sprintf("%v vs %v (%+.1f µs)", us(a.Latency.P50), us(n.Latency.P50), float64(d)/1e3)
 			met := yes(d <= 0)
-			if len(a.RoundP50) > 1 && len(a.RoundP50) == len(n.RoundP50) {
-				lo, hi := time.Duration(1<<62), -time.Duration(1<<62)
-				for i := range a.RoundP50 {
-					lo, hi = min(lo, a.RoundP50[i]-n.RoundP50[i]), max(hi, a.RoundP50[i]-n.RoundP50[i])
-				}
-				measured += fmt.Sprintf("; by round %+.1f to %+.1f µs", float64(lo)/1e3, float64(hi)/1e3)
+			if lo, hi, ok := roundRange(a.RoundP50, n.RoundP50, microsOver); ok {
+				measured += fmt.Sprintf("; by round %+.1f to %+.1f µs", lo, hi)
 				if lo <= 0 && hi > 0 {
 					met += " (the rounds straddle the limit)"
 				}

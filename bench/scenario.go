@@ -187,7 +187,7 @@ type Result struct {
 	// Merged results only: each part's CPUPerOp (where it was measured)
 	// and latency p50 (where it has latencies), in the order merged. The
 	// rounds of a run visit the targets in turn, so round i of two targets
-	// ran minutes apart at most: their ratio is what the run can tell.
+	// ran within the same minute: their ratio is what the run can tell.
 	RoundCPUPerOp []time.Duration `json:"proxy_cpu_per_op_rounds_ns,omitempty"`
 	RoundP50      []time.Duration `json:"p50_rounds_ns,omitempty"`
 	// samples are the raw latencies where a scenario keeps them, for Merge.
