@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"crypto/tls"
 	"net"
 	"syscall"
 	"unsafe"
@@ -135,6 +136,14 @@ type nbConn struct {
 	nb       nbReader
 	nonblock bool          // set once, by the splice, before its direction reads
 	keys     *tls13.KeyLog // the handshake's secrets, until the splice (tlstakeover_linux.go)
+
+	// The greeting sent with the server's first flight (greetInFlight,
+	// tlstakeover_linux.go): flight is its plaintext until the flight is
+	// written, tc the tls.Conn over this conn meanwhile; flightSent
+	// reports that it went.
+	flight     []byte
+	tc         *tls.Conn
+	flightSent bool
 }
 
 // wrapForSplice returns c wrapped so that the splice can read the TLS
@@ -160,4 +169,9 @@ func (c *nbConn) Read(p []byte) (int, error) {
 
 // Write writes p as TCPConn.Write does, without entering the runtime's
 // system-call state (rawio_linux.go).
-func (c *nbConn) Write(p []byte) (int, error) { return rawWrite(c.nb.rc, p) }
+func (c *nbConn) Write(p []byte) (int, error) {
+	if c.flight != nil && c.keys.HasServerSecret() {
+		return c.writeFlight(p)
+	}
+	return rawWrite(c.nb.rc, p)
+}

@@ -124,15 +124,17 @@ func (s *session) serve(ctx context.Context) (spliced bool) {
 		}
 	}()
 
+	greeted := false
 	if s.lst.Mode == ImplicitTLS {
-		if err := s.startTLS(ctx); err != nil {
+		var err error
+		if greeted, err = s.startTLS(ctx, fe.greeting); err != nil {
 			s.setEnd(EndTLSHandshake)
 			s.logger().Debug("TLS handshake failed", zap.Error(err))
 			return false
 		}
 	}
 	s.newReader()
-	if !s.writeString(fe.greeting(s)) {
+	if !greeted && !s.writeString(fe.greeting(s)) {
 		return false
 	}
 	bl := fe.preAuth(s, ctx)
@@ -313,26 +315,38 @@ func (s *session) continueLiteral() error {
 }
 
 // startTLS runs the server-side handshake under its own deadline.
-func (s *session) startTLS(ctx context.Context) error {
+// startTLS runs the client's TLS handshake. On an implicit-TLS listener
+// greeting is the protocol's greeting: it goes out with the server's first
+// flight when the handshake allows (greetInFlight), and greeted says so;
+// after STARTTLS there is none (nil).
+func (s *session) startTLS(ctx context.Context, greeting func(*session) string) (greeted bool, err error) {
 	if s.srv.o().TLS == nil {
-		return errors.New("no TLS configuration")
+		return false, errors.New("no TLS configuration")
 	}
 	conn := wrapForSplice(s.raw)
 	tc := tls.Server(conn, s.keyLogFor(conn, s.srv.o().TLS)) // tlstakeover_linux.go
-	if err := handshakeBy(ctx, tc, s.raw, s.srv.o().Timeouts.TLSHandshake); err != nil {
-		return err
+	if greeting != nil && s.srv.o().TLSRecords == RecordsTakeover {
+		s.tls = true // what the greeting says is for the session after the handshake
+		greetInFlight(conn, tc, greeting(s))
+		s.tls = false
+	}
+	err = handshakeBy(ctx, tc, s.raw, s.srv.o().Timeouts.TLSHandshake)
+	greeted = greetedInFlight(conn)
+	if err != nil {
+		return false, err
 	}
 	if tc.ConnectionState().NegotiatedProtocol == "acme-tls/1" {
 		// A CA validating a TLS-ALPN-01 challenge: the handshake was all
 		// it wanted (the tls package allows this ALPN only then).
 		s.setEnd(EndACMEChallenge)
-		return errors.New("ACME TLS-ALPN-01 validation")
+		return false, errors.New("ACME TLS-ALPN-01 validation")
 	}
 	s.wmu.Lock()
 	s.client = tc
+	s.atBoundary = s.atBoundary || greeted
 	s.wmu.Unlock()
 	s.tls = true
-	return nil
+	return greeted, nil
 }
 
 // authAllowed reports whether credentials may be sent on this connection
@@ -403,7 +417,7 @@ func (s *session) upgradeTLS(ctx context.Context, command string) bool {
 		s.logger().Warn("discarding bytes pipelined after "+command, zap.Int("bytes", n))
 	}
 	s.dropReader()
-	if err := s.startTLS(ctx); err != nil {
+	if _, err := s.startTLS(ctx, nil); err != nil {
 		s.setEnd(EndTLSHandshake)
 		s.logger().Debug(command+" handshake failed", zap.Error(err))
 		return false

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"net"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -87,6 +88,48 @@ func (s *session) keyLogFor(conn any, cfg *tls.Config) *tls.Config {
 	return s.srv.handshakeConfig(cfg)
 }
 
+// greetInFlight arranges for greeting to go out with the server's first
+// flight of tc's handshake, sealed after its Finished (and the session
+// ticket), instead of after the client's Finished: the client has it one
+// round trip earlier, and may send its first command with its Finished.
+// Only TLS 1.3 handshakes whose secrets conn logs do this
+// (tls13.SealInFlight refuses the rest, and the greeting is then written
+// after the handshake as before). It reports, after the handshake,
+// through greetedInFlight.
+func greetInFlight(conn net.Conn, tc *tls.Conn, greeting string) {
+	if nc, ok := conn.(*nbConn); ok && nc.keys != nil && greeting != "" {
+		nc.flight, nc.tc = []byte(greeting), tc
+	}
+}
+
+// greetedInFlight reports whether the greeting went with the flight, and
+// forgets the arrangement.
+func greetedInFlight(conn net.Conn) bool {
+	nc, ok := conn.(*nbConn)
+	if !ok {
+		return false
+	}
+	sent := nc.flightSent
+	nc.flight, nc.tc, nc.flightSent = nil, nil, false
+	return sent
+}
+
+// writeFlight writes the server's first flight p with the greeting
+// sealed after it, in one write, or p alone when the greeting may not go
+// yet (tls13.SealInFlight says why).
+func (c *nbConn) writeFlight(p []byte) (int, error) {
+	rec, err := tls13.SealInFlight(c.tc, c.keys, c.flight)
+	c.flight, c.tc = nil, nil
+	if err != nil {
+		return rawWrite(c.nb.rc, p)
+	}
+	c.flightSent = true
+	buf := make([]byte, 0, len(p)+len(rec))
+	buf = append(append(buf, p...), rec...)
+	n, err := rawWrite(c.nb.rc, buf)
+	return min(n, len(p)), err
+}
+
 // handshakeConfig is the configuration every client handshake on cfg
 // starts from while records may be taken over: one per cfg, kept until
 // the options bring another. Its GetConfigForClient settles on cfg (or
@@ -119,6 +162,9 @@ func (srv *Server) handshakeConfig(cfg *tls.Config) *tls.Config {
 		c = c.Clone()
 		if nc, ok := hello.Conn.(*nbConn); ok && nc.keys != nil && slices.Contains(hello.SupportedVersions, tls.VersionTLS13) {
 			nc.keys.Next, c.KeyLogWriter = c.KeyLogWriter, nc.keys
+		}
+		if nc, ok := hello.Conn.(*nbConn); ok && slices.Contains(hello.SupportedProtos, "acme-tls/1") {
+			nc.flight, nc.tc = nil, nil // a CA's challenge: the handshake is all it wants
 		}
 		return c, nil
 	}

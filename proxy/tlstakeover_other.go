@@ -2,7 +2,10 @@
 
 package proxy
 
-import "crypto/tls"
+import (
+	"crypto/tls"
+	"net"
+)
 
 // Without Linux every session stays on crypto/tls.
 
@@ -14,3 +17,5 @@ func (rc *recordConn) sleep(bool)                                  {}
 func (rc *recordConn) closeNotify()                                {}
 func (d *direction) copyRecordsIn() error                          { panic("unreachable") }
 func (d *direction) copyRecordsOut() error                         { panic("unreachable") }
+func greetInFlight(net.Conn, *tls.Conn, string)                    {}
+func greetedInFlight(net.Conn) bool                                 { return false }

@@ -71,6 +71,18 @@ func (k *KeyLog) Write(line []byte) (int, error) {
 	return len(line), nil
 }
 
+// HasServerSecret reports whether the server's application traffic
+// secret has been logged (a TLS 1.3 server's handshake is past its
+// Finished). A nil KeyLog has none.
+func (k *KeyLog) HasServerSecret() bool {
+	if k == nil {
+		return false
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.server != nil && !k.bad
+}
+
 // Forget wipes and drops the secrets (after a hand-off, or when the
 // connection stays on crypto/tls).
 func (k *KeyLog) Forget() {
@@ -151,6 +163,70 @@ func Takeover(tc *tls.Conn, keys *KeyLog) (*Layer, error) {
 	return l, nil
 }
 
+// SealInFlight seals p as one application data record to follow the
+// server's first flight, which tc's TLS 1.3 server handshake is writing
+// now (RFC 8446, section 2: a server may send data after its Finished,
+// before the client's), and moves tc's write sequence number past it, so
+// that crypto/tls's next record comes after it. It must be called from
+// the Write that crypto/tls makes on the connection under tc with that
+// flight (the only moment nothing else touches tc's write side), and the
+// record goes out after the flight's bytes, in the same write.
+//
+// It refuses, touching nothing, unless: the version of crypto/tls is one
+// whose fields it knows; tc is a server negotiating TLS 1.3 with a suite
+// the layer has; keys holds the server's application traffic secret and
+// tc's write side uses it already (so the flight written now ends with the
+// server's Finished and any NewSessionTicket); and p fits one record. A
+// HelloRetryRequest's flight, a TLS 1.2 handshake or a flight still on
+// the handshake keys is refused; the caller then writes p after the
+// handshake as usual. p must be something the server says whoever the
+// client turns out to be (a greeting): the client's Finished has not been
+// read, so its handshake may still fail.
+func SealInFlight(tc *tls.Conn, keys *KeyLog, p []byte) ([]byte, error) {
+	o := &connLayout
+	if !o.ok {
+		return nil, notTaken("crypto/tls internals not recognised")
+	}
+	if len(p) > MaxPlaintext {
+		return nil, notTaken("too long for one record")
+	}
+	base := unsafe.Pointer(tc)
+	at := func(off uintptr) unsafe.Pointer { return unsafe.Add(base, off) }
+	if *(*bool)(at(o.isClient)) || *(*uint16)(at(o.vers)) != tls.VersionTLS13 {
+		return nil, notTaken("not a TLS 1.3 server")
+	}
+	suite := *(*uint16)(at(o.cipherSuite))
+	if !supported(suite) {
+		return nil, notTaken("cipher suite")
+	}
+	keys.mu.Lock()
+	server, bad := keys.server, keys.bad
+	keys.mu.Unlock()
+	if bad || server == nil {
+		return nil, notTaken("traffic secrets not logged")
+	}
+	out := at(o.out)
+	if *(*error)(unsafe.Add(out, o.hcErr)) != nil {
+		return nil, notTaken("connection failed")
+	}
+	if subtle.ConstantTimeCompare(*(*[]byte)(unsafe.Add(out, o.hcSecret)), server) != 1 {
+		return nil, notTaken("write side not on the application traffic secret")
+	}
+	seqp := (*[8]byte)(unsafe.Add(out, o.hcSeq))
+	seq := binary.BigEndian.Uint64(seqp[:])
+	if seq >= keyUpdateAfter {
+		return nil, notTaken("sequence number")
+	}
+	l := &Layer{out: half{suite: suite, secret: server, seq: seq}}
+	rec, err := l.SealRecord(make([]byte, 0, len(p)+Overhead), p)
+	l.out.sleep()
+	if err != nil {
+		return nil, err
+	}
+	binary.BigEndian.PutUint64(seqp[:], seq+1)
+	return rec, nil
+}
+
 // New returns a Layer from secrets and sequence numbers directly (tests,
 // vectors): in protects what is read, out what is written.
 func New(suite uint16, inSecret, outSecret []byte, inSeq, outSeq uint64) (*Layer, error) {
@@ -175,6 +251,7 @@ type layout struct {
 	ok                                              bool
 	isClient, in, out, rawInput, input, hand        uintptr
 	buffering, sendBuf, closeNotifySent, activeCall uintptr
+	vers, cipherSuite                               uintptr
 	hcErr, hcSeq, hcSecret                          uintptr
 }
 
@@ -198,6 +275,8 @@ func findLayout() layout {
 	o.sendBuf = field(conn, "sendBuf", reflect.TypeFor[[]byte]())
 	o.closeNotifySent = field(conn, "closeNotifySent", reflect.TypeFor[bool]())
 	o.activeCall = field(conn, "activeCall", reflect.TypeFor[atomic.Int32]())
+	o.vers = field(conn, "vers", reflect.TypeFor[uint16]())
+	o.cipherSuite = field(conn, "cipherSuite", reflect.TypeFor[uint16]())
 	o.in = field(conn, "in", nil)
 	o.out = field(conn, "out", nil)
 	if !ok {
