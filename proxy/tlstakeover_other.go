@@ -18,4 +18,4 @@ func (rc *recordConn) closeNotify()                                {}
 func (d *direction) copyRecordsIn() error                          { panic("unreachable") }
 func (d *direction) copyRecordsOut() error                         { panic("unreachable") }
 func greetInFlight(net.Conn, *tls.Conn, string)                    {}
-func greetedInFlight(net.Conn) bool                                 { return false }
+func greetedInFlight(net.Conn) bool                                { return false }
