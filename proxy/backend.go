@@ -148,9 +148,16 @@ func (s *Server) dialLogin(ctx context.Context, b *routing.Backend, cr *credenti
 		// The backend dropped the waiting connection: dial a fresh one.
 		pc.Close()
 	}
-	return s.dialThen(sctx, b, b.Addr, t0, func(conn net.Conn) (*backendLogin, error) {
-		return s.loginOn(ctx, sctx, backendAttempt{conn: conn, b: b, cr: cr, ci: ci, relay: relay, deadline: deadline})
-	})
+	login := func(pipeline bool) (*backendLogin, error) {
+		return s.dialThen(sctx, b, b.Addr, t0, func(conn net.Conn) (*backendLogin, error) {
+			return s.loginOn(ctx, sctx, backendAttempt{conn: conn, b: b, cr: cr, ci: ci, relay: relay, deadline: deadline, pipeline: pipeline})
+		})
+	}
+	bl, err := login(!s.o().Backend.NoPipelinedLogin)
+	if errors.Is(err, errGreetingChanged) {
+		bl, err = login(false)
+	}
+	return bl, err
 }
 
 // dialThen connects to addr, b's server for one protocol, within ctx and
@@ -167,7 +174,8 @@ func (s *Server) dialThen(ctx context.Context, b *routing.Backend, addr string, 
 	}
 	bl, err := login(conn)
 	var refused *backendRefusedError
-	s.o().Metrics.BackendLogin(b.ID, dialTook, time.Since(t0)-dialTook, err == nil || errors.As(err, &refused))
+	up := err == nil || errors.As(err, &refused) || errors.Is(err, errGreetingChanged)
+	s.o().Metrics.BackendLogin(b.ID, dialTook, time.Since(t0)-dialTook, up)
 	if err != nil {
 		conn.Close()
 		return nil, err
@@ -222,6 +230,9 @@ type backendAttempt struct {
 	cr    *credentials // what to log in with (the master user's, if so configured)
 	ci    *clientInfo  // what the backend may learn about the client
 	relay relayFunc    // shows the client a backend's SASL challenge; nil: never asked
+	// pipeline lets the credentials go before the greeting is read
+	// (pipelinedLogin); not for a connection the pool greeted already.
+	pipeline bool
 	// deadline ends the setup (connect, TLS, greeting, STARTTLS,
 	// CAPABILITY): the connection's deadline until the credentials go out.
 	deadline time.Time
@@ -248,6 +259,19 @@ func (s *Server) loginOn(lctx, sctx context.Context, a backendAttempt) (*backend
 	bc := &backendConn{conn: rawIOConn(conn), br: nil}
 	bc.br = getBackendReader(bc.conn)
 	defer func() { putBackendReader(bc.br) }()
+	// The credentials go out before the greeting is read when the
+	// backend's last greeting says how it wants them (pipelinedLogin).
+	var early *loginPlan
+	var earlyTag string
+	if a.pipeline {
+		if p, ok := s.pipelinedLogin(b, cr, ci); ok {
+			bc.queueID(p, ci)
+			if earlyTag, err = bc.startLogin(p, cr); err != nil {
+				return nil, err
+			}
+			early = &p
+		}
+	}
 	greet, err := bc.readLine()
 	if err != nil {
 		return nil, fmt.Errorf("reading greeting: %w", err)
@@ -255,6 +279,10 @@ func (s *Server) loginOn(lctx, sctx context.Context, a backendAttempt) (*backend
 	caps, err := parseGreeting(greet)
 	if err != nil {
 		return nil, err
+	}
+	s.rememberGreeting(b, caps)
+	if early != nil && caps == "" {
+		return nil, errGreetingChanged
 	}
 	if caps == "" {
 		if caps, err = bc.capability(); err != nil {
@@ -281,11 +309,18 @@ func (s *Server) loginOn(lctx, sctx context.Context, a backendAttempt) (*backend
 			return nil, err
 		}
 	}
-	if len(ci.id) > 0 && hasCap(caps, "ID") {
-		// Sent in the same write as the login, whose reading skips the
-		// ID's answer: it does not matter (a backend that dislikes our ID
-		// still lets the client log in), and this saves a round trip.
-		bc.queued = bc.nextTag() + " ID " + idList(ci.id) + "\r\n"
+	plan, err := planLogin(caps, cr, len(ci.id) > 0)
+	if err != nil {
+		return nil, err
+	}
+	if early != nil && plan != *early {
+		// The backend says other than it said last time: what went out
+		// early may not be what it wants now. Logged in over again,
+		// the usual way (dialLogin).
+		return nil, errGreetingChanged
+	}
+	if early == nil {
+		bc.queueID(plan, ci)
 	}
 
 	// From here on the backend answers the credentials: it may take its
@@ -295,21 +330,15 @@ func (s *Server) loginOn(lctx, sctx context.Context, a backendAttempt) (*backend
 	stop = context.AfterFunc(lctx, func() { raw.SetDeadline(time.Unix(1, 0)) })
 
 	var code string
-	saslIR := hasCap(caps, "SASL-IR")
 	switch {
-	case cr.oauth != nil:
-		if !hasCap(caps, "AUTH="+cr.mech) {
-			return nil, fmt.Errorf("backend does not offer AUTH=%s", cr.mech)
-		}
-		code, err = bc.authenticate(cr.mech, cr.oauth, saslIR, relay)
-	case hasCap(caps, "AUTH=PLAIN"):
-		code, err = bc.authenticate(sasl.Plain, []byte(cr.authzid+"\x00"+cr.user+"\x00"+cr.pass), saslIR, nil)
-	case cr.authzid != "":
-		return nil, errors.New("backend lacks AUTH=PLAIN, needed for a login with an authorization identity")
-	case hasCap(caps, "LOGINDISABLED"):
-		return nil, errors.New("backend has LOGINDISABLED and no AUTH=PLAIN (configure TLS or STARTTLS to it)")
+	case early != nil:
+		code, err = bc.finishLogin(plan, earlyTag)
+	case plan.kind == loginOAuth:
+		code, err = bc.authenticate(cr.mech, cr.oauth, plan.saslIR, relay)
+	case plan.kind == loginPlain:
+		code, err = bc.authenticate(sasl.Plain, plainPayload(cr), plan.saslIR, nil)
 	default:
-		code, err = bc.loginCmd(cr, hasCap(caps, "LITERAL+"))
+		code, err = bc.loginCmd(cr, plan.literalPlus)
 	}
 	if err != nil {
 		return nil, err
@@ -331,6 +360,162 @@ func (s *Server) loginOn(lctx, sctx context.Context, a backendAttempt) (*backend
 		bl.pending = bytes.Clone(bl.pending)
 	}
 	return bl, nil
+}
+
+// A pipelined login: a backend greets every connection the same way, so
+// once its greeting is known (Server.greetings, by address) the next login
+// to it can send the ID and the credentials at once, without waiting for
+// the greeting: one round trip to the backend, and one wake-up of the
+// session, fewer. The greeting is still read, and checked: if it asks for
+// another way of logging in than the one remembered, the connection is
+// dropped and the login done over the usual way (errGreetingChanged). Only
+// commands that go in one write are sent so (AUTHENTICATE PLAIN with
+// SASL-IR, or LOGIN with quoted strings or LITERAL+), never OAuth (whose
+// challenges are the client's), never before STARTTLS (the credentials
+// would be cleartext), and the credentials only ever go to the backend
+// the router chose, after its TLS handshake when it has one.
+
+// errGreetingChanged: the greeting of a pipelined login asked for another
+// login than the one sent.
+var errGreetingChanged = errors.New("backend greeting changed since the last login")
+
+// pipelinedLogin returns the plan for sending cr to b before its greeting,
+// if its last greeting allows one.
+func (s *Server) pipelinedLogin(b *routing.Backend, cr *credentials, ci *clientInfo) (loginPlan, bool) {
+	if b.Security == routing.SecurityStartTLS || cr.oauth != nil {
+		return loginPlan{}, false
+	}
+	v, ok := s.greetings.Load(greetingKey(b))
+	if !ok || v.(string) == "" {
+		return loginPlan{}, false
+	}
+	p, err := planLogin(v.(string), cr, len(ci.id) > 0)
+	if err != nil || !p.oneWrite(cr) {
+		return loginPlan{}, false
+	}
+	return p, true
+}
+
+// greetingKey is what a backend's greeting is remembered by: its address
+// and how it is spoken to (a cleartext greeting may differ from one over
+// TLS).
+func greetingKey(b *routing.Backend) string {
+	return strconv.Itoa(int(b.Security)) + " " + b.Addr
+}
+
+// rememberGreeting keeps the capabilities of b's greeting for the next
+// login's pipelinedLogin (none before STARTTLS: never pipelined there).
+func (s *Server) rememberGreeting(b *routing.Backend, caps string) {
+	if b.Security == routing.SecurityStartTLS {
+		return
+	}
+	k := greetingKey(b)
+	if v, ok := s.greetings.Load(k); !ok || v.(string) != caps {
+		s.greetings.Store(k, caps)
+	}
+}
+
+// loginKind is how the credentials are sent.
+type loginKind uint8
+
+const (
+	loginLogin loginKind = iota // the LOGIN command
+	loginPlain                  // AUTHENTICATE PLAIN
+	loginOAuth                  // AUTHENTICATE with the client's OAuth mechanism
+)
+
+// loginPlan is how a backend with given capabilities is logged in to:
+// decided from them alone, so that two greetings that lead to the same
+// plan are the same for the login.
+type loginPlan struct {
+	kind        loginKind
+	saslIR      bool // the first response goes with the command
+	literalPlus bool // LOGIN's literals need no continuation
+	id          bool // the ID command goes first
+}
+
+// planLogin decides how to log in with cr to a backend offering caps;
+// id reports that there are ID fields to forward.
+func planLogin(caps string, cr *credentials, id bool) (loginPlan, error) {
+	p := loginPlan{saslIR: hasCap(caps, "SASL-IR"), literalPlus: hasCap(caps, "LITERAL+"), id: id && hasCap(caps, "ID")}
+	switch {
+	case cr.oauth != nil:
+		if !hasCap(caps, "AUTH="+cr.mech) {
+			return p, fmt.Errorf("backend does not offer AUTH=%s", cr.mech)
+		}
+		p.kind = loginOAuth
+	case hasCap(caps, "AUTH=PLAIN"):
+		p.kind = loginPlain
+	case cr.authzid != "":
+		return p, errors.New("backend lacks AUTH=PLAIN, needed for a login with an authorization identity")
+	case hasCap(caps, "LOGINDISABLED"):
+		return p, errors.New("backend has LOGINDISABLED and no AUTH=PLAIN (configure TLS or STARTTLS to it)")
+	default:
+		p.kind = loginLogin
+	}
+	if p.kind != loginLogin {
+		p.literalPlus = false // not what decides it
+	} else {
+		p.saslIR = false
+	}
+	return p, nil
+}
+
+// oneWrite reports whether p sends cr in one write, with no
+// continuation to wait for.
+func (p loginPlan) oneWrite(cr *credentials) bool {
+	switch p.kind {
+	case loginPlain:
+		return p.saslIR
+	case loginLogin:
+		return p.literalPlus || isQuotable(cr.user) && isQuotable(cr.pass)
+	}
+	return false
+}
+
+// queueID puts the ID command, if p has one, before the next command, in
+// the same write. Its answer is skipped when the login's is read: it does
+// not matter (a backend that dislikes our ID still lets the client log in),
+// and this saves a round trip.
+func (bc *backendConn) queueID(p loginPlan, ci *clientInfo) {
+	if p.id {
+		bc.queued = bc.nextTag() + " ID " + idList(ci.id) + "\r\n"
+	}
+}
+
+// startLogin sends cr as p says, in one write (p.oneWrite), and returns
+// the command's tag; finishLogin reads its answer.
+func (bc *backendConn) startLogin(p loginPlan, cr *credentials) (string, error) {
+	tag := bc.nextTag()
+	var cmd string
+	if p.kind == loginPlain {
+		cmd = tag + " AUTHENTICATE PLAIN " + base64.StdEncoding.EncodeToString(plainPayload(cr)) + "\r\n"
+	} else {
+		cmd = tag + " LOGIN " + loginArg(cr.user) + " " + loginArg(cr.pass) + "\r\n"
+	}
+	return tag, bc.send(cmd)
+}
+
+func (bc *backendConn) finishLogin(p loginPlan, tag string) (string, error) {
+	if p.kind == loginPlain {
+		return bc.authResult(tag, "", true, nil)
+	}
+	code, _, err := bc.result(tag)
+	return code, err
+}
+
+// loginArg is a LOGIN argument in one write: quoted, or a LITERAL+
+// literal.
+func loginArg(s string) string {
+	if isQuotable(s) {
+		return quote(s)
+	}
+	return "{" + strconv.Itoa(len(s)) + "+}\r\n" + s
+}
+
+// plainPayload is the PLAIN message for cr (RFC 4616).
+func plainPayload(cr *credentials) []byte {
+	return []byte(cr.authzid + "\x00" + cr.user + "\x00" + cr.pass)
 }
 
 // parseGreeting checks the backend's greeting and returns the capability
@@ -546,6 +731,13 @@ func (bc *backendConn) authenticate(mech string, payload []byte, saslIR bool, re
 	if err := bc.send(cmd + "\r\n"); err != nil {
 		return "", err
 	}
+	return bc.authResult(tag, first, sent, relay)
+}
+
+// authResult reads the answer to AUTHENTICATE tag, answering challenges:
+// the first with first unless it went with the command (sent), later
+// ones through relay, or cancelled without one.
+func (bc *backendConn) authResult(tag, first string, sent bool, relay relayFunc) (string, error) {
 	for {
 		line, err := bc.readLine()
 		if err != nil {

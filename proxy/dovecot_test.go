@@ -78,6 +78,47 @@ func TestDovecotLogin(t *testing.T) {
 	}
 }
 
+// Logins after the first to a Dovecot send ID and AUTHENTICATE PLAIN
+// before its greeting (pipelinedLogin): Dovecot answers them as it
+// answers the usual ones, a wrong password included.
+func TestDovecotPipelinedLogin(t *testing.T) {
+	d := startDovecot(t)
+	const user = "bob@example.org"
+	for _, sec := range []routing.Security{routing.SecurityNone, routing.SecurityTLS} {
+		t.Run("backend="+sec.String(), func(t *testing.T) {
+			b := dovecotBackend(d, sec)
+			h := newHarness(t, fixedRouter(b), nil)
+			login := func(pass string) error {
+				c, err := imapclient.DialTLS(h.tlsAddr, &imapclient.Options{TLSConfig: h.clientTLS})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				if err := c.Login(user, pass).Wait(); err != nil {
+					return err
+				}
+				if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+					t.Fatal(err)
+				}
+				return c.Logout().Wait()
+			}
+			if err := login(d.Users[user]); err != nil {
+				t.Fatalf("first login: %v", err)
+			}
+			cr := &credentials{mech: "LOGIN", user: user, pass: d.Users[user]}
+			if p, ok := h.srv.pipelinedLogin(b, cr, &clientInfo{id: []string{"x", "y"}}); !ok || p.kind != loginPlain || !p.id {
+				t.Fatalf("after one login, pipelined: %v (%+v), want AUTHENTICATE PLAIN after ID", ok, p)
+			}
+			if err := login(d.Users[user] + "x"); err == nil || !strings.Contains(err.Error(), "AUTHENTICATIONFAILED") {
+				t.Fatalf("pipelined wrong password: %v, want AUTHENTICATIONFAILED", err)
+			}
+			if err := login(d.Users[user]); err != nil {
+				t.Fatalf("pipelined login: %v", err)
+			}
+		})
+	}
+}
+
 func TestDovecotRawLiteralLogin(t *testing.T) {
 	d := startDovecot(t)
 	h := newHarness(t, fixedRouter(dovecotBackend(d, routing.SecurityNone)), nil)

@@ -86,6 +86,11 @@ type BackendOptions struct {
 	// Pool keeps greeted connections ready per backend (pool.go). The
 	// zero value means none: every login connects.
 	Pool PoolOptions
+	// NoPipelinedLogin makes every login wait for the backend's greeting
+	// before it sends the credentials. Zero means that a login to a
+	// backend whose last greeting is known sends them at once, the
+	// greeting read and checked after (backend.go, pipelinedLogin).
+	NoPipelinedLogin bool
 }
 
 // MasterForm is how a master login names the user it acts for.

@@ -31,6 +31,9 @@ type Server struct {
 	// varies, while finding the caller is half of what zap spends on a
 	// line (about 1.4% of a login's CPU in perf).
 	slog *zap.Logger
+	// greetings are the backends' last greetings' capabilities, by
+	// address (pipelinedLogin, backend.go).
+	greetings sync.Map
 	// hsConfig is the client handshakes' configuration while TLS records
 	// may be taken over (tlstakeover_linux.go); nil until the first.
 	hsConfig atomic.Pointer[handshakeConfig]

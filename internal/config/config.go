@@ -231,7 +231,10 @@ type Timeouts struct {
 
 // BackendDefaults apply to every backend unless it says otherwise.
 type BackendDefaults struct {
-	NoForwardID        bool    `toml:"no_forward_id"`
+	NoForwardID bool `toml:"no_forward_id"`
+	// NoPipelinedLogin: every login waits for the backend's greeting
+	// before it sends the credentials (proxy.BackendOptions).
+	NoPipelinedLogin   bool    `toml:"no_pipelined_login"`
 	CAFile             string  `toml:"ca_file"`
 	InsecureSkipVerify bool    `toml:"insecure_skip_verify"`
 	Master             *Master `toml:"master"`
@@ -581,6 +584,7 @@ func (c *Config) ProxyOptions() (proxy.Options, error) {
 		},
 	}
 	o.Backend.NoForwardID = c.Backend.NoForwardID
+	o.Backend.NoPipelinedLogin = c.Backend.NoPipelinedLogin
 	if c.TLS.RecordTakeover != nil && !*c.TLS.RecordTakeover {
 		o.TLSRecords = proxy.RecordsCryptoTLS
 	}
