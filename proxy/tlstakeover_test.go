@@ -306,14 +306,7 @@ func TestDovecotRecordsStayOnCryptoTLS(t *testing.T) {
 			if s.rec.Load() != nil {
 				t.Fatal("taken over")
 			}
-			c.Send("b SELECT INBOX\r\n")
-			if last, _ := c.Tagged("b"); !strings.HasPrefix(last, "b OK") {
-				t.Fatalf("SELECT: %q", last)
-			}
-			c.Send("z LOGOUT\r\n")
-			if last, _ := c.Tagged("z"); !strings.HasPrefix(last, "z OK") {
-				t.Fatalf("LOGOUT: %q", last)
-			}
+			selectAndLogout(t, c)
 			if _, err := c.R.ReadByte(); !errors.Is(err, io.EOF) {
 				t.Fatalf("after LOGOUT: %v", err)
 			}
@@ -342,80 +335,62 @@ func (c *finishedHeld) Write(p []byte) (int, error) {
 // On the implicit-TLS listener the greeting comes with the server's first
 // flight (greetInFlight): the client reads it while imapgate has not yet
 // had its Finished, logs in after it, and the session is taken over as
-// usual. Over TLS 1.2, or with the takeover off, the greeting comes after
-// the handshake as before.
+// usual. (TLS 1.2 and the takeover turned off, where the greeting comes
+// after the handshake: TestDovecotRecordsStayOnCryptoTLS.)
 func TestDovecotGreetingInFlight(t *testing.T) {
 	d := startDovecot(t)
 	const user = "alice@example.org"
-	for _, tc := range []struct {
-		name     string
-		mode     RecordMode
-		max      uint16
-		inFlight bool
-	}{
-		{"TLS 1.3", RecordsTakeover, tls.VersionTLS13, true},
-		{"TLS 1.2", RecordsTakeover, tls.VersionTLS12, false},
-		{"takeover off", RecordsCryptoTLS, tls.VersionTLS13, false},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			h := newHarness(t, fixedRouter(dovecotBackend(d, routing.SecurityNone)), func(o *Options) { o.TLSRecords = tc.mode })
-			cfg := h.clientTLS.Clone()
-			cfg.MaxVersion = tc.max
-			raw, err := net.Dial("tcp", h.tlsAddr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer raw.Close()
-			// A TLS 1.2 client waits for the server's Finished after its own.
-			fh := &finishedHeld{Conn: raw, hold: tc.max == tls.VersionTLS13}
-			tc13 := tls.Client(fh, cfg)
-			if err := tc13.Handshake(); err != nil {
-				t.Fatal(err)
-			}
-			if fh.hold && len(fh.held) == 0 {
-				t.Fatal("the client's Finished was not held")
-			}
-			br := bufio.NewReader(tc13)
-			var greeting string
-			if tc.inFlight {
-				// Held, the client's Finished cannot have reached imapgate:
-				// the greeting is here only if it came with the flight.
-				raw.SetReadDeadline(time.Now().Add(10 * time.Second))
-				if greeting, err = br.ReadString('\n'); err != nil {
-					t.Fatalf("no greeting before the client's Finished: %v", err)
-				}
-			}
-			raw.SetDeadline(time.Now().Add(30 * time.Second))
-			fh.hold = false
-			if _, err := raw.Write(fh.held); err != nil {
-				t.Fatal(err)
-			}
-			if !tc.inFlight {
-				if greeting, err = br.ReadString('\n'); err != nil {
-					t.Fatalf("greeting after the client's Finished: %v", err)
-				}
-			}
-			if !strings.HasPrefix(greeting, "* OK [CAPABILITY IMAP4rev1 ") || strings.Contains(greeting, "STARTTLS") || !strings.Contains(greeting, "AUTH=PLAIN") {
-				t.Fatalf("greeting %q, want the capabilities of a TLS session", greeting)
-			}
-			c := &conv{T: t, C: tc13, R: br}
-			c.Send("a LOGIN " + user + " " + d.Users[user] + "\r\n")
-			if last, _ := c.Tagged("a"); !strings.HasPrefix(last, "a OK") {
-				t.Fatalf("login: %q", last)
-			}
-			s := parkedSession(t, h.srv)
-			if taken := s.rec.Load() != nil; taken != (tc.max == tls.VersionTLS13 && tc.mode == RecordsTakeover) {
-				t.Fatalf("taken over: %v", taken)
-			}
-			c.Send("b SELECT INBOX\r\n")
-			if last, _ := c.Tagged("b"); !strings.HasPrefix(last, "b OK") {
-				t.Fatalf("SELECT: %q", last)
-			}
-			c.Send("z LOGOUT\r\n")
-			if last, _ := c.Tagged("z"); !strings.HasPrefix(last, "z OK") {
-				t.Fatalf("LOGOUT: %q", last)
-			}
-		})
+	h := newHarness(t, fixedRouter(dovecotBackend(d, routing.SecurityNone)), nil)
+	raw, err := net.Dial("tcp", h.tlsAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	fh := &finishedHeld{Conn: raw, hold: true}
+	tc := tls.Client(fh, h.clientTLS)
+	if err := tc.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if len(fh.held) == 0 {
+		t.Fatal("the client's Finished was not held")
+	}
+	// Held, the client's Finished cannot have reached imapgate: the
+	// greeting is here only if it came with the flight.
+	raw.SetDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(tc)
+	greeting, err := br.ReadString('\n')
+	if err != nil {
+		t.Fatalf("no greeting before the client's Finished: %v", err)
+	}
+	if !strings.HasPrefix(greeting, "* OK [CAPABILITY IMAP4rev1 ") || strings.Contains(greeting, "STARTTLS") || !strings.Contains(greeting, "AUTH=PLAIN") {
+		t.Fatalf("greeting %q, want the capabilities of a TLS session", greeting)
+	}
+	raw.SetDeadline(time.Now().Add(30 * time.Second))
+	fh.hold = false
+	if _, err := raw.Write(fh.held); err != nil {
+		t.Fatal(err)
+	}
+	c := &conv{T: t, C: tc, R: br}
+	c.Send("a LOGIN " + user + " " + d.Users[user] + "\r\n")
+	if last, _ := c.Tagged("a"); !strings.HasPrefix(last, "a OK") {
+		t.Fatalf("login: %q", last)
+	}
+	if s := parkedSession(t, h.srv); s.rec.Load() == nil {
+		t.Fatal("not taken over after a greeting with the flight")
+	}
+	selectAndLogout(t, c)
+}
+
+// selectAndLogout selects INBOX and logs out through c.
+func selectAndLogout(t *testing.T, c *conv) {
+	t.Helper()
+	c.Send("b SELECT INBOX\r\n")
+	if last, _ := c.Tagged("b"); !strings.HasPrefix(last, "b OK") {
+		t.Fatalf("SELECT: %q", last)
+	}
+	c.Send("z LOGOUT\r\n")
+	if last, _ := c.Tagged("z"); !strings.HasPrefix(last, "z OK") {
+		t.Fatalf("LOGOUT: %q", last)
 	}
 }
 

@@ -3,6 +3,7 @@ package tls13
 import (
 	"bufio"
 	"crypto/tls"
+	"fmt"
 	"net"
 	"strings"
 	"sync"
@@ -81,23 +82,17 @@ func (c *holdConn) release() error {
 	return err
 }
 
-// inFlight runs one handshake of a client with cfg against a server that
-// seals a greeting into its flight, and a short conversation after it:
-// the server writes through crypto/tls after the greeting, and the client
-// answers. It returns what the server's conn recorded.
-func inFlight(t *testing.T, ccfg, scfg *tls.Config, hold bool) (*flightConn, tls.ConnectionState) {
+// serveOne accepts one connection on loopback and runs serve on it (with
+// a 20 s deadline); its error comes on the channel.
+func serveOne(t *testing.T, serve func(net.Conn) error) (string, <-chan error) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	const greeting = "* OK hello\r\n"
-	fc := &flightConn{keys: new(KeyLog), greeting: []byte(greeting)}
-	scfg = scfg.Clone()
-	scfg.KeyLogWriter = fc.keys
 	done := make(chan error, 1)
 	go func() {
+		defer ln.Close()
 		c, err := ln.Accept()
 		if err != nil {
 			done <- err
@@ -105,11 +100,26 @@ func inFlight(t *testing.T, ccfg, scfg *tls.Config, hold bool) (*flightConn, tls
 		}
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(20 * time.Second))
+		done <- serve(c)
+	}()
+	return ln.Addr().String(), done
+}
+
+// inFlight runs one handshake of a client with cfg against a server that
+// seals a greeting into its flight, and a short conversation after it:
+// the server writes through crypto/tls after the greeting, and the client
+// answers. It returns what the server's conn recorded.
+func inFlight(t *testing.T, ccfg, scfg *tls.Config, hold bool) (*flightConn, tls.ConnectionState) {
+	t.Helper()
+	const greeting = "* OK hello\r\n"
+	fc := &flightConn{keys: new(KeyLog), greeting: []byte(greeting)}
+	scfg = scfg.Clone()
+	scfg.KeyLogWriter = fc.keys
+	addr, done := serveOne(t, func(c net.Conn) error {
 		fc.Conn = c
 		fc.tc = tls.Server(fc, scfg)
 		if err := fc.tc.Handshake(); err != nil {
-			done <- err
-			return
+			return err
 		}
 		fc.mu.Lock()
 		fc.hs = fc.writes
@@ -117,14 +127,14 @@ func inFlight(t *testing.T, ccfg, scfg *tls.Config, hold bool) (*flightConn, tls
 		r := bufio.NewReader(fc.tc)
 		line, err := r.ReadString('\n')
 		if err == nil && line != "a NOOP\r\n" {
-			err = &net.AddrError{Err: "server read " + line}
+			err = fmt.Errorf("server read %q", line)
 		}
 		if err == nil {
 			_, err = fc.tc.Write([]byte("a OK done\r\n"))
 		}
-		done <- err
-	}()
-	raw, err := net.Dial("tcp", ln.Addr().String())
+		return err
+	})
+	raw, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,31 +215,18 @@ func TestSealInFlightRefuses(t *testing.T) {
 		}
 	})
 	t.Run("TLS 1.2", func(t *testing.T) {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
 		keys := new(KeyLog)
 		cfg := scfg.Clone()
 		cfg.KeyLogWriter = keys
-		errc := make(chan error, 1)
-		go func() {
-			c, err := ln.Accept()
-			if err != nil {
-				errc <- err
-				return
-			}
-			defer c.Close()
+		addr, errc := serveOne(t, func(c net.Conn) error {
 			s := tls.Server(c, cfg)
 			if err := s.Handshake(); err != nil {
-				errc <- err
-				return
+				return err
 			}
-			_, err = SealInFlight(s, keys, []byte("x"))
-			errc <- err
-		}()
-		c, err := tls.Dial("tcp", ln.Addr().String(), &tls.Config{RootCAs: ca.Pool, ServerName: "localhost", MaxVersion: tls.VersionTLS12})
+			_, err := SealInFlight(s, keys, []byte("x"))
+			return err
+		})
+		c, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.Pool, ServerName: "localhost", MaxVersion: tls.VersionTLS12})
 		if err != nil {
 			t.Fatal(err)
 		}
