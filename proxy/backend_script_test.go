@@ -160,6 +160,9 @@ func newLateGreeter(t *testing.T, greeting func(n int) (caps string, late bool),
 		caps, late := greeting(n)
 		br := bufio.NewReader(c)
 		greet := func() { c.Write([]byte("* OK [CAPABILITY " + caps + "] ready\r\n")) }
+		if caps == "" {
+			greet = func() { c.Write([]byte("* OK ready\r\n")) }
+		}
 		if !late {
 			greet()
 		}
@@ -225,37 +228,61 @@ func TestBackendPipelinedLogin(t *testing.T) {
 
 // When the greeting of a pipelined login asks for another login than the
 // one that went early, the connection is dropped and the login done over
-// the usual way: here the backend lost AUTH=PLAIN, and the client is
-// logged in with LOGIN on a third connection.
+// the usual way, on a third connection: the backend lost AUTH=PLAIN (the
+// client is logged in with LOGIN), or its greeting no longer carries its
+// capabilities (imapgate asks for them first).
 func TestBackendPipelinedLoginGreetingChanged(t *testing.T) {
-	g := newLateGreeter(t, func(n int) (string, bool) {
-		if n == 1 {
-			return "IMAP4rev1 SASL-IR AUTH=PLAIN", false
-		}
-		return "IMAP4rev1", n == 2
-	}, func(n int, tag, cmd string) string {
-		switch {
-		case n == 1 && strings.HasPrefix(cmd, "AUTHENTICATE PLAIN "):
-			return tag + " OK [CAPABILITY IMAP4rev1] Logged in\r\n"
-		case n == 3 && cmd == `LOGIN "alice@example.org" "alicepass"`:
-			return tag + " OK [CAPABILITY IMAP4rev1] Logged in\r\n"
-		case n == 2:
-			return "" // the early AUTHENTICATE: imapgate hangs up before any answer
-		}
-		return tag + " BAD unexpected\r\n"
-	})
-	h := newHarness(t, fixedRouter(&routing.Backend{ID: "changed", Addr: g.addr}), func(o *Options) { o.Backend.NoForwardID = true })
-	for _, tag := range []string{"a", "b"} {
-		c := dialConv(t, h.tlsAddr, h.clientTLS)
-		c.Expect("* OK")
-		c.Send(tag + " LOGIN alice@example.org alicepass\r\n")
-		if last, _ := c.Tagged(tag); !strings.HasPrefix(last, tag+" OK") {
-			t.Fatalf("login %s: %q", tag, last)
-		}
-	}
-	got := g.firstLines()
-	if len(got) != 3 || !strings.HasPrefix(got[1], "ig1 AUTHENTICATE PLAIN ") || got[2] != `ig1 LOGIN "alice@example.org" "alicepass"` {
-		t.Fatalf("first lines of the backend's connections: %q", got)
+	for _, tc := range []struct {
+		name      string
+		caps      string // the greeting's from the second connection on
+		answer    func(tag, cmd string) string
+		wantThird string // the third connection's first line
+	}{
+		{"lost AUTH=PLAIN", "IMAP4rev1", func(tag, cmd string) string {
+			if cmd == `LOGIN "alice@example.org" "alicepass"` {
+				return tag + " OK [CAPABILITY IMAP4rev1] Logged in\r\n"
+			}
+			return tag + " BAD unexpected\r\n"
+		}, `ig1 LOGIN "alice@example.org" "alicepass"`},
+		{"no capabilities", "", func(tag, cmd string) string {
+			switch {
+			case cmd == "CAPABILITY":
+				return "* CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN\r\n" + tag + " OK done\r\n"
+			case strings.HasPrefix(cmd, "AUTHENTICATE PLAIN "):
+				return tag + " OK [CAPABILITY IMAP4rev1] Logged in\r\n"
+			}
+			return tag + " BAD unexpected\r\n"
+		}, "ig1 CAPABILITY"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g := newLateGreeter(t, func(n int) (string, bool) {
+				if n == 1 {
+					return "IMAP4rev1 SASL-IR AUTH=PLAIN", false
+				}
+				return tc.caps, n == 2
+			}, func(n int, tag, cmd string) string {
+				switch {
+				case n == 1 && strings.HasPrefix(cmd, "AUTHENTICATE PLAIN "):
+					return tag + " OK [CAPABILITY IMAP4rev1] Logged in\r\n"
+				case n == 2:
+					return "" // the early AUTHENTICATE: imapgate hangs up before any answer
+				}
+				return tc.answer(tag, cmd)
+			})
+			h := newHarness(t, fixedRouter(&routing.Backend{ID: "changed", Addr: g.addr}), func(o *Options) { o.Backend.NoForwardID = true })
+			for _, tag := range []string{"a", "b"} {
+				c := dialConv(t, h.tlsAddr, h.clientTLS)
+				c.Expect("* OK")
+				c.Send(tag + " LOGIN alice@example.org alicepass\r\n")
+				if last, _ := c.Tagged(tag); !strings.HasPrefix(last, tag+" OK") {
+					t.Fatalf("login %s: %q", tag, last)
+				}
+			}
+			got := g.firstLines()
+			if len(got) != 3 || !strings.HasPrefix(got[1], "ig1 AUTHENTICATE PLAIN ") || got[2] != tc.wantThird {
+				t.Fatalf("first lines of the backend's connections: %q", got)
+			}
+		})
 	}
 }
 
