@@ -314,21 +314,21 @@ func (s *session) continueLiteral() error {
 	return nil
 }
 
-// startTLS runs the server-side handshake under its own deadline.
-// startTLS runs the client's TLS handshake. On an implicit-TLS listener
-// greeting is the protocol's greeting: it goes out with the server's first
-// flight when the handshake allows (greetInFlight), and greeted says so;
-// after STARTTLS there is none (nil).
+// startTLS runs the client's TLS handshake under its own deadline. On an
+// implicit-TLS listener greeting is the protocol's greeting: it goes out
+// with the server's first flight when the handshake allows
+// (greetInFlight), and greeted says so; after STARTTLS there is none (nil).
 func (s *session) startTLS(ctx context.Context, greeting func(*session) string) (greeted bool, err error) {
 	if s.srv.o().TLS == nil {
 		return false, errors.New("no TLS configuration")
 	}
 	conn := wrapForSplice(s.raw)
 	tc := tls.Server(conn, s.keyLogFor(conn, s.srv.o().TLS)) // tlstakeover_linux.go
+	// From here on the client leg is TLS, or the session ends with the
+	// handshake: the greeting sealed into the flight says so already.
+	s.tls = true
 	if greeting != nil && s.srv.o().TLSRecords == RecordsTakeover {
-		s.tls = true // what the greeting says is for the session after the handshake
 		greetInFlight(conn, tc, greeting(s))
-		s.tls = false
 	}
 	err = handshakeBy(ctx, tc, s.raw, s.srv.o().Timeouts.TLSHandshake)
 	greeted = greetedInFlight(conn)
@@ -345,7 +345,6 @@ func (s *session) startTLS(ctx context.Context, greeting func(*session) string) 
 	s.client = tc
 	s.atBoundary = s.atBoundary || greeted
 	s.wmu.Unlock()
-	s.tls = true
 	return greeted, nil
 }
 

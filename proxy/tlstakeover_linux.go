@@ -160,11 +160,13 @@ func (srv *Server) handshakeConfig(cfg *tls.Config) *tls.Config {
 			}
 		}
 		c = c.Clone()
-		if nc, ok := hello.Conn.(*nbConn); ok && nc.keys != nil && slices.Contains(hello.SupportedVersions, tls.VersionTLS13) {
-			nc.keys.Next, c.KeyLogWriter = c.KeyLogWriter, nc.keys
-		}
-		if nc, ok := hello.Conn.(*nbConn); ok && slices.Contains(hello.SupportedProtos, "acme-tls/1") {
-			nc.flight, nc.tc = nil, nil // a CA's challenge: the handshake is all it wants
+		if nc, ok := hello.Conn.(*nbConn); ok {
+			if nc.keys != nil && slices.Contains(hello.SupportedVersions, tls.VersionTLS13) {
+				nc.keys.Next, c.KeyLogWriter = c.KeyLogWriter, nc.keys
+			}
+			if slices.Contains(hello.SupportedProtos, "acme-tls/1") {
+				nc.flight, nc.tc = nil, nil // a CA's challenge: the handshake is all it wants
+			}
 		}
 		return c, nil
 	}
