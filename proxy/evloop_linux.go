@@ -7,6 +7,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
+	"runtime/metrics"
 	"strconv"
 	"strings"
 	"sync"
@@ -126,6 +127,8 @@ type evLoop struct {
 	op       *ioOp
 	yieldAt  time.Duration // next pass through the scheduler (run)
 	sweepAt  time.Duration
+	runnable []metrics.Sample // read by wait
+	rawWaits uint64           // made by wait (tests look)
 }
 
 // evSession is one session on a loop. Apart from closed, its fields
@@ -262,7 +265,7 @@ func (l *evLoop) run() {
 		case len(l.awake) > 0:
 			timeout = max(1, int((l.sweepAt-mono()+time.Millisecond-1)/time.Millisecond))
 		}
-		n, err := unix.EpollWait(l.epfd, events, timeout)
+		n, err := l.wait(events, timeout) // evwait_linux.go
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}

@@ -60,6 +60,7 @@ type backendLoginFunc func(ctx context.Context, b *routing.Backend) (*backendLog
 // counts every outcome; the caller only answers the client.
 func (s *session) runLogin(ctx context.Context, cr *credentials, user string, log *zap.Logger, login backendLoginFunc) loginResult {
 	s.loginStart = time.Now()
+	defer busy()()
 	// The login's context ends with the Not Authenticated state.
 	lctx, cancel := context.WithDeadline(ctx, s.deadline)
 	defer cancel()

@@ -322,6 +322,7 @@ func (s *session) startTLS(ctx context.Context, greeting func(*session) string) 
 	if s.srv.o().TLS == nil {
 		return false, errors.New("no TLS configuration")
 	}
+	defer busy()()
 	conn := wrapForSplice(s.raw)
 	tc := tls.Server(conn, s.keyLogFor(conn, s.srv.o().TLS)) // tlstakeover_linux.go
 	// From here on the client leg is TLS, or the session ends with the
