@@ -7,13 +7,13 @@ import (
 	"crypto/tls"
 	"encoding/base32"
 	"errors"
-	"fmt"
 	"github.com/imapgate/imapgate/proxy/internal/addr"
 	"io"
 	"net"
 	"net/netip"
 	"os"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -484,9 +484,9 @@ func (s *session) forwardedID() []string {
 	}
 	f := []string{
 		"x-originating-ip", s.remote.Addr().String(),
-		"x-originating-port", fmt.Sprint(s.remote.Port()),
+		"x-originating-port", strconv.Itoa(int(s.remote.Port())),
 		"x-connected-ip", s.local.Addr().String(),
-		"x-connected-port", fmt.Sprint(s.local.Port()),
+		"x-connected-port", strconv.Itoa(int(s.local.Port())),
 		"x-session-id", s.id,
 	}
 	for i := 0; i+1 < len(s.clientID); i += 2 {

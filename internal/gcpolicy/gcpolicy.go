@@ -29,6 +29,16 @@
 // scavenger, it came back only gradually, and 9,000 idle sessions opened
 // at 250 a second kept 0.8 KiB more RSS each 20 s later.
 //
+// A process whose live heap is small (below MaxHeadroom/4, 8 MiB by
+// default: a few hundred sessions) keeps its last burst's room instead,
+// and so the memory the burst grew into, until its live heap grows past
+// that: giving back 30 MiB that the next burst faults in again cost a
+// login-rate benchmark 6 to 11 page faults a login (BENCHMARKS.md,
+// session 10), where HAProxy has none, for an RSS that matters to no one
+// (at most MaxHeadroom more than a quiet process with few sessions would
+// have). Memory per idle session matters with many sessions, and there
+// the live heap is large and the burst's heap is given back as above.
+//
 // It stays out of the way of an operator who chose: with GOGC or
 // GOMEMLIMIT in the environment, Start does nothing.
 package gcpolicy
@@ -69,6 +79,7 @@ type Tuner struct {
 	sample []metrics.Sample
 
 	// The tuning goroutine's own.
+	room      uint64 // the headroom kept over a small live heap (keepLive)
 	percent   int
 	peak      int // the highest percent since the last freeOS
 	freedAt   time.Time
@@ -148,7 +159,15 @@ func (t *Tuner) tune(now time.Time) {
 	}
 	rate := float64(alloc-t.lastAlloc) / dt
 	t.lastAlloc, t.lastAt = alloc, now
-	p := Percent(live, roots, Headroom(rate, t.o.Period, uint64(t.o.MaxHeadroom)))
+	room := Headroom(rate, t.o.Period, uint64(t.o.MaxHeadroom))
+	if live < uint64(t.o.MaxHeadroom)/4 {
+		// A small heap keeps its largest room: see the package comment.
+		room = max(room, t.room)
+		t.room = room
+	} else {
+		t.room = 0
+	}
+	p := Percent(live, roots, room)
 	// Only worth a change of a tenth or more, or back to the default.
 	if p != t.percent && (p == 100 || p*10 > t.percent*11 || p*11 < t.percent*10) {
 		debug.SetGCPercent(p)
@@ -165,7 +184,11 @@ func (t *Tuner) tune(now time.Time) {
 		freeOS()
 		t.freedAt, t.peak = now, 100
 	}
+	tuned()
 }
+
+// tuned is called after every tick; tests count them.
+var tuned = func() {}
 
 // freeOS gives the heap a burst grew into back to the kernel; tests
 // count the calls.

@@ -122,10 +122,13 @@ func startAndAllocate(t *testing.T, above int) (*Tuner, time.Time) {
 }
 
 // TestTunerFollowsAllocation: while the process allocates fast over a
-// small live heap, GOGC rises; once it is quiet, GOGC is back to 100;
-// Stop leaves 100 too.
+// small live heap, GOGC rises; once it is quiet, a small heap keeps that
+// room (the next burst finds its memory there) and nothing is given back;
+// once the live heap is large, GOGC is back to 100 and the burst's heap
+// is given back, once; Stop leaves 100.
 func TestTunerFollowsAllocation(t *testing.T) {
 	freed := countFreeOS(t)
+	ticks := countTicks(t)
 	tu, deadline := startAndAllocate(t, 200)
 	defer tu.Stop()
 	if p := gogc(); p > maxPercent {
@@ -138,11 +141,25 @@ func TestTunerFollowsAllocation(t *testing.T) {
 		t.Fatalf("heap goal %d MiB with %d MiB live: above live + the %d MiB headroom", g>>20, live>>20, DefaultMaxHeadroom>>20)
 	}
 	sink = nil
-	for gogc() != 100 {
+	raised := gogc()
+	for from := ticks.Load(); ticks.Load() < from+10; {
 		if time.Now().After(deadline) {
-			t.Fatalf("quiet, GOGC stayed %d", gogc())
+			t.Fatal("the tuner stopped ticking")
 		}
 		time.Sleep(5 * time.Millisecond) // quiet is what is tested: no allocation
+	}
+	if p := gogc(); p*10 < raised*9 || freed.Load() != 0 {
+		t.Fatalf("quiet over a small heap: GOGC %d (was %d), given back %d times; want the room kept", p, raised, freed.Load())
+	}
+
+	held = make([]byte, 3*DefaultMaxHeadroom/8) // a live heap above MaxHeadroom/4
+	defer func() { held = nil }()
+	runtime.GC()
+	for gogc() != 100 || freed.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("quiet over a large heap: GOGC %d, given back %d times", gogc(), freed.Load())
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 	tu.Stop()
 	if p := gogc(); p != 100 {
@@ -151,6 +168,14 @@ func TestTunerFollowsAllocation(t *testing.T) {
 	if n := freed.Load(); n != 1 {
 		t.Fatalf("memory given back %d times after one burst, want once (at most once per %v)", n, freeEvery)
 	}
+}
+
+// countTicks counts the Tuner's ticks for the rest of the test.
+func countTicks(t *testing.T) *atomic.Int32 {
+	var n atomic.Int32
+	tuned = func() { n.Add(1) }
+	t.Cleanup(func() { tuned = func() {} })
+	return &n
 }
 
 var held []byte
