@@ -149,6 +149,10 @@ type half struct {
 	seq    uint64
 	aead   cipher.AEAD // nil while asleep
 	iv     [12]byte
+	// nb is the current record's nonce. It lives here, not on the stack,
+	// because it goes through the cipher.AEAD interface and would escape:
+	// one allocation per record otherwise.
+	nb [12]byte
 }
 
 // errSeqLimit: the next record would need a sequence number past 2^64-1.
@@ -172,6 +176,7 @@ func (h *half) wake() error {
 func (h *half) sleep() {
 	h.aead = nil
 	clear(h.iv[:])
+	clear(h.nb[:])
 }
 
 // update moves to the next traffic secret (KeyUpdate).
@@ -205,8 +210,7 @@ func (h *half) seal(rec []byte, n int, typ byte) (int, error) {
 	if err := h.wake(); err != nil {
 		return 0, err
 	}
-	var nonce [12]byte
-	if err := h.nonce(&nonce); err != nil {
+	if err := h.nonce(&h.nb); err != nil {
 		return 0, err
 	}
 	rec[HeaderLen+n] = typ
@@ -214,7 +218,7 @@ func (h *half) seal(rec []byte, n int, typ byte) (int, error) {
 	rec[0], rec[1], rec[2] = typeApplicationData, 3, 3
 	binary.BigEndian.PutUint16(rec[3:], uint16(body))
 	pt := rec[HeaderLen : HeaderLen+n+1]
-	h.aead.Seal(pt[:0], nonce[:], pt, rec[:HeaderLen])
+	h.aead.Seal(pt[:0], h.nb[:], pt, rec[:HeaderLen])
 	return HeaderLen + body, nil
 }
 
@@ -224,15 +228,14 @@ func (h *half) open(rec []byte) ([]byte, byte, error) {
 	if err := h.wake(); err != nil {
 		return nil, 0, err
 	}
-	var nonce [12]byte
-	if err := h.nonce(&nonce); err != nil {
+	if err := h.nonce(&h.nb); err != nil {
 		return nil, 0, err
 	}
 	body := rec[HeaderLen:]
 	if len(body) < tagLen+1 {
 		return nil, 0, AlertBadRecordMAC
 	}
-	inner, err := h.aead.Open(body[:0], nonce[:], body, rec[:HeaderLen])
+	inner, err := h.aead.Open(body[:0], h.nb[:], body, rec[:HeaderLen])
 	if err != nil {
 		return nil, 0, AlertBadRecordMAC
 	}

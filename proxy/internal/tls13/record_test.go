@@ -75,6 +75,28 @@ func TestSuitesRoundTrip(t *testing.T) {
 	}
 }
 
+// An awake layer seals and opens records without allocating: the data
+// path does this for every chunk of every spliced session.
+func TestSealOpenAllocs(t *testing.T) {
+	for _, suite := range suites {
+		c, s := pair(t, suite)
+		buf := make([]byte, SealBufLen)
+		n := copy(Slot(buf, 0), "* 1 EXISTS\r\n")
+		allocs := testing.AllocsPerRun(100, func() {
+			wire, err := c.Seal(buf, n)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, _, err := s.Open(wire); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if allocs != 0 {
+			t.Errorf("%x: %v allocations per Seal and Open", suite, allocs)
+		}
+	}
+}
+
 func TestOpenTable(t *testing.T) {
 	ku := func(v byte) []byte { return []byte{24, 0, 0, 1, v} }
 	cat := func(b ...[]byte) []byte { return bytes.Join(b, nil) }
