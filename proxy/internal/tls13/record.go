@@ -149,9 +149,9 @@ type half struct {
 	seq    uint64
 	aead   cipher.AEAD // nil while asleep
 	iv     [12]byte
-	// nb is the current record's nonce. It lives here, not on the stack,
-	// because it goes through the cipher.AEAD interface and would escape:
-	// one allocation per record otherwise.
+	// nb is the current record's nonce (nonce). It lives here, not on
+	// the stack, because it goes through the cipher.AEAD interface and
+	// would escape: one allocation per record otherwise.
 	nb [12]byte
 }
 
@@ -187,17 +187,17 @@ func (h *half) update() {
 	h.sleep()
 }
 
-// nonce is the per-record nonce (RFC 8446, section 5.3); it uses up the
-// sequence number.
-func (h *half) nonce(n *[12]byte) error {
+// nonce puts the next record's nonce (RFC 8446, section 5.3) in h.nb;
+// it uses up the sequence number.
+func (h *half) nonce() error {
 	if h.seq == ^uint64(0) {
 		return errSeqLimit // close rather than wrap
 	}
-	*n = h.iv
+	h.nb = h.iv
 	var s [8]byte
 	binary.BigEndian.PutUint64(s[:], h.seq)
 	for i := range s {
-		n[4+i] ^= s[i]
+		h.nb[4+i] ^= s[i]
 	}
 	h.seq++
 	return nil
@@ -210,7 +210,7 @@ func (h *half) seal(rec []byte, n int, typ byte) (int, error) {
 	if err := h.wake(); err != nil {
 		return 0, err
 	}
-	if err := h.nonce(&h.nb); err != nil {
+	if err := h.nonce(); err != nil {
 		return 0, err
 	}
 	rec[HeaderLen+n] = typ
@@ -228,7 +228,7 @@ func (h *half) open(rec []byte) ([]byte, byte, error) {
 	if err := h.wake(); err != nil {
 		return nil, 0, err
 	}
-	if err := h.nonce(&h.nb); err != nil {
+	if err := h.nonce(); err != nil {
 		return nil, 0, err
 	}
 	body := rec[HeaderLen:]
