@@ -59,14 +59,15 @@ fuzz_one() {
 	local pkg=$1 name=$2 out corpus before
 	out=$(mktemp)
 	corpus="$(go list -f '{{.Dir}}' "$pkg")/testdata/fuzz/$name"
-	before=$( (ls "$corpus" 2>/dev/null || true) | wc -l)
+	inputs() { (ls "$corpus" 2>/dev/null || true) | wc -l; }
+	before=$(inputs)
 	for attempt in 1 2; do
 		if go test -run '^$' -fuzz "^${name}\$" -fuzztime "$FUZZTIME" "$pkg" 2>&1 | tee "$out"; then
 			rm -f "$out"
 			return 0
 		fi
 		if [ "$attempt" = 1 ] && grep -qx '    context deadline exceeded' "$out" &&
-			[ "$( (ls "$corpus" 2>/dev/null || true) | wc -l)" = "$before" ]; then
+			[ "$(inputs)" = "$before" ]; then
 			echo "--- $name: the fuzzing coordinator's deadline race (go.dev/issue/75804), no failing input; once more"
 			continue
 		fi

@@ -149,8 +149,8 @@ type half struct {
 	seq    uint64
 	aead   cipher.AEAD // nil while asleep
 	iv     [12]byte
-	// nb is the current record's nonce (nonce). It lives here, not on
-	// the stack, because it goes through the cipher.AEAD interface and
+	// nb is the current record's nonce, set by nonce. It lives here, not
+	// on the stack, because it goes through the cipher.AEAD interface and
 	// would escape: one allocation per record otherwise.
 	nb [12]byte
 }
