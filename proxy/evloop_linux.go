@@ -108,27 +108,27 @@ type evLoop struct {
 	evfd int // written by notify and stop to wake run
 
 	mu       sync.Mutex
-	queue    []*evSession // new sessions, and sessions closed from outside
+	queue    []*evSession           // sessions closed from outside, or to serve at once
+	sessions map[uint64]*evSession // by key; added by adopt, read by the loop
+	nextKey  uint64
 	calls    []func()     // run by the loop goroutine (tests look inside)
 	stopping bool
 
 	done chan struct{}
 
 	// The loop goroutine's own.
-	sessions map[uint64]*evSession // by key
-	nextKey  uint64
 	awake    []*evSession // holding an AEAD; swept for idleness
 	ready    []*evSession // more queued than one turn served
 	retry    []*evSession // waiting for wmu
 	work     []*evSession
 	turn     uint64
 	now      time.Duration // mono() at the start of the turn
-	rtEpfd   int           // the runtime's epoll set: 0 not looked for yet, -1 none found
 	op       *ioOp
 	yieldAt  time.Duration // next pass through the scheduler (run)
 	sweepAt  time.Duration
 	runnable []metrics.Sample // read by wait
 	rawWaits uint64           // made by wait (tests look)
+	queued   uint64           // turns that took the queue (tests look)
 }
 
 // evSession is one session on a loop. Apart from closed, its fields
@@ -145,6 +145,8 @@ type evSession struct {
 	key        uint64
 	cIn, bIn   bool // the last edge said readable, and no read found it empty since
 	cOut, bOut bool // writable, as far as the last edge and write know
+	cArmed     bool // the client's registration asks for EPOLLOUT (armOut)
+	bArmed     bool
 	cHup, bHup bool // the peer's end was announced: read on to the EOF
 	upOn       bool // the client-to-backend direction runs
 	downOn     bool
@@ -202,7 +204,7 @@ func (s *session) startLoop(up, down *direction) bool {
 	s.wmu.Unlock()
 	es.loop = ls.pick()
 	s.ev.Store(es)
-	es.loop.notify(es)
+	es.loop.adopt(es)
 	return true
 }
 
@@ -285,12 +287,12 @@ func (l *evLoop) run() {
 			l.yieldAt = l.now + evYield
 		}
 		l.work = l.work[:0]
+		queued := false
+		l.mu.Lock() // for sessions
 		for i := range events[:n] {
 			key := eventKey(&events[i])
 			if key == 0 {
-				if l.takeQueue() {
-					return
-				}
+				queued = true
 				continue
 			}
 			es := l.sessions[key>>1]
@@ -307,6 +309,10 @@ func (l *evLoop) run() {
 				es.bIn, es.bHup, es.bOut = es.bIn || in, es.bHup || hup, es.bOut || out
 			}
 			l.enqueue(es)
+		}
+		l.mu.Unlock()
+		if queued && l.takeQueue() {
+			return
 		}
 		// The sessions with more queued, and those waiting for wmu, after
 		// the ones the edges named.
@@ -349,6 +355,7 @@ func (l *evLoop) enqueue(es *evSession) {
 // takeQueue drains the eventfd and takes the queued sessions: new ones
 // are registered. It reports true when the loop must stop.
 func (l *evLoop) takeQueue() bool {
+	l.queued++
 	var b [8]byte
 	unix.Read(l.evfd, b[:])
 	l.mu.Lock()
@@ -362,9 +369,6 @@ func (l *evLoop) takeQueue() bool {
 		f()
 	}
 	for _, es := range q {
-		if es.key == 0 {
-			l.register(es)
-		}
 		if !es.gone {
 			l.enqueue(es)
 		}
@@ -372,29 +376,66 @@ func (l *evLoop) takeQueue() bool {
 	return false
 }
 
-// register adds both sockets to the epoll set, edge-triggered, once.
-func (l *evLoop) register(es *evSession) {
+// adopt registers es's sockets with the loop's epoll set, from the
+// session's goroutine: edge-triggered, for reading and the peer's end
+// (EPOLLOUT is asked for once a write would block: armOut). The loop is
+// not woken for it (measured on the bench machine: an eventfd write and
+// read and one wake-up of the loop a login, for a session that has
+// nothing to move until its client's next command). What is queued on a
+// socket already raises an edge as it is added; nothing is buffered in
+// the process at this point (tls13.Takeover refuses bytes crypto/tls
+// read ahead, and the splice wrote the pipelined ones). Only a session
+// whose sockets closed meanwhile goes through the queue, for the loop to
+// end it.
+func (l *evLoop) adopt(es *evSession) {
+	l.mu.Lock()
 	l.nextKey++
 	es.key = l.nextKey
 	l.sessions[es.key] = es
+	l.mu.Unlock()
+	// Nothing below writes es's fields but closed: the loop may serve it
+	// as soon as the first socket is in the set.
+	closed := false
 	add := func(rc syscall.RawConn, side uint64) {
-		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET}
+		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET}
 		setEventKey(&ev, es.key<<1|side)
 		err := rc.Control(func(fd uintptr) {
 			if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, int(fd), &ev); err != nil {
 				panicIfNotClosed(err)
 			}
+			l.leaveRuntimePoller(int(fd))
 		})
 		if err != nil {
-			es.closed.Store(true) // serve ends it
+			closed = true
 		}
 	}
 	add(es.crw, sideClient)
 	add(es.brw, sideBackend)
-	es.lastData = l.now
-	for _, rc := range []syscall.RawConn{es.crw, es.brw} {
-		rc.Control(func(fd uintptr) { l.leaveRuntimePoller(int(fd)) })
+	if closed {
+		es.closed.Store(true) // serve ends it
+		l.notify(es)
 	}
+}
+
+// armOut adds EPOLLOUT to the registration of es's client (sideClient)
+// or backend socket after a write there would block; the edge comes when
+// the socket has room, or at once if it has already.
+func (es *evSession) armOut(side uint64) {
+	armed, rc := &es.cArmed, es.crw
+	if side == sideBackend {
+		armed, rc = &es.bArmed, es.brw
+	}
+	if *armed {
+		return
+	}
+	*armed = true
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET}
+	setEventKey(&ev, es.key<<1|side)
+	rc.Control(func(fd uintptr) {
+		if err := unix.EpollCtl(es.loop.epfd, unix.EPOLL_CTL_MOD, int(fd), &ev); err != nil {
+			panicIfNotClosed(err)
+		}
+	})
 }
 
 // leaveRuntimePoller takes fd out of the Go runtime's own epoll set. The
@@ -413,17 +454,29 @@ func (l *evLoop) register(es *evSession) {
 // session is being closed. Close works as before (the runtime's
 // EPOLL_CTL_DEL of a descriptor no longer in its set fails, unchecked).
 func (l *evLoop) leaveRuntimePoller(fd int) {
-	if l.rtEpfd == 0 {
-		l.rtEpfd = findRuntimeEpoll(fd, l.epfd)
+	rtPoller.Lock()
+	if rtPoller.fd == 0 {
+		rtPoller.fd = findRuntimeEpoll(fd, l.epfd)
 	}
-	if l.rtEpfd < 0 {
+	rtfd := rtPoller.fd
+	rtPoller.Unlock()
+	if rtfd < 0 {
 		return
 	}
-	err := unix.EpollCtl(l.rtEpfd, unix.EPOLL_CTL_DEL, fd, &unix.EpollEvent{})
+	err := unix.EpollCtl(rtfd, unix.EPOLL_CTL_DEL, fd, &unix.EpollEvent{})
 	if err != nil && !errors.Is(err, unix.ENOENT) {
 		l.srv.log.Warn("event loop: the runtime's poller keeps its sockets", zap.Error(err))
-		l.rtEpfd = -1
+		rtPoller.Lock()
+		rtPoller.fd = -1
+		rtPoller.Unlock()
 	}
+}
+
+// rtPoller is the runtime's epoll set (one a process), as
+// leaveRuntimePoller found it: 0 not looked for yet, -1 none found.
+var rtPoller struct {
+	sync.Mutex
+	fd int
 }
 
 // findRuntimeEpoll returns the eventpoll descriptor other than ours that
@@ -557,7 +610,9 @@ func (l *evLoop) remove(es *evSession) {
 		return
 	}
 	es.gone = true
+	l.mu.Lock()
 	delete(l.sessions, es.key)
+	l.mu.Unlock()
 	l.setAsleep(es)
 	es.releaseRead()
 	if es.rc.wmu.TryLock() {
@@ -666,6 +721,7 @@ func (es *evSession) readClient() (more bool, err error) {
 			if blocked {
 				// Keep the remainder at the head, the partial record after it.
 				es.bOut = false
+				es.armOut(sideBackend)
 				es.upPend = copy(buf, buf[wn:w])
 				rc.have = es.upPend + copy(buf[es.upPend:], buf[off:rc.have])
 			} else {
@@ -705,6 +761,7 @@ func (es *evSession) flushUp() error {
 	}
 	if blocked {
 		es.bOut = false
+		es.armOut(sideBackend)
 		es.upPend -= wn
 		rc.have = copy(buf, buf[wn:rc.have])
 		return nil
@@ -821,6 +878,7 @@ func (es *evSession) writeClient(wire []byte, bp *[]byte, n int, nl bool) error 
 		return err
 	}
 	es.cOut = false
+	es.armOut(sideClient)
 	if n == 0 {
 		nl = es.s.atBoundary // a KeyUpdate alone changes no line
 	}
@@ -846,6 +904,7 @@ func (es *evSession) flushPendNB() bool {
 		return true
 	}
 	es.cOut = false
+	es.armOut(sideClient)
 	return false
 }
 

@@ -303,6 +303,66 @@ func TestLoopSlowClient(t *testing.T) {
 	c.Expect("c OK")
 }
 
+// A session goes onto its loop without waking it: the loop takes its
+// queue (eventfd) only for do's own calls around a login and a round trip.
+func TestLoopAdoptsWithoutWaking(t *testing.T) {
+	h, _ := loopHarness(t, nil)
+	c0, s0 := loginLoop(t, h) // starts the loops
+	c0.Send("z NOOP\r\n")
+	c0.Expect("z OK")
+	queued := func() map[*evLoop]uint64 {
+		m := map[*evLoop]uint64{}
+		for _, l := range h.srv.loops.Load().loops {
+			l.do(func() { m[l] = l.queued })
+		}
+		return m
+	}
+	before := queued()
+	c, s := loginLoop(t, h)
+	c.Send("b NOOP\r\n")
+	c.Expect("b OK")
+	after := queued()
+	for l, n := range after {
+		if d := n - before[l]; d != 1 {
+			t.Errorf("a loop took its queue %d times around a login and a NOOP, want 1 (do's own)", d)
+		}
+	}
+	if s.ev.Load().loop == nil || s0.ev.Load() == nil {
+		t.Fatal("sessions not on loops")
+	}
+}
+
+// A backend that stops reading while the client sends: the loop keeps
+// the remainder, asks for EPOLLOUT on the backend's socket, and goes on
+// when the backend reads again: every byte comes back.
+func TestLoopSlowBackend(t *testing.T) {
+	h, _ := loopHarness(t, nil)
+	c, s := loginLoop(t, h)
+	es := s.ev.Load()
+	c.Send("b ECHO\r\n")
+	c.Expect("b OK echo")
+	const n = 16 << 20
+	data := pattern(7, n)
+	sent := make(chan error, 1)
+	go func() { // the client writes without reading: the echo backs up
+		_, err := c.C.Write(data)
+		sent <- err
+	}()
+	stalled := false
+	for deadline := time.Now().Add(10 * time.Second); !stalled && time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		es.loop.do(func() { stalled = es.upPend > 0 && !es.bOut && es.bArmed })
+	}
+	if !stalled {
+		t.Fatal("the session never stalled on the backend")
+	}
+	if got := readN(t, c, n); !bytes.Equal(got, data) {
+		t.Fatal("the echo came back changed")
+	}
+	if err := <-sent; err != nil {
+		t.Fatal(err)
+	}
+}
+
 // A kick while the session is quiet says BYE (the stream is at a line
 // boundary) and ends it with the kick's reason; a kick in the middle of a
 // stream says nothing that could land inside it.
@@ -430,8 +490,9 @@ func TestLoopLeavesRuntimePoller(t *testing.T) {
 	c.Send("b NOOP\r\n")
 	c.Expect("b OK")
 	es := s.ev.Load()
-	var rt int
-	es.loop.do(func() { rt = es.loop.rtEpfd })
+	rtPoller.Lock()
+	rt := rtPoller.fd
+	rtPoller.Unlock()
 	if rt <= 0 {
 		t.Fatalf("the runtime's epoll set was not found (%d)", rt)
 	}
@@ -510,9 +571,15 @@ func TestLoopKeepsRuntimePoller(t *testing.T) {
 	c0, _ := loginLoop(t, h) // starts the loops
 	c0.Send("z NOOP\r\n")
 	c0.Expect("z OK")
-	for _, l := range h.srv.loops.Load().loops {
-		l.do(func() { l.rtEpfd = -1 })
-	}
+	rtPoller.Lock()
+	was := rtPoller.fd
+	rtPoller.fd = -1
+	rtPoller.Unlock()
+	t.Cleanup(func() {
+		rtPoller.Lock()
+		rtPoller.fd = was
+		rtPoller.Unlock()
+	})
 	c, s := loginLoop(t, h)
 	es := s.ev.Load()
 	var fd int
