@@ -108,10 +108,10 @@ type evLoop struct {
 	evfd int // written by notify and stop to wake run
 
 	mu       sync.Mutex
-	queue    []*evSession           // sessions closed from outside, or to serve at once
+	queue    []*evSession          // sessions closed from outside, or to serve at once
 	sessions map[uint64]*evSession // by key; added by adopt, read by the loop
 	nextKey  uint64
-	calls    []func()     // run by the loop goroutine (tests look inside)
+	calls    []func() // run by the loop goroutine (tests look inside)
 	stopping bool
 
 	done chan struct{}
