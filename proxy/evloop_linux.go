@@ -29,8 +29,11 @@ import (
 // idle session costs no goroutine either (the parker is not involved).
 // There are GOMAXPROCS-1 loops (evLoopCount), none with a single P.
 //
-// Both sockets are registered once, edge-triggered, keyed by the
-// session's loop key and side (never by descriptor number). Every read
+// Both sockets are registered once, by the splice's goroutine (adopt: the
+// loop is not woken for it), edge-triggered, keyed by the session's loop
+// key and side (never by descriptor number), for reading; EPOLLOUT is
+// added to a socket's registration the first time a write there would
+// block (armOut). Every read
 // and write runs inside RawConn.Control, which holds a reference on the
 // descriptor: one closed by another goroutine is never reused under the
 // loop, and Control fails once it is closed.
