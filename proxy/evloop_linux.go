@@ -159,7 +159,7 @@ type evSession struct {
 	awakeAt    int  // index in loop.awake plus one; 0: asleep
 	lastData   time.Duration
 	mark       uint64 // the turn it was last put on the work list
-	gone       bool
+	gone       bool // removed; written under loop.mu
 }
 
 // Key layout: the session's key shifted by one, the low bit the side.
@@ -207,9 +207,16 @@ func (s *session) startLoop(up, down *direction) bool {
 	s.wmu.Unlock()
 	es.loop = ls.pick()
 	s.ev.Store(es)
+	if testHookBeforeAdopt != nil {
+		testHookBeforeAdopt(s)
+	}
 	es.loop.adopt(es)
 	return true
 }
+
+// testHookBeforeAdopt, when set by a test, runs between a session's
+// publication (s.ev) and its adoption.
+var testHookBeforeAdopt func(*session)
 
 // loopClosed tells the session's loop, if it has one, that closeConns
 // closed the sockets.
@@ -392,6 +399,12 @@ func (l *evLoop) takeQueue() bool {
 // end it.
 func (l *evLoop) adopt(es *evSession) {
 	l.mu.Lock()
+	if es.gone {
+		// Closed from outside since startLoop published es (loopClosed),
+		// and ended by the loop already: nothing to register.
+		l.mu.Unlock()
+		return
+	}
 	l.nextKey++
 	es.key = l.nextKey
 	l.sessions[es.key] = es
@@ -612,8 +625,8 @@ func (l *evLoop) remove(es *evSession) {
 	if es.gone {
 		return
 	}
-	es.gone = true
 	l.mu.Lock()
+	es.gone = true // under mu for adopt, which may not have run yet
 	delete(l.sessions, es.key)
 	l.mu.Unlock()
 	l.setAsleep(es)

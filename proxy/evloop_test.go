@@ -332,6 +332,54 @@ func TestLoopAdoptsWithoutWaking(t *testing.T) {
 	}
 }
 
+// A session closed from outside between its publication and its
+// adoption (a kick at that moment) is ended by its loop and not
+// registered after: the loop's map does not keep it.
+func TestLoopClosedBeforeAdopt(t *testing.T) {
+	h, m := loopHarness(t, nil)
+	c0, _ := loginLoop(t, h) // starts the loops
+	c0.Send("z NOOP\r\n")
+	c0.Expect("z OK")
+	count := func() int {
+		n := 0
+		for _, l := range h.srv.loops.Load().loops {
+			l.do(func() {
+				l.mu.Lock()
+				n += len(l.sessions)
+				l.mu.Unlock()
+			})
+		}
+		return n
+	}
+	before := count()
+	testHookBeforeAdopt = func(s *session) {
+		s.closeConns()
+		es := s.ev.Load()
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			gone := false
+			es.loop.do(func() { gone = es.gone })
+			if gone {
+				return
+			}
+		}
+		t.Error("the loop did not end the closed session")
+	}
+	t.Cleanup(func() { testHookBeforeAdopt = nil })
+	c := dialConv(t, h.tlsAddr, h.clientTLS)
+	c.C.SetDeadline(time.Now().Add(30 * time.Second))
+	c.Expect("* OK")
+	c.Send("a LOGIN user pass\r\n")
+	select {
+	case <-m.ends:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the session did not end")
+	}
+	testHookBeforeAdopt = nil
+	if after := count(); after != before {
+		t.Fatalf("the loops hold %d sessions after, %d before", after, before)
+	}
+}
+
 // A backend that stops reading while the client sends: the loop keeps
 // the remainder, asks for EPOLLOUT on the backend's socket, and goes on
 // when the backend reads again: every byte comes back.
