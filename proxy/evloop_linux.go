@@ -159,7 +159,7 @@ type evSession struct {
 	awakeAt    int  // index in loop.awake plus one; 0: asleep
 	lastData   time.Duration
 	mark       uint64 // the turn it was last put on the work list
-	gone       bool // removed; written under loop.mu
+	gone       bool   // removed; written under loop.mu
 }
 
 // Key layout: the session's key shifted by one, the low bit the side.
