@@ -303,18 +303,31 @@ func TestLoopSlowClient(t *testing.T) {
 	c.Expect("c OK")
 }
 
+// startLoops logs a first session in, which starts the loops, and
+// returns it after a round trip.
+func startLoops(t *testing.T, h *harness) *session {
+	t.Helper()
+	c, s := loginLoop(t, h)
+	c.Send("z NOOP\r\n")
+	c.Expect("z OK")
+	return s
+}
+
+// eachLoop runs f in every loop's goroutine in turn.
+func eachLoop(h *harness, f func(*evLoop)) {
+	for _, l := range h.srv.loops.Load().loops {
+		l.do(func() { f(l) })
+	}
+}
+
 // A session goes onto its loop without waking it: the loop takes its
 // queue (eventfd) only for do's own calls around a login and a round trip.
 func TestLoopAdoptsWithoutWaking(t *testing.T) {
 	h, _ := loopHarness(t, nil)
-	c0, s0 := loginLoop(t, h) // starts the loops
-	c0.Send("z NOOP\r\n")
-	c0.Expect("z OK")
+	s0 := startLoops(t, h)
 	queued := func() map[*evLoop]uint64 {
 		m := map[*evLoop]uint64{}
-		for _, l := range h.srv.loops.Load().loops {
-			l.do(func() { m[l] = l.queued })
-		}
+		eachLoop(h, func(l *evLoop) { m[l] = l.queued })
 		return m
 	}
 	before := queued()
@@ -337,18 +350,14 @@ func TestLoopAdoptsWithoutWaking(t *testing.T) {
 // registered after: the loop's map does not keep it.
 func TestLoopClosedBeforeAdopt(t *testing.T) {
 	h, m := loopHarness(t, nil)
-	c0, _ := loginLoop(t, h) // starts the loops
-	c0.Send("z NOOP\r\n")
-	c0.Expect("z OK")
+	startLoops(t, h)
 	count := func() int {
 		n := 0
-		for _, l := range h.srv.loops.Load().loops {
-			l.do(func() {
-				l.mu.Lock()
-				n += len(l.sessions)
-				l.mu.Unlock()
-			})
-		}
+		eachLoop(h, func(l *evLoop) {
+			l.mu.Lock()
+			n += len(l.sessions)
+			l.mu.Unlock()
+		})
 		return n
 	}
 	before := count()
