@@ -207,16 +207,17 @@ func (s *session) startLoop(up, down *direction) bool {
 	s.wmu.Unlock()
 	es.loop = ls.pick()
 	s.ev.Store(es)
-	if testHookBeforeAdopt != nil {
-		testHookBeforeAdopt(s)
+	if testHookAdopt != nil {
+		testHookAdopt(s, func() { es.loop.adopt(es) })
+		return true
 	}
 	es.loop.adopt(es)
 	return true
 }
 
-// testHookBeforeAdopt, when set by a test, runs between a session's
-// publication (s.ev) and its adoption.
-var testHookBeforeAdopt func(*session)
+// testHookAdopt, when set by a test, adopts a published session (s.ev)
+// in its stead: it is to call adopt.
+var testHookAdopt func(s *session, adopt func())
 
 // loopClosed tells the session's loop, if it has one, that closeConns
 // closed the sockets.

@@ -361,29 +361,36 @@ func TestLoopClosedBeforeAdopt(t *testing.T) {
 		return n
 	}
 	before := count()
-	testHookBeforeAdopt = func(s *session) {
+	adopted := make(chan bool, 1)
+	testHookAdopt = func(s *session, adopt func()) {
 		s.closeConns()
 		es := s.ev.Load()
-		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-			gone := false
+		gone := false
+		for deadline := time.Now().Add(10 * time.Second); !gone && time.Now().Before(deadline); time.Sleep(time.Millisecond) {
 			es.loop.do(func() { gone = es.gone })
-			if gone {
-				return
-			}
 		}
-		t.Error("the loop did not end the closed session")
+		adopt()
+		adopted <- gone
 	}
-	t.Cleanup(func() { testHookBeforeAdopt = nil })
+	t.Cleanup(func() { testHookAdopt = nil })
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
 	c.C.SetDeadline(time.Now().Add(30 * time.Second))
 	c.Expect("* OK")
 	c.Send("a LOGIN user pass\r\n")
 	select {
+	case gone := <-adopted:
+		if !gone {
+			t.Fatal("the loop did not end the closed session")
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the session was not adopted")
+	}
+	testHookAdopt = nil
+	select {
 	case <-m.ends:
 	case <-time.After(10 * time.Second):
 		t.Fatal("the session did not end")
 	}
-	testHookBeforeAdopt = nil
 	if after := count(); after != before {
 		t.Fatalf("the loops hold %d sessions after, %d before", after, before)
 	}
@@ -398,7 +405,7 @@ func TestLoopSlowBackend(t *testing.T) {
 	es := s.ev.Load()
 	c.Send("b ECHO\r\n")
 	c.Expect("b OK echo")
-	const n = 16 << 20
+	const n = 64 << 20 // more than every socket buffer on the way holds
 	data := pattern(7, n)
 	sent := make(chan error, 1)
 	go func() { // the client writes without reading: the echo backs up
