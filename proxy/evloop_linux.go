@@ -111,7 +111,7 @@ type evLoop struct {
 	evfd int // written by notify and stop to wake run
 
 	mu       sync.Mutex
-	queue    []*evSession          // sessions closed from outside, or to serve at once
+	queue    []*evSession          // sessions closed from outside
 	sessions map[uint64]*evSession // by key; added by adopt, read by the loop
 	nextKey  uint64
 	calls    []func() // run by the loop goroutine (tests look inside)
