@@ -363,8 +363,9 @@ func (l *evLoop) enqueue(es *evSession) {
 	}
 }
 
-// takeQueue drains the eventfd and takes the queued sessions: new ones
-// are registered. It reports true when the loop must stop.
+// takeQueue drains the eventfd, runs do's calls and takes the queued
+// sessions (closed from outside). It reports true when the loop must
+// stop.
 func (l *evLoop) takeQueue() bool {
 	l.queued++
 	var b [8]byte

@@ -396,6 +396,32 @@ func TestLoopClosedBeforeAdopt(t *testing.T) {
 	}
 }
 
+// A session whose sockets close before its adoption, without its loop
+// being told (closeConns not yet past the close): adopt finds them
+// closed and queues the session, which its loop ends.
+func TestLoopClosedAtAdopt(t *testing.T) {
+	h, m := loopHarness(t, nil)
+	startLoops(t, h)
+	testHookAdopt = func(s *session, adopt func()) {
+		s.raw.Close()
+		s.mu.Lock()
+		bc := s.bconn
+		s.mu.Unlock()
+		bc.Close()
+		adopt()
+	}
+	t.Cleanup(func() { testHookAdopt = nil })
+	c := dialConv(t, h.tlsAddr, h.clientTLS)
+	c.C.SetDeadline(time.Now().Add(30 * time.Second))
+	c.Expect("* OK")
+	c.Send("a LOGIN user pass\r\n")
+	select {
+	case <-m.ends:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the session closed at its adoption did not end")
+	}
+}
+
 // A backend that stops reading while the client sends: the loop keeps
 // the remainder, asks for EPOLLOUT on the backend's socket, and goes on
 // when the backend reads again: every byte comes back.
