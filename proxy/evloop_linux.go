@@ -207,8 +207,8 @@ func (s *session) startLoop(up, down *direction) bool {
 	s.wmu.Unlock()
 	es.loop = ls.pick()
 	s.ev.Store(es)
-	if testHookAdopt != nil {
-		testHookAdopt(s, func() { es.loop.adopt(es) })
+	if hook := testHookAdopt.Load(); hook != nil {
+		(*hook)(s, func() { es.loop.adopt(es) })
 		return true
 	}
 	es.loop.adopt(es)
@@ -216,8 +216,9 @@ func (s *session) startLoop(up, down *direction) bool {
 }
 
 // testHookAdopt, when set by a test, adopts a published session (s.ev)
-// in its stead: it is to call adopt.
-var testHookAdopt func(s *session, adopt func())
+// in its stead: it is to call adopt. Atomic: sessions of the test before
+// may still be on their way to startLoop when it is set.
+var testHookAdopt atomic.Pointer[func(s *session, adopt func())]
 
 // loopClosed tells the session's loop, if it has one, that closeConns
 // closed the sockets.

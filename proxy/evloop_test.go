@@ -320,6 +320,12 @@ func eachLoop(h *harness, f func(*evLoop)) {
 	}
 }
 
+// setAdoptHook sets testHookAdopt to f until the test ends.
+func setAdoptHook(t *testing.T, f func(s *session, adopt func())) {
+	testHookAdopt.Store(&f)
+	t.Cleanup(func() { testHookAdopt.Store(nil) })
+}
+
 // A session goes onto its loop without waking it: the loop takes its
 // queue (eventfd) only for do's own calls around a login and a round trip.
 func TestLoopAdoptsWithoutWaking(t *testing.T) {
@@ -362,7 +368,7 @@ func TestLoopClosedBeforeAdopt(t *testing.T) {
 	}
 	before := count()
 	adopted := make(chan bool, 1)
-	testHookAdopt = func(s *session, adopt func()) {
+	setAdoptHook(t, func(s *session, adopt func()) {
 		s.closeConns()
 		es := s.ev.Load()
 		gone := false
@@ -371,8 +377,7 @@ func TestLoopClosedBeforeAdopt(t *testing.T) {
 		}
 		adopt()
 		adopted <- gone
-	}
-	t.Cleanup(func() { testHookAdopt = nil })
+	})
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
 	c.C.SetDeadline(time.Now().Add(30 * time.Second))
 	c.Expect("* OK")
@@ -385,7 +390,7 @@ func TestLoopClosedBeforeAdopt(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("the session was not adopted")
 	}
-	testHookAdopt = nil
+	testHookAdopt.Store(nil)
 	select {
 	case <-m.ends:
 	case <-time.After(10 * time.Second):
@@ -402,15 +407,14 @@ func TestLoopClosedBeforeAdopt(t *testing.T) {
 func TestLoopClosedAtAdopt(t *testing.T) {
 	h, m := loopHarness(t, nil)
 	startLoops(t, h)
-	testHookAdopt = func(s *session, adopt func()) {
+	setAdoptHook(t, func(s *session, adopt func()) {
 		s.raw.Close()
 		s.mu.Lock()
 		bc := s.bconn
 		s.mu.Unlock()
 		bc.Close()
 		adopt()
-	}
-	t.Cleanup(func() { testHookAdopt = nil })
+	})
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
 	c.C.SetDeadline(time.Now().Add(30 * time.Second))
 	c.Expect("* OK")
