@@ -23,7 +23,7 @@ package tls13
 import (
 	"crypto/aes"
 	"crypto/cipher"
-	"crypto/hkdf"
+	"crypto/hmac"
 	"crypto/sha256"
 	"crypto/sha512"
 	"crypto/tls"
@@ -102,32 +102,38 @@ func suiteKeyLen(suite uint16) int {
 }
 
 // expandLabel is HKDF-Expand-Label (RFC 8446, section 7.1) with an empty
-// context.
-func expandLabel(h func() hash.Hash, secret []byte, label string, length int) []byte {
-	full := "tls13 " + label
-	info := make([]byte, 0, 4+len(full))
-	info = binary.BigEndian.AppendUint16(info, uint16(length))
-	info = append(info, byte(len(full)))
-	info = append(info, full...)
-	info = append(info, 0) // context
-	out, err := hkdf.Expand(h, secret, string(info), length)
-	if err != nil {
-		panic("tls13: " + err.Error()) // only for lengths no suite has
+// context, keyed by m (an HMAC keyed with the secret, reset): every
+// label TLS 1.3 asks of a traffic secret is at most one hash long, so
+// HKDF-Expand (RFC 5869, section 2.3) is its first block alone,
+// T(1) = HMAC(secret, info || 0x01). One HMAC serves a secret's key and
+// IV; hkdf.Expand would key one for each.
+func expandLabel(m hash.Hash, label string, length int) []byte {
+	if length > m.Size() {
+		panic("tls13: label longer than one block") // no suite asks for one
 	}
-	return out
+	var info [4 + len("tls13 traffic upd") + 1]byte
+	b := binary.BigEndian.AppendUint16(info[:0], uint16(length))
+	b = append(b, byte(len("tls13 ")+len(label)))
+	b = append(b, "tls13 "...)
+	b = append(b, label...)
+	b = append(b, 0, 1) // empty context, then HKDF's block counter
+	m.Write(b)
+	return m.Sum(nil)[:length]
 }
 
 // trafficKeys derives a record key and IV from a traffic secret
 // (RFC 8446, section 7.3).
 func trafficKeys(suite uint16, secret []byte) (key, iv []byte) {
-	h := suiteHash(suite)
-	return expandLabel(h, secret, "key", suiteKeyLen(suite)), expandLabel(h, secret, "iv", 12)
+	m := hmac.New(suiteHash(suite), secret)
+	key = expandLabel(m, "key", suiteKeyLen(suite))
+	m.Reset()
+	return key, expandLabel(m, "iv", 12)
 }
 
 // nextSecret is application_traffic_secret_N+1 (RFC 8446, section 7.2).
 func nextSecret(suite uint16, secret []byte) []byte {
-	h := suiteHash(suite)
-	return expandLabel(h, secret, "traffic upd", h().Size())
+	m := hmac.New(suiteHash(suite), secret)
+	return expandLabel(m, "traffic upd", m.Size())
 }
 
 func newAEAD(suite uint16, key []byte) (cipher.AEAD, error) {
@@ -141,13 +147,20 @@ func newAEAD(suite uint16, key []byte) (cipher.AEAD, error) {
 	return cipher.NewGCM(b)
 }
 
-// half is one direction's protection: its traffic secret and sequence
-// number always, its AEAD and IV only while awake.
+// half is one direction's protection: its traffic secret, the record
+// key and IV derived from it, and its sequence number always; its AEAD
+// only while awake.
 type half struct {
 	suite  uint16
 	secret []byte
 	seq    uint64
 	aead   cipher.AEAD // nil while asleep
+	// key[:keyLen] and iv are derived from secret at the first wake
+	// (keyLen 0 until then) and kept while asleep (44 bytes), so that a
+	// wake builds the AEAD without HKDF: deriving them at every wake was
+	// an eighth of a login's allocations.
+	key    [32]byte
+	keyLen uint8
 	iv     [12]byte
 	// nb is the current record's nonce, set by nonce. It lives here, not
 	// on the stack, because it goes through the cipher.AEAD interface and
@@ -162,20 +175,22 @@ func (h *half) wake() error {
 	if h.aead != nil {
 		return nil
 	}
-	key, iv := trafficKeys(h.suite, h.secret)
-	a, err := newAEAD(h.suite, key)
-	clear(key)
+	if h.keyLen == 0 {
+		key, iv := trafficKeys(h.suite, h.secret)
+		h.keyLen = uint8(copy(h.key[:], key))
+		copy(h.iv[:], iv)
+		clear(key)
+	}
+	a, err := newAEAD(h.suite, h.key[:h.keyLen])
 	if err != nil {
 		return err
 	}
 	h.aead = a
-	copy(h.iv[:], iv)
 	return nil
 }
 
 func (h *half) sleep() {
 	h.aead = nil
-	clear(h.iv[:])
 	clear(h.nb[:])
 }
 
@@ -184,6 +199,9 @@ func (h *half) update() {
 	next := nextSecret(h.suite, h.secret)
 	clear(h.secret)
 	h.secret, h.seq = next, 0
+	clear(h.key[:])
+	clear(h.iv[:])
+	h.keyLen = 0
 	h.sleep()
 }
 

@@ -293,3 +293,45 @@ func TestKeyLog(t *testing.T) {
 		t.Fatal("two client randoms not noticed")
 	}
 }
+
+// A direction that wakes again builds its AEAD from the key kept asleep:
+// no HKDF, so no more allocations than the AEAD's own.
+func TestWakeDerivesOnce(t *testing.T) {
+	for _, suite := range suites {
+		c, s := pair(t, suite)
+		buf := make([]byte, SealBufLen)
+		n := copy(Slot(buf, 0), "* 1 EXISTS\r\n")
+		wire, err := c.Seal(buf, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := s.Open(wire); err != nil {
+			t.Fatal(err)
+		}
+		key, _ := trafficKeys(suite, c.out.secret)
+		aead := testing.AllocsPerRun(50, func() {
+			if _, err := newAEAD(suite, key); err != nil {
+				t.Fatal(err)
+			}
+		})
+		wake := testing.AllocsPerRun(50, func() {
+			c.SleepWrite()
+			if err := c.out.wake(); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if wake > aead {
+			t.Errorf("%x: a wake makes %v allocations, its AEAD %v", suite, wake, aead)
+		}
+		c.SleepWrite()
+		s.SleepRead()
+		n = copy(Slot(buf, 0), "* 2 EXISTS\r\n")
+		wire, err = c.Seal(buf, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if data, _, err := s.Open(wire); err != nil || string(data) != "* 2 EXISTS\r\n" {
+			t.Fatalf("%x: after sleeping: %q %v", suite, data, err)
+		}
+	}
+}
