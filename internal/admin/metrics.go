@@ -36,6 +36,16 @@ type Metrics struct {
 	// rates counts the last minute's logins for the status page.
 	rates loginRates
 
+	// The children the proxy touches on every login, cached (children).
+	sessionsOf *children[sessionKey, prometheus.Gauge]
+	endedOf    *children[endedKey, prometheus.Counter]
+	bytesOf    *children[string, [2]prometheus.Counter] // in, out
+	preauthOf  *children[string, prometheus.Counter]
+	loginsOf   *children[[2]string, prometheus.Counter]
+	dialOf     *children[string, prometheus.Observer]
+	loginOf    *children[backendResult, prometheus.Observer]
+	routeOf    [2]prometheus.Observer // failed, ok
+
 	// all is everything registered, for tests that check names.
 	all []prometheus.Collector
 }
@@ -94,8 +104,44 @@ func NewMetrics(reg prometheus.Registerer, o MetricsOptions) *Metrics {
 		},
 	}
 	reg.MustRegister(m.all...)
+	m.sessionsOf = newChildren(func(k sessionKey) prometheus.Gauge {
+		return m.sessions.WithLabelValues(k.listener, k.state.String(), k.backend)
+	})
+	m.endedOf = newChildren(func(k endedKey) prometheus.Counter {
+		return m.ended.WithLabelValues(k.listener, k.reason.String())
+	})
+	m.bytesOf = newChildren(func(b string) [2]prometheus.Counter {
+		return [2]prometheus.Counter{m.bytes.WithLabelValues(b, "in"), m.bytes.WithLabelValues(b, "out")}
+	})
+	m.preauthOf = newChildren(func(c string) prometheus.Counter { return m.preauth.WithLabelValues(c) })
+	m.loginsOf = newChildren(func(k [2]string) prometheus.Counter { return m.logins.WithLabelValues(k[0], k[1]) })
+	m.dialOf = newChildren(func(b string) prometheus.Observer { return m.dial.WithLabelValues(b) })
+	m.loginOf = newChildren(func(k backendResult) prometheus.Observer {
+		r := "ok"
+		if !k.ok {
+			r = "failed"
+		}
+		return m.login.WithLabelValues(k.backend, r)
+	})
+	m.routeOf = [2]prometheus.Observer{m.route.WithLabelValues("failed"), m.route.WithLabelValues("ok")}
 	return m
 }
+
+type (
+	sessionKey struct {
+		listener string
+		state    proxy.State
+		backend  string
+	}
+	endedKey struct {
+		listener string
+		reason   proxy.EndReason
+	}
+	backendResult struct {
+		backend string
+		ok      bool
+	}
+)
 
 func b2f(b bool) float64 {
 	if b {
@@ -177,48 +223,45 @@ func (m *Metrics) SessionState(listener, backend string, from, to proxy.State) {
 		if from != proxy.StateSpliced {
 			fb = ""
 		}
-		m.sessions.WithLabelValues(listener, from.String(), fb).Dec()
+		m.sessionsOf.of(sessionKey{listener, from, fb}).Dec()
 	}
 	if to != proxy.StateClosed {
 		tb := backend
 		if to != proxy.StateSpliced {
 			tb = ""
 		}
-		m.sessions.WithLabelValues(listener, to.String(), tb).Inc()
+		m.sessionsOf.of(sessionKey{listener, to, tb}).Inc()
 	}
 }
 
 func (m *Metrics) SessionEnded(listener, backend string, reason proxy.EndReason, in, out int64, _ time.Duration) {
-	m.ended.WithLabelValues(listener, reason.String()).Inc()
+	m.endedOf.of(endedKey{listener, reason}).Inc()
 	if backend != "" {
-		m.bytes.WithLabelValues(backend, "in").Add(float64(in))
-		m.bytes.WithLabelValues(backend, "out").Add(float64(out))
+		b := m.bytesOf.of(backend)
+		b[0].Add(float64(in))
+		b[1].Add(float64(out))
 	}
 }
 
-func (m *Metrics) PreAuthCommand(name string) { m.preauth.WithLabelValues(name).Inc() }
+func (m *Metrics) PreAuthCommand(name string) { m.preauthOf.of(name).Inc() }
 func (m *Metrics) Login(result, reason string) {
-	m.logins.WithLabelValues(result, reason).Inc()
+	m.loginsOf.of([2]string{result, reason}).Inc()
 	m.rates.login(result)
 }
 
 func (m *Metrics) BackendLogin(backend string, dial, login time.Duration, ok bool) {
-	m.dial.WithLabelValues(backend).Observe(dial.Seconds())
+	m.dialOf.of(backend).Observe(dial.Seconds())
 	if login > 0 {
-		r := "ok"
-		if !ok {
-			r = "failed"
-		}
-		m.login.WithLabelValues(backend, r).Observe(login.Seconds())
+		m.loginOf.of(backendResult{backend, ok}).Observe(login.Seconds())
 	}
 }
 
 func (m *Metrics) RouteLookup(d time.Duration, ok bool) {
-	r := "ok"
-	if !ok {
-		r = "failed"
+	i := 0
+	if ok {
+		i = 1
 	}
-	m.route.WithLabelValues(r).Observe(d.Seconds())
+	m.routeOf[i].Observe(d.Seconds())
 }
 
 func (m *Metrics) LimitHit(limit string) { m.limits.WithLabelValues(limit).Inc() }
