@@ -45,7 +45,7 @@ func New(level zapcore.Level, console bool) (*zap.Logger, *zap.AtomicLevel, erro
 		zc.EncoderConfig.EncodeLevel = zapcore.CapitalColorLevelEncoder
 	} else {
 		zc = zap.NewProductionConfig()
-		zc.EncoderConfig.EncodeTime = zapcore.ISO8601TimeEncoder
+		zc.EncoderConfig.EncodeTime = new(isoClock).encode
 		zc.Sampling = nil // every session's end line matters
 	}
 	zc.Level = zap.NewAtomicLevelAt(level)

@@ -4,6 +4,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -61,5 +62,52 @@ func TestOnlyProxySessionLinesWait(t *testing.T) {
 	}
 	if strings.Contains(got, "hidden") || !strings.Contains(got, "shown") {
 		t.Errorf("the level did not follow its AtomicLevel: %s", got)
+	}
+}
+
+// TestISOClockAsZap: the cached encoder writes what
+// zapcore.ISO8601TimeEncoder writes, across seconds, milliseconds and
+// zones, in either order (a line's time may be older than the last one's).
+func TestISOClockAsZap(t *testing.T) {
+	east := time.FixedZone("east", 5*3600+30*60)
+	west := time.FixedZone("west", -8*3600)
+	base := time.Date(2026, 12, 4, 23, 59, 59, 0, time.UTC)
+	var c isoClock
+	for _, tm := range []time.Time{
+		base, base.Add(999 * time.Millisecond), base.Add(time.Second + 7*time.Millisecond),
+		base.Add(12 * time.Millisecond), // back into the previous second
+		base.In(east), base.Add(50 * time.Millisecond).In(west), base.Add(50 * time.Millisecond),
+		time.Date(2026, 3, 29, 1, 59, 59, 999_999_999, time.Local), time.Date(2026, 3, 29, 3, 0, 0, 1e6, time.Local),
+	} {
+		want := zapcore.NewJSONEncoder(zapcore.EncoderConfig{TimeKey: "t", EncodeTime: zapcore.ISO8601TimeEncoder})
+		got := zapcore.NewJSONEncoder(zapcore.EncoderConfig{TimeKey: "t", EncodeTime: c.encode})
+		w, err := want.EncodeEntry(zapcore.Entry{Time: tm}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		g, err := got.EncodeEntry(zapcore.Entry{Time: tm}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if g.String() != w.String() {
+			t.Errorf("%v: %s, want %s", tm, g, w)
+		}
+	}
+}
+
+// BenchmarkISOClock is what a line's time costs, cached and not.
+func BenchmarkISOClock(b *testing.B) {
+	for _, c := range []struct {
+		name string
+		enc  zapcore.TimeEncoder
+	}{{"zap", zapcore.ISO8601TimeEncoder}, {"cached", new(isoClock).encode}} {
+		b.Run(c.name, func(b *testing.B) {
+			enc := zapcore.NewJSONEncoder(zapcore.EncoderConfig{TimeKey: "t", EncodeTime: c.enc})
+			b.ReportAllocs()
+			for b.Loop() {
+				buf, _ := enc.EncodeEntry(zapcore.Entry{Time: time.Now()}, nil)
+				buf.Free()
+			}
+		})
 	}
 }
