@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"testing"
 )
@@ -292,6 +293,47 @@ func TestKeyLog(t *testing.T) {
 	if !k2.bad {
 		t.Fatal("two client randoms not noticed")
 	}
+	for _, line := range []string{
+		"CLIENT_TRAFFIC_SECRET_0 " + string(r) + "\n",
+		"CLIENT_TRAFFIC_SECRET_0 " + string(r) + " \n",
+		"CLIENT_TRAFFIC_SECRET_0 " + string(r[2:]) + " 0102\n",
+		"CLIENT_TRAFFIC_SECRET_0 " + string(r) + " 010\n",
+		"CLIENT_TRAFFIC_SECRET_0 " + string(r) + " 01 02\n",
+	} {
+		var k3 KeyLog
+		k3.Write([]byte(line))
+		if !k3.bad || k3.client != nil {
+			t.Errorf("%q: bad %v, client %x", line, k3.bad, k3.client)
+		}
+	}
+	// The three other lines of a handshake are not parsed.
+	hs := []byte("SERVER_HANDSHAKE_TRAFFIC_SECRET " + string(r) + " " + string(r) + "\n")
+	if n := testing.AllocsPerRun(20, func() { k.Write(hs) }); n != 0 {
+		t.Errorf("a line not kept made %v allocations", n)
+	}
+}
+
+// FuzzKeyLog: any line is taken or refused without a panic, and a line
+// written as crypto/tls writes it is taken.
+func FuzzKeyLog(f *testing.F) {
+	r := bytes.Repeat([]byte("ab"), 32)
+	f.Add([]byte("CLIENT_TRAFFIC_SECRET_0 "+string(r)+" 0102\n"), []byte{1, 2})
+	f.Add([]byte("SERVER_TRAFFIC_SECRET_0  \n"), []byte{})
+	f.Fuzz(func(t *testing.T, line, secret []byte) {
+		var k KeyLog
+		k.Write(line)
+		if k.bad && (k.client != nil || k.server != nil) {
+			t.Fatalf("%q: kept a secret and refused the line", line)
+		}
+		if len(secret) == 0 {
+			return
+		}
+		var good KeyLog
+		good.Write(fmt.Appendf(nil, "%s %x %x\n", "SERVER_TRAFFIC_SECRET_0", r[:32], secret))
+		if good.bad || !bytes.Equal(good.server, secret) {
+			t.Fatalf("secret %x: bad %v, kept %x", secret, good.bad, good.server)
+		}
+	})
 }
 
 // A direction that wakes again builds its AEAD from the key kept asleep:

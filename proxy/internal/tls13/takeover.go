@@ -34,15 +34,13 @@ func (k *KeyLog) Write(line []byte) (int, error) {
 	if k.Next != nil {
 		k.Next.Write(line)
 	}
+	// crypto/tls writes "LABEL CLIENTRANDOM SECRET\n", hex, five lines
+	// a handshake: only two are kept, and the others are not parsed.
+	label, rest, _ := bytes.Cut(line, []byte(" "))
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	fields := bytes.Fields(line)
-	if len(fields) != 3 {
-		k.bad = true
-		return len(line), nil
-	}
 	var dst *[]byte
-	switch string(fields[0]) {
+	switch string(label) {
 	case "CLIENT_TRAFFIC_SECRET_0":
 		dst = &k.client
 	case "SERVER_TRAFFIC_SECRET_0":
@@ -50,17 +48,18 @@ func (k *KeyLog) Write(line []byte) (int, error) {
 	default:
 		return len(line), nil
 	}
+	rnd, sec, ok := bytes.Cut(bytes.TrimSuffix(rest, []byte("\n")), []byte(" "))
 	var random [32]byte
-	secret := make([]byte, hex.DecodedLen(len(fields[2])))
-	if len(fields[1]) != 2*len(random) {
+	secret := make([]byte, hex.DecodedLen(len(sec)))
+	if !ok || len(rnd) != 2*len(random) || len(sec) == 0 || *dst != nil {
 		k.bad = true
 		return len(line), nil
 	}
-	if _, err := hex.Decode(random[:], fields[1]); err != nil {
+	if _, err := hex.Decode(random[:], rnd); err != nil {
 		k.bad = true
 		return len(line), nil
 	}
-	if _, err := hex.Decode(secret, fields[2]); err != nil || *dst != nil {
+	if _, err := hex.Decode(secret, sec); err != nil {
 		k.bad = true
 		return len(line), nil
 	}
