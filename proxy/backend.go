@@ -122,18 +122,16 @@ func (backendVerifier) VerifyPassword(context.Context, string, string) error {
 // Timeouts.BackendLogin, the answer to the credentials by BackendAuth (a
 // backend may take its time to say NO to a wrong password).
 func (s *Server) dialLogin(ctx context.Context, b *routing.Backend, cr *credentials, ci *clientInfo, relay relayFunc) (*backendLogin, error) {
-	t := s.o().Timeouts
-	deadline := time.Now().Add(t.BackendLogin)
-	sctx, cancel := context.WithDeadline(ctx, deadline)
-	defer cancel()
-
+	// The setup's bound is the connection's deadline (and the dial's),
+	// not a context of its own: one timer fewer a login.
+	deadline := time.Now().Add(s.o().Timeouts.BackendLogin)
 	t0 := time.Now()
 	if pc := s.poolTake(b); pc != nil {
 		// Greeted already (pool.go): no connect, no greeting to wait for.
 		// A failure that is not the backend's answer (it dropped the
 		// waiting connection) is tried again on a fresh one, unless the
 		// client already took part in the exchange (a relayed OAuth).
-		bl, err := s.loginOn(ctx, sctx, backendAttempt{conn: pc, b: b, cr: cr, ci: ci, relay: relay, deadline: deadline})
+		bl, err := s.loginOn(ctx, backendAttempt{conn: pc, b: b, cr: cr, ci: ci, relay: relay, deadline: deadline})
 		var refused *backendRefusedError
 		if err == nil || cr.oauth != nil || errors.As(err, &refused) {
 			// A NO to the credentials is an answer: the backend is up.
@@ -149,8 +147,8 @@ func (s *Server) dialLogin(ctx context.Context, b *routing.Backend, cr *credenti
 		pc.Close()
 	}
 	login := func(pipeline bool) (*backendLogin, error) {
-		return s.dialThen(sctx, b, b.Addr, t0, func(conn net.Conn) (*backendLogin, error) {
-			return s.loginOn(ctx, sctx, backendAttempt{conn: conn, b: b, cr: cr, ci: ci, relay: relay, deadline: deadline, pipeline: pipeline})
+		return s.dialThen(ctx, b, b.Addr, t0, deadline, func(conn net.Conn) (*backendLogin, error) {
+			return s.loginOn(ctx, backendAttempt{conn: conn, b: b, cr: cr, ci: ci, relay: relay, deadline: deadline, pipeline: pipeline})
 		})
 	}
 	bl, err := login(!s.o().Backend.NoPipelinedLogin)
@@ -160,12 +158,13 @@ func (s *Server) dialLogin(ctx context.Context, b *routing.Backend, cr *credenti
 	return bl, err
 }
 
-// dialThen connects to addr, b's server for one protocol, within ctx and
-// Timeouts.BackendConnect, and logs in on the connection with login. It
+// dialThen connects to addr, b's server for one protocol, within ctx,
+// Timeouts.BackendConnect and deadline (zero: none), and logs in on the connection with login. It
 // reports the backend login to the metrics (a NO to the credentials is an
 // answer: the backend is up) and closes the connection if login fails.
-func (s *Server) dialThen(ctx context.Context, b *routing.Backend, addr string, t0 time.Time, login func(net.Conn) (*backendLogin, error)) (*backendLogin, error) {
+func (s *Server) dialThen(ctx context.Context, b *routing.Backend, addr string, t0, deadline time.Time, login func(net.Conn) (*backendLogin, error)) (*backendLogin, error) {
 	d := s.o().Timeouts.dialer()
+	d.Deadline = deadline
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	dialTook := time.Since(t0)
 	if err != nil {
@@ -238,21 +237,21 @@ type backendAttempt struct {
 	deadline time.Time
 }
 
-// loginOn logs in on a.conn. sctx (whose deadline is a.deadline) bounds
-// the setup; lctx, the session's login, bounds the rest together with
-// Timeouts.BackendAuth.
-func (s *Server) loginOn(lctx, sctx context.Context, a backendAttempt) (*backendLogin, error) {
+// loginOn logs in on a.conn. a.deadline bounds the setup; then
+// Timeouts.BackendAuth bounds the answer to the credentials. lctx, the
+// session's login, bounds both.
+func (s *Server) loginOn(lctx context.Context, a backendAttempt) (*backendLogin, error) {
 	conn, b, cr, ci, relay, deadline := a.conn, a.b, a.cr, a.ci, a.relay, a.deadline
-	// The context's deadline covers the handshakes; the conn's deadline
-	// covers every read and write. A cancelled context closes the conn.
-	// The cancel functions use the TCP connection itself: conn becomes
-	// the TLS one below, and they run on another goroutine.
+	// The conn's deadline covers every read and write, the handshakes'
+	// too. A cancelled context closes the conn: the cancel function uses
+	// the TCP connection itself (conn becomes the TLS one below), and it
+	// runs on another goroutine.
 	raw := conn
 	raw.SetDeadline(deadline)
-	stop := context.AfterFunc(sctx, func() { raw.SetDeadline(time.Unix(1, 0)) })
-	defer func() { stop() }()
+	stop := context.AfterFunc(lctx, func() { raw.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
 
-	conn, err := s.backendPrologue(sctx, conn, b, ci)
+	conn, err := s.backendPrologue(lctx, conn, b, ci)
 	if err != nil {
 		return nil, err
 	}
@@ -299,7 +298,7 @@ func (s *Server) loginOn(lctx, sctx context.Context, a backendAttempt) (*backend
 		// Bytes after the tagged OK were sent in cleartext and could be
 		// injected by anyone on the path: drop them with the reader.
 		tc := tls.Client(conn, s.backendTLS(b))
-		if err := tc.HandshakeContext(sctx); err != nil {
+		if err := tc.HandshakeContext(lctx); err != nil {
 			return nil, fmt.Errorf("STARTTLS handshake: %w", err)
 		}
 		conn = tc
@@ -325,9 +324,12 @@ func (s *Server) loginOn(lctx, sctx context.Context, a backendAttempt) (*backend
 
 	// From here on the backend answers the credentials: it may take its
 	// time over a wrong password, and that is not an outage.
-	stop()
 	conn.SetDeadline(time.Now().Add(s.o().Timeouts.BackendAuth))
-	stop = context.AfterFunc(lctx, func() { raw.SetDeadline(time.Unix(1, 0)) })
+	if lctx.Err() != nil {
+		// Cancelled before the new deadline: the cancel function's
+		// deadline in the past may have been overwritten.
+		raw.SetDeadline(time.Unix(1, 0))
+	}
 
 	var code string
 	switch {

@@ -42,7 +42,7 @@ func (s *Server) loginAt(ctx context.Context, addr string, a backendAttempt, log
 	a.deadline = time.Now().Add(s.o().Timeouts.BackendLogin)
 	ctx, cancel := context.WithDeadline(ctx, a.deadline)
 	defer cancel()
-	return s.dialThen(ctx, a.b, addr, time.Now(), func(conn net.Conn) (*backendLogin, error) {
+	return s.dialThen(ctx, a.b, addr, time.Now(), time.Time{}, func(conn net.Conn) (*backendLogin, error) {
 		a.conn = conn
 		return loginOn(ctx, a)
 	})
