@@ -18,24 +18,56 @@ func (s *session) imapCapability(_ context.Context, cmd *command) (*backendLogin
 }
 
 // capabilities is the pre-auth capability list for the session's state.
+// It depends on the options, TLS and whether credentials may be sent:
+// the four lists are built once per Options (every greeting carries one).
 func (s *session) capabilities() string {
-	o := s.srv.o().Capabilities
+	o := s.srv.o()
+	c := s.srv.caps.Load()
+	if c == nil || c.o != o {
+		c = &capLists{o: o}
+		for i, tls := range []bool{false, true} {
+			for j, auth := range []bool{false, true} {
+				c.lists[i][j] = capabilityList(o, tls, auth)
+			}
+		}
+		s.srv.caps.Store(c)
+	}
+	return c.lists[b2i(s.tls)][b2i(s.authAllowed())]
+}
+
+// capLists are the pre-auth lists of one Options, by TLS and by whether
+// credentials may be sent.
+type capLists struct {
+	o     *Options
+	lists [2][2]string
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// capabilityList is the pre-auth list under o.
+func capabilityList(o *Options, tls, auth bool) string {
+	c := o.Capabilities
 	var caps []string
-	if len(o.Replace) > 0 {
-		caps = append(caps, o.Replace...)
+	if len(c.Replace) > 0 {
+		caps = append(caps, c.Replace...)
 	} else {
 		caps = append(caps, "IMAP4rev1")
-		if o.IMAP4rev2 {
+		if c.IMAP4rev2 {
 			caps = append(caps, "IMAP4rev2")
 		}
 		caps = append(caps, "SASL-IR", "LITERAL+", "ID", "ENABLE", "IDLE")
-		caps = append(caps, o.Extra...)
+		caps = append(caps, c.Extra...)
 	}
-	if !s.tls && s.srv.o().TLS != nil {
+	if !tls && o.TLS != nil {
 		caps = append(caps, "STARTTLS")
 	}
-	if s.authAllowed() {
-		for _, m := range s.srv.o().Capabilities.AuthMechanisms {
+	if auth {
+		for _, m := range c.AuthMechanisms {
 			caps = append(caps, "AUTH="+strings.ToUpper(m))
 		}
 	} else {

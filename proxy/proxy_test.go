@@ -799,6 +799,7 @@ func TestSetOptions(t *testing.T) {
 
 	o := *h.srv.o()
 	o.Greeting = "reloaded greeting"
+	o.Capabilities.Extra = append(o.Capabilities.Extra[:len(o.Capabilities.Extra):len(o.Capabilities.Extra)], "XRELOADED")
 	o.Limits.MaxBadCommands = 1
 	o.Limits.IPFailures = RateLimit{Burst: 1, Refill: time.Hour}
 	oldLimiters := h.srv.limiters.Load()
@@ -809,7 +810,7 @@ func TestSetOptions(t *testing.T) {
 		t.Error("changed failure limits kept the old limiters")
 	}
 	c := dialConv(t, h.tlsAddr, h.clientTLS)
-	if g := c.Expect("* OK"); !strings.HasSuffix(g, "reloaded greeting") {
+	if g := c.Expect("* OK"); !strings.HasSuffix(g, "reloaded greeting") || !strings.Contains(g, " XRELOADED ") {
 		t.Errorf("greeting after SetOptions: %q", g)
 	}
 	c.Send("x BOGUS\r\n")

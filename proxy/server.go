@@ -24,7 +24,8 @@ var ErrBadPassword = errors.New("proxy: wrong password")
 // Server accepts IMAP clients and proxies them to their backends. Create
 // it with NewServer, give it listeners with Serve, stop it with Shutdown.
 type Server struct {
-	opts atomic.Pointer[Options] // replaced whole by SetOptions
+	opts atomic.Pointer[Options]  // replaced whole by SetOptions
+	caps atomic.Pointer[capLists] // the pre-auth CAPABILITY lists of opts
 	log  *zap.Logger
 	// slog is log without the caller, for the lines of a session (its
 	// login, its end): they name the session, and their origin never
